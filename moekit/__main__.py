@@ -1,0 +1,5 @@
+"""Allow ``python -m moekit``."""
+
+from moekit.cli import main
+
+main()

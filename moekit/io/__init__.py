@@ -1,0 +1,1 @@
+"""Checkpoint I/O: streaming safetensors reading, planned sharded writing, atomic outputs."""

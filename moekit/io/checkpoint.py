@@ -1,0 +1,176 @@
+"""Streaming, validated access to a Hugging Face safetensors checkpoint.
+
+``Checkpoint`` reads config.json and every shard's safetensors header up front (a few KB each),
+so shapes, dtypes and names of all tensors are known before any weight is touched; that lets
+``mix`` check compatibility and plan its output completely first. Tensors are then read one at a
+time through memory-mapped ``safe_open`` handles, so memory holds only what the caller keeps.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moekit.errors import CorruptCheckpointError, InputNotFoundError
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a tensor lives and what it looks like, read from a safetensors header."""
+
+    shard: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the tensor's data in bytes."""
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count * torch.empty((), dtype=SAFETENSORS_DTYPES[self.dtype]).element_size()
+
+
+def read_safetensors_header(path: Path) -> dict[str, Any]:
+    """Parse and sanity-check a safetensors header; raise CorruptCheckpointError if broken."""
+    fix = "Re-download or re-save the model (save_pretrained writes safetensors)."
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        raw_len = handle.read(8)
+        if len(raw_len) < 8:
+            raise CorruptCheckpointError(f"{path} is too short to be a safetensors file.", fix)
+        (header_len,) = struct.unpack("<Q", raw_len)
+        if header_len > min(size - 8, 100 << 20):
+            raise CorruptCheckpointError(f"{path} has an invalid safetensors header length.", fix)
+        try:
+            header = json.loads(handle.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CorruptCheckpointError(f"{path} has an unreadable safetensors header ({exc}).", fix)
+    if not isinstance(header, dict):
+        raise CorruptCheckpointError(f"{path} has a malformed safetensors header.", fix)
+    data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + data_end > size:
+        raise CorruptCheckpointError(
+            f"{path} is truncated: its header describes {8 + header_len + data_end} bytes "
+            f"but the file has {size}.",
+            fix,
+        )
+    return header
+
+
+def _load_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptCheckpointError(f"Cannot read {what} {path}: {exc}.", "Fix or re-create the file.")
+
+
+class Checkpoint:
+    """A local HF model directory with safetensors weights, read lazily tensor by tensor."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise InputNotFoundError(
+                f"Model directory {self.path} does not exist.",
+                "Pass a local Hugging Face model directory (or a hub id where a hub is reachable).",
+            )
+        config_path = self.path / "config.json"
+        if not config_path.is_file():
+            raise InputNotFoundError(
+                f"{self.path} has no config.json, so it is not a Hugging Face model directory.",
+                "Point to the directory that save_pretrained wrote.",
+            )
+        self.config: dict[str, Any] = _load_json(config_path, "config")
+        self.model_type: str = str(self.config.get("model_type", ""))
+        self.tensors: dict[str, TensorInfo] = self._read_index()
+        self._handles: dict[str, Any] = {}
+
+    def _shard_files(self) -> list[str]:
+        index_path = self.path / "model.safetensors.index.json"
+        if index_path.is_file():
+            index = _load_json(index_path, "safetensors index")
+            weight_map = index.get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CorruptCheckpointError(f"{index_path} has no weight_map.", "Re-save the model.")
+            return sorted(set(weight_map.values()))
+        if (self.path / "model.safetensors").is_file():
+            return ["model.safetensors"]
+        if any(self.path.glob("*.bin")) or any(self.path.glob("*.pt")):
+            raise InputNotFoundError(
+                f"{self.path} has PyTorch pickle weights but no safetensors.",
+                "moekit reads safetensors only (pickles can run code). Convert with "
+                "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir).",
+            )
+        raise InputNotFoundError(
+            f"{self.path} has no model.safetensors or model.safetensors.index.json.",
+            "Point to a directory written by save_pretrained.",
+        )
+
+    def _read_index(self) -> dict[str, TensorInfo]:
+        tensors: dict[str, TensorInfo] = {}
+        for shard in self._shard_files():
+            shard_path = self.path / shard
+            if not shard_path.is_file():
+                raise InputNotFoundError(
+                    f"Shard {shard} listed in {self.path}/model.safetensors.index.json is missing.",
+                    "Re-download or re-save the model so that every shard is present.",
+                )
+            for name, meta in read_safetensors_header(shard_path).items():
+                if name == "__metadata__":
+                    continue
+                if meta.get("dtype") not in SAFETENSORS_DTYPES:
+                    raise CorruptCheckpointError(
+                        f"Tensor {name} in {shard_path} has unsupported dtype {meta.get('dtype')}.",
+                        "moekit handles float and integer tensors; dequantise the model first.",
+                    )
+                tensors[name] = TensorInfo(shard, meta["dtype"], tuple(meta["shape"]))
+        return tensors
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor (memory-mapped; copy or convert it before the file changes)."""
+        from safetensors import SafetensorError, safe_open
+
+        info = self.tensors[name]
+        try:
+            if info.shard not in self._handles:
+                self._handles[info.shard] = safe_open(str(self.path / info.shard), framework="pt")
+            return self._handles[info.shard].get_tensor(name)
+        except (SafetensorError, OSError) as exc:
+            raise CorruptCheckpointError(
+                f"Cannot read tensor {name} from {self.path / info.shard}: {exc}.",
+                "The file is damaged; re-download or re-save the model.",
+            )
+
+    def weight_files(self) -> list[Path]:
+        """Paths of the weight shards and the index (if any)."""
+        files = [self.path / s for s in sorted({t.shard for t in self.tensors.values()})]
+        index = self.path / "model.safetensors.index.json"
+        return files + ([index] if index.is_file() else [])
+
+    def dtype(self) -> torch.dtype:
+        """The checkpoint's floating dtype: config 'dtype'/'torch_dtype', else its tensors'."""
+        name = self.config.get("dtype") or self.config.get("torch_dtype")
+        if isinstance(name, str) and hasattr(torch, name):
+            return getattr(torch, name)
+        float_dtypes = [t.dtype for t in self.tensors.values() if t.dtype in ("F32", "F16", "BF16")]
+        return SAFETENSORS_DTYPES[max(set(float_dtypes), key=float_dtypes.count)] if float_dtypes else torch.float32

@@ -1,0 +1,92 @@
+"""File helpers: cheap copies (reflink, hard link, copy), content hashes, tokenizer files.
+
+Branches start as copies of the seed. Copying a 14 GB seed per branch is wasteful, so
+``link_or_copy`` tries, in order, a reflink (copy-on-write clone: safe and free where the
+filesystem supports it), a hard link (free; safe because every moekit writer replaces files
+via a new inode and never writes into an existing one), and a real copy.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from typing import Literal
+
+# Linux FICLONE ioctl: ask the filesystem (btrfs, xfs, ...) for a copy-on-write clone.
+_FICLONE = 0x40049409
+
+LinkMode = Literal["reflink", "hardlink", "copy"]
+
+# Files a model directory carries besides weights and config.json that must travel with it.
+TOKENIZER_AND_GENERATION_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+TOKENIZER_FILES = tuple(f for f in TOKENIZER_AND_GENERATION_FILES if f != "generation_config.json")
+
+
+def _try_reflink(src: Path, dst: Path) -> bool:
+    try:
+        with open(src, "rb") as fsrc, open(dst, "wb") as fdst:
+            fcntl.ioctl(fdst.fileno(), _FICLONE, fsrc.fileno())
+        return True
+    except OSError:
+        dst.unlink(missing_ok=True)
+        return False
+
+
+def link_or_copy(src: Path, dst: Path, force_copy: bool = False) -> LinkMode:
+    """Make ``dst`` a copy of ``src`` as cheaply as is safe; return how it was made."""
+    src = Path(os.path.realpath(src))  # hub caches store symlinks to blobs
+    if not force_copy:
+        if _try_reflink(src, dst):
+            return "reflink"
+        try:
+            os.link(src, dst)
+            return "hardlink"
+        except OSError:
+            pass
+    shutil.copy2(src, dst)
+    return "copy"
+
+
+def sha256_files(paths: list[Path], chunk_bytes: int = 8 << 20) -> str:
+    """Return one SHA-256 over the names and contents of ``paths`` (in the order given)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(Path(path).name.encode() + b"\0")
+        with open(path, "rb") as handle:
+            while chunk := handle.read(chunk_bytes):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(model_dir: Path) -> str:
+    """Hash of the tokenizer files present in ``model_dir`` ('' if there are none)."""
+    files = [Path(model_dir) / f for f in TOKENIZER_FILES if (Path(model_dir) / f).is_file()]
+    # tokenizer_config.json carries paths and versions that differ between equal tokenizers;
+    # the vocabulary lives in the other files, so compare those when there are any.
+    core = [f for f in files if f.name != "tokenizer_config.json"] or files
+    return sha256_files(core) if core else ""
+
+
+def copy_tokenizer_and_generation_files(src_dir: Path, dst_dir: Path) -> list[str]:
+    """Copy tokenizer and generation-config files unchanged; return the names copied."""
+    copied = []
+    for name in TOKENIZER_AND_GENERATION_FILES:
+        if (Path(src_dir) / name).is_file():
+            shutil.copy2(Path(src_dir) / name, Path(dst_dir) / name)
+            copied.append(name)
+    return copied

@@ -1,0 +1,149 @@
+"""A sharded safetensors writer that streams tensors straight to disk.
+
+safetensors puts a JSON header with every tensor's offsets before the data, which is why
+typical writers keep a whole shard in memory until it is full. moekit knows every output
+tensor's name, dtype and shape before computing any of them (they follow from the input
+headers), so it plans the shards up front, writes each shard's header first and then appends
+each tensor's bytes as soon as it is computed. Peak memory is one tensor, not one shard.
+
+The layout is the standard one: ``model.safetensors`` for a single shard, otherwise
+``model-0000i-of-0000n.safetensors`` plus ``model.safetensors.index.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from moekit.io.checkpoint import DTYPE_NAMES
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """An output tensor known before it is computed."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Size in bytes."""
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass
+class _Shard:
+    filename: str
+    tensors: list[PlannedTensor] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+def plan_shards(tensors: list[PlannedTensor], max_shard_bytes: int) -> list[_Shard]:
+    """Group tensors, in order, into shards of at most ``max_shard_bytes`` (one tensor may exceed it)."""
+    shards: list[_Shard] = [_Shard("")]
+    for tensor in tensors:
+        if shards[-1].tensors and shards[-1].nbytes + tensor.nbytes > max_shard_bytes:
+            shards.append(_Shard(""))
+        shards[-1].tensors.append(tensor)
+    count = len(shards)
+    for i, shard in enumerate(shards):
+        shard.filename = "model.safetensors" if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+    return shards
+
+
+def _header_bytes(tensors: list[PlannedTensor]) -> bytes:
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for tensor in tensors:
+        header[tensor.name] = {
+            "dtype": DTYPE_NAMES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + tensor.nbytes],
+        }
+        offset += tensor.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # pad so the data starts 8-byte aligned, as safetensors does
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class StreamingShardWriter:
+    """Write planned tensors, in plan order, into sharded safetensors files in ``out_dir``."""
+
+    def __init__(self, out_dir: Path, tensors: list[PlannedTensor], max_shard_bytes: int) -> None:
+        names = [t.name for t in tensors]
+        if len(set(names)) != len(names):
+            raise ValueError("duplicate tensor names in the output plan")
+        self.out_dir = Path(out_dir)
+        self.shards = plan_shards(tensors, max_shard_bytes)
+        self._queue = [(shard_index, t) for shard_index, s in enumerate(self.shards) for t in s.tensors]
+        self._position = 0
+        self._handle: BinaryIO | None = None
+        self._open_shard = -1
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next planned tensor; its name, dtype and shape must match the plan."""
+        shard_index, planned = self._queue[self._position]
+        if (name, tensor.dtype, tuple(tensor.shape)) != (planned.name, planned.dtype, planned.shape):
+            raise ValueError(
+                f"writer expected {planned.name} {planned.dtype} {planned.shape}, "
+                f"got {name} {tensor.dtype} {tuple(tensor.shape)}"
+            )
+        if shard_index != self._open_shard:
+            self._start_shard(shard_index)
+        assert self._handle is not None
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._handle.write(memoryview(data))
+        self._position += 1
+
+    def _start_shard(self, shard_index: int) -> None:
+        if self._handle is not None:
+            self._handle.close()
+        shard = self.shards[shard_index]
+        self._handle = open(self.out_dir / shard.filename, "wb")
+        self._handle.write(_header_bytes(shard.tensors))
+        self._open_shard = shard_index
+
+    def close(self) -> None:
+        """Finish the last shard and write the index; every planned tensor must have been written."""
+        if self._position != len(self._queue):
+            missing = self._queue[self._position][1].name
+            raise ValueError(f"writer closed before all tensors were written (next: {missing})")
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        if len(self.shards) > 1:
+            index = {
+                "metadata": {"total_size": sum(s.nbytes for s in self.shards)},
+                "weight_map": {t.name: s.filename for s in self.shards for t in s.tensors},
+            }
+            (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    def abort(self) -> None:
+        """Close any open file without finishing (the atomic output dir removes the rest)."""
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
+def parse_size(text: str) -> int:
+    """Parse a size like '2GB', '500MB', '4096' (bytes) into bytes."""
+    units = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40, "B": 1}
+    clean = text.strip().upper().replace("IB", "B")
+    for unit, factor in units.items():
+        if clean.endswith(unit) and clean[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(clean[: -len(unit)]) * factor)
+    if clean.isdigit():
+        return int(clean)
+    raise ValueError(f"not a size: {text!r} (use e.g. 2GB, 500MB)")

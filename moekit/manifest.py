@@ -1,0 +1,107 @@
+"""The run manifest: ``RUN_DIR/moekit.yaml``.
+
+A run directory is the unit a user works with. Its manifest records the seed (source, local
+path, content hash), the branches (directory, data slots filled by ``train``) and a record per
+stage that ran, so later commands need no repeated paths. The file is versioned: a moekit that
+finds a newer ``manifest_version`` than it knows refuses instead of guessing.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from moekit import __version__
+from moekit.errors import ManifestError
+from moekit.io.atomic import write_text_atomic
+
+MANIFEST_NAME = "moekit.yaml"
+MANIFEST_VERSION = 1
+
+
+def now_iso() -> str:
+    """Current UTC time as an ISO-8601 string (seconds precision)."""
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SeedRecord(_Strict):
+    """The dense model every branch starts from."""
+
+    source: str = Field(description="what the user passed: a directory or a hub id")
+    path: str = Field(description="absolute local directory of the seed")
+    sha256: str = Field(description="hash of the seed's weight, config and tokenizer files")
+    model_type: str
+
+
+class BranchRecord(_Strict):
+    """One branch: a dense copy of the seed trained on one domain."""
+
+    path: str = Field(description="directory, relative to the run directory")
+    data: list[str] = Field(default_factory=list, description="training data paths (filled by train)")
+    val_data: list[str] = Field(default_factory=list, description="validation data paths")
+    link_mode: str = Field(default="copy", description="how the seed files were copied")
+
+
+class StageRecord(_Strict):
+    """What one command did to the run."""
+
+    stage: str
+    at: str = Field(default_factory=now_iso)
+    moekit_version: str = __version__
+    params: dict[str, Any] = Field(default_factory=dict)
+    outputs: dict[str, Any] = Field(default_factory=dict)
+
+
+class RunManifest(_Strict):
+    """The whole ``moekit.yaml``."""
+
+    manifest_version: int = MANIFEST_VERSION
+    created: str = Field(default_factory=now_iso)
+    seed: SeedRecord
+    branches: dict[str, BranchRecord]
+    stages: list[StageRecord] = Field(default_factory=list)
+
+    def branch_dir(self, run_dir: Path, name: str) -> Path:
+        """Absolute directory of branch ``name``."""
+        return Path(run_dir) / self.branches[name].path
+
+
+def load_manifest(run_dir: Path) -> RunManifest:
+    """Read and validate ``run_dir/moekit.yaml``; raise ManifestError with a fix if it is bad."""
+    path = Path(run_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(
+            f"{run_dir} is not a moekit run directory (no {MANIFEST_NAME}).",
+            "Create one with: moekit branch SEED RUN_DIR --domain NAME ...",
+        )
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ManifestError(f"Cannot read {path}: {exc}.", "Fix the YAML or recreate the run directory.")
+    version = raw.get("manifest_version") if isinstance(raw, dict) else None
+    if not isinstance(version, int):
+        raise ManifestError(f"{path} has no integer manifest_version.", "Recreate the run directory.")
+    if version > MANIFEST_VERSION:
+        raise ManifestError(
+            f"{path} was written by a newer moekit (manifest version {version}; this moekit "
+            f"{__version__} reads up to {MANIFEST_VERSION}).",
+            "Upgrade moekit: pip install -U moekit.",
+        )
+    try:
+        return RunManifest.model_validate(raw)
+    except ValidationError as exc:
+        raise ManifestError(f"{path} is not a valid run manifest:\n{exc}", "Fix the listed fields.")
+
+
+def save_manifest(run_dir: Path, manifest: RunManifest) -> None:
+    """Write the manifest atomically (a crash never leaves a truncated moekit.yaml)."""
+    text = yaml.safe_dump(manifest.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    write_text_atomic(Path(run_dir) / MANIFEST_NAME, text)

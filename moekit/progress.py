@@ -1,0 +1,28 @@
+"""Progress bars for long work (rich, on stderr), switched off for library calls and tests."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Protocol
+
+
+class Advance(Protocol):
+    """Callable that moves a progress bar forward by ``steps``."""
+
+    def __call__(self, steps: int = 1) -> None: ...
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int, enabled: bool) -> Iterator[Advance]:
+    """Yield an ``advance`` function; draw a rich bar with ETA on stderr when ``enabled``."""
+    if not enabled:
+        yield lambda steps=1: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda steps=1: bar.advance(task, steps)

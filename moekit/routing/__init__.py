@@ -1,0 +1,1 @@
+"""Routers: initialisation (random, centroid), and later balancing losses and statistics."""

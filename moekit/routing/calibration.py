@@ -1,0 +1,65 @@
+"""Layer-by-layer forward passes over calibration tokens, without building the whole model.
+
+``centroid`` router initialisation needs, for every layer, the hidden states that enter the MoE
+block for each domain's tokens. Building the whole model would break mix's promise of memory
+flat in model size, so this runs the *averaged dense* model one decoder layer at a time, the way
+layer-wise quantisers calibrate: the model skeleton lives on the meta device (no memory), each
+layer is given its real tensors just before it runs and dropped right after. Only the
+calibration hidden states ([tokens, hidden] per domain) persist between layers.
+
+The inputs of the next layer come from the averaged dense FFN, not from the MoE block being
+built; with equal branches the two agree exactly and in general they differ only by how much
+the experts disagree.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class LayerwiseCalibrator:
+    """Push token blocks through a dense model one decoder layer at a time."""
+
+    def __init__(self, dense_config: Any, embed_weight: torch.Tensor, blocks: dict[str, torch.Tensor], batch: int = 8) -> None:
+        from transformers import AutoModelForCausalLM
+
+        config = dense_config.__class__.from_dict(dense_config.to_dict())
+        config.dtype = torch.float32
+        config._attn_implementation = "sdpa"  # no mask needed: sdpa is causal when mask is None
+        with torch.device("meta"):
+            self.skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        self.rotary = type(self.skeleton.model.rotary_emb)(config=config)
+        self.batch = batch
+        embed = embed_weight.float()
+        self.hidden = {domain: torch.nn.functional.embedding(ids, embed) for domain, ids in blocks.items()}
+
+    def run_layer(self, layer: int, layer_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Run layer ``layer`` (tensors named as inside the layer, fp32) on every domain.
+
+        Returns each domain's MLP inputs flattened to [tokens, hidden] and advances the hidden
+        states to the layer's output.
+        """
+        module = self.skeleton.model.layers[layer]
+        module.load_state_dict(layer_state, strict=True, assign=True)
+        captured: list[torch.Tensor] = []
+        hook = module.mlp.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach()))
+        mlp_inputs: dict[str, torch.Tensor] = {}
+        try:
+            with torch.no_grad():
+                for domain, hidden in self.hidden.items():
+                    outputs = [self._forward(module, chunk) for chunk in hidden.split(self.batch)]
+                    self.hidden[domain] = torch.cat(outputs)
+                    mlp_inputs[domain] = torch.cat([c.reshape(-1, c.shape[-1]) for c in captured])
+                    captured.clear()
+        finally:
+            hook.remove()
+            module.to("meta")  # release the layer's weights
+        return mlp_inputs
+
+    def _forward(self, module: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(hidden.shape[1]).unsqueeze(0).expand(hidden.shape[0], -1)
+        rotary = self.rotary(hidden, positions)
+        out = module(hidden, attention_mask=None, position_ids=positions, position_embeddings=rotary)
+        return out[0] if isinstance(out, tuple) else out

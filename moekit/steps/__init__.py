@@ -1,0 +1,1 @@
+"""One plain function per subcommand; the CLI only parses options and renders results."""

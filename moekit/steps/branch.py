@@ -1,0 +1,75 @@
+"""``moekit branch``: create a run directory with one dense copy of the seed per domain.
+
+Branch directories are filled with reflinks or hard links to the seed's files where the
+filesystem allows (no extra disk use), or real copies with ``copy=True``. Writers that update a
+branch later (``train``) replace files through new inodes, never write into them, so a hard
+link shared with the seed is never modified. The run directory is built in a temporary
+directory and renamed into place, so a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from moekit.errors import InvalidOptionError
+from moekit.io.atomic import atomic_output_dir
+from moekit.io.files import TOKENIZER_AND_GENERATION_FILES, link_or_copy, sha256_files
+from moekit.io.source import resolve_model_dir
+from moekit.manifest import BranchRecord, RunManifest, SeedRecord, StageRecord, save_manifest
+from moekit.steps.inputs import open_dense_model
+
+_BRANCH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+RESERVED_NAMES = {"seed", "mixed", "tuned"}
+
+
+@dataclass(frozen=True)
+class BranchResult:
+    """What ``branch`` created."""
+
+    run_dir: Path
+    branches: dict[str, Path]
+    link_mode: str
+    seed_sha256: str
+
+
+def validate_branch_names(domains: list[str]) -> None:
+    """Raise InvalidOptionError unless the domain names are valid, unique and not reserved."""
+    if not domains:
+        raise InvalidOptionError("No domains given.", "Pass at least one --domain NAME (e.g. --domain code --domain math).")
+    for name in domains:
+        if not _BRANCH_NAME.match(name) or name.lower() in RESERVED_NAMES:
+            raise InvalidOptionError(
+                f"'{name}' is not a valid branch name.",
+                "Use letters, digits, '-', '_' or '.', at most 64 characters, and not seed/mixed/tuned.",
+            )
+    duplicates = sorted({d for d in domains if domains.count(d) > 1})
+    if duplicates:
+        raise InvalidOptionError(f"Domain names repeat: {', '.join(duplicates)}.", "Give each --domain once.")
+
+
+def branch(seed: str, run_dir: Path, domains: list[str], copy: bool = False, force: bool = False) -> BranchResult:
+    """Validate ``seed`` and create ``run_dir`` with ``branches/<domain>/`` copies and ``moekit.yaml``."""
+    validate_branch_names(domains)
+    seed_dir = resolve_model_dir(seed)
+    checkpoint, _ = open_dense_model(seed_dir)
+    files = checkpoint.weight_files() + [seed_dir / "config.json"]
+    files += [seed_dir / n for n in TOKENIZER_AND_GENERATION_FILES if (seed_dir / n).is_file()]
+    seed_hash = sha256_files(files)
+    modes: set[str] = set()
+    run_dir = Path(run_dir).absolute()
+    with atomic_output_dir(run_dir, force=force) as tmp:
+        for name in domains:
+            target = tmp / "branches" / name
+            target.mkdir(parents=True)
+            for src in files:
+                modes.add(link_or_copy(src, target / src.name, force_copy=copy))
+        link_mode = "copy" if "copy" in modes else ("hardlink" if "hardlink" in modes else "reflink")
+        manifest = RunManifest(
+            seed=SeedRecord(source=str(seed), path=str(seed_dir), sha256=seed_hash, model_type=checkpoint.model_type),
+            branches={n: BranchRecord(path=f"branches/{n}", link_mode=link_mode) for n in domains},
+            stages=[StageRecord(stage="branch", params={"domains": domains, "copy": copy})],
+        )
+        save_manifest(tmp, manifest)
+    return BranchResult(run_dir, {n: run_dir / "branches" / n for n in domains}, link_mode, seed_hash)

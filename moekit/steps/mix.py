@@ -1,0 +1,206 @@
+"""``moekit mix``: merge dense branches (or copies of one seed) into one Hugging Face MoE.
+
+Streaming design: the output's tensor list is planned from the input headers, the shard
+writer writes each tensor as soon as it is computed, and inputs are read tensor by tensor
+(memory-mapped). Global tensors come first, then each layer: averaged tensors (fp32 weighted
+mean, cast once), the new router, the experts (each a branch's FFN, unchanged up to the dtype
+cast), and the shared expert where the target has one. Only the router's centroid
+initialisation keeps a layer's averaged tensors in memory, to run that layer on calibration data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moekit.arch.base import DENSE_FFN_PROJECTIONS, LAYER_TENSOR
+from moekit.config import MixConfig
+from moekit.io.atomic import atomic_output_dir
+from moekit.io.files import copy_tokenizer_and_generation_files
+from moekit.io.writer import PlannedTensor, StreamingShardWriter, parse_size
+from moekit.progress import progress_bar
+from moekit.routing.init import random_router
+from moekit.steps.mix_inputs import MixInputs, open_mix_inputs
+from moekit.steps.mix_output import build_moe_config, dtype_name, write_model_card, write_provenance
+from moekit.steps.mix_router import CentroidInit, prepare_centroid_init
+
+
+@dataclass
+class MixResult:
+    """What ``mix`` wrote."""
+
+    out: Path
+    experts: list[str]
+    moe_type: str
+    num_tensors: int
+    router_stats: dict[str, Any] = field(default_factory=dict)
+
+
+def _split_tensor_names(inputs: MixInputs) -> tuple[list[str], dict[int, list[str]]]:
+    """Global tensor names, and per layer the non-FFN tensor names (all sorted)."""
+    globals_, per_layer = [], {}
+    for name in sorted(inputs.seed.tensors):
+        match = LAYER_TENSOR.match(name)
+        if match is None:
+            globals_.append(name)
+        elif not inputs.adapter.is_ffn_tensor(match.group(2)):
+            per_layer.setdefault(int(match.group(1)), []).append(name)
+    return globals_, per_layer
+
+
+def _plan(inputs: MixInputs, dtype: torch.dtype) -> list[PlannedTensor]:
+    """Every output tensor, in the order ``mix`` produces them."""
+    adapter, seed = inputs.adapter, inputs.seed
+    globals_, per_layer = _split_tensor_names(inputs)
+    hidden = seed.config["hidden_size"]
+    plan = [PlannedTensor(n, dtype, seed.tensors[n].shape) for n in globals_]
+    for layer in range(seed.config["num_hidden_layers"]):
+        plan += [PlannedTensor(n, dtype, seed.tensors[n].shape) for n in per_layer.get(layer, [])]
+        plan.append(PlannedTensor(adapter.router_name(layer), dtype, (len(inputs.experts), hidden)))
+        for expert in range(len(inputs.experts)):
+            for proj in DENSE_FFN_PROJECTIONS:
+                shape = seed.tensors[adapter.dense_ffn_name(layer, proj)].shape
+                plan.append(PlannedTensor(adapter.expert_name(layer, expert, proj), dtype, shape))
+        if adapter.shared_expert:
+            for role, name in adapter.shared_expert_names(layer).items():
+                shape = (1, hidden) if role == "shared_expert_gate" else seed.tensors[adapter.dense_ffn_name(layer, role)].shape
+                plan.append(PlannedTensor(name, dtype, shape))
+    return plan
+
+
+def _average(inputs: MixInputs, name: str) -> torch.Tensor:
+    """fp32 weighted mean of tensor ``name`` over the averaging sources."""
+    total = None
+    for checkpoint, weight in inputs.average:
+        part = checkpoint.get(name).to(torch.float32) * weight
+        total = part if total is None else total.add_(part)
+    assert total is not None
+    return total
+
+
+def _expert_ffn(inputs: MixInputs, cfg: MixConfig, layer: int, expert: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """One expert's gate/up/down weights (fp32), including drop-upcycling and output scaling."""
+    source = inputs.experts[expert]
+    ffn = {p: source.checkpoint.get(inputs.adapter.dense_ffn_name(layer, p)).to(torch.float32) for p in DENSE_FFN_PROJECTIONS}
+    fraction = cfg.upcycle.drop_fraction if cfg.upcycle else 0.0
+    if fraction > 0:
+        # Drop-upcycling: re-draw a random share of intermediate units (rows of gate/up, columns
+        # of down) from N(mean, std) of the original matrix, a different subset per expert.
+        units = ffn["gate_proj"].shape[0]
+        chosen = torch.randperm(units, generator=generator)[: int(round(fraction * units))]
+        for proj, dim in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
+            weight = ffn[proj].clone()
+            shape = list(weight.shape)
+            shape[dim] = len(chosen)
+            fresh = torch.randn(shape, generator=generator) * weight.std() + weight.mean()
+            weight.index_copy_(dim, chosen, fresh)
+            ffn[proj] = weight
+    if cfg.expert_scale != 1.0:
+        ffn["down_proj"] = ffn["down_proj"] * cfg.expert_scale  # output is linear in down_proj
+    return ffn
+
+
+def _mix_layer(
+    layer: int, inputs: MixInputs, cfg: MixConfig, writer: StreamingShardWriter, dtype: torch.dtype,
+    names: list[str], generator: torch.Generator, centroid: CentroidInit | None,
+) -> None:
+    adapter = inputs.adapter
+    kept: dict[str, torch.Tensor] = {}
+    for name in names:
+        averaged = _average(inputs, name)
+        writer.write(name, averaged.to(dtype))
+        if centroid is not None:
+            kept[name] = averaged
+    if centroid is not None:
+        for proj in DENSE_FFN_PROJECTIONS:
+            name = adapter.dense_ffn_name(layer, proj)
+            kept[name] = _average(inputs, name)
+        router = centroid.router_for_layer(layer, kept)
+    else:
+        std = cfg.router_std or float(inputs.seed.config.get("initializer_range", 0.02))
+        router = random_router(len(inputs.experts), inputs.seed.config["hidden_size"], std, generator)
+    writer.write(adapter.router_name(layer), router.to(dtype))
+    del kept
+    for expert in range(len(inputs.experts)):
+        ffn = _expert_ffn(inputs, cfg, layer, expert, generator)
+        for proj in DENSE_FFN_PROJECTIONS:
+            writer.write(adapter.expert_name(layer, expert, proj), ffn[proj].to(dtype))
+    if adapter.shared_expert:
+        # gate/up from the seed, down = 0: contributes exactly nothing until trained.
+        for role, name in adapter.shared_expert_names(layer).items():
+            if role in ("gate_proj", "up_proj"):
+                tensor = inputs.seed.get(adapter.dense_ffn_name(layer, role)).to(dtype)
+            elif role == "down_proj":
+                tensor = torch.zeros(inputs.seed.tensors[adapter.dense_ffn_name(layer, role)].shape, dtype=dtype)
+            else:  # shared_expert_gate: sigmoid(0) = 0.5 until trained
+                tensor = torch.zeros((1, inputs.seed.config["hidden_size"]), dtype=dtype)
+            writer.write(name, tensor)
+
+
+def resolve_dtype(choice: str, inputs: MixInputs) -> torch.dtype:
+    """The output dtype: the explicit choice, or the seed's."""
+    return inputs.seed.dtype() if choice == "auto" else getattr(torch, choice)
+
+
+def mix(cfg: MixConfig, show_progress: bool = False) -> MixResult:
+    """Merge the configured experts into an MoE checkpoint at ``cfg.out``; return what was written."""
+    inputs = open_mix_inputs(cfg)
+    dtype = resolve_dtype(cfg.dtype, inputs)
+    max_shard = parse_size(cfg.shard_size)
+    moe_config, config_json = build_moe_config(inputs.seed.path, inputs.adapter, len(inputs.experts), cfg.top_k, dtype)
+    centroid = prepare_centroid_init(cfg, inputs) if cfg.router == "centroid" else None
+    plan = _plan(inputs, dtype)
+    globals_, per_layer = _split_tensor_names(inputs)
+    generator = torch.Generator().manual_seed(cfg.random_seed)
+    num_layers = inputs.seed.config["num_hidden_layers"]
+    with atomic_output_dir(cfg.out, force=cfg.force) as tmp:
+        writer = StreamingShardWriter(tmp, plan, max_shard)
+        try:
+            for name in globals_:
+                averaged = _average(inputs, name)
+                writer.write(name, averaged.to(dtype))
+                if centroid is not None:
+                    centroid.see_global(name, averaged)
+            with progress_bar("mixing layers", num_layers, show_progress) as advance:
+                for layer in range(num_layers):
+                    _mix_layer(layer, inputs, cfg, writer, dtype, per_layer.get(layer, []), generator, centroid)
+                    advance()
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        _write_metadata(tmp, cfg, inputs, config_json, dtype, centroid)
+    stats = centroid.summary() if centroid else {}
+    return MixResult(Path(cfg.out), [e.name for e in inputs.experts], inputs.adapter.moe_type, len(plan), stats)
+
+
+def _write_metadata(tmp: Path, cfg: MixConfig, inputs: MixInputs, config_json: dict, dtype: torch.dtype, centroid: CentroidInit | None) -> None:
+    import json
+
+    (tmp / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    copy_tokenizer_and_generation_files(inputs.seed.path, tmp)
+    router: dict[str, Any] = {"init": cfg.router, "top_k": cfg.top_k}
+    if cfg.router == "random":
+        router["std"] = cfg.router_std or float(inputs.seed.config.get("initializer_range", 0.02))
+    if centroid is not None:
+        router.update(centroid.summary(), sharpness=cfg.router_sharpness, data=dict(cfg.router_data))
+    record = {
+        "stage": "mix",
+        "mode": "upcycle" if cfg.upcycle else "btx",
+        "seed": str(cfg.seed),
+        "target": inputs.adapter.moe_type,
+        "experts": [{"name": e.name, "kind": e.kind, "source": str(e.checkpoint.path)} for e in inputs.experts],
+        "average": cfg.average if not cfg.upcycle else "seed",
+        "average_weights": [round(w, 6) for _, w in inputs.average],
+        "dtype": dtype_name(dtype),
+        "top_k": cfg.top_k,
+        "router": router,
+        "upcycle": cfg.upcycle.model_dump() if cfg.upcycle else None,
+        "expert_scale": cfg.expert_scale,
+        "random_seed": cfg.random_seed,
+    }
+    write_provenance(tmp, record)
+    write_model_card(tmp, record, inputs.adapter)

@@ -1,0 +1,115 @@
+"""Opening, checking and describing the inputs of ``mix`` before any weight is read.
+
+All checks run on configs and safetensors headers only, so a mismatch in the last shard of the
+last branch is reported in a second, before anything is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from moekit.arch import ArchAdapter
+from moekit.config import MixConfig
+from moekit.errors import IncompatibleModelsError, InvalidOptionError
+from moekit.io.checkpoint import Checkpoint
+from moekit.io.files import tokenizer_fingerprint
+from moekit.io.source import resolve_model_dir
+from moekit.steps.inputs import open_dense_model
+
+# Config keys that may differ between a seed and its trained branches without changing the
+# architecture (bookkeeping written by save_pretrained or trainers).
+_NON_STRUCTURAL_KEYS = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures", "use_cache"}
+
+
+@dataclass(frozen=True)
+class ExpertSource:
+    """Where one expert's FFN comes from."""
+
+    name: str
+    checkpoint: Checkpoint
+    kind: Literal["branch", "seed", "upcycle"]
+
+
+@dataclass(frozen=True)
+class MixInputs:
+    """Validated inputs: the seed, the experts in output order, and the averaging weights."""
+
+    seed: Checkpoint
+    adapter: ArchAdapter
+    experts: list[ExpertSource]
+    average: list[tuple[Checkpoint, float]]
+
+
+def _config_differences(reference: dict, other: dict) -> list[str]:
+    keys = (set(reference) | set(other)) - _NON_STRUCTURAL_KEYS
+    return sorted(k for k in keys if reference.get(k) != other.get(k))
+
+
+def check_compatible(seed: Checkpoint, branches: list[tuple[str, Checkpoint]]) -> None:
+    """Raise IncompatibleModelsError unless every branch matches the seed's architecture exactly."""
+    seed_tokenizer = tokenizer_fingerprint(seed.path)
+    for name, branch in branches:
+        where = f"Branch '{name}' ({branch.path})"
+        fix = "All branches must be trained copies of the same seed (moekit branch makes them)."
+        if branch.model_type != seed.model_type:
+            raise IncompatibleModelsError(f"{where} is a {branch.model_type} model but the seed is {seed.model_type}.", fix)
+        diffs = _config_differences(seed.config, branch.config)
+        if diffs:
+            shown = ", ".join(f"{k}: {seed.config.get(k)!r} vs {branch.config.get(k)!r}" for k in diffs[:4])
+            raise IncompatibleModelsError(f"{where} differs from the seed in config.json ({shown}).", fix)
+        missing = sorted(set(seed.tensors) ^ set(branch.tensors))
+        if missing:
+            raise IncompatibleModelsError(f"{where} and the seed have different tensors (e.g. {missing[0]}).", fix)
+        for tensor, info in seed.tensors.items():
+            if branch.tensors[tensor].shape != info.shape:
+                raise IncompatibleModelsError(
+                    f"{where}: tensor {tensor} has shape {branch.tensors[tensor].shape}, the seed's is {info.shape}.", fix
+                )
+        if tokenizer_fingerprint(branch.path) != seed_tokenizer:
+            raise IncompatibleModelsError(
+                f"{where} has a different tokenizer than the seed; token ids would not mean the same thing.",
+                "Use the seed's tokenizer files in every branch.",
+            )
+
+
+def _average_weights(cfg: MixConfig, count: int) -> list[float]:
+    if cfg.average == "weighted":
+        if cfg.weights is None or len(cfg.weights) != count:
+            raise InvalidOptionError(
+                f"--average weighted needs one weight per branch ({count}), got {len(cfg.weights or [])}.",
+                "Write e.g. --average weighted:0.5,0.3,0.2 in branch order.",
+            )
+        total = sum(cfg.weights)
+        return [w / total for w in cfg.weights]
+    return [1.0 / count] * count
+
+
+def open_mix_inputs(cfg: MixConfig) -> MixInputs:
+    """Open and check the seed and branches (or the upcycling seed); decide expert order and averaging."""
+    seed, adapter = open_dense_model(resolve_model_dir(cfg.seed))
+    if cfg.upcycle is not None:
+        if cfg.experts:
+            raise InvalidOptionError("--upcycle cannot be combined with branch experts.", "Use one or the other.")
+        experts = [ExpertSource(f"expert{i}", seed, "upcycle") for i in range(cfg.upcycle.num_experts)]
+        average = [(seed, 1.0)]
+    else:
+        if not cfg.experts:
+            raise InvalidOptionError("No experts to mix.", "Pass a run directory, --expert DIR ..., or --upcycle SEED.")
+        branches = [(name, open_dense_model(Path(path))[0]) for name, path in cfg.experts]
+        names = [n for n, _ in branches]
+        if len(set(names)) != len(names) or (cfg.seed_expert and "seed" in names):
+            raise InvalidOptionError(f"Expert names must be unique (got {', '.join(names)}).", "Name them with --expert NAME=DIR.")
+        check_compatible(seed, branches)
+        experts = [ExpertSource(n, c, "branch") for n, c in branches]
+        if cfg.seed_expert:
+            experts.append(ExpertSource("seed", seed, "seed"))
+        weights = _average_weights(cfg, len(branches))
+        average = [(seed, 1.0)] if cfg.average == "seed" else [(c, w) for (_, c), w in zip(branches, weights)]
+    if len(experts) < cfg.top_k:
+        raise InvalidOptionError(
+            f"{len(experts)} expert(s) cannot serve top-{cfg.top_k} routing.",
+            f"Use --top-k {len(experts)} or less, or add experts.",
+        )
+    return MixInputs(seed, adapter, experts, average)

@@ -1,0 +1,99 @@
+"""Centroid router initialisation for ``mix --router centroid``.
+
+For every layer, expert e's router row is the mean router input (the hidden state entering the
+MoE block) over its own domain's calibration tokens; the seed expert's row is the mean over all
+tokens. Rows are centred by that overall mean and scaled (see ``moekit.routing.init``) so that
+tokens start routed towards their domain's expert without saturating the softmax.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from moekit.config import MixConfig
+from moekit.data import load_token_blocks
+from moekit.errors import InvalidOptionError
+from moekit.routing.calibration import LayerwiseCalibrator
+from moekit.routing.init import centroid_router
+from moekit.steps.mix_inputs import MixInputs
+
+_MAX_SCALE_TOKENS = 8192  # calibration tokens used to pick the router scale (subsampled)
+
+
+class CentroidInit:
+    """Computes centroid routers layer by layer as ``mix`` streams the model."""
+
+    def __init__(self, inputs: MixInputs, blocks: dict[str, torch.Tensor], sharpness: float, dense_config: Any) -> None:
+        self.inputs = inputs
+        self.blocks = blocks
+        self.sharpness = sharpness
+        self.dense_config = dense_config
+        self.calibrator: LayerwiseCalibrator | None = None
+        self.in_domain_top1: dict[str, list[float]] = {d: [] for d in blocks if self._expert_of(d) is not None}
+
+    def _expert_of(self, domain: str) -> int | None:
+        names = [e.name for e in self.inputs.experts]
+        return names.index(domain) if domain in names and self.inputs.experts[names.index(domain)].kind == "branch" else None
+
+    def see_global(self, name: str, tensor: torch.Tensor) -> None:
+        """Receive a global tensor as it streams by; the embedding starts the calibration."""
+        if name == self.inputs.adapter.embed_name:
+            self.calibrator = LayerwiseCalibrator(self.dense_config, tensor, self.blocks)
+
+    def router_for_layer(self, layer: int, layer_tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Run the averaged layer on the calibration data and return its router [E, hidden] (fp32)."""
+        if self.calibrator is None:
+            raise RuntimeError("embedding tensor not seen before the first layer")
+        prefix = f"model.layers.{layer}."
+        mlp_inputs = self.calibrator.run_layer(layer, {k.removeprefix(prefix): v for k, v in layer_tensors.items()})
+        everything = torch.cat(list(mlp_inputs.values()))
+        overall = everything.mean(dim=0)
+        rows = []
+        for expert in self.inputs.experts:
+            rows.append(mlp_inputs[expert.name].mean(dim=0) if expert.kind == "branch" else overall)
+        step = max(1, everything.shape[0] // _MAX_SCALE_TOKENS)
+        router = centroid_router(torch.stack(rows), overall, everything[::step], self.sharpness)
+        for domain, values in self.in_domain_top1.items():
+            top1 = (mlp_inputs[domain] @ router.T).argmax(dim=-1)
+            values.append(float((top1 == self._expert_of(domain)).float().mean()))
+        return router
+
+    def summary(self) -> dict[str, Any]:
+        """Initial routing quality: per domain, the share of tokens whose top-1 is its own expert."""
+        return {
+            "init_in_domain_top1": {d: round(sum(v) / len(v), 4) for d, v in self.in_domain_top1.items() if v},
+            "init_in_domain_top1_per_layer": {d: [round(x, 4) for x in v] for d, v in self.in_domain_top1.items()},
+        }
+
+
+def prepare_centroid_init(cfg: MixConfig, inputs: MixInputs) -> CentroidInit:
+    """Check the router data against the experts, tokenise it, and return the initialiser."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    if cfg.upcycle is not None:
+        raise InvalidOptionError(
+            "--router centroid needs domain experts, but upcycled experts are identical copies.",
+            "Use --router random with --upcycle.",
+        )
+    branch_names = [e.name for e in inputs.experts if e.kind == "branch"]
+    missing = [n for n in branch_names if n not in cfg.router_data]
+    if missing:
+        raise InvalidOptionError(
+            f"--router centroid needs data for every branch expert; missing: {', '.join(missing)}.",
+            "Add --router-data NAME=PATH for each (e.g. --router-data code=code.jsonl).",
+        )
+    has_seed = any(e.kind == "seed" for e in inputs.experts)
+    extra = [d for d in cfg.router_data if d not in branch_names]
+    if extra and not has_seed:
+        raise InvalidOptionError(
+            f"Router data for {', '.join(extra)} matches no expert.",
+            f"Name domains after the experts ({', '.join(branch_names)}), or keep the seed expert to absorb general data.",
+        )
+    tokenizer = AutoTokenizer.from_pretrained(inputs.seed.path)
+    blocks = {
+        domain: load_token_blocks(tokenizer, path, cfg.router_block_size, cfg.router_tokens)
+        for domain, path in cfg.router_data.items()
+    }
+    return CentroidInit(inputs, blocks, cfg.router_sharpness, AutoConfig.from_pretrained(inputs.seed.path))

@@ -1,0 +1,111 @@
+"""Tiny models and tokenizers built locally, for the demo, the tests and the benchmarks.
+
+Nothing here downloads anything: the tokenizer is a byte-level BPE trained in well under a
+second on text generated here, and models are random-initialised from a config built through
+``AutoConfig.for_model`` for any dense family moekit supports.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_WORDS = (
+    "def return class import self for while if else print value list dict range len sum "
+    "the of and to in is that it was for on are as with his they at be this from have "
+    "plus minus times equals answer number total each solve find"
+).split()
+
+
+def sample_corpus(num_lines: int = 400, seed: int = 0) -> str:
+    """A small deterministic text mixing code-like, prose-like and arithmetic lines."""
+    rng = random.Random(seed)
+    lines = []
+    for i in range(num_lines):
+        kind = i % 3
+        if kind == 0:
+            lines.append(f"def f{i}(x):\n    return x * {rng.randint(0, 99)} + {rng.randint(0, 9)}")
+        elif kind == 1:
+            lines.append(" ".join(rng.choice(_WORDS) for _ in range(12)).capitalize() + ".")
+        else:
+            a, b = rng.randint(0, 999), rng.randint(0, 999)
+            lines.append(f"{a} + {b} = {a + b}")
+    return "\n".join(lines)
+
+
+def build_tokenizer(out_dir: Path, vocab_size: int = 512) -> Any:
+    """Train a byte-level BPE tokenizer on ``sample_corpus`` and save it as a HF fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(sample_corpus().splitlines(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def tiny_config(model_type: str, vocab_size: int, **overrides: Any) -> Any:
+    """A small config of ``model_type`` (2 layers, hidden 32, 4 heads, 2 KV heads, FFN 64)."""
+    from transformers import AutoConfig
+
+    values: dict[str, Any] = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=512,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+        tie_word_embeddings=False,
+    )
+    values.update(overrides)
+    return AutoConfig.for_model(model_type, **values)
+
+
+def build_tiny_model(
+    out_dir: Path, model_type: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32, init_std: float = 0.2, **overrides: Any
+) -> Path:
+    """Save a random tiny dense model of ``model_type`` with a tokenizer in ``out_dir``; return it.
+
+    ``init_std`` is larger than usual (0.2, not 0.02) so that FFNs and attention matter for the
+    logits; with 0.02 a random tiny model is nearly an identity map and tests would prove little.
+    """
+    from transformers import AutoModelForCausalLM
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(out_dir)
+    config = tiny_config(model_type, len(tokenizer), initializer_range=init_std, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # norms default to ones; vary them so mistakes in averaging show up
+        for name, param in model.named_parameters():
+            if param.ndim == 1:
+                param.add_(torch.randn_like(param) * 0.1)
+    model.to(dtype).save_pretrained(out_dir)
+    return out_dir
+
+
+def perturb_model(model_dir: Path, seed: int, scale: float = 0.05) -> None:
+    """Add seeded noise to every weight of a saved model, in place (stands in for branch training)."""
+    from safetensors.torch import load_file, save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        tensors = load_file(path)
+        noisy = {k: (v.float() + torch.randn(v.shape, generator=generator) * scale).to(v.dtype) for k, v in tensors.items()}
+        path.unlink()  # never write into a file that may be hard-linked to the seed
+        save_file(noisy, path, metadata={"format": "pt"})
