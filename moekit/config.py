@@ -26,6 +26,7 @@ class MixConfig(_Strict):
 
     out: Path
     seed: str = Field(description="the dense seed (directory or hub id)")
+    run_dir: Path | None = Field(None, description="run directory to record the mix stage in")
     experts: list[tuple[str, Path]] = Field(default_factory=list, description="(name, directory) of each branch")
     seed_expert: bool = Field(True, description="add the seed's FFN as a generalist expert (BTX)")
     upcycle: UpcycleSettings | None = None
@@ -43,6 +44,14 @@ class MixConfig(_Strict):
     random_seed: int = 0
     shard_size: str = "2GB"
     force: bool = False
+
+    @field_validator("shard_size")
+    @classmethod
+    def _valid_size(cls, value: str) -> str:
+        from moekit.io.writer import parse_size
+
+        parse_size(value)  # raises ValueError with the accepted forms
+        return value
 
     @field_validator("weights")
     @classmethod

@@ -21,19 +21,8 @@ _WORDS = (
 
 
 def sample_corpus(num_lines: int = 400, seed: int = 0) -> str:
-    """A small deterministic text mixing code-like, prose-like and arithmetic lines."""
-    rng = random.Random(seed)
-    lines = []
-    for i in range(num_lines):
-        kind = i % 3
-        if kind == 0:
-            lines.append(f"def f{i}(x):\n    return x * {rng.randint(0, 99)} + {rng.randint(0, 9)}")
-        elif kind == 1:
-            lines.append(" ".join(rng.choice(_WORDS) for _ in range(12)).capitalize() + ".")
-        else:
-            a, b = rng.randint(0, 999), rng.randint(0, 999)
-            lines.append(f"{a} + {b} = {a + b}")
-    return "\n".join(lines)
+    """A small deterministic text mixing the code-like, prose-like and arithmetic domains."""
+    return "".join(domain_corpus(d, num_lines // 3, seed) for d in ("code", "prose", "math"))
 
 
 def build_tokenizer(out_dir: Path, vocab_size: int = 512) -> Any:
@@ -109,3 +98,20 @@ def perturb_model(model_dir: Path, seed: int, scale: float = 0.05) -> None:
         noisy = {k: (v.float() + torch.randn(v.shape, generator=generator) * scale).to(v.dtype) for k, v in tensors.items()}
         path.unlink()  # never write into a file that may be hard-linked to the seed
         save_file(noisy, path, metadata={"format": "pt"})
+
+
+def domain_corpus(domain: str, num_lines: int = 200, seed: int = 0) -> str:
+    """Generated text for the synthetic domains 'code', 'math' and 'prose'."""
+    rng = random.Random(f"{domain}-{seed}")
+    lines = []
+    for i in range(num_lines):
+        if domain == "code":
+            lines.append(f"def f{i}(x):\n    return x * {rng.randint(0, 99)} + {rng.randint(0, 9)}")
+        elif domain == "math":
+            a, b = rng.randint(0, 999), rng.randint(0, 999)
+            lines.append(f"{a} + {b} = {a + b}")
+        elif domain == "prose":
+            lines.append(" ".join(rng.choice(_WORDS) for _ in range(12)).capitalize() + ".")
+        else:
+            raise ValueError(f"unknown synthetic domain {domain!r}")
+    return "\n".join(lines) + "\n"

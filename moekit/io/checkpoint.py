@@ -3,7 +3,8 @@
 ``Checkpoint`` reads config.json and every shard's safetensors header up front (a few KB each),
 so shapes, dtypes and names of all tensors are known before any weight is touched; that lets
 ``mix`` check compatibility and plan its output completely first. Tensors are then read one at a
-time through memory-mapped ``safe_open`` handles, so memory holds only what the caller keeps.
+time with plain positioned reads (not mmap: mapped pages would count towards the process's
+resident memory for as long as the shard stays mapped), so memory holds only what the caller keeps.
 """
 
 from __future__ import annotations
@@ -40,18 +41,15 @@ class TensorInfo:
     shard: str
     dtype: str
     shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        """Size of the tensor's data in bytes."""
-        count = 1
-        for dim in self.shape:
-            count *= dim
-        return count * torch.empty((), dtype=SAFETENSORS_DTYPES[self.dtype]).element_size()
+    offset: int  # absolute byte offset of the data in the shard file
+    nbytes: int
 
 
-def read_safetensors_header(path: Path) -> dict[str, Any]:
-    """Parse and sanity-check a safetensors header; raise CorruptCheckpointError if broken."""
+def read_safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """Parse and sanity-check a safetensors header; return (data start offset, header).
+
+    Raises CorruptCheckpointError for a short, truncated or unparsable file.
+    """
     fix = "Re-download or re-save the model (save_pretrained writes safetensors)."
     size = path.stat().st_size
     with open(path, "rb") as handle:
@@ -74,7 +72,7 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
             f"but the file has {size}.",
             fix,
         )
-    return header
+    return 8 + header_len, header
 
 
 def _load_json(path: Path, what: str) -> dict[str, Any]:
@@ -135,7 +133,8 @@ class Checkpoint:
                     f"Shard {shard} listed in {self.path}/model.safetensors.index.json is missing.",
                     "Re-download or re-save the model so that every shard is present.",
                 )
-            for name, meta in read_safetensors_header(shard_path).items():
+            data_start, header = read_safetensors_header(shard_path)
+            for name, meta in header.items():
                 if name == "__metadata__":
                     continue
                 if meta.get("dtype") not in SAFETENSORS_DTYPES:
@@ -143,23 +142,35 @@ class Checkpoint:
                         f"Tensor {name} in {shard_path} has unsupported dtype {meta.get('dtype')}.",
                         "moekit handles float and integer tensors; dequantise the model first.",
                     )
-                tensors[name] = TensorInfo(shard, meta["dtype"], tuple(meta["shape"]))
+                start, end = meta["data_offsets"]
+                tensors[name] = TensorInfo(shard, meta["dtype"], tuple(meta["shape"]), data_start + start, end - start)
         return tensors
 
     def get(self, name: str) -> torch.Tensor:
-        """Read one tensor (memory-mapped; copy or convert it before the file changes)."""
-        from safetensors import SafetensorError, safe_open
-
+        """Read one tensor into a new CPU tensor."""
         info = self.tensors[name]
+        buffer = bytearray(info.nbytes)
         try:
             if info.shard not in self._handles:
-                self._handles[info.shard] = safe_open(str(self.path / info.shard), framework="pt")
-            return self._handles[info.shard].get_tensor(name)
-        except (SafetensorError, OSError) as exc:
+                self._handles[info.shard] = open(self.path / info.shard, "rb")
+            handle = self._handles[info.shard]
+            handle.seek(info.offset)
+            if handle.readinto(buffer) != info.nbytes:
+                raise OSError("short read")
+        except OSError as exc:
             raise CorruptCheckpointError(
                 f"Cannot read tensor {name} from {self.path / info.shard}: {exc}.",
                 "The file is damaged; re-download or re-save the model.",
             )
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=SAFETENSORS_DTYPES[info.dtype])
+        return torch.frombuffer(buffer, dtype=SAFETENSORS_DTYPES[info.dtype]).reshape(info.shape)
+
+    def close(self) -> None:
+        """Close open shard files."""
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
 
     def weight_files(self) -> list[Path]:
         """Paths of the weight shards and the index (if any)."""

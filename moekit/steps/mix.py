@@ -21,6 +21,7 @@ from moekit.config import MixConfig
 from moekit.io.atomic import atomic_output_dir
 from moekit.io.files import copy_tokenizer_and_generation_files
 from moekit.io.writer import PlannedTensor, StreamingShardWriter, parse_size
+from moekit.manifest import StageRecord, load_manifest, save_manifest
 from moekit.progress import progress_bar
 from moekit.routing.init import random_router
 from moekit.steps.mix_inputs import MixInputs, open_mix_inputs
@@ -174,7 +175,17 @@ def mix(cfg: MixConfig, show_progress: bool = False) -> MixResult:
             raise
         _write_metadata(tmp, cfg, inputs, config_json, dtype, centroid)
     stats = centroid.summary() if centroid else {}
-    return MixResult(Path(cfg.out), [e.name for e in inputs.experts], inputs.adapter.moe_type, len(plan), stats)
+    result = MixResult(Path(cfg.out), [e.name for e in inputs.experts], inputs.adapter.moe_type, len(plan), stats)
+    if cfg.run_dir is not None:
+        _record_stage(cfg.run_dir, cfg, result)
+    return result
+
+
+def _record_stage(run_dir: Path, cfg: MixConfig, result: MixResult) -> None:
+    manifest = load_manifest(run_dir)
+    params = cfg.model_dump(mode="json", exclude={"experts", "force", "run_dir"})
+    manifest.stages.append(StageRecord(stage="mix", params=params, outputs={"out": str(result.out), "experts": result.experts}))
+    save_manifest(run_dir, manifest)
 
 
 def _write_metadata(tmp: Path, cfg: MixConfig, inputs: MixInputs, config_json: dict, dtype: torch.dtype, centroid: CentroidInit | None) -> None:

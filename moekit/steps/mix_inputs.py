@@ -42,6 +42,14 @@ class MixInputs:
     average: list[tuple[Checkpoint, float]]
 
 
+def experts_from_run_dir(run_dir: Path) -> tuple[str, list[tuple[str, Path]]]:
+    """The seed directory and the (name, directory) of every branch of a run directory."""
+    from moekit.manifest import load_manifest
+
+    manifest = load_manifest(run_dir)
+    return manifest.seed.path, [(name, manifest.branch_dir(run_dir, name)) for name in manifest.branches]
+
+
 def _config_differences(reference: dict, other: dict) -> list[str]:
     keys = (set(reference) | set(other)) - _NON_STRUCTURAL_KEYS
     return sorted(k for k in keys if reference.get(k) != other.get(k))

@@ -1,0 +1,90 @@
+"""The ``moekit`` command line: a thin Typer layer over the step functions in ``moekit.steps``.
+
+Each command parses options, builds the step's config, calls the step and renders the result.
+Heavy libraries (torch, transformers) are imported inside the commands, so ``moekit --help``
+answers instantly. A :class:`~moekit.errors.MoekitError` becomes a red one-paragraph message on
+stderr and exit code 2; nothing a user typed wrong ever ends in a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import typer
+
+app = typer.Typer(
+    name="moekit",
+    help="Build Mixture-of-Experts models from dense Hugging Face checkpoints (Branch-Train-MiX).\n\n"
+    "Pipeline: branch -> (train each branch) -> mix -> (tune) -> inspect.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _print_error(message: str, hint: str = "") -> None:
+    from rich.console import Console
+
+    console = Console(stderr=True, highlight=False)
+    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    if hint:
+        console.print(f"[yellow]fix:[/] {hint}", soft_wrap=True)
+
+
+def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn MoekitError (and invalid option values) into a clear message and exit code 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from pydantic import ValidationError
+
+        from moekit.errors import MoekitError
+
+        try:
+            return func(*args, **kwargs)
+        except MoekitError as exc:
+            _print_error(exc.message, exc.hint)
+            raise typer.Exit(exc.exit_code)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            _print_error(f"Invalid option value: {problems}.", "See --help for the allowed values.")
+            raise typer.Exit(2)
+        except KeyboardInterrupt:
+            _print_error("Interrupted; nothing was written.")
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+def parse_key_values(items: list[str], option: str) -> dict[str, str]:
+    """Parse repeated NAME=VALUE options into a dict; raise InvalidOptionError on bad items."""
+    from moekit.errors import InvalidOptionError
+
+    result: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise InvalidOptionError(f"{option} expects NAME=PATH, got '{item}'.", f"Write e.g. {option} code=data/code.jsonl.")
+        if name in result:
+            raise InvalidOptionError(f"{option} names '{name}' twice.", "Give each name once.")
+        result[name] = value
+    return result
+
+
+def _register_commands() -> None:
+    from moekit.commands import branch_cmd, demo_cmd, mix_cmd  # noqa: F401  (import registers)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    _register_commands()
+    app(prog_name="moekit")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+__all__ = ["app", "main", "parse_key_values", "user_errors"]

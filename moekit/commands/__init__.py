@@ -1,0 +1,1 @@
+"""CLI command modules; each registers one command on ``moekit.cli.app`` when imported."""

@@ -1,0 +1,119 @@
+"""``moekit mix``: option parsing for the three ways to name the inputs (run dir, experts, upcycle)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+import typer
+
+from moekit.cli import app, parse_key_values, user_errors
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from moekit.steps.mix import MixResult
+
+_ZEROS_REFUSAL = (
+    "--router zeros is refused: with an all-zero router every logit ties, top-k then sends every "
+    "token to the same experts and their gradients are identical, so the experts never separate."
+)
+
+
+def _parse_average(text: str) -> tuple[str, Optional[list[float]]]:
+    from moekit.errors import InvalidOptionError
+
+    mode, _, weights = text.partition(":")
+    if mode in ("uniform", "seed") and not weights:
+        return mode, None
+    if mode == "weighted" and weights:
+        try:
+            return mode, [float(w) for w in weights.split(",")]
+        except ValueError:
+            pass
+    raise InvalidOptionError(f"--average '{text}' is not understood.", "Use uniform, seed, or weighted:W1,W2,... (one per branch).")
+
+
+def _parse_experts(items: list[str]) -> list[tuple[str, Path]]:
+    experts = []
+    for item in items:
+        name, sep, path = item.partition("=")
+        experts.append((name, Path(path)) if sep else (Path(item).name, Path(item)))
+    return experts
+
+
+@app.command("mix")
+@user_errors
+def mix_command(
+    run_dir: Optional[Path] = typer.Argument(None, help="Run directory made by `moekit branch` (experts = its branches)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory [default: RUN_DIR/mixed]."),
+    expert: list[str] = typer.Option([], "--expert", "-e", help="[NAME=]DIR of a dense branch; repeat (instead of RUN_DIR)."),
+    seed_model: Optional[str] = typer.Option(None, "--seed-model", help="Seed for --expert mode [default: first expert]."),
+    upcycle: Optional[str] = typer.Option(None, "--upcycle", help="Sparse upcycling: every expert is a copy of this seed's FFN."),
+    experts: int = typer.Option(4, "--experts", min=1, help="Number of experts with --upcycle."),
+    drop_fraction: float = typer.Option(0.0, "--drop-fraction", min=0.0, max=1.0, help="Drop-upcycling: share of each expert's FFN units re-initialised (0.5 in the paper)."),
+    seed_expert: bool = typer.Option(True, "--seed-expert/--no-seed-expert", help="Add the seed's FFN as a generalist expert (BTX)."),
+    average: str = typer.Option("uniform", "--average", help="Non-FFN tensors: uniform | seed | weighted:W1,W2,... (branch order)."),
+    dtype: str = typer.Option("auto", "--dtype", help="Output dtype: auto (the seed's) | float32 | bfloat16 | float16."),
+    top_k: int = typer.Option(2, "--top-k", min=1, help="Experts per token."),
+    router: str = typer.Option("random", "--router", help="Router init: random (small std) | centroid (data-aware)."),
+    router_data: list[str] = typer.Option([], "--router-data", help="DOMAIN=PATH calibration text for --router centroid; repeat."),
+    router_std: Optional[float] = typer.Option(None, "--router-std", help="Std of the random router [default: the model's initializer_range]."),
+    router_sharpness: float = typer.Option(0.5, "--router-sharpness", help="Centroid init: 0 = uniform, 1 = saturated initial routing."),
+    router_tokens: int = typer.Option(8192, "--router-tokens", help="Calibration tokens per domain for centroid init."),
+    expert_scale: float = typer.Option(1.0, "--expert-scale", help="Multiply each expert's down projection (output scale)."),
+    random_seed: int = typer.Option(0, "--random-seed", help="Seed for router and drop-upcycling randomness."),
+    shard_size: str = typer.Option("2GB", "--shard-size", help="Maximum size of one safetensors shard."),
+    force: bool = typer.Option(False, "--force", help="Replace the output directory if it exists and is not empty."),
+) -> None:
+    """Merge dense branches into one Hugging Face MoE (experts = branch FFNs, the rest averaged).
+
+    \b
+    Three ways to name the inputs:
+      moekit mix RUN_DIR [--out DIR]                 branches of a run directory
+      moekit mix --expert code=DIR --expert math=DIR --seed-model SEED --out DIR
+      moekit mix --upcycle SEED --experts 4 --out DIR   sparse upcycling baseline
+    """
+    from rich.console import Console
+
+    from moekit.config import MixConfig, UpcycleSettings
+    from moekit.errors import InvalidOptionError
+    from moekit.steps.mix import mix
+    from moekit.steps.mix_inputs import experts_from_run_dir
+
+    if router == "zeros":
+        raise InvalidOptionError(_ZEROS_REFUSAL, "Use --router random (small std) or --router centroid.")
+    sources = sum(x is not None and x != [] for x in (run_dir, expert or None, upcycle))
+    if sources != 1:
+        raise InvalidOptionError("Give exactly one input: RUN_DIR, --expert DIR ..., or --upcycle SEED.", "See moekit mix --help.")
+    mode, weights = _parse_average(average)
+    if run_dir is not None:
+        seed, expert_list = experts_from_run_dir(run_dir)
+        out = out or run_dir / "mixed"
+    elif upcycle is not None:
+        seed, expert_list = upcycle, []
+    else:
+        expert_list = _parse_experts(expert)
+        if seed_model is None and seed_expert:
+            raise InvalidOptionError("--expert mode with the seed expert needs --seed-model SEED.", "Pass --seed-model, or --no-seed-expert.")
+        seed = seed_model or str(expert_list[0][1])
+    if out is None:
+        raise InvalidOptionError("No output directory.", "Pass --out DIR.")
+    cfg = MixConfig(
+        out=out, seed=seed, experts=expert_list, seed_expert=seed_expert, average=mode, weights=weights, dtype=dtype,
+        top_k=top_k, router=router, router_std=router_std, router_data=parse_key_values(router_data, "--router-data"),
+        router_sharpness=router_sharpness, router_tokens=router_tokens, expert_scale=expert_scale,
+        random_seed=random_seed, shard_size=shard_size, force=force, run_dir=run_dir,
+        upcycle=UpcycleSettings(num_experts=experts, drop_fraction=drop_fraction) if upcycle else None,
+    )
+    _report(Console(), mix(cfg, show_progress=True))
+
+
+def _report(console: Console, result: MixResult) -> None:
+    names = ", ".join(result.experts)
+    console.print(f"[green]Wrote[/] {result.moe_type} MoE with {len(result.experts)} experts ({names}) to {result.out}")
+    shares = result.router_stats.get("init_in_domain_top1")
+    if shares:
+        listing = ", ".join(f"{d} {v:.0%}" for d, v in shares.items())
+        console.print(f"Initial routing, share of each domain's tokens whose top-1 is its own expert: {listing}")
+    console.print("Load it with AutoModelForCausalLM.from_pretrained; tune the new router with `moekit tune`.")
