@@ -74,17 +74,19 @@ def parse_key_values(items: list[str], option: str) -> dict[str, str]:
     return result
 
 
-def _register_commands() -> None:
-    from moekit.commands import branch_cmd, demo_cmd, mix_cmd  # noqa: F401  (import registers)
+def build_app() -> typer.Typer:
+    """The Typer app with every command registered (importing a command module registers it)."""
+    from moekit.commands import branch_cmd, demo_cmd, mix_cmd  # noqa: F401
+
+    return app
 
 
 def main() -> None:
     """Console-script entry point."""
-    _register_commands()
-    app(prog_name="moekit")
+    build_app()(prog_name="moekit")
 
 
 if __name__ == "__main__":
     sys.exit(main())
 
-__all__ = ["app", "main", "parse_key_values", "user_errors"]
+__all__ = ["app", "build_app", "main", "parse_key_values", "user_errors"]

@@ -42,7 +42,7 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 512) -> Any:
     return fast
 
 
-def tiny_config(model_type: str, vocab_size: int, **overrides: Any) -> Any:
+def tiny_config(model_type: str, vocab_size: int = 512, **overrides: Any) -> Any:
     """A small config of ``model_type`` (2 layers, hidden 32, 4 heads, 2 KV heads, FFN 64)."""
     from transformers import AutoConfig
 
@@ -77,7 +77,8 @@ def build_tiny_model(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(out_dir)
-    config = tiny_config(model_type, len(tokenizer), initializer_range=init_std, **overrides)
+    overrides.setdefault("vocab_size", len(tokenizer))
+    config = tiny_config(model_type, initializer_range=init_std, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # norms default to ones; vary them so mistakes in averaging show up

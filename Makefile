@@ -1,0 +1,32 @@
+# moekit developer entry points. `make demo` and `make test` create .venv and install on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A CPU build of torch first, so nothing pulls a multi-GB CUDA build. On this project's machines
+# torch==2.13.0 is a local CPU wheel; elsewhere use e.g.
+#   make TORCH_INSTALL="torch --index-url https://download.pytorch.org/whl/cpu"
+TORCH_INSTALL ?= torch==2.13.0
+
+.PHONY: install demo test test-all bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_INSTALL)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/moekit demo --out demo-out --force
+
+test: install
+	$(PY) -m pytest -q
+
+test-all: install
+	$(PY) -m pytest -q -m ""
+
+bench: install
+	$(PY) bench/mix.py
+
+clean:
+	rm -rf $(VENV) demo-out bench-out .pytest_cache

@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny dense models built locally (no downloads), cached per test session."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from moekit.tiny import build_tiny_model
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A session-wide directory of built tiny seeds."""
+    return tmp_path_factory.mktemp("seeds")
+
+
+@pytest.fixture(scope="session")
+def make_seed(model_cache: Path):
+    """Factory: a tiny seed of a family (built once per session per argument set), copied to ``dest``."""
+
+    def _make(family: str = "llama", dest: Path | None = None, **overrides) -> Path:
+        key = family + "".join(f"-{k}={v}" for k, v in sorted(overrides.items()))
+        cached = model_cache / key
+        if not cached.exists():
+            build_tiny_model(cached, family, **overrides)
+        if dest is None:
+            return cached
+        shutil.copytree(cached, dest)
+        return dest
+
+    return _make
+
+
+def load(model_dir: Path):
+    """Load a causal LM and return (model, loading info)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, output_loading_info=True)
+
+
+def assert_clean_load(info: dict) -> None:
+    """No missing, unexpected or mismatched keys and no errors."""
+    assert all(len(v) == 0 for v in info.values()), info

@@ -1,0 +1,49 @@
+"""Reading, tokenising and packing text data."""
+
+import json
+
+import pytest
+
+from moekit.data import expand_data_paths, load_token_blocks
+from moekit.errors import DataError
+
+
+class CharTokenizer:
+    """A stand-in tokenizer: one id per character, EOS = 0."""
+
+    eos_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def test_formats_and_packing_without_padding(tmp_path):
+    (tmp_path / "a.txt").write_text("abcdefgh")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "ijkl"}) + "\n" + json.dumps({"text": "mn"}) + "\n")
+    (tmp_path / "c.json").write_text(json.dumps(["op"]))
+    blocks = load_token_blocks(CharTokenizer(), tmp_path, block_size=4)
+    stream = [ord(c) for c in "abcdefgh"] + [0] + [ord(c) for c in "ijkl"] + [0] + [ord(c) for c in "mn"] + [0] + [ord(c) for c in "op"] + [0]
+    assert blocks.shape == (len(stream) // 4, 4)
+    assert blocks.flatten().tolist() == stream[: blocks.numel()]
+
+
+def test_max_tokens(tmp_path):
+    (tmp_path / "a.txt").write_text("x" * 100)
+    assert load_token_blocks(CharTokenizer(), tmp_path / "a.txt", 8, max_tokens=20).numel() == 16
+
+
+def test_missing_path():
+    with pytest.raises(DataError, match="does not exist"):
+        expand_data_paths("/nonexistent/data.txt")
+
+
+def test_empty_data(tmp_path):
+    (tmp_path / "a.txt").write_text("   \n")
+    with pytest.raises(DataError, match="no text"):
+        load_token_blocks(CharTokenizer(), tmp_path / "a.txt", 8)
+
+
+def test_missing_text_field(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"content": "x"}) + "\n")
+    with pytest.raises(DataError, match="text"):
+        load_token_blocks(CharTokenizer(), tmp_path / "a.jsonl", 8)
