@@ -149,22 +149,33 @@ class Checkpoint:
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor into a new CPU tensor."""
         info = self.tensors[name]
-        buffer = bytearray(info.nbytes)
+        rows = info.shape[0] if info.shape else 1
+        return self.get_rows(name, 0, rows)
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Read rows ``start:stop`` (along dim 0) of a tensor; rows are contiguous on disk."""
+        info = self.tensors[name]
+        dtype = SAFETENSORS_DTYPES[info.dtype]
+        rows = info.shape[0] if info.shape else 1
+        row_bytes = info.nbytes // rows if rows else 0
+        shape = (stop - start, *info.shape[1:]) if info.shape else ()
+        out = torch.empty(shape, dtype=dtype)
+        if out.numel() == 0:
+            return out
+        buffer = out.view(-1).view(torch.uint8).numpy()  # read straight into the tensor's memory
         try:
             if info.shard not in self._handles:
                 self._handles[info.shard] = open(self.path / info.shard, "rb")
             handle = self._handles[info.shard]
-            handle.seek(info.offset)
-            if handle.readinto(buffer) != info.nbytes:
+            handle.seek(info.offset + start * row_bytes)
+            if handle.readinto(buffer) != len(buffer):
                 raise OSError("short read")
         except OSError as exc:
             raise CorruptCheckpointError(
                 f"Cannot read tensor {name} from {self.path / info.shard}: {exc}.",
                 "The file is damaged; re-download or re-save the model.",
             )
-        if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=SAFETENSORS_DTYPES[info.dtype])
-        return torch.frombuffer(buffer, dtype=SAFETENSORS_DTYPES[info.dtype]).reshape(info.shape)
+        return out
 
     def close(self) -> None:
         """Close open shard files."""

@@ -16,6 +16,7 @@ import json
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterable
 from typing import BinaryIO
 
 import torch
@@ -37,7 +38,7 @@ class PlannedTensor:
         count = 1
         for dim in self.shape:
             count *= dim
-        return count * torch.empty((), dtype=self.dtype).element_size()
+        return count * self.dtype.itemsize
 
 
 @dataclass
@@ -94,17 +95,28 @@ class StreamingShardWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append the next planned tensor; its name, dtype and shape must match the plan."""
+        self.write_chunks(name, tensor.dtype, tuple(tensor.shape), [tensor])
+
+    def write_chunks(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], chunks: Iterable[torch.Tensor]) -> None:
+        """Append the next planned tensor given as consecutive row chunks (dim-0 slices).
+
+        Lets callers stream a large tensor (an embedding) without holding all of it.
+        """
         shard_index, planned = self._queue[self._position]
-        if (name, tensor.dtype, tuple(tensor.shape)) != (planned.name, planned.dtype, planned.shape):
-            raise ValueError(
-                f"writer expected {planned.name} {planned.dtype} {planned.shape}, "
-                f"got {name} {tensor.dtype} {tuple(tensor.shape)}"
-            )
+        if (name, dtype, tuple(shape)) != (planned.name, planned.dtype, planned.shape):
+            raise ValueError(f"writer expected {planned.name} {planned.dtype} {planned.shape}, got {name} {dtype} {tuple(shape)}")
         if shard_index != self._open_shard:
             self._start_shard(shard_index)
         assert self._handle is not None
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._handle.write(memoryview(data))
+        written = 0
+        for chunk in chunks:
+            if chunk.dtype != dtype:
+                raise ValueError(f"chunk of {name} has dtype {chunk.dtype}, planned {dtype}")
+            data = chunk.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+            self._handle.write(memoryview(data))
+            written += len(data)
+        if written != planned.nbytes:
+            raise ValueError(f"{name}: wrote {written} bytes, planned {planned.nbytes}")
         self._position += 1
 
     def _start_shard(self, shard_index: int) -> None:

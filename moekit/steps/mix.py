@@ -10,6 +10,8 @@ initialisation keeps a layer's averaged tensors in memory, to run that layer on 
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,8 @@ from moekit.routing.init import random_router
 from moekit.steps.mix_inputs import MixInputs, open_mix_inputs
 from moekit.steps.mix_output import build_moe_config, dtype_name, write_model_card, write_provenance
 from moekit.steps.mix_router import CentroidInit, prepare_centroid_init
+
+_CHUNK_ELEMENTS = 4 << 20  # values per averaging chunk (16 MB in fp32): bounds peak memory
 
 
 @dataclass
@@ -72,20 +76,54 @@ def _plan(inputs: MixInputs, dtype: torch.dtype) -> list[PlannedTensor]:
     return plan
 
 
-def _average(inputs: MixInputs, name: str) -> torch.Tensor:
-    """fp32 weighted mean of tensor ``name`` over the averaging sources."""
-    total = None
-    for checkpoint, weight in inputs.average:
-        part = checkpoint.get(name).to(torch.float32) * weight
-        total = part if total is None else total.add_(part)
-    assert total is not None
-    return total
+def _averaged_rows(inputs: MixInputs, name: str) -> Iterator[torch.Tensor]:
+    """Yield the weighted mean of tensor ``name`` over the averaging sources, in row chunks.
+
+    Chunks are fp32 and hold about ``_CHUNK_ELEMENTS`` values, so memory does not grow with the
+    tensor (a 128k x 8k embedding is averaged in 16 MB pieces). A single source with weight 1
+    (upcycling, ``--average seed``) is passed through in its stored dtype, bit for bit.
+    """
+    shape = inputs.seed.tensors[name].shape
+    rows = shape[0] if shape else 1
+    step = max(1, _CHUNK_ELEMENTS // max(1, math.prod(shape[1:])))
+    (first, first_weight), *others = inputs.average
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        chunk = first.get_rows(name, start, stop)
+        if not others and first_weight == 1.0:
+            yield chunk
+            continue
+        total = chunk.to(torch.float32).mul_(first_weight)
+        for checkpoint, weight in others:
+            total.add_(checkpoint.get_rows(name, start, stop), alpha=weight)  # bf16/fp16 promoted to fp32
+        yield total
+
+
+def _write_average(
+    writer: StreamingShardWriter, inputs: MixInputs, name: str, dtype: torch.dtype, keep: dict[str, torch.Tensor] | None
+) -> None:
+    """Average tensor ``name`` into the writer, chunk by chunk; with ``keep``, also store it whole in fp32."""
+    parts: list[torch.Tensor] = []
+
+    def cast_chunks() -> Iterator[torch.Tensor]:
+        for chunk in _averaged_rows(inputs, name):
+            if keep is not None:
+                parts.append(chunk.to(torch.float32))
+            yield chunk.to(dtype)
+
+    shape = inputs.seed.tensors[name].shape
+    writer.write_chunks(name, dtype, shape, cast_chunks())
+    if keep is not None:
+        keep[name] = torch.cat(parts).reshape(shape)
 
 
 def _expert_ffn(inputs: MixInputs, cfg: MixConfig, layer: int, expert: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """One expert's gate/up/down weights (fp32), including drop-upcycling and output scaling."""
+    """One expert's gate/up/down weights: the source FFN, with drop-upcycling and output scaling.
+
+    Unmodified tensors keep their stored dtype (no fp32 round trip); modified ones are fp32.
+    """
     source = inputs.experts[expert]
-    ffn = {p: source.checkpoint.get(inputs.adapter.dense_ffn_name(layer, p)).to(torch.float32) for p in DENSE_FFN_PROJECTIONS}
+    ffn = {p: source.checkpoint.get(inputs.adapter.dense_ffn_name(layer, p)) for p in DENSE_FFN_PROJECTIONS}
     fraction = cfg.upcycle.drop_fraction if cfg.upcycle else 0.0
     if fraction > 0:
         # Drop-upcycling: re-draw a random share of intermediate units (rows of gate/up, columns
@@ -93,14 +131,13 @@ def _expert_ffn(inputs: MixInputs, cfg: MixConfig, layer: int, expert: int, gene
         units = ffn["gate_proj"].shape[0]
         chosen = torch.randperm(units, generator=generator)[: int(round(fraction * units))]
         for proj, dim in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
-            weight = ffn[proj].clone()
+            weight = ffn[proj].to(torch.float32)
             shape = list(weight.shape)
             shape[dim] = len(chosen)
             fresh = torch.randn(shape, generator=generator) * weight.std() + weight.mean()
-            weight.index_copy_(dim, chosen, fresh)
-            ffn[proj] = weight
+            ffn[proj] = weight.index_copy(dim, chosen, fresh)
     if cfg.expert_scale != 1.0:
-        ffn["down_proj"] = ffn["down_proj"] * cfg.expert_scale  # output is linear in down_proj
+        ffn["down_proj"] = ffn["down_proj"].to(torch.float32) * cfg.expert_scale  # output is linear in down_proj
     return ffn
 
 
@@ -109,16 +146,13 @@ def _mix_layer(
     names: list[str], generator: torch.Generator, centroid: CentroidInit | None,
 ) -> None:
     adapter = inputs.adapter
-    kept: dict[str, torch.Tensor] = {}
+    kept: dict[str, torch.Tensor] | None = {} if centroid is not None else None
     for name in names:
-        averaged = _average(inputs, name)
-        writer.write(name, averaged.to(dtype))
-        if centroid is not None:
-            kept[name] = averaged
-    if centroid is not None:
-        for proj in DENSE_FFN_PROJECTIONS:
+        _write_average(writer, inputs, name, dtype, kept)
+    if centroid is not None and kept is not None:
+        for proj in DENSE_FFN_PROJECTIONS:  # the averaged dense FFN, for the calibration pass only
             name = adapter.dense_ffn_name(layer, proj)
-            kept[name] = _average(inputs, name)
+            kept[name] = torch.cat(list(_averaged_rows(inputs, name))).to(torch.float32)
         router = centroid.router_for_layer(layer, kept)
     else:
         std = cfg.router_std or float(inputs.seed.config.get("initializer_range", 0.02))
@@ -161,10 +195,11 @@ def mix(cfg: MixConfig, show_progress: bool = False) -> MixResult:
         writer = StreamingShardWriter(tmp, plan, max_shard)
         try:
             for name in globals_:
-                averaged = _average(inputs, name)
-                writer.write(name, averaged.to(dtype))
-                if centroid is not None:
-                    centroid.see_global(name, averaged)
+                needed = centroid is not None and name == inputs.adapter.embed_name
+                kept: dict[str, torch.Tensor] | None = {} if needed else None
+                _write_average(writer, inputs, name, dtype, kept)
+                if centroid is not None and kept is not None:
+                    centroid.see_embedding(kept[name])
             with progress_bar("mixing layers", num_layers, show_progress) as advance:
                 for layer in range(num_layers):
                     _mix_layer(layer, inputs, cfg, writer, dtype, per_layer.get(layer, []), generator, centroid)

@@ -37,10 +37,9 @@ class CentroidInit:
         names = [e.name for e in self.inputs.experts]
         return names.index(domain) if domain in names and self.inputs.experts[names.index(domain)].kind == "branch" else None
 
-    def see_global(self, name: str, tensor: torch.Tensor) -> None:
-        """Receive a global tensor as it streams by; the embedding starts the calibration."""
-        if name == self.inputs.adapter.embed_name:
-            self.calibrator = LayerwiseCalibrator(self.dense_config, tensor, self.blocks)
+    def see_embedding(self, embedding: torch.Tensor) -> None:
+        """Receive the averaged input embedding (fp32) as it streams by; it starts the calibration."""
+        self.calibrator = LayerwiseCalibrator(self.dense_config, embedding, self.blocks)
 
     def router_for_layer(self, layer: int, layer_tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """Run the averaged layer on the calibration data and return its router [E, hidden] (fp32)."""
