@@ -10,7 +10,7 @@ import torch
 
 from moekit.tiny import build_tiny_model
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "mistral", "olmo2", "qwen2", "qwen3")
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -153,3 +153,37 @@ def test_expert_scale_scales_the_moe_output(make_seed, tmp_path):
     scaled = mix(MixConfig(out=tmp_path / "b", seed=str(seed), upcycle=UpcycleSettings(num_experts=2), expert_scale=2.0)).out
     name = get_adapter("llama").expert_name(1, 1, "down_proj")
     assert torch.equal(Checkpoint(scaled).get(name), Checkpoint(base).get(name) * 2)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_centroid_init_runs_for_every_family(family, make_seed, tmp_path):
+    from moekit.tiny import domain_corpus
+
+    seed = make_seed(family)
+    run = branch(str(seed), tmp_path / "run", ["code", "math"])
+    data = {}
+    for domain in ("code", "math"):
+        data[domain] = str(tmp_path / f"{domain}.txt")
+        Path(data[domain]).write_text(domain_corpus(domain, 60))
+    cfg = MixConfig(out=tmp_path / "moe", seed=str(seed), experts=list(run.branches.items()), router="centroid", router_data=data)
+    result = mix(cfg)
+    moe, info = load(result.out)
+    assert_clean_load(info)
+    assert torch.allclose(_logits(moe), _logits(load(seed)[0]), atol=1e-5)  # equal experts: routing cannot matter
+    router = Checkpoint(result.out).get(get_adapter(family).router_name(1))
+    assert torch.count_nonzero(router[0]) > 0 and not torch.equal(router[0], router[1])
+    assert set(result.router_stats["init_in_domain_top1"]) == {"code", "math"}
+
+
+def test_chunked_averaging_is_bit_exact(make_seed, tmp_path, monkeypatch):
+    import moekit.steps.mix as mix_module
+
+    seed = make_seed("llama")
+    run = branch(str(seed), tmp_path / "run", ["a", "b"])
+    for i, path in enumerate(run.branches.values()):
+        perturb_model(path, seed=i + 1)
+    experts = list(run.branches.items())
+    whole = mix(MixConfig(out=tmp_path / "whole", seed=str(seed), experts=experts)).out
+    monkeypatch.setattr(mix_module, "_CHUNK_ELEMENTS", 7)  # one row per chunk, ragged everywhere
+    chunked = mix(MixConfig(out=tmp_path / "chunked", seed=str(seed), experts=experts)).out
+    assert (whole / "model.safetensors").read_bytes() == (chunked / "model.safetensors").read_bytes()
