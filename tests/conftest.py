@@ -10,7 +10,12 @@ import torch
 
 from moekit.tiny import build_tiny_model
 
-FAMILIES = ("llama", "mistral", "olmo2", "qwen2", "qwen3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "granite", "phi3")
+# Non-default settings that a mix must carry over, or the equal-logits invariant breaks.
+FAMILY_OVERRIDES = {
+    "granite": dict(embedding_multiplier=1.5, residual_multiplier=0.7, attention_multiplier=0.3, logits_scaling=2.0),
+    "mistral": dict(sliding_window=8),
+}
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -33,6 +38,7 @@ def make_seed(model_cache: Path):
     """Factory: a tiny seed of a family (built once per session per argument set), copied to ``dest``."""
 
     def _make(family: str = "llama", dest: Path | None = None, **overrides) -> Path:
+        overrides = {**FAMILY_OVERRIDES.get(family, {}), **overrides}
         key = family + "".join(f"-{k}={v}" for k, v in sorted(overrides.items()))
         cached = model_cache / key
         if not cached.exists():

@@ -12,7 +12,7 @@ from moekit.arch.base import ArchAdapter
 from moekit.errors import UnsupportedArchitectureError
 
 _REGISTRY: dict[str, ArchAdapter] = {}
-_ADAPTER_MODULES = ("llama", "mistral", "olmo2", "qwen2", "qwen3")
+_ADAPTER_MODULES = ("granite", "llama", "mistral", "olmo2", "phi3", "qwen2", "qwen3")
 _loaded = False
 
 

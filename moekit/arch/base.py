@@ -9,10 +9,11 @@ names, which config keys carry over, and which dense features the target cannot 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from moekit.errors import UnsupportedArchitectureError
+from moekit.io.checkpoint import TensorInfo
 
 # Dense tensor names are "model.layers.<L>.<rest>"; everything else is a global tensor.
 LAYER_TENSOR = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -41,6 +42,28 @@ DENSE_FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
+class MoeTensor:
+    """One tensor of a layer's MoE block in the output, with the role that says how to fill it.
+
+    Roles: ``router``; ``expert`` (one expert's ``projection``); ``fused_gate_up`` ([E, 2I, H],
+    each expert's gate rows then up rows) and ``fused_down`` ([E, H, I]) for targets that store
+    experts stacked; ``shared`` (the shared expert's ``projection``) and ``shared_gate``.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    role: str
+    expert: int | None = None
+    projection: str | None = None
+
+
+def row_slice(info: TensorInfo, start: int, rows: int) -> TensorInfo:
+    """A view of rows ``start:start+rows`` of a stored tensor (rows are contiguous on disk)."""
+    row_bytes = info.nbytes // info.shape[0]
+    return replace(info, shape=(rows, *info.shape[1:]), offset=info.offset + start * row_bytes, nbytes=rows * row_bytes)
+
+
+@dataclass(frozen=True)
 class ArchAdapter:
     """Maps one dense family (``dense_type``) to the MoE family ``moe_type``.
 
@@ -58,7 +81,11 @@ class ArchAdapter:
             target has; any other ``.bias`` tensor in a dense input is refused.
         refused_config_flags: dense config keys that must be false, with the reason.
         shared_expert: the target always has a shared expert (written with down_proj = 0).
+        fused_experts: for targets that store all experts of a layer in two stacked tensors,
+            their names inside the MoE block: (gate_up [E, 2I, H], down [E, H, I]).
+        router_suffix: the router weight's name inside the MoE block.
         embed_name: the input embedding tensor (calibration starts from it).
+        embedding_multiplier_key: config key of a factor the model applies to its embeddings.
         notes: one line for the model card and ``moekit mix --help``-style listings.
     """
 
@@ -66,7 +93,7 @@ class ArchAdapter:
     moe_type: str
     moe_architecture: str
     moe_block: str
-    expert_projections: dict[str, str]
+    expert_projections: dict[str, str] = field(default_factory=dict)
     num_experts_keys: tuple[str, ...] = ("num_local_experts",)
     expert_size_key: str = "intermediate_size"
     extra_config_keys: tuple[str, ...] = ()
@@ -74,7 +101,10 @@ class ArchAdapter:
     allowed_bias: tuple[str, ...] = ()
     refused_config_flags: dict[str, str] = field(default_factory=dict)
     shared_expert: bool = False
+    fused_experts: tuple[str, str] | None = None
+    router_suffix: str = "gate.weight"
     embed_name: str = "model.embed_tokens.weight"
+    embedding_multiplier_key: str | None = None
     notes: str = ""
 
     # ----- names -------------------------------------------------------------------------
@@ -89,7 +119,35 @@ class ArchAdapter:
 
     def router_name(self, layer: int) -> str:
         """On-disk name of layer ``layer``'s router weight [num_experts, hidden]."""
-        return f"model.layers.{layer}.{self.moe_block}.gate.weight"
+        return f"model.layers.{layer}.{self.moe_block}.{self.router_suffix}"
+
+    def moe_block_tensors(self, layer: int, num_experts: int, ffn_shapes: dict[str, tuple[int, ...]], hidden: int) -> list[MoeTensor]:
+        """Every tensor of layer ``layer``'s MoE block, in the order mix writes them."""
+        tensors = [MoeTensor(self.router_name(layer), (num_experts, hidden), "router")]
+        if self.fused_experts is not None:
+            gate_up, down = (f"model.layers.{layer}.{self.moe_block}.{n}" for n in self.fused_experts)
+            intermediate = ffn_shapes["gate_proj"][0]
+            tensors.append(MoeTensor(gate_up, (num_experts, 2 * intermediate, hidden), "fused_gate_up"))
+            tensors.append(MoeTensor(down, (num_experts, hidden, intermediate), "fused_down"))
+        else:
+            for expert in range(num_experts):
+                for proj in DENSE_FFN_PROJECTIONS:
+                    tensors.append(MoeTensor(self.expert_name(layer, expert, proj), ffn_shapes[proj], "expert", expert, proj))
+        if self.shared_expert:
+            for role, name in self.shared_expert_names(layer).items():
+                if role == "shared_expert_gate":
+                    tensors.append(MoeTensor(name, (1, hidden), "shared_gate"))
+                else:
+                    tensors.append(MoeTensor(name, ffn_shapes[role], "shared", projection=role))
+        return tensors
+
+    def dense_views(self, config: dict[str, Any], tensors: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
+        """The dense tensors under the names generic code expects (q/k/v_proj, gate/up/down_proj).
+
+        Families that store fused projections override this to expose row slices; the default
+        is the stored layout unchanged.
+        """
+        return tensors
 
     def shared_expert_names(self, layer: int) -> dict[str, str]:
         """Shared-expert tensor names by role (projections and the sigmoid gate)."""

@@ -101,7 +101,40 @@ class Checkpoint:
         self.config: dict[str, Any] = _load_json(config_path, "config")
         self.model_type: str = str(self.config.get("model_type", ""))
         self.tensors: dict[str, TensorInfo] = self._read_index()
+        self.stored: dict[str, TensorInfo] = self.tensors
+        self._view_sources: dict[str, tuple[str, int]] = {}
         self._handles: dict[str, Any] = {}
+
+    def apply_views(self, views: dict[str, TensorInfo]) -> None:
+        """Expose ``views`` (stored tensors and row slices of them) as this checkpoint's tensors.
+
+        Used for families that store fused projections (e.g. qkv_proj): generic code then sees
+        q_proj/k_proj/v_proj, and :meth:`to_stored` reassembles the fused tensors when needed.
+        """
+        self._view_sources = {}
+        for name, info in views.items():
+            if name in self.stored:
+                continue
+            source = next(
+                s for s, t in self.stored.items() if t.shard == info.shard and t.offset <= info.offset < t.offset + t.nbytes
+            )
+            row_bytes = self.stored[source].nbytes // self.stored[source].shape[0]
+            self._view_sources[name] = (source, (info.offset - self.stored[source].offset) // row_bytes)
+        self.tensors = views
+
+    def to_stored(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Map tensors keyed by view names back to the stored names, concatenating row slices."""
+        result: dict[str, torch.Tensor] = {}
+        pieces: dict[str, list[tuple[int, torch.Tensor]]] = {}
+        for name, tensor in state.items():
+            if name in self._view_sources:
+                source, start = self._view_sources[name]
+                pieces.setdefault(source, []).append((start, tensor))
+            else:
+                result[name] = tensor
+        for source, parts in pieces.items():
+            result[source] = torch.cat([t for _, t in sorted(parts, key=lambda p: p[0])])
+        return result
 
     def _shard_files(self) -> list[str]:
         index_path = self.path / "model.safetensors.index.json"

@@ -18,6 +18,7 @@ def open_dense_model(path: Path, need_tokenizer: bool = True) -> tuple[Checkpoin
     """
     checkpoint = Checkpoint(path)
     adapter = get_adapter(checkpoint.model_type)
+    checkpoint.apply_views(adapter.dense_views(checkpoint.config, checkpoint.tensors))
     adapter.check_dense(checkpoint.config, list(checkpoint.tensors))
     if need_tokenizer and not tokenizer_fingerprint(checkpoint.path):
         raise InputNotFoundError(

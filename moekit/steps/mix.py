@@ -10,6 +10,7 @@ initialisation keeps a layer's averaged tensors in memory, to run that layer on 
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 
-from moekit.arch.base import DENSE_FFN_PROJECTIONS, LAYER_TENSOR
+from moekit.arch.base import DENSE_FFN_PROJECTIONS, LAYER_TENSOR, MoeTensor
 from moekit.config import MixConfig
 from moekit.io.atomic import atomic_output_dir
 from moekit.io.files import copy_tokenizer_and_generation_files
@@ -56,24 +57,30 @@ def _split_tensor_names(inputs: MixInputs) -> tuple[list[str], dict[int, list[st
     return globals_, per_layer
 
 
+def _ffn_shapes(inputs: MixInputs, layer: int) -> dict[str, tuple[int, ...]]:
+    return {p: inputs.seed.tensors[inputs.adapter.dense_ffn_name(layer, p)].shape for p in DENSE_FFN_PROJECTIONS}
+
+
+def _moe_block(inputs: MixInputs, layer: int) -> list[MoeTensor]:
+    hidden = inputs.seed.config["hidden_size"]
+    return inputs.adapter.moe_block_tensors(layer, len(inputs.experts), _ffn_shapes(inputs, layer), hidden)
+
+
 def _plan(inputs: MixInputs, dtype: torch.dtype) -> list[PlannedTensor]:
     """Every output tensor, in the order ``mix`` produces them."""
-    adapter, seed = inputs.adapter, inputs.seed
+    seed = inputs.seed
     globals_, per_layer = _split_tensor_names(inputs)
-    hidden = seed.config["hidden_size"]
     plan = [PlannedTensor(n, dtype, seed.tensors[n].shape) for n in globals_]
     for layer in range(seed.config["num_hidden_layers"]):
         plan += [PlannedTensor(n, dtype, seed.tensors[n].shape) for n in per_layer.get(layer, [])]
-        plan.append(PlannedTensor(adapter.router_name(layer), dtype, (len(inputs.experts), hidden)))
-        for expert in range(len(inputs.experts)):
-            for proj in DENSE_FFN_PROJECTIONS:
-                shape = seed.tensors[adapter.dense_ffn_name(layer, proj)].shape
-                plan.append(PlannedTensor(adapter.expert_name(layer, expert, proj), dtype, shape))
-        if adapter.shared_expert:
-            for role, name in adapter.shared_expert_names(layer).items():
-                shape = (1, hidden) if role == "shared_expert_gate" else seed.tensors[adapter.dense_ffn_name(layer, role)].shape
-                plan.append(PlannedTensor(name, dtype, shape))
+        plan += [PlannedTensor(t.name, dtype, t.shape) for t in _moe_block(inputs, layer)]
     return plan
+
+
+def _rng(*keys: int) -> torch.Generator:
+    """A generator seeded from ``keys``, so each (seed, layer, expert) draw is independent of order."""
+    digest = hashlib.sha256(repr(keys).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
 def _averaged_rows(inputs: MixInputs, name: str) -> Iterator[torch.Tensor]:
@@ -117,10 +124,12 @@ def _write_average(
         keep[name] = torch.cat(parts).reshape(shape)
 
 
-def _expert_ffn(inputs: MixInputs, cfg: MixConfig, layer: int, expert: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+def _expert_ffn(inputs: MixInputs, cfg: MixConfig, layer: int, expert: int) -> dict[str, torch.Tensor]:
     """One expert's gate/up/down weights: the source FFN, with drop-upcycling and output scaling.
 
     Unmodified tensors keep their stored dtype (no fp32 round trip); modified ones are fp32.
+    Randomness is seeded per (random seed, layer, expert), so recomputing an expert gives the
+    same tensors.
     """
     source = inputs.experts[expert]
     ffn = {p: source.checkpoint.get(inputs.adapter.dense_ffn_name(layer, p)) for p in DENSE_FFN_PROJECTIONS}
@@ -128,6 +137,7 @@ def _expert_ffn(inputs: MixInputs, cfg: MixConfig, layer: int, expert: int, gene
     if fraction > 0:
         # Drop-upcycling: re-draw a random share of intermediate units (rows of gate/up, columns
         # of down) from N(mean, std) of the original matrix, a different subset per expert.
+        generator = _rng(cfg.random_seed, layer, expert)
         units = ffn["gate_proj"].shape[0]
         chosen = torch.randperm(units, generator=generator)[: int(round(fraction * units))]
         for proj, dim in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
@@ -141,38 +151,57 @@ def _expert_ffn(inputs: MixInputs, cfg: MixConfig, layer: int, expert: int, gene
     return ffn
 
 
+def _layer_router(layer: int, inputs: MixInputs, cfg: MixConfig, kept: dict[str, torch.Tensor] | None, centroid: CentroidInit | None) -> torch.Tensor:
+    """The new router of ``layer`` (fp32): centroid from calibration data, or small random."""
+    if centroid is not None and kept is not None:
+        for proj in DENSE_FFN_PROJECTIONS:  # the averaged dense FFN, for the calibration pass only
+            name = inputs.adapter.dense_ffn_name(layer, proj)
+            kept[name] = torch.cat(list(_averaged_rows(inputs, name))).to(torch.float32)
+        return centroid.router_for_layer(layer, kept)
+    std = cfg.router_std or float(inputs.seed.config.get("initializer_range", 0.02))
+    return random_router(len(inputs.experts), inputs.seed.config["hidden_size"], std, _rng(cfg.random_seed, layer, -1))
+
+
 def _mix_layer(
     layer: int, inputs: MixInputs, cfg: MixConfig, writer: StreamingShardWriter, dtype: torch.dtype,
-    names: list[str], generator: torch.Generator, centroid: CentroidInit | None,
+    names: list[str], centroid: CentroidInit | None,
 ) -> None:
-    adapter = inputs.adapter
+    """Write one layer: averaged tensors, then the MoE block tensor by tensor."""
     kept: dict[str, torch.Tensor] | None = {} if centroid is not None else None
     for name in names:
         _write_average(writer, inputs, name, dtype, kept)
-    if centroid is not None and kept is not None:
-        for proj in DENSE_FFN_PROJECTIONS:  # the averaged dense FFN, for the calibration pass only
-            name = adapter.dense_ffn_name(layer, proj)
-            kept[name] = torch.cat(list(_averaged_rows(inputs, name))).to(torch.float32)
-        router = centroid.router_for_layer(layer, kept)
-    else:
-        std = cfg.router_std or float(inputs.seed.config.get("initializer_range", 0.02))
-        router = random_router(len(inputs.experts), inputs.seed.config["hidden_size"], std, generator)
-    writer.write(adapter.router_name(layer), router.to(dtype))
-    del kept
-    for expert in range(len(inputs.experts)):
-        ffn = _expert_ffn(inputs, cfg, layer, expert, generator)
-        for proj in DENSE_FFN_PROJECTIONS:
-            writer.write(adapter.expert_name(layer, expert, proj), ffn[proj].to(dtype))
-    if adapter.shared_expert:
-        # gate/up from the seed, down = 0: contributes exactly nothing until trained.
-        for role, name in adapter.shared_expert_names(layer).items():
-            if role in ("gate_proj", "up_proj"):
-                tensor = inputs.seed.get(adapter.dense_ffn_name(layer, role)).to(dtype)
-            elif role == "down_proj":
-                tensor = torch.zeros(inputs.seed.tensors[adapter.dense_ffn_name(layer, role)].shape, dtype=dtype)
-            else:  # shared_expert_gate: sigmoid(0) = 0.5 until trained
-                tensor = torch.zeros((1, inputs.seed.config["hidden_size"]), dtype=dtype)
-            writer.write(name, tensor)
+    cache: dict[int, dict[str, torch.Tensor]] = {}
+
+    def ffn_of(expert: int) -> dict[str, torch.Tensor]:
+        if expert not in cache:  # keep only the current expert: memory stays at one expert
+            cache.clear()
+            cache[expert] = _expert_ffn(inputs, cfg, layer, expert)
+        return cache[expert]
+
+    num_experts = len(inputs.experts)
+    for tensor in _moe_block(inputs, layer):
+        if tensor.role == "router":
+            writer.write(tensor.name, _layer_router(layer, inputs, cfg, kept, centroid).to(dtype))
+            kept = None
+        elif tensor.role == "expert":
+            assert tensor.expert is not None and tensor.projection is not None
+            writer.write(tensor.name, ffn_of(tensor.expert)[tensor.projection].to(dtype))
+        elif tensor.role == "fused_gate_up":
+            chunks = (torch.cat([ffn_of(e)["gate_proj"], ffn_of(e)["up_proj"]]).to(dtype).unsqueeze(0) for e in range(num_experts))
+            writer.write_chunks(tensor.name, dtype, tensor.shape, chunks)
+        elif tensor.role == "fused_down":
+            chunks = (ffn_of(e)["down_proj"].to(dtype).unsqueeze(0) for e in range(num_experts))
+            writer.write_chunks(tensor.name, dtype, tensor.shape, chunks)
+        elif tensor.role == "shared":
+            # The shared expert starts as the seed's gate/up with down = 0: it adds exactly
+            # nothing until trained, and its gradients are not zero.
+            assert tensor.projection is not None
+            source = inputs.seed.get(inputs.adapter.dense_ffn_name(layer, tensor.projection))
+            writer.write(tensor.name, (torch.zeros_like(source) if tensor.projection == "down_proj" else source).to(dtype))
+        elif tensor.role == "shared_gate":  # sigmoid(0) = 0.5 until trained
+            writer.write(tensor.name, torch.zeros(tensor.shape, dtype=dtype))
+        else:
+            raise ValueError(f"unknown MoE tensor role {tensor.role!r}")
 
 
 def resolve_dtype(choice: str, inputs: MixInputs) -> torch.dtype:
@@ -189,7 +218,6 @@ def mix(cfg: MixConfig, show_progress: bool = False) -> MixResult:
     centroid = prepare_centroid_init(cfg, inputs) if cfg.router == "centroid" else None
     plan = _plan(inputs, dtype)
     globals_, per_layer = _split_tensor_names(inputs)
-    generator = torch.Generator().manual_seed(cfg.random_seed)
     num_layers = inputs.seed.config["num_hidden_layers"]
     with atomic_output_dir(cfg.out, force=cfg.force) as tmp:
         writer = StreamingShardWriter(tmp, plan, max_shard)
@@ -202,7 +230,7 @@ def mix(cfg: MixConfig, show_progress: bool = False) -> MixResult:
                     centroid.see_embedding(kept[name])
             with progress_bar("mixing layers", num_layers, show_progress) as advance:
                 for layer in range(num_layers):
-                    _mix_layer(layer, inputs, cfg, writer, dtype, per_layer.get(layer, []), generator, centroid)
+                    _mix_layer(layer, inputs, cfg, writer, dtype, per_layer.get(layer, []), centroid)
                     advance()
             writer.close()
         except BaseException:

@@ -39,14 +39,17 @@ class CentroidInit:
 
     def see_embedding(self, embedding: torch.Tensor) -> None:
         """Receive the averaged input embedding (fp32) as it streams by; it starts the calibration."""
-        self.calibrator = LayerwiseCalibrator(self.dense_config, embedding, self.blocks)
+        key = self.inputs.adapter.embedding_multiplier_key
+        scale = float(self.inputs.seed.config.get(key, 1.0)) if key else 1.0
+        self.calibrator = LayerwiseCalibrator(self.dense_config, embedding * scale, self.blocks)
 
     def router_for_layer(self, layer: int, layer_tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """Run the averaged layer on the calibration data and return its router [E, hidden] (fp32)."""
         if self.calibrator is None:
             raise RuntimeError("embedding tensor not seen before the first layer")
         prefix = f"model.layers.{layer}."
-        mlp_inputs = self.calibrator.run_layer(layer, {k.removeprefix(prefix): v for k, v in layer_tensors.items()})
+        stored = self.inputs.seed.to_stored(layer_tensors)  # fused layouts are rebuilt for the dense layer
+        mlp_inputs = self.calibrator.run_layer(layer, {k.removeprefix(prefix): v for k, v in stored.items()})
         everything = torch.cat(list(mlp_inputs.values()))
         overall = everything.mean(dim=0)
         rows = []
