@@ -18,7 +18,7 @@ import typer
 app = typer.Typer(
     name="moekit",
     help="Build Mixture-of-Experts models from dense Hugging Face checkpoints (Branch-Train-MiX).\n\n"
-    "Pipeline: branch -> (train each branch) -> mix -> (tune) -> inspect.",
+    "Pipeline: branch -> train each branch -> mix (tune, inspect and eval are planned).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -35,7 +35,9 @@ class MixConfig(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     top_k: int = Field(2, ge=1)
     router: Literal["random", "centroid"] = "random"
-    router_std: float | None = Field(None, gt=0, description="std of the random router (default: initializer_range)")
+    router_std: float | None = Field(
+        None, gt=0, le=0.1, description="std of the random router (default: initializer_range); large values saturate routing"
+    )
     router_data: dict[str, str] = Field(default_factory=dict, description="domain -> data path for centroid init")
     router_sharpness: float = Field(0.5, gt=0.0, lt=1.0, description="0 = uniform, 1 = saturated initial routing")
     router_tokens: int = Field(8192, ge=16, description="calibration tokens per domain for centroid init")
@@ -52,6 +54,22 @@ class MixConfig(_Strict):
 
         parse_size(value)  # raises ValueError with the accepted forms
         return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MixConfig:
+        """Refuse options that the chosen mode would silently ignore."""
+        problems = []
+        if self.router != "centroid" and self.router_data:
+            problems.append("router_data is only used with router=centroid")
+        if self.router == "centroid" and self.router_std is not None:
+            problems.append("router_std is only used with router=random")
+        if self.upcycle is not None and (self.average != "uniform" or self.weights is not None):
+            problems.append("average/weights do not apply to upcycling (there is one source)")
+        if self.average != "weighted" and self.weights is not None:
+            problems.append("weights are only used with average=weighted")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     @field_validator("weights")
     @classmethod

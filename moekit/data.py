@@ -1,20 +1,28 @@
-"""Text data: reading local files, tokenising, packing into fixed-length blocks.
+"""Text data: reading, tokenising (cached), packing into fixed-length blocks, splitting.
 
-This is the shared data layer (``mix --router centroid`` uses it now; ``train``, ``tune``,
-``inspect`` and ``eval`` build on it). Documents are tokenised with the model's tokenizer,
-joined with EOS between documents and cut into blocks of ``block_size`` tokens: packing wastes
-no compute on padding.
+This is the shared data layer of ``train``, ``mix --router centroid`` and (later) ``tune``,
+``inspect`` and ``eval``. Documents are tokenised with the model's tokenizer, joined with EOS
+between documents and cut into blocks of ``block_size`` tokens: packing wastes no compute on
+padding, and every block has the same number of predicted tokens, so per-batch mean losses
+combine exactly across gradient accumulation and data-parallel ranks.
 
-Supported inputs: ``.txt`` (one document per file), ``.jsonl`` (one JSON object per line with a
-text field), ``.json`` (a list of such objects, or of strings), directories (recursively, those
-suffixes) and glob patterns.
+Data specs: ``.txt`` (one document per file), ``.jsonl`` (one JSON object per line with a text
+field), ``.json`` (a list of objects or strings), ``.parquet`` (a text column), directories
+(recursively, those suffixes), glob patterns, and Hugging Face datasets written
+``hf:NAME[:CONFIG][@SPLIT]`` (through the ``datasets`` library; needs a reachable hub or cache).
+
+Tokenised streams are cached under a key made of the data's fingerprint (paths, sizes, mtimes),
+the tokenizer's fingerprint and the text field, so a second run does not tokenise again.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
-from collections.abc import Iterator
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +30,10 @@ import torch
 
 from moekit.errors import DataError
 
-TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
+TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+HUB_PREFIX = "hf:"
+_CACHE_FORMAT = 1  # bump when the tokenised cache layout or packing rules change
+_TOKENIZE_BATCH = 256
 
 
 def expand_data_paths(spec: str | Path) -> list[Path]:
@@ -35,7 +46,7 @@ def expand_data_paths(spec: str | Path) -> list[Path]:
     elif Path(text).is_file():
         paths = [Path(text)]
     else:
-        raise DataError(f"Data path {text} does not exist.", "Check the path (files, directories and globs work).")
+        raise DataError(f"Data path {text} does not exist.", "Check the path (files, directories, globs and hf:NAME work).")
     files = [p for p in paths if p.is_file()]
     if not files:
         raise DataError(f"Data path {text} contains no data files.", f"Use files ending in {', '.join(TEXT_SUFFIXES)}.")
@@ -45,21 +56,33 @@ def expand_data_paths(spec: str | Path) -> list[Path]:
     return files
 
 
-def _records_text(records: list[Any], path: Path, text_field: str) -> Iterator[str]:
+def _records_text(records: Iterable[Any], path: Path | str, text_field: str) -> Iterator[str]:
     for i, record in enumerate(records):
         if isinstance(record, str):
             yield record
         elif isinstance(record, dict) and isinstance(record.get(text_field), str):
             yield record[text_field]
         else:
-            raise DataError(f"Record {i} of {path} has no string field '{text_field}'.", "Set the text field name.")
+            raise DataError(f"Record {i} of {path} has no string field '{text_field}'.", "Set the text field name (--text-field).")
+
+
+def _parquet_texts(path: Path, text_field: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path)
+    if text_field not in parquet.schema_arrow.names:
+        raise DataError(f"{path} has no column '{text_field}' (columns: {', '.join(parquet.schema_arrow.names)}).", "Set --text-field.")
+    for batch in parquet.iter_batches(columns=[text_field]):
+        yield from (t for t in batch.column(0).to_pylist() if isinstance(t, str))
 
 
 def iter_documents(path: Path, text_field: str = "text") -> Iterator[str]:
-    """Yield the documents of one data file."""
+    """Yield the documents of one local data file."""
     try:
         if path.suffix == ".txt":
             yield path.read_text(encoding="utf-8")
+        elif path.suffix == ".parquet":
+            yield from _parquet_texts(path, text_field)
         elif path.suffix == ".jsonl":
             with open(path, encoding="utf-8") as handle:
                 lines = [json.loads(line) for line in handle if line.strip()]
@@ -67,39 +90,143 @@ def iter_documents(path: Path, text_field: str = "text") -> Iterator[str]:
         else:
             loaded = json.loads(path.read_text(encoding="utf-8"))
             yield from _records_text(loaded if isinstance(loaded, list) else [loaded], path, text_field)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"Cannot read data file {path}: {exc}.", "Check that it is UTF-8 text or valid JSON.")
+    except DataError:
+        raise
+    except Exception as exc:  # decoding, JSON and parquet errors all mean "unreadable file"
+        raise DataError(f"Cannot read data file {path}: {type(exc).__name__}: {exc}.", "Check that it is UTF-8 text, JSON or parquet.")
 
 
-def tokenize_documents(tokenizer: Any, documents: Iterator[str], max_tokens: int | None = None) -> list[int]:
-    """Tokenise documents and join them with EOS; stop after ``max_tokens`` tokens if given."""
+def _parse_hub_spec(spec: str) -> tuple[str, str | None, str]:
+    """'hf:NAME[:CONFIG][@SPLIT]' -> (name, config, split)."""
+    body = spec[len(HUB_PREFIX) :]
+    body, _, split = body.partition("@")
+    name, _, config = body.partition(":")
+    if not name:
+        raise DataError(f"Dataset spec '{spec}' names no dataset.", "Write hf:NAME[:CONFIG][@SPLIT], e.g. hf:wikitext:wikitext-2-raw-v1@train.")
+    return name, config or None, split or "train"
+
+
+def _hub_texts(spec: str, text_field: str) -> Iterator[str]:
+    name, config, split = _parse_hub_spec(spec)
+    try:
+        import datasets
+
+        dataset = datasets.load_dataset(name, config, split=split, streaming=True)
+    except Exception as exc:  # network, auth, missing dataset or config
+        raise DataError(f"Cannot load dataset {spec}: {type(exc).__name__}: {exc}.", "Check the name, config and split, and that the hub is reachable.")
+    yield from _records_text(dataset, spec, text_field)
+
+
+def iter_spec_documents(spec: str | Path, text_field: str = "text") -> Iterator[str]:
+    """Yield the documents of a data spec (local files, directories, globs or hf:NAME)."""
+    if str(spec).startswith(HUB_PREFIX):
+        yield from _hub_texts(str(spec), text_field)
+        return
+    for path in expand_data_paths(spec):
+        yield from iter_documents(path, text_field)
+
+
+def tokenizer_fingerprint_of(tokenizer: Any) -> str:
+    """A hash that changes whenever the tokenizer would produce different ids."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    payload = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(f"{payload}|eos={tokenizer.eos_token_id}".encode()).hexdigest()
+
+
+def spec_fingerprint(spec: str | Path, text_field: str) -> str:
+    """Identify a data spec's content cheaply: file paths, sizes and modification times."""
+    if str(spec).startswith(HUB_PREFIX):
+        parts = [str(spec)]
+    else:
+        parts = [f"{p.absolute()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in expand_data_paths(spec)]
+    return hashlib.sha256("\n".join([*parts, text_field]).encode()).hexdigest()
+
+
+def tokenize_documents(tokenizer: Any, documents: Iterable[str], max_tokens: int | None = None) -> list[int]:
+    """Tokenise documents (in batches) and join them with EOS; stop after ``max_tokens`` if given."""
     eos = tokenizer.eos_token_id
     ids: list[int] = []
+    batch: list[str] = []
+
+    def flush() -> None:
+        for encoded in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+            ids.extend(encoded)
+            if eos is not None:
+                ids.append(eos)
+        batch.clear()
+
     for doc in documents:
-        if not doc.strip():
-            continue
-        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            ids.append(eos)
-        if max_tokens is not None and len(ids) >= max_tokens:
-            return ids[:max_tokens]
-    return ids
+        if doc.strip():
+            batch.append(doc)
+        if len(batch) >= _TOKENIZE_BATCH:
+            flush()
+            if max_tokens is not None and len(ids) >= max_tokens:
+                return ids[:max_tokens]
+    if batch:
+        flush()
+    return ids[:max_tokens] if max_tokens is not None else ids
 
 
-def pack_blocks(ids: list[int], block_size: int) -> torch.Tensor:
+def token_stream(
+    tokenizer: Any, spec: str | Path, text_field: str = "text", cache_dir: Path | None = None, max_tokens: int | None = None
+) -> torch.Tensor:
+    """The token ids of a data spec as one 1-D int32 tensor, from the cache when possible."""
+    cache_file = None
+    if cache_dir is not None:
+        key = hashlib.sha256(
+            f"{_CACHE_FORMAT}|{spec_fingerprint(spec, text_field)}|{tokenizer_fingerprint_of(tokenizer)}|{max_tokens}".encode()
+        ).hexdigest()[:32]
+        cache_file = Path(cache_dir) / f"{key}.pt"
+        if cache_file.is_file():
+            return torch.load(cache_file, weights_only=True)
+    ids = tokenize_documents(tokenizer, iter_spec_documents(spec, text_field), max_tokens)
+    if not ids:
+        raise DataError(f"Data {spec} contains no text.", "Point to non-empty text files.")
+    stream = torch.tensor(ids, dtype=torch.int32)
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_file.parent, suffix=".tmp")
+        os.close(fd)
+        torch.save(stream, tmp)
+        os.replace(tmp, cache_file)  # concurrent ranks may race here; each writes the same bytes
+    return stream
+
+
+def pack_blocks(stream: torch.Tensor | list[int], block_size: int) -> torch.Tensor:
     """Cut a token stream into a [num_blocks, block_size] tensor, dropping the ragged tail."""
-    num_blocks = len(ids) // block_size
-    return torch.tensor(ids[: num_blocks * block_size], dtype=torch.long).view(num_blocks, block_size)
+    stream = torch.as_tensor(stream)
+    num_blocks = stream.numel() // block_size
+    return stream[: num_blocks * block_size].reshape(num_blocks, block_size)
+
+
+def packed_blocks(stream: torch.Tensor, block_size: int, spec: str | Path) -> torch.Tensor:
+    """Pack a stream into blocks; raise DataError if it holds less than one block."""
+    if stream.numel() < block_size:
+        raise DataError(
+            f"Data {spec} has {stream.numel()} tokens, fewer than one block of {block_size}.",
+            "Add data or lower --seq-len.",
+        )
+    return pack_blocks(stream, block_size)
+
+
+def split_validation(blocks: torch.Tensor, val_fraction: float, spec: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hold out the last ``val_fraction`` of the blocks (at least one) for validation."""
+    if val_fraction <= 0:
+        return blocks, blocks[:0]
+    num_val = max(1, round(len(blocks) * val_fraction))
+    if num_val >= len(blocks):
+        raise DataError(
+            f"Data {spec} packs into only {len(blocks)} block(s), too few to hold out a validation split.",
+            "Add data, lower --seq-len, pass --val-data, or use --val-fraction 0.",
+        )
+    return blocks[:-num_val], blocks[-num_val:]
 
 
 def load_token_blocks(
     tokenizer: Any, spec: str | Path, block_size: int, max_tokens: int | None = None, text_field: str = "text"
 ) -> torch.Tensor:
-    """Read, tokenise and pack a data spec; a stream shorter than a block becomes one shorter block."""
-    documents = (doc for path in expand_data_paths(spec) for doc in iter_documents(path, text_field))
-    ids = tokenize_documents(tokenizer, documents, max_tokens)
-    if not ids:
-        raise DataError(f"Data {spec} contains no text.", "Point to non-empty text files.")
-    if len(ids) < block_size:
-        return torch.tensor(ids, dtype=torch.long).view(1, -1)
-    return pack_blocks(ids, block_size)
+    """Read, tokenise and pack a data spec (no cache); a stream shorter than a block becomes one shorter block."""
+    stream = token_stream(tokenizer, spec, text_field, max_tokens=max_tokens).long()
+    if stream.numel() < block_size:
+        return stream.view(1, -1)
+    return pack_blocks(stream, block_size)

@@ -93,7 +93,7 @@ def load_manifest(run_dir: Path) -> RunManifest:
         raise ManifestError(
             f"{path} was written by a newer moekit (manifest version {version}; this moekit "
             f"{__version__} reads up to {MANIFEST_VERSION}).",
-            "Upgrade moekit: pip install -U moekit.",
+            "Upgrade moekit to a version that reads it.",
         )
     try:
         return RunManifest.model_validate(raw)

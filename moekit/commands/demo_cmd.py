@@ -13,7 +13,7 @@ from moekit.cli import app, user_errors
 @user_errors
 def demo_command(
     out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Directory for the demo's seed, run and models."),
-    family: str = typer.Option("llama", "--family", help="Dense family of the tiny seed: llama | mistral | qwen2 | qwen3."),
+    family: str = typer.Option("llama", "--family", help="Dense family of the tiny seed: llama | mistral | qwen2 | qwen3 | olmo2 | granite | phi3."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
 ) -> None:
     """Run the pipeline on a tiny locally built model (CPU, seconds, no downloads)."""

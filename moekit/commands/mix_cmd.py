@@ -46,21 +46,22 @@ def _parse_experts(items: list[str]) -> list[tuple[str, Path]]:
 @user_errors
 def mix_command(
     run_dir: Optional[Path] = typer.Argument(None, help="Run directory made by `moekit branch` (experts = its branches)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory [default: RUN_DIR/mixed]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default with RUN_DIR: RUN_DIR/mixed)."),
     expert: list[str] = typer.Option([], "--expert", "-e", help="[NAME=]DIR of a dense branch; repeat (instead of RUN_DIR)."),
-    seed_model: Optional[str] = typer.Option(None, "--seed-model", help="Seed for --expert mode [default: first expert]."),
+    seed_model: Optional[str] = typer.Option(None, "--seed-model", help="Seed for --expert mode (needed with the seed expert; else default: the first expert)."),
     upcycle: Optional[str] = typer.Option(None, "--upcycle", help="Sparse upcycling: every expert is a copy of this seed's FFN."),
-    experts: int = typer.Option(4, "--experts", min=1, help="Number of experts with --upcycle."),
-    drop_fraction: float = typer.Option(0.0, "--drop-fraction", min=0.0, max=1.0, help="Drop-upcycling: share of each expert's FFN units re-initialised (0.5 in the paper)."),
+    experts: Optional[int] = typer.Option(None, "--experts", min=1, help="Number of experts with --upcycle (default 4)."),
+    drop_fraction: Optional[float] = typer.Option(None, "--drop-fraction", min=0.0, max=1.0, help="Drop-upcycling: share of each expert's FFN units re-initialised (0.5 in the paper; default 0)."),
     seed_expert: bool = typer.Option(True, "--seed-expert/--no-seed-expert", help="Add the seed's FFN as a generalist expert (BTX)."),
     average: str = typer.Option("uniform", "--average", help="Non-FFN tensors: uniform | seed | weighted:W1,W2,... (branch order)."),
     dtype: str = typer.Option("auto", "--dtype", help="Output dtype: auto (the seed's) | float32 | bfloat16 | float16."),
     top_k: int = typer.Option(2, "--top-k", min=1, help="Experts per token."),
     router: str = typer.Option("random", "--router", help="Router init: random (small std) | centroid (data-aware)."),
     router_data: list[str] = typer.Option([], "--router-data", help="DOMAIN=PATH calibration text for --router centroid; repeat."),
-    router_std: Optional[float] = typer.Option(None, "--router-std", help="Std of the random router [default: the model's initializer_range]."),
-    router_sharpness: float = typer.Option(0.5, "--router-sharpness", help="Centroid init: 0 = uniform, 1 = saturated initial routing."),
-    router_tokens: int = typer.Option(8192, "--router-tokens", help="Calibration tokens per domain for centroid init."),
+    router_std: Optional[float] = typer.Option(None, "--router-std", help="Std of the random router, at most 0.1 (default: the model's initializer_range)."),
+    router_sharpness: Optional[float] = typer.Option(None, "--router-sharpness", help="Centroid init: 0 = uniform, 1 = saturated initial routing (default 0.5)."),
+    router_tokens: Optional[int] = typer.Option(None, "--router-tokens", help="Centroid init: calibration tokens per domain (default 8192)."),
+    router_seq_len: Optional[int] = typer.Option(None, "--router-seq-len", help="Centroid init: calibration sequence length (default 256)."),
     expert_scale: float = typer.Option(1.0, "--expert-scale", help="Multiply each expert's down projection (output scale)."),
     random_seed: int = typer.Option(0, "--random-seed", help="Seed for router and drop-upcycling randomness."),
     shard_size: str = typer.Option("2GB", "--shard-size", help="Maximum size of one safetensors shard."),
@@ -83,6 +84,10 @@ def mix_command(
 
     if router == "zeros":
         raise InvalidOptionError(_ZEROS_REFUSAL, "Use --router random (small std) or --router centroid.")
+    _refuse_unused({"--experts": experts, "--drop-fraction": drop_fraction}, upcycle is not None, "--upcycle")
+    _refuse_unused({"--seed-model": seed_model}, bool(expert), "--expert")
+    centroid_options = {"--router-sharpness": router_sharpness, "--router-tokens": router_tokens, "--router-seq-len": router_seq_len}
+    _refuse_unused(centroid_options, router == "centroid", "--router centroid")
     sources = sum(x is not None and x != [] for x in (run_dir, expert or None, upcycle))
     if sources != 1:
         raise InvalidOptionError("Give exactly one input: RUN_DIR, --expert DIR ..., or --upcycle SEED.", "See moekit mix --help.")
@@ -99,14 +104,24 @@ def mix_command(
         seed = seed_model or str(expert_list[0][1])
     if out is None:
         raise InvalidOptionError("No output directory.", "Pass --out DIR.")
+    given = {k: v for k, v in dict(router_sharpness=router_sharpness, router_tokens=router_tokens, router_block_size=router_seq_len).items() if v is not None}
     cfg = MixConfig(
         out=out, seed=seed, experts=expert_list, seed_expert=seed_expert, average=mode, weights=weights, dtype=dtype,
         top_k=top_k, router=router, router_std=router_std, router_data=parse_key_values(router_data, "--router-data"),
-        router_sharpness=router_sharpness, router_tokens=router_tokens, expert_scale=expert_scale,
-        random_seed=random_seed, shard_size=shard_size, force=force, run_dir=run_dir,
-        upcycle=UpcycleSettings(num_experts=experts, drop_fraction=drop_fraction) if upcycle else None,
+        expert_scale=expert_scale, random_seed=random_seed, shard_size=shard_size, force=force, run_dir=run_dir,
+        upcycle=UpcycleSettings(num_experts=experts or 4, drop_fraction=drop_fraction or 0.0) if upcycle else None,
+        **given,
     )
     _report(Console(), mix(cfg, show_progress=True))
+
+
+def _refuse_unused(options: dict[str, object], mode_on: bool, mode: str) -> None:
+    """Raise if options that only apply with ``mode`` were given without it (never ignore silently)."""
+    from moekit.errors import InvalidOptionError
+
+    given = [name for name, value in options.items() if value is not None]
+    if given and not mode_on:
+        raise InvalidOptionError(f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} with {mode}.", f"Remove {', '.join(given)} or add {mode}.")
 
 
 def _report(console: Console, result: MixResult) -> None:
@@ -116,4 +131,4 @@ def _report(console: Console, result: MixResult) -> None:
     if shares:
         listing = ", ".join(f"{d} {v:.0%}" for d, v in shares.items())
         console.print(f"Initial routing, share of each domain's tokens whose top-1 is its own expert: {listing}")
-    console.print("Load it with AutoModelForCausalLM.from_pretrained; tune the new router with `moekit tune`.")
+    console.print("Load it with AutoModelForCausalLM.from_pretrained. Its router is new: fine-tune the model (router first) before judging it.")

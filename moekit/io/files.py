@@ -73,13 +73,20 @@ def sha256_files(paths: list[Path], chunk_bytes: int = 8 << 20) -> str:
     return digest.hexdigest()
 
 
+# Files that hold a vocabulary: a tokenizer needs at least one of them.
+VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
 def tokenizer_fingerprint(model_dir: Path) -> str:
-    """Hash of the tokenizer files present in ``model_dir`` ('' if there are none)."""
-    files = [Path(model_dir) / f for f in TOKENIZER_FILES if (Path(model_dir) / f).is_file()]
-    # tokenizer_config.json carries paths and versions that differ between equal tokenizers;
-    # the vocabulary lives in the other files, so compare those when there are any.
-    core = [f for f in files if f.name != "tokenizer_config.json"] or files
-    return sha256_files(core) if core else ""
+    """Hash of the tokenizer files in ``model_dir``; '' if it has no vocabulary file.
+
+    tokenizer_config.json carries paths and versions that differ between equal tokenizers, so
+    only the vocabulary and special-token files are compared.
+    """
+    if not any((Path(model_dir) / f).is_file() for f in VOCABULARY_FILES):
+        return ""
+    files = [Path(model_dir) / f for f in TOKENIZER_FILES if (Path(model_dir) / f).is_file() and f != "tokenizer_config.json"]
+    return sha256_files(files)
 
 
 def copy_tokenizer_and_generation_files(src_dir: Path, dst_dir: Path) -> list[str]:

@@ -2,7 +2,7 @@
 
 Streaming design: the output's tensor list is planned from the input headers, the shard
 writer writes each tensor as soon as it is computed, and inputs are read tensor by tensor
-(memory-mapped). Global tensors come first, then each layer: averaged tensors (fp32 weighted
+(plain positioned reads, row-chunked for large tensors). Global tensors come first, then each layer: averaged tensors (fp32 weighted
 mean, cast once), the new router, the experts (each a branch's FFN, unchanged up to the dtype
 cast), and the shared expert where the target has one. Only the router's centroid
 initialisation keeps a layer's averaged tensors in memory, to run that layer on calibration data.
@@ -236,6 +236,8 @@ def mix(cfg: MixConfig, show_progress: bool = False) -> MixResult:
         except BaseException:
             writer.abort()
             raise
+        finally:
+            inputs.close()
         _write_metadata(tmp, cfg, inputs, config_json, dtype, centroid)
     stats = centroid.summary() if centroid else {}
     result = MixResult(Path(cfg.out), [e.name for e in inputs.experts], inputs.adapter.moe_type, len(plan), stats)

@@ -41,6 +41,11 @@ class MixInputs:
     experts: list[ExpertSource]
     average: list[tuple[Checkpoint, float]]
 
+    def close(self) -> None:
+        """Close every input's open shard files."""
+        for checkpoint in [self.seed, *(e.checkpoint for e in self.experts)]:
+            checkpoint.close()
+
 
 def experts_from_run_dir(run_dir: Path) -> tuple[str, list[tuple[str, Path]]]:
     """The seed directory and the (name, directory) of every branch of a run directory."""
@@ -94,9 +99,31 @@ def _average_weights(cfg: MixConfig, count: int) -> list[float]:
     return [1.0 / count] * count
 
 
+def check_output_apart(out: Path, models: list[Path], run_dir: Path | None = None) -> None:
+    """Refuse an output that is, contains or lies inside an input model, or is or contains the run dir.
+
+    (``--force`` replaces the output directory: it must never take inputs with it.)
+    """
+    target = Path(out).resolve()
+    run = Path(run_dir).resolve() if run_dir is not None else None
+    if run is not None and run.is_relative_to(target):
+        raise InvalidOptionError(
+            f"The output {out} is or contains the run directory {run_dir}; writing it would destroy the run.",
+            "Use the default (RUN_DIR/mixed) or another directory.",
+        )
+    for path in models:
+        source = Path(path).resolve()
+        if source.is_relative_to(target) or target.is_relative_to(source):
+            raise InvalidOptionError(
+                f"The output {out} overlaps the input {path}; writing it would destroy inputs.",
+                "Choose an --out directory outside the seed, the branches and the run directory's inputs.",
+            )
+
+
 def open_mix_inputs(cfg: MixConfig) -> MixInputs:
     """Open and check the seed and branches (or the upcycling seed); decide expert order and averaging."""
     seed, adapter = open_dense_model(resolve_model_dir(cfg.seed))
+    check_output_apart(cfg.out, [seed.path, *(p for _, p in cfg.experts)], cfg.run_dir)
     if cfg.upcycle is not None:
         if cfg.experts:
             raise InvalidOptionError("--upcycle cannot be combined with branch experts.", "Use one or the other.")

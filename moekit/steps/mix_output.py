@@ -69,7 +69,7 @@ base_model: {record['seed']}
 
 # {out_dir.name}
 
-A {adapter.moe_architecture} Mixture-of-Experts model built by [moekit](https://pypi.org/project/moekit/)
+A {adapter.moe_architecture} Mixture-of-Experts model built by moekit
 {'by sparse upcycling (every expert starts as a copy of the seed FFN)' if record['mode'] == 'upcycle' else 'with Branch-Train-MiX'}
 from the dense {adapter.dense_type} model `{record['seed']}`.
 
@@ -79,7 +79,7 @@ from the dense {adapter.dense_type} model `{record['seed']}`.
 
 - Attention, norms, embeddings and LM head: `{record['average']}` average of the branches (fp32, cast to {record['dtype']}).
 - Routing: top-{record['top_k']} of {len(record['experts'])} experts; router initialised `{routing['init']}`.
-  The router is new: tune it (`moekit tune`) before judging the model.{init_stats}
+  The router is new: fine-tune the model (router first) before judging it.{init_stats}
 - {adapter.notes}
 
 ## Load

@@ -55,7 +55,7 @@ class CentroidInit:
         rows = []
         for expert in self.inputs.experts:
             rows.append(mlp_inputs[expert.name].mean(dim=0) if expert.kind == "branch" else overall)
-        step = max(1, everything.shape[0] // _MAX_SCALE_TOKENS)
+        step = -(-everything.shape[0] // _MAX_SCALE_TOKENS)  # ceil: at most _MAX_SCALE_TOKENS tokens
         router = centroid_router(torch.stack(rows), overall, everything[::step], self.sharpness)
         for domain, values in self.in_domain_top1.items():
             top1 = (mlp_inputs[domain] @ router.T).argmax(dim=-1)
@@ -85,6 +85,12 @@ def prepare_centroid_init(cfg: MixConfig, inputs: MixInputs) -> CentroidInit:
         raise InvalidOptionError(
             f"--router centroid needs data for every branch expert; missing: {', '.join(missing)}.",
             "Add --router-data NAME=PATH for each (e.g. --router-data code=code.jsonl).",
+        )
+    if len(cfg.router_data) < 2:
+        raise InvalidOptionError(
+            "--router centroid needs data from at least two domains: router rows are domain means minus the "
+            "overall mean, so a single domain gives all-zero rows.",
+            "Add --router-data for another expert, or general data for the seed expert (e.g. --router-data general=PATH).",
         )
     has_seed = any(e.kind == "seed" for e in inputs.experts)
     extra = [d for d in cfg.router_data if d not in branch_names]

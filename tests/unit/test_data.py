@@ -13,8 +13,13 @@ class CharTokenizer:
 
     eos_token_id = 0
 
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [ord(c) for c in text]}
+    def __call__(self, texts, add_special_tokens=False):
+        if isinstance(texts, str):
+            return {"input_ids": [ord(c) for c in texts]}
+        return {"input_ids": [[ord(c) for c in text] for text in texts]}
+
+    def get_vocab(self):
+        return {chr(i): i for i in range(256)}
 
 
 def test_formats_and_packing_without_padding(tmp_path):
