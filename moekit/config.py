@@ -77,3 +77,51 @@ class MixConfig(_Strict):
         if value is not None and (not value or any(w < 0 for w in value) or sum(value) <= 0):
             raise ValueError("weights must be non-negative with a positive sum")
         return value
+
+
+class LoopSettings(_Strict):
+    """Settings of the shared training loop (``train`` now, ``tune`` later).
+
+    Defaults follow BTX's branch training: AdamW, weight decay 0.1, warmup then cosine decay to
+    10% of the peak learning rate, gradient clipping at 1.0.
+    """
+
+    seq_len: int = Field(1024, ge=8, description="tokens per packed block")
+    batch_size: int = Field(8, ge=1, description="blocks per micro-batch per process")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimiser step per process")
+    max_steps: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, description="alternative to max_steps: tokens to train on")
+    lr: float = Field(1e-4, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays to lr * min_lr_ratio")
+    warmup_steps: int | None = Field(None, ge=0, description="default: min(100, max_steps // 10)")
+    weight_decay: float = Field(0.1, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.95, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    gradient_checkpointing: bool = False
+    eval_every: int = Field(100, ge=0, description="steps between evaluations (0: only at the end)")
+    eval_blocks: int = Field(32, ge=1, description="held-out blocks per domain per evaluation")
+    save_every: int = Field(500, ge=0, description="steps between checkpoints (0: none)")
+    keep_checkpoints: int = Field(2, ge=1)
+    seed: int = 0
+    report_to: list[Literal["tensorboard"]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> LoopSettings:
+        if (self.max_steps is None) == (self.max_tokens is None):
+            raise ValueError("give exactly one of max_steps or max_tokens")
+        return self
+
+
+class TrainConfig(_Strict):
+    """What ``train`` needs: the run, which branches, their data, and the loop settings."""
+
+    run_dir: Path
+    branches: list[str] = Field(default_factory=list, description="branches to train (empty: all)")
+    data: dict[str, list[str]] = Field(default_factory=dict, description="branch -> data specs (remembered)")
+    val_data: dict[str, list[str]] = Field(default_factory=dict, description="branch -> validation data specs")
+    val_fraction: float = Field(0.05, ge=0, lt=1)
+    text_field: str = "text"
+    resume: bool = False
+    loop: LoopSettings

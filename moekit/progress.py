@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 
@@ -26,3 +26,26 @@ def progress_bar(description: str, total: int, enabled: bool) -> Iterator[Advanc
     with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
         task = bar.add_task(description, total=total)
         yield lambda steps=1: bar.advance(task, steps)
+
+
+@contextlib.contextmanager
+def training_progress(description: str, total: int, start: int, enabled: bool) -> Iterator[Callable[[dict], None]]:
+    """Yield ``update(row)``; draw a bar with loss, tokens/s and ETA on stderr when ``enabled``."""
+    if not enabled:
+        yield lambda row: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"),
+        TimeElapsedColumn(), TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True)) as bar:
+        task = bar.add_task(description, total=total, completed=start, loss="-", speed="-")
+
+        def update(row: dict) -> None:
+            bar.update(task, advance=1, loss=f"{row['loss']:.4f}", speed=f"{row['tokens_per_s']:,.0f}")
+
+        yield update

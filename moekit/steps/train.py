@@ -1,0 +1,143 @@
+"""``moekit train``: continued pretraining of each branch on its own domain (BTX's "branch & train").
+
+Each branch is trained independently, so branches can run as separate jobs on separate
+machines. Data specs are remembered in the run manifest. Every branch with data contributes a
+held-out split that is evaluated periodically, so forgetting of other domains shows in the
+metrics. The trained branch is written through an atomic directory swap: files shared with the
+seed by hard links are never written into.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moekit.config import TrainConfig
+from moekit.data import HUB_PREFIX, expand_data_paths, packed_blocks, split_validation, token_stream
+from moekit.errors import DataError, InvalidOptionError
+from moekit.io.atomic import atomic_output_dir
+from moekit.io.checkpoint import Checkpoint
+from moekit.io.files import copy_tokenizer_and_generation_files
+from moekit.manifest import RunManifest, StageRecord, load_manifest, save_manifest
+from moekit.training import LoopJob, LoopResult, make_accelerator, run_loop
+
+
+@dataclass
+class BranchTrainResult:
+    """What training one branch did."""
+
+    branch: str
+    path: Path
+    steps: int
+    tokens: int
+    resumed_from: int
+    final_loss: float
+    eval: dict[str, float]
+
+
+def _absolute_spec(spec: str) -> str:
+    if spec.startswith(HUB_PREFIX):
+        return spec
+    expand_data_paths(spec)  # raises a clear DataError for missing or unsupported data
+    return str(Path(spec).absolute())
+
+
+def register_data(manifest: RunManifest, cfg: TrainConfig) -> None:
+    """Record the given data specs in the manifest (replacing a branch's earlier ones)."""
+    for option, mapping in (("--data", cfg.data), ("--val-data", cfg.val_data)):
+        for branch, specs in mapping.items():
+            if branch not in manifest.branches:
+                raise InvalidOptionError(f"{option} names branch '{branch}', which the run does not have.", f"Branches: {', '.join(manifest.branches)}.")
+            record = manifest.branches[branch]
+            absolute = [_absolute_spec(s) for s in specs]
+            if option == "--data":
+                record.data = absolute
+            else:
+                record.val_data = absolute
+
+
+def _blocks(tokenizer: Any, specs: list[str], cfg: TrainConfig, cache_dir: Path) -> torch.Tensor:
+    streams = [token_stream(tokenizer, spec, cfg.text_field, cache_dir) for spec in specs]
+    return packed_blocks(torch.cat(streams), cfg.loop.seq_len, ", ".join(specs))
+
+
+def prepare_data(manifest: RunManifest, cfg: TrainConfig, tokenizer: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Tokenised (train, validation) blocks of every branch that has data."""
+    cache_dir = cfg.run_dir / ".cache" / "tokens"
+    splits = {}
+    for name, record in manifest.branches.items():
+        if not record.data:
+            continue
+        blocks = _blocks(tokenizer, record.data, cfg, cache_dir)
+        if record.val_data:
+            splits[name] = (blocks, _blocks(tokenizer, record.val_data, cfg, cache_dir))
+        else:
+            splits[name] = split_validation(blocks, cfg.val_fraction, ", ".join(record.data))
+    return splits
+
+
+def _check_known(manifest: RunManifest, cfg: TrainConfig) -> None:
+    unknown = [b for b in cfg.branches if b not in manifest.branches]
+    if unknown:
+        raise InvalidOptionError(f"Unknown branch '{unknown[0]}'.", f"The run's branches are: {', '.join(manifest.branches)}.")
+
+
+def _selected_branches(manifest: RunManifest, cfg: TrainConfig) -> list[str]:
+    names = cfg.branches or list(manifest.branches)
+    missing = [n for n in names if not manifest.branches[n].data]
+    if missing:
+        raise DataError(f"Branch '{missing[0]}' has no training data.", f"Pass --data {missing[0]}=PATH (it is remembered in moekit.yaml).")
+    return names
+
+
+def _write_branch(branch_dir: Path, model: torch.nn.Module, result: LoopResult, work_dir: Path) -> None:
+    """Replace the branch directory with the trained model, in the branch's original dtype."""
+    dtype = Checkpoint(branch_dir).dtype()
+    assert result.state_dict is not None
+    state = {k: v.detach().to("cpu", dtype) if v.is_floating_point() else v for k, v in result.state_dict.items()}
+    with atomic_output_dir(branch_dir, force=True) as tmp:
+        model.config.dtype = dtype
+        model.save_pretrained(tmp, state_dict=state)
+        copy_tokenizer_and_generation_files(branch_dir, tmp)
+        if (work_dir / "metrics.jsonl").is_file():
+            shutil.copy2(work_dir / "metrics.jsonl", tmp / "metrics.jsonl")
+
+
+def train(cfg: TrainConfig, show_progress: bool = True) -> list[BranchTrainResult]:
+    """Train the selected branches of a run in turn; return one result per branch."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    manifest = load_manifest(cfg.run_dir)
+    _check_known(manifest, cfg)
+    register_data(manifest, cfg)
+    names = _selected_branches(manifest, cfg)
+    accelerator = make_accelerator(cfg.loop)
+    tokenizer = AutoTokenizer.from_pretrained(manifest.branch_dir(cfg.run_dir, names[0]))
+    with accelerator.main_process_first():  # rank 0 tokenises, the others read its cache
+        splits = prepare_data(manifest, cfg, tokenizer)
+    if accelerator.is_main_process:
+        save_manifest(cfg.run_dir, manifest)
+    eval_sets = {name: val for name, (_, val) in splits.items() if len(val)}
+    results = []
+    for name in names:
+        branch_dir = manifest.branch_dir(cfg.run_dir, name)
+        work_dir = cfg.run_dir / "train" / name
+        torch.manual_seed(cfg.loop.seed)
+        model = AutoModelForCausalLM.from_pretrained(branch_dir, dtype=torch.float32)
+        job = LoopJob(model, splits[name][0], eval_sets, cfg.loop, work_dir, cfg.resume, f"train {name}", show_progress)
+        result = run_loop(job, accelerator)
+        if accelerator.is_main_process:
+            _write_branch(branch_dir, model, result, work_dir)
+            shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)
+            outputs = {"steps": result.steps, "tokens": result.tokens, "loss": result.last_row.get("loss"), "eval_loss": result.eval}
+            params = {"branch": name, "data": manifest.branches[name].data, **cfg.loop.model_dump(mode="json")}
+            manifest.stages.append(StageRecord(stage="train", params=params, outputs=outputs))
+            save_manifest(cfg.run_dir, manifest)
+        accelerator.wait_for_everyone()
+        accelerator.free_memory()  # drop references to this branch's model and optimiser
+        results.append(BranchTrainResult(name, branch_dir, result.steps, result.tokens, result.resumed_from, result.last_row.get("loss", float("nan")), result.eval))
+    return results

@@ -1,0 +1,248 @@
+"""The one training loop, shared by ``train`` (branches) and ``tune`` (mixed MoEs).
+
+It runs as a plain single process and unchanged under ``accelerate launch`` (DDP, FSDP,
+DeepSpeed): model and optimiser go through ``accelerator.prepare``, gradient accumulation uses
+``accelerator.accumulate`` (no gradient sync on inner micro-batches), checkpoints use
+``accelerator.save_state``. Data order and learning rate are functions of the step
+(``moekit.train_state``), so a resumed run continues exactly, and N processes with a per-process
+batch of B/N see the same global batches as one process with batch B.
+
+Precision: fp32 on CPU (bf16 autocast made CPU backward passes ~14x slower, REFERENCE.md 6);
+``auto`` picks bf16 mixed precision on GPUs that support it. Master weights stay fp32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moekit.config import LoopSettings
+from moekit.errors import MoekitError
+from moekit.train_state import (
+    STATE_FILE,
+    BlockSchedule,
+    MetricsLogger,
+    latest_checkpoint,
+    learning_rate,
+    prune_checkpoints,
+    read_state,
+    total_steps,
+)
+
+LossFn = Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+# Settings that do not change the trajectory, so a resume may change them.
+_RESUMABLE_CHANGES = {"eval_every", "eval_blocks", "save_every", "keep_checkpoints", "report_to", "max_steps", "max_tokens"}
+
+
+def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean next-token cross-entropy of a batch of packed blocks (no padding, so no mask)."""
+    return model(input_ids=input_ids, labels=input_ids).loss, {}
+
+
+@dataclass
+class LoopJob:
+    """Everything one training run needs."""
+
+    model: torch.nn.Module
+    train_blocks: torch.Tensor
+    eval_sets: dict[str, torch.Tensor]
+    settings: LoopSettings
+    work_dir: Path
+    resume: bool = False
+    description: str = "training"
+    show_progress: bool = True
+    compute_loss: LossFn = causal_lm_loss
+    trainable: Callable[[str], bool] = lambda name: True
+    on_step_end: Callable[[int, dict[str, Any]], None] | None = None
+
+
+@dataclass
+class LoopResult:
+    """How a run ended."""
+
+    steps: int
+    tokens: int
+    resumed_from: int
+    last_row: dict[str, Any] = field(default_factory=dict)
+    eval: dict[str, float] = field(default_factory=dict)
+    state_dict: dict[str, torch.Tensor] | None = None  # full weights, on the main process
+
+
+def is_main_process() -> bool:
+    """Whether this is rank 0 of a launch (or a plain single process), from the launcher's env."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _distributed_cpu_launch() -> bool:
+    """True for a multi-process launch (torchrun, accelerate launch --multi_gpu) on a machine
+    without CUDA: accelerate then needs cpu=True to form a gloo process group instead of
+    silently running each process alone."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return world > 1 and not torch.cuda.is_available()
+
+
+def make_accelerator(settings: LoopSettings) -> Any:
+    """An Accelerator for the settings' precision and gradient accumulation."""
+    from accelerate import Accelerator
+
+    precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}.get(settings.precision)
+    if precision is None:  # auto
+        gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        precision = "bf16" if gpu_bf16 else "no"
+    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=settings.grad_accum, cpu=_distributed_cpu_launch())
+
+
+def _fingerprint(settings: LoopSettings, blocks: torch.Tensor, world: int) -> dict[str, Any]:
+    kept = {k: v for k, v in settings.model_dump(mode="json").items() if k not in _RESUMABLE_CHANGES}
+    digest = hashlib.sha256(blocks.numpy().tobytes()).hexdigest()[:16]
+    return {"settings": kept, "data": digest, "global_batch_blocks": settings.batch_size * settings.grad_accum * world}
+
+
+def _optimizer(model: torch.nn.Module, settings: LoopSettings, trainable: Callable[[str], bool]) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on vectors (norms, biases), as usual for transformers."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        param.requires_grad_(trainable(name))
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    if not decay and not no_decay:
+        raise MoekitError("Nothing to train: no parameter is selected as trainable.")
+    groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=settings.lr, betas=(settings.adam_beta1, settings.adam_beta2))
+
+
+def evaluate(model: torch.nn.Module, eval_sets: dict[str, torch.Tensor], settings: LoopSettings, accelerator: Any) -> dict[str, float]:
+    """Mean held-out loss per domain over the first ``eval_blocks`` blocks, split across ranks.
+
+    Every rank runs the same number of forward passes (FSDP needs that): ranks with fewer real
+    blocks re-run one and give it weight 0.
+    """
+    world, rank = accelerator.num_processes, accelerator.process_index
+    results = {}
+    model.eval()
+    with torch.no_grad():
+        for domain, blocks in eval_sets.items():
+            blocks = blocks[: settings.eval_blocks]
+            positions = torch.arange(rank, -(-len(blocks) // world) * world, world)
+            weights = (positions < len(blocks)).float()
+            totals = torch.zeros(2, device=accelerator.device)
+            for index, weight in zip(positions.split(settings.batch_size), weights.split(settings.batch_size)):
+                ids = blocks[index % len(blocks)].long().to(accelerator.device)
+                logits = model(input_ids=ids).logits[:, :-1].float()
+                losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(dim=1)
+                totals += torch.stack([(losses * weight.to(losses.device)).sum(), weight.sum().to(losses.device)])
+            totals = accelerator.reduce(totals, "sum")
+            results[domain] = float(totals[0] / totals[1])
+    model.train()
+    return results
+
+
+def _save_checkpoint(accelerator: Any, checkpoint_dir: Path, step: int, tokens: int, fingerprint: dict, keep: int) -> None:
+    """Write a checkpoint atomically: a hidden directory renamed once every rank has written."""
+    import shutil
+
+    staging, final = checkpoint_dir / f".step-{step}", checkpoint_dir / f"step-{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (staging / STATE_FILE).write_text(json.dumps({"step": step, "tokens": tokens, **fingerprint}, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
+        prune_checkpoints(checkpoint_dir, keep)
+    accelerator.wait_for_everyone()
+
+
+def _resume_point(job: LoopJob, accelerator: Any, fingerprint: dict) -> tuple[int, int]:
+    """Load the newest checkpoint when resuming; return (step, tokens) to start from."""
+    checkpoint_dir = job.work_dir / "checkpoints"
+    latest = latest_checkpoint(checkpoint_dir) if checkpoint_dir.exists() else None
+    if latest is None:
+        return 0, 0
+    if not job.resume:
+        raise MoekitError(
+            f"{checkpoint_dir} holds checkpoints of an earlier, unfinished run (newest: {latest.name}).",
+            "Pass --resume to continue it, or delete that directory to start over.",
+        )
+    state = read_state(latest)
+    differences = [k for k in fingerprint if state.get(k) != fingerprint[k]]
+    if differences:
+        raise MoekitError(
+            f"Cannot resume from {latest}: it was made with different {', '.join(differences)}.",
+            "Resume with the same data, batch and optimiser options, or delete the checkpoints to start over.",
+        )
+    accelerator.load_state(str(latest))
+    return int(state["step"]), int(state["tokens"])
+
+
+def run_loop(job: LoopJob, accelerator: Any) -> LoopResult:
+    """Train ``job.model`` in place; return the final step, tokens and metrics."""
+    from moekit.progress import training_progress
+
+    settings, blocks = job.settings, job.train_blocks
+    world, rank = accelerator.num_processes, accelerator.process_index
+    tokens_per_step = settings.batch_size * settings.grad_accum * world * blocks.shape[1]
+    steps = total_steps(settings, tokens_per_step)
+    if settings.gradient_checkpointing:
+        job.model.gradient_checkpointing_enable()
+        job.model.config.use_cache = False
+    optimizer = _optimizer(job.model, settings, job.trainable)
+    model, optimizer = accelerator.prepare(job.model, optimizer)
+    fingerprint = _fingerprint(settings, blocks, world)
+    start_step, tokens = _resume_point(job, accelerator, fingerprint)
+    schedule = BlockSchedule(len(blocks), settings.batch_size, settings.grad_accum, world, settings.seed)
+    logger = MetricsLogger(job.work_dir, accelerator.is_main_process, settings.report_to, start_step)
+    trainable_params = [p for p in model.parameters() if p.requires_grad]
+    row: dict[str, Any] = {}
+    model.train()
+    with training_progress(job.description, steps, start_step, job.show_progress and accelerator.is_main_process) as progress:
+        for step in range(start_step, steps):
+            started = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, settings, steps)
+            loss_sum, extras = torch.zeros((), device=accelerator.device), {}
+            for micro in range(settings.grad_accum):
+                ids = blocks[schedule.indices(step, micro, rank)].long().to(accelerator.device)
+                with accelerator.accumulate(model):
+                    loss, extras = job.compute_loss(model, ids)
+                    accelerator.backward(loss)
+                    grad_norm = None
+                    if accelerator.sync_gradients and settings.grad_clip > 0:
+                        grad_norm = accelerator.clip_grad_norm_(trainable_params, settings.grad_clip)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                loss_sum += loss.detach().float()
+            tokens += tokens_per_step
+            mean_loss = float(accelerator.reduce(loss_sum / settings.grad_accum, "mean"))
+            seconds = time.perf_counter() - started
+            row = {"step": step + 1, "loss": mean_loss, "lr": learning_rate(step, settings, steps), "tokens": tokens,
+                   "tokens_per_s": tokens_per_step / seconds, **extras}
+            if grad_norm is not None:
+                row["grad_norm"] = float(grad_norm)
+            logger.log(row)
+            progress(row)
+            if job.on_step_end is not None:
+                job.on_step_end(step + 1, row)
+            last = step + 1 == steps
+            if job.eval_sets and not last and settings.eval_every and (step + 1) % settings.eval_every == 0:
+                logger.log({"step": step + 1, **{f"eval/{d}/loss": v for d, v in evaluate(model, job.eval_sets, settings, accelerator).items()}})
+            if not last and settings.save_every and (step + 1) % settings.save_every == 0:
+                _save_checkpoint(accelerator, job.work_dir / "checkpoints", step + 1, tokens, fingerprint, settings.keep_checkpoints)
+    final_eval = evaluate(model, job.eval_sets, settings, accelerator) if job.eval_sets else {}
+    if final_eval:
+        logger.log({"step": steps, **{f"eval/{d}/loss": v for d, v in final_eval.items()}})
+    logger.close()
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)  # gathers FSDP/DeepSpeed shards
+    return LoopResult(steps, tokens, start_step, row, final_eval, state_dict if accelerator.is_main_process else None)
