@@ -116,7 +116,11 @@ def _optimizer(model: torch.nn.Module, settings: LoopSettings, trainable: Callab
     if not decay and not no_decay:
         raise MoekitError("Nothing to train: no parameter is selected as trainable.")
     groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=settings.lr, betas=(settings.adam_beta1, settings.adam_beta2))
+    betas = (settings.adam_beta1, settings.adam_beta2)
+    try:  # the fused kernel (CPU and CUDA) does the whole update in one pass over the parameters
+        return torch.optim.AdamW(groups, lr=settings.lr, betas=betas, fused=True)
+    except (RuntimeError, ValueError, TypeError):
+        return torch.optim.AdamW(groups, lr=settings.lr, betas=betas)
 
 
 def evaluate(model: torch.nn.Module, eval_sets: dict[str, torch.Tensor], settings: LoopSettings, accelerator: Any) -> dict[str, float]:
