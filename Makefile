@@ -27,6 +27,7 @@ test-all: install
 
 bench: install
 	$(PY) bench/mix.py
+	$(PY) bench/train.py
 
 clean:
 	rm -rf $(VENV) demo-out bench-out .pytest_cache

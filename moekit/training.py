@@ -26,6 +26,7 @@ import torch
 
 from moekit.config import LoopSettings
 from moekit.errors import MoekitError
+from moekit.evaluation import block_losses
 from moekit.train_state import (
     STATE_FILE,
     BlockSchedule,
@@ -140,8 +141,7 @@ def evaluate(model: torch.nn.Module, eval_sets: dict[str, torch.Tensor], setting
             totals = torch.zeros(2, device=accelerator.device)
             for index, weight in zip(positions.split(settings.batch_size), weights.split(settings.batch_size)):
                 ids = blocks[index % len(blocks)].long().to(accelerator.device)
-                logits = model(input_ids=ids).logits[:, :-1].float()
-                losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(dim=1)
+                losses = block_losses(model, ids)
                 totals += torch.stack([(losses * weight.to(losses.device)).sum(), weight.sum().to(losses.device)])
             totals = accelerator.reduce(totals, "sum")
             results[domain] = float(totals[0] / totals[1])

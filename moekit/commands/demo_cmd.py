@@ -12,11 +12,12 @@ from moekit.cli import app, user_errors
 @app.command("demo")
 @user_errors
 def demo_command(
-    out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Directory for the demo's seed, run and models."),
+    out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Directory for the demo's seed, data, run and models."),
     family: str = typer.Option("llama", "--family", help="Dense family of the tiny seed: llama | mistral | qwen2 | qwen3 | olmo2 | granite | phi3."),
+    steps: int = typer.Option(80, "--steps", min=1, help="Training steps per branch."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
 ) -> None:
-    """Run the pipeline on a tiny locally built model (CPU, seconds, no downloads)."""
+    """Run the pipeline on a tiny locally built model: branch, train, mix, upcycle (CPU, no downloads)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -24,15 +25,23 @@ def demo_command(
     from moekit.steps.demo import run_demo
 
     get_adapter(family)  # unsupported family: clear error before any work
-    result = run_demo(out, family, force=force)
+    result = run_demo(out, family, force=force, steps=steps)
     console = Console()
-    table = Table(title="moekit demo")
-    table.add_column("check")
-    table.add_column("result")
+    checks = Table(title="checks")
+    checks.add_column("check")
+    checks.add_column("result")
     for check, value in result.checks.items():
-        table.add_row(check, value)
+        checks.add_row(check, value)
+    console.print(checks)
+    domains = list(next(iter(result.losses.values())))
+    table = Table(title="held-out loss per domain (lower is better; * = best)")
+    table.add_column("model")
+    for domain in domains:
+        table.add_column(domain, justify="right")
+    best = {d: min(losses[d] for losses in result.losses.values()) for d in domains}
+    for name, losses in result.losses.items():
+        table.add_row(name, *(f"{losses[d]:.3f}{' *' if losses[d] == best[d] else ''}" for d in domains))
     console.print(table)
     shares = result.mixed.router_stats.get("init_in_domain_top1", {})
-    console.print("Centroid router, tokens routed to their own domain's expert: " + ", ".join(f"{d} {v:.0%}" for d, v in shares.items()))
-    console.print(f"Outputs: {result.mixed.out} (BTX mix), {result.upcycled.out} (upcycled). Try:")
-    console.print(f"  python -c \"from transformers import AutoModelForCausalLM as M; print(M.from_pretrained('{result.mixed.out}'))\"")
+    console.print("Centroid router at init: tokens routed to their own domain's expert: " + ", ".join(f"{d} {v:.0%}" for d, v in shares.items()))
+    console.print(f"Outputs under {result.out}: run/ (seed branches, trained), run/mixed (BTX MoE), upcycled/ (baseline).")

@@ -1,0 +1,15 @@
+"""The README's main command: the demo pipeline runs and its checks pass."""
+
+from moekit.steps.demo import run_demo
+
+
+def test_demo_pipeline(tmp_path):
+    result = run_demo(tmp_path / "demo", steps=12, show_progress=False)
+    assert result.checks["BTX mix loads in transformers, no missing/unexpected keys"] == "yes"
+    diff = float(result.checks["upcycled MoE (4 equal experts) reproduces the seed"].split()[-1])
+    assert diff < 1e-5
+    losses = result.losses
+    assert set(losses) == {"seed", "branch code", "branch math", "BTX mix (untuned)"}
+    assert losses["branch code"]["code"] < losses["seed"]["code"]  # training on a domain helps it
+    assert losses["branch math"]["math"] < losses["seed"]["math"]
+    assert (tmp_path / "demo" / "run" / "mixed" / "config.json").is_file()
