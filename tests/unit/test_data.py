@@ -2,6 +2,8 @@
 
 import json
 
+import torch
+
 import pytest
 
 from moekit.data import expand_data_paths, load_token_blocks
@@ -52,3 +54,38 @@ def test_missing_text_field(tmp_path):
     (tmp_path / "a.jsonl").write_text(json.dumps({"content": "x"}) + "\n")
     with pytest.raises(DataError, match="text"):
         load_token_blocks(CharTokenizer(), tmp_path / "a.jsonl", 8)
+
+
+def test_parquet_and_caching(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from moekit.data import token_stream
+
+    pq.write_table(pa.table({"content": ["abc", "de"]}), tmp_path / "a.parquet")
+    stream = token_stream(CharTokenizer(), tmp_path / "a.parquet", text_field="content", cache_dir=tmp_path / "cache")
+    assert stream.tolist() == [97, 98, 99, 0, 100, 101, 0]
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    again = token_stream(CharTokenizer(), tmp_path / "a.parquet", text_field="content", cache_dir=tmp_path / "cache")
+    assert torch.equal(stream, again)
+    with pytest.raises(DataError, match="no column 'text'"):
+        token_stream(CharTokenizer(), tmp_path / "a.parquet")
+
+
+def test_hub_dataset_unreachable_is_a_clear_error(monkeypatch):
+    from moekit.data import token_stream
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DataError, match="Cannot load dataset hf:moekit-test/none"):
+        token_stream(CharTokenizer(), "hf:moekit-test/none@train")
+
+
+def test_validation_split():
+    from moekit.data import split_validation
+
+    blocks = torch.arange(40).view(20, 2)
+    train, val = split_validation(blocks, 0.1, "x")
+    assert len(train) == 18 and torch.equal(val, blocks[-2:])
+    with pytest.raises(DataError, match="too few"):
+        split_validation(blocks[:1], 0.1, "x")
