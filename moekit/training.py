@@ -199,7 +199,9 @@ def run_loop(job: LoopJob, accelerator: Any) -> LoopResult:
     tokens_per_step = settings.batch_size * settings.grad_accum * world * blocks.shape[1]
     steps = total_steps(settings, tokens_per_step)
     if settings.gradient_checkpointing:
-        job.model.gradient_checkpointing_enable()
+        # transformers 5 renamed gradient_checkpointing_enable; use whichever the model has
+        enable = getattr(job.model, "activation_checkpointing_enable", None) or job.model.gradient_checkpointing_enable
+        enable()
         job.model.config.use_cache = False
     optimizer = _optimizer(job.model, settings, job.trainable)
     model, optimizer = accelerator.prepare(job.model, optimizer)

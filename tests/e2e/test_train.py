@@ -189,3 +189,40 @@ def test_tensorboard_logging(run):
     result = cli("train", run / "run", "--branch", "code", "--data", run / "code.txt", "--max-steps", "2", "--report-to", "tensorboard", *TRAIN)
     assert result.exit_code == 0, result.output
     assert list((run / "run" / "train" / "code" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_cli_resume_after_a_crash_matches_an_uninterrupted_run(run, monkeypatch):
+    shutil.copytree(run / "run", run / "other", symlinks=True)
+    args = ["--branch", "code", "--data", run / "code.txt", "--max-steps", "6", "--save-every", "2", *TRAIN]
+    assert cli("train", run / "run", *args).exit_code == 0
+    import moekit.steps.train as train_step
+
+    real_run_loop = train_step.run_loop
+
+    def crashing_run_loop(job, accelerator):
+        def crash(step, row):
+            if step == 5:
+                raise KeyboardInterrupt
+
+        job.on_step_end = crash
+        return real_run_loop(job, accelerator)
+
+    monkeypatch.setattr(train_step, "run_loop", crashing_run_loop)
+    crashed = cli("train", run / "other", *args)
+    assert crashed.exit_code == 130 and "Interrupted" in crashed.output
+    assert (run / "other" / "train" / "code" / "checkpoints" / "step-4").is_dir()
+    assert _files_hash(run / "other" / "branches" / "code") == _files_hash(run / "seed")  # branch untouched
+    monkeypatch.setattr(train_step, "run_loop", real_run_loop)
+    resumed = cli("train", run / "other", *args, "--resume")
+    assert resumed.exit_code == 0 and "resumed at step 4" in resumed.output
+    done = [Checkpoint(run / r / "branches" / "code") for r in ("run", "other")]
+    for name in done[0].tensors:
+        assert torch.allclose(done[0].get(name), done[1].get(name), atol=1e-6), name
+
+
+def test_max_tokens_and_gradient_checkpointing(run):
+    args = ["--branch", "math", "--data", run / "math.txt", "--max-tokens", "300", "--gradient-checkpointing", "--grad-accum", "2", *TRAIN]
+    result = cli("train", run / "run", *args)
+    assert result.exit_code == 0, result.output
+    rows = [r for r in _rows(run / "run" / "train" / "math" / "metrics.jsonl") if "loss" in r]
+    assert len(rows) == 2 and rows[-1]["tokens"] == 2 * 4 * 2 * 32  # ceil(300 / 256) steps of 4 x 2 x 32 tokens
