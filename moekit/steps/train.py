@@ -19,11 +19,10 @@ import torch
 from moekit.config import TrainConfig
 from moekit.data import HUB_PREFIX, expand_data_paths, packed_blocks, split_validation, token_stream
 from moekit.errors import DataError, InvalidOptionError
-from moekit.io.atomic import atomic_output_dir
 from moekit.io.checkpoint import Checkpoint
-from moekit.io.files import copy_tokenizer_and_generation_files
 from moekit.manifest import RunManifest, StageRecord, load_manifest, save_manifest
-from moekit.training import LoopJob, LoopResult, make_accelerator, run_loop
+from moekit.steps.model_io import write_trained_model
+from moekit.training import LoopJob, make_accelerator, run_loop
 
 
 @dataclass
@@ -94,19 +93,6 @@ def _selected_branches(manifest: RunManifest, cfg: TrainConfig) -> list[str]:
     return names
 
 
-def _write_branch(branch_dir: Path, model: torch.nn.Module, result: LoopResult, work_dir: Path) -> None:
-    """Replace the branch directory with the trained model, in the branch's original dtype."""
-    dtype = Checkpoint(branch_dir).dtype()
-    assert result.state_dict is not None
-    state = {k: v.detach().to("cpu", dtype) if v.is_floating_point() else v for k, v in result.state_dict.items()}
-    with atomic_output_dir(branch_dir, force=True) as tmp:
-        model.config.dtype = dtype
-        model.save_pretrained(tmp, state_dict=state)
-        copy_tokenizer_and_generation_files(branch_dir, tmp)
-        if (work_dir / "metrics.jsonl").is_file():
-            shutil.copy2(work_dir / "metrics.jsonl", tmp / "metrics.jsonl")
-
-
 def train(cfg: TrainConfig, show_progress: bool = True) -> list[BranchTrainResult]:
     """Train the selected branches of a run in turn; return one result per branch."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -131,7 +117,9 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> list[BranchTrainResul
         job = LoopJob(model, splits[name][0], eval_sets, cfg.loop, work_dir, cfg.resume, f"train {name}", show_progress)
         result = run_loop(job, accelerator)
         if accelerator.is_main_process:
-            _write_branch(branch_dir, model, result, work_dir)
+            assert result.state_dict is not None
+            dtype = Checkpoint(branch_dir).dtype()  # keep the branch's own dtype (the seed's)
+            write_trained_model(branch_dir, branch_dir, model, result.state_dict, dtype, [work_dir / "metrics.jsonl"])
             shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)
             outputs = {"steps": result.steps, "tokens": result.tokens, "loss": result.last_row.get("loss"), "eval_loss": result.eval}
             params = {"branch": name, "data": manifest.branches[name].data, **cfg.loop.model_dump(mode="json")}
