@@ -60,7 +60,7 @@ def bench_trainer(seed: Path, blocks: torch.Tensor, args: argparse.Namespace, wo
     dataset = [{"input_ids": row, "labels": row} for row in blocks.long()]
     training_args = TrainingArguments(
         output_dir=str(work / "trainer"), per_device_train_batch_size=args.batch_size, max_steps=args.steps, learning_rate=1e-3,
-        weight_decay=0.1, lr_scheduler_type="cosine", warmup_steps=args.steps // 10, logging_steps=10_000, save_strategy="no",
+        weight_decay=0.1, lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1}, warmup_steps=args.steps // 10, logging_steps=10_000, save_strategy="no",
         report_to=[], use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, adam_beta2=0.95,
     )
     model = AutoModelForCausalLM.from_pretrained(seed, dtype=torch.float32)
@@ -79,6 +79,8 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=3, help="steps excluded from timing (warm-up)")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved runs per side; the best counts")
     args = parser.parse_args()
+    if not 1 <= args.skip < args.steps:
+        parser.error("--skip must be at least 1 and less than --steps")
 
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging

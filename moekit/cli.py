@@ -34,6 +34,13 @@ def _print_error(message: str, hint: str = "") -> None:
         console.print(f"[yellow]fix:[/] {hint}", soft_wrap=True)
 
 
+def _describe(error: dict[str, Any]) -> str:
+    """One pydantic error as 'field: message' (or just the message for whole-config checks)."""
+    message = str(error["msg"]).removeprefix("Value error, ")
+    where = ".".join(map(str, error["loc"]))
+    return f"{where}: {message}" if where else message
+
+
 def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     """Turn MoekitError (and invalid option values) into a clear message and exit code 2."""
 
@@ -49,11 +56,11 @@ def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             _print_error(exc.message, exc.hint)
             raise typer.Exit(exc.exit_code)
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            problems = "; ".join(_describe(e) for e in exc.errors())
             _print_error(f"Invalid option value: {problems}.", "See --help for the allowed values.")
             raise typer.Exit(2)
         except KeyboardInterrupt:
-            _print_error("Interrupted; nothing was written.")
+            _print_error("Interrupted. Unfinished outputs were discarded; checkpoints already written by train are kept for --resume.")
             raise typer.Exit(130)
 
     return wrapper

@@ -107,6 +107,15 @@ class LoopSettings(_Strict):
     seed: int = 0
     report_to: list[Literal["tensorboard"]] = Field(default_factory=list)
 
+    @field_validator("report_to")
+    @classmethod
+    def _tensorboard_installed(cls, value: list[str]) -> list[str]:
+        import importlib.util
+
+        if "tensorboard" in value and importlib.util.find_spec("tensorboard") is None:
+            raise ValueError("report_to tensorboard needs the tensorboard package: pip install 'moekit[tensorboard]'")
+        return value
+
     @model_validator(mode="after")
     def _one_budget(self) -> LoopSettings:
         if (self.max_steps is None) == (self.max_tokens is None):

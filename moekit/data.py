@@ -142,29 +142,35 @@ def spec_fingerprint(spec: str | Path, text_field: str) -> str:
     return hashlib.sha256("\n".join([*parts, text_field]).encode()).hexdigest()
 
 
-def tokenize_documents(tokenizer: Any, documents: Iterable[str], max_tokens: int | None = None) -> list[int]:
-    """Tokenise documents (in batches) and join them with EOS; stop after ``max_tokens`` if given."""
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
+def tokenize_documents(tokenizer: Any, documents: Iterable[str], max_tokens: int | None = None) -> torch.Tensor:
+    """Tokenise documents (in batches) and join them with EOS into a 1-D int32 tensor.
+
+    Ids are kept as int32 tensors per batch (4 bytes a token, not a Python int's ~30), and the
+    stream stops after ``max_tokens`` if given.
+    """
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    parts: list[torch.Tensor] = []
+    count = 0
     batch: list[str] = []
 
-    def flush() -> None:
-        for encoded in tokenizer(batch, add_special_tokens=False)["input_ids"]:
-            ids.extend(encoded)
-            if eos is not None:
-                ids.append(eos)
+    def flush() -> int:
+        encoded = tokenizer(batch, add_special_tokens=False)["input_ids"]
         batch.clear()
+        flat = torch.tensor([token for ids in encoded for token in (*ids, *eos)], dtype=torch.int32)
+        parts.append(flat)
+        return flat.numel()
 
     for doc in documents:
         if doc.strip():
             batch.append(doc)
         if len(batch) >= _TOKENIZE_BATCH:
-            flush()
-            if max_tokens is not None and len(ids) >= max_tokens:
-                return ids[:max_tokens]
-    if batch:
+            count += flush()
+            if max_tokens is not None and count >= max_tokens:
+                break
+    if batch and (max_tokens is None or count < max_tokens):
         flush()
-    return ids[:max_tokens] if max_tokens is not None else ids
+    stream = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int32)
+    return stream[:max_tokens] if max_tokens is not None else stream
 
 
 def token_stream(
@@ -179,10 +185,9 @@ def token_stream(
         cache_file = Path(cache_dir) / f"{key}.pt"
         if cache_file.is_file():
             return torch.load(cache_file, weights_only=True)
-    ids = tokenize_documents(tokenizer, iter_spec_documents(spec, text_field), max_tokens)
-    if not ids:
+    stream = tokenize_documents(tokenizer, iter_spec_documents(spec, text_field), max_tokens)
+    if stream.numel() == 0:
         raise DataError(f"Data {spec} contains no text.", "Point to non-empty text files.")
-    stream = torch.tensor(ids, dtype=torch.int32)
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=cache_file.parent, suffix=".tmp")

@@ -8,7 +8,10 @@ finds a newer ``manifest_version`` than it knows refuses instead of guessing.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import fcntl
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -105,3 +108,20 @@ def save_manifest(run_dir: Path, manifest: RunManifest) -> None:
     """Write the manifest atomically (a crash never leaves a truncated moekit.yaml)."""
     text = yaml.safe_dump(manifest.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
     write_text_atomic(Path(run_dir) / MANIFEST_NAME, text)
+
+
+@contextlib.contextmanager
+def updating_manifest(run_dir: Path) -> Iterator[RunManifest]:
+    """Read the manifest under an exclusive lock, let the caller change it, and save it.
+
+    Jobs that train different branches of one run at the same time (one cluster job per branch)
+    each add their records; reading fresh under the lock keeps one job from dropping another's.
+    """
+    with open(Path(run_dir) / ".moekit.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            manifest = load_manifest(run_dir)
+            yield manifest
+            save_manifest(run_dir, manifest)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -40,7 +40,7 @@ from moekit.train_state import (
 
 LossFn = Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
 # Settings that do not change the trajectory, so a resume may change them.
-_RESUMABLE_CHANGES = {"eval_every", "eval_blocks", "save_every", "keep_checkpoints", "report_to", "max_steps", "max_tokens"}
+_RESUMABLE_CHANGES = {"eval_every", "eval_blocks", "save_every", "keep_checkpoints", "report_to", "precision"}
 
 
 def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -101,10 +101,11 @@ def make_accelerator(settings: LoopSettings) -> Any:
     return Accelerator(mixed_precision=precision, gradient_accumulation_steps=settings.grad_accum, cpu=_distributed_cpu_launch())
 
 
-def _fingerprint(settings: LoopSettings, blocks: torch.Tensor, world: int) -> dict[str, Any]:
+def _fingerprint(settings: LoopSettings, blocks: torch.Tensor, world: int, precision: str) -> dict[str, Any]:
+    """What must not change between a run and its resume (the step budget too: it shapes the LR)."""
     kept = {k: v for k, v in settings.model_dump(mode="json").items() if k not in _RESUMABLE_CHANGES}
     digest = hashlib.sha256(blocks.numpy().tobytes()).hexdigest()[:16]
-    return {"settings": kept, "data": digest, "global_batch_blocks": settings.batch_size * settings.grad_accum * world}
+    return {"settings": kept, "data": digest, "global_batch_blocks": settings.batch_size * settings.grad_accum * world, "precision": precision}
 
 
 def _optimizer(model: torch.nn.Module, settings: LoopSettings, trainable: Callable[[str], bool]) -> torch.optim.Optimizer:
@@ -198,14 +199,15 @@ def run_loop(job: LoopJob, accelerator: Any) -> LoopResult:
     world, rank = accelerator.num_processes, accelerator.process_index
     tokens_per_step = settings.batch_size * settings.grad_accum * world * blocks.shape[1]
     steps = total_steps(settings, tokens_per_step)
+    use_cache = job.model.config.use_cache
     if settings.gradient_checkpointing:
         # transformers 5 renamed gradient_checkpointing_enable; use whichever the model has
         enable = getattr(job.model, "activation_checkpointing_enable", None) or job.model.gradient_checkpointing_enable
         enable()
-        job.model.config.use_cache = False
+        job.model.config.use_cache = False  # restored below, so the saved config is unchanged
     optimizer = _optimizer(job.model, settings, job.trainable)
     model, optimizer = accelerator.prepare(job.model, optimizer)
-    fingerprint = _fingerprint(settings, blocks, world)
+    fingerprint = _fingerprint(settings, blocks, world, str(accelerator.mixed_precision))
     start_step, tokens = _resume_point(job, accelerator, fingerprint)
     schedule = BlockSchedule(len(blocks), settings.batch_size, settings.grad_accum, world, settings.seed)
     logger = MetricsLogger(job.work_dir, accelerator.is_main_process, settings.report_to, start_step)
@@ -249,6 +251,7 @@ def run_loop(job: LoopJob, accelerator: Any) -> LoopResult:
     if final_eval:
         logger.log({"step": steps, **{f"eval/{d}/loss": v for d, v in final_eval.items()}})
     logger.close()
+    job.model.config.use_cache = use_cache
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)  # gathers FSDP/DeepSpeed shards
     return LoopResult(steps, tokens, start_step, row, final_eval, state_dict if accelerator.is_main_process else None)

@@ -92,6 +92,9 @@ def train_command(
     if not is_main_process():
         return
     console = Console()
+    if not results:
+        console.print("Every selected branch was already trained by this job; nothing to resume.")
+        return
     for result in results:
         evals = ", ".join(f"{d} {v:.3f}" for d, v in result.eval.items())
         resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""

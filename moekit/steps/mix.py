@@ -24,7 +24,7 @@ from moekit.config import MixConfig
 from moekit.io.atomic import atomic_output_dir
 from moekit.io.files import copy_tokenizer_and_generation_files
 from moekit.io.writer import PlannedTensor, StreamingShardWriter, parse_size
-from moekit.manifest import StageRecord, load_manifest, save_manifest
+from moekit.manifest import StageRecord, updating_manifest
 from moekit.progress import progress_bar
 from moekit.routing.init import random_router
 from moekit.steps.mix_inputs import MixInputs, open_mix_inputs
@@ -247,10 +247,9 @@ def mix(cfg: MixConfig, show_progress: bool = False) -> MixResult:
 
 
 def _record_stage(run_dir: Path, cfg: MixConfig, result: MixResult) -> None:
-    manifest = load_manifest(run_dir)
     params = cfg.model_dump(mode="json", exclude={"experts", "force", "run_dir"})
-    manifest.stages.append(StageRecord(stage="mix", params=params, outputs={"out": str(result.out), "experts": result.experts}))
-    save_manifest(run_dir, manifest)
+    with updating_manifest(run_dir) as manifest:
+        manifest.stages.append(StageRecord(stage="mix", params=params, outputs={"out": str(result.out), "experts": result.experts}))
 
 
 def _write_metadata(tmp: Path, cfg: MixConfig, inputs: MixInputs, config_json: dict, dtype: torch.dtype, centroid: CentroidInit | None) -> None:

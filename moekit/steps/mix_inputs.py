@@ -55,6 +55,15 @@ def experts_from_run_dir(run_dir: Path) -> tuple[str, list[tuple[str, Path]]]:
     return manifest.seed.path, [(name, manifest.branch_dir(run_dir, name)) for name in manifest.branches]
 
 
+def normalised_config(model_dir: Path) -> dict:
+    """config.json as transformers reads it (legacy keys such as rope_theta folded into
+    rope_parameters, defaults filled in), so a seed and a branch re-saved by a newer
+    transformers compare equal when their architecture is the same."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_dir).to_dict()
+
+
 def _config_differences(reference: dict, other: dict) -> list[str]:
     keys = (set(reference) | set(other)) - _NON_STRUCTURAL_KEYS
     return sorted(k for k in keys if reference.get(k) != other.get(k))
@@ -63,14 +72,16 @@ def _config_differences(reference: dict, other: dict) -> list[str]:
 def check_compatible(seed: Checkpoint, branches: list[tuple[str, Checkpoint]]) -> None:
     """Raise IncompatibleModelsError unless every branch matches the seed's architecture exactly."""
     seed_tokenizer = tokenizer_fingerprint(seed.path)
+    seed_config = normalised_config(seed.path)
     for name, branch in branches:
         where = f"Branch '{name}' ({branch.path})"
         fix = "All branches must be trained copies of the same seed (moekit branch makes them)."
         if branch.model_type != seed.model_type:
             raise IncompatibleModelsError(f"{where} is a {branch.model_type} model but the seed is {seed.model_type}.", fix)
-        diffs = _config_differences(seed.config, branch.config)
+        branch_config = normalised_config(branch.path)
+        diffs = _config_differences(seed_config, branch_config)
         if diffs:
-            shown = ", ".join(f"{k}: {seed.config.get(k)!r} vs {branch.config.get(k)!r}" for k in diffs[:4])
+            shown = ", ".join(f"{k}: {seed_config.get(k)!r} vs {branch_config.get(k)!r}" for k in diffs[:4])
             raise IncompatibleModelsError(f"{where} differs from the seed in config.json ({shown}).", fix)
         missing = sorted(set(seed.tensors) ^ set(branch.tensors))
         if missing:

@@ -56,7 +56,13 @@ class CentroidInit:
         for expert in self.inputs.experts:
             rows.append(mlp_inputs[expert.name].mean(dim=0) if expert.kind == "branch" else overall)
         step = -(-everything.shape[0] // _MAX_SCALE_TOKENS)  # ceil: at most _MAX_SCALE_TOKENS tokens
-        router = centroid_router(torch.stack(rows), overall, everything[::step], self.sharpness)
+        try:
+            router = centroid_router(torch.stack(rows), overall, everything[::step], self.sharpness)
+        except ValueError:
+            raise InvalidOptionError(
+                f"Centroid routers of layer {layer} are all zero: every domain's data gives the same mean hidden state.",
+                "Use distinct data per domain (or --router random).",
+            )
         for domain, values in self.in_domain_top1.items():
             top1 = (mlp_inputs[domain] @ router.T).argmax(dim=-1)
             values.append(float((top1 == self._expert_of(domain)).float().mean()))

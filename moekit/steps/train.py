@@ -20,7 +20,7 @@ from moekit.config import TrainConfig
 from moekit.data import HUB_PREFIX, expand_data_paths, packed_blocks, split_validation, token_stream
 from moekit.errors import DataError, InvalidOptionError
 from moekit.io.checkpoint import Checkpoint
-from moekit.manifest import RunManifest, StageRecord, load_manifest, save_manifest
+from moekit.manifest import RunManifest, StageRecord, load_manifest, updating_manifest
 from moekit.steps.model_io import write_trained_model
 from moekit.training import LoopJob, make_accelerator, run_loop
 
@@ -83,6 +83,23 @@ def _check_known(manifest: RunManifest, cfg: TrainConfig) -> None:
     unknown = [b for b in cfg.branches if b not in manifest.branches]
     if unknown:
         raise InvalidOptionError(f"Unknown branch '{unknown[0]}'.", f"The run's branches are: {', '.join(manifest.branches)}.")
+    repeated = sorted({b for b in cfg.branches if cfg.branches.count(b) > 1})
+    if repeated:
+        raise InvalidOptionError(f"--branch {repeated[0]} is given more than once.", "Name each branch once.")
+
+
+def _finished_earlier(manifest: RunManifest, name: str, cfg: TrainConfig) -> bool:
+    """Whether the newest train record of ``name`` is this very job (same data and settings).
+
+    With --resume, such a branch was completed by the interrupted multi-branch call and is
+    skipped instead of being trained a second time.
+    """
+    records = [s for s in manifest.stages if s.stage == "train" and s.params.get("branch") == name]
+    return bool(records) and records[-1].params == _stage_params(manifest, name, cfg)
+
+
+def _stage_params(manifest: RunManifest, name: str, cfg: TrainConfig) -> dict[str, Any]:
+    return {"branch": name, "data": manifest.branches[name].data, **cfg.loop.model_dump(mode="json")}
 
 
 def _selected_branches(manifest: RunManifest, cfg: TrainConfig) -> list[str]:
@@ -101,12 +118,15 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> list[BranchTrainResul
     _check_known(manifest, cfg)
     register_data(manifest, cfg)
     names = _selected_branches(manifest, cfg)
+    if cfg.resume:
+        names = [n for n in names if not _finished_earlier(manifest, n, cfg) or (cfg.run_dir / "train" / n / "checkpoints").exists()]
     accelerator = make_accelerator(cfg.loop)
     tokenizer = AutoTokenizer.from_pretrained(manifest.branch_dir(cfg.run_dir, names[0]))
     with accelerator.main_process_first():  # rank 0 tokenises, the others read its cache
         splits = prepare_data(manifest, cfg, tokenizer)
     if accelerator.is_main_process:
-        save_manifest(cfg.run_dir, manifest)
+        with updating_manifest(cfg.run_dir) as fresh:  # other jobs may have written since we read it
+            register_data(fresh, cfg)
     eval_sets = {name: val for name, (_, val) in splits.items() if len(val)}
     results = []
     for name in names:
@@ -122,9 +142,9 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> list[BranchTrainResul
             write_trained_model(branch_dir, branch_dir, model, result.state_dict, dtype, [work_dir / "metrics.jsonl"])
             shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)
             outputs = {"steps": result.steps, "tokens": result.tokens, "loss": result.last_row.get("loss"), "eval_loss": result.eval}
-            params = {"branch": name, "data": manifest.branches[name].data, **cfg.loop.model_dump(mode="json")}
-            manifest.stages.append(StageRecord(stage="train", params=params, outputs=outputs))
-            save_manifest(cfg.run_dir, manifest)
+            with updating_manifest(cfg.run_dir) as fresh:
+                fresh.stages.append(StageRecord(stage="train", params=_stage_params(manifest, name, cfg), outputs=outputs))
+                fresh.branches[name].link_mode = "copy"  # the branch now has files of its own
         accelerator.wait_for_everyone()
         accelerator.free_memory()  # drop references to this branch's model and optimiser
         results.append(BranchTrainResult(name, branch_dir, result.steps, result.tokens, result.resumed_from, result.last_row.get("loss", float("nan")), result.eval))

@@ -226,3 +226,24 @@ def test_max_tokens_and_gradient_checkpointing(run):
     assert result.exit_code == 0, result.output
     rows = [r for r in _rows(run / "run" / "train" / "math" / "metrics.jsonl") if "loss" in r]
     assert len(rows) == 2 and rows[-1]["tokens"] == 2 * 4 * 2 * 32  # ceil(300 / 256) steps of 4 x 2 x 32 tokens
+
+
+def test_train_then_mix_with_a_legacy_config_seed(make_seed, tmp_path):
+    """Seeds from the hub often have pre-v5 configs; a trained branch is re-saved in the v5 form."""
+    seed = make_seed("llama", dest=tmp_path / "seed")
+    config = json.loads((seed / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    config.update(rope_theta=rope["rope_theta"], torch_dtype=config.pop("dtype"))
+    for key in ("head_dim", "attention_dropout", "mlp_bias", "pretraining_tp"):
+        config.pop(key, None)
+    (seed / "config.json").write_text(json.dumps(config))
+    branch(str(seed), tmp_path / "run", ["code", "math"])
+    (tmp_path / "code.txt").write_text(domain_corpus("code", 200))
+    trained = cli("train", tmp_path / "run", "--branch", "code", "--data", tmp_path / "code.txt", "--max-steps", "2",
+                  "--gradient-checkpointing", *TRAIN)
+    assert trained.exit_code == 0, trained.output
+    saved = json.loads((tmp_path / "run" / "branches" / "code" / "config.json").read_text())
+    assert saved != config and saved.get("use_cache", True) is True  # re-saved by transformers; use_cache restored
+    mixed = cli("mix", tmp_path / "run")
+    assert mixed.exit_code == 0, mixed.output
+    assert_clean_load(load(tmp_path / "run" / "mixed")[1])
