@@ -12,8 +12,8 @@ from moekit.cli import app, user_errors
 @app.command("branch")
 @user_errors
 def branch_command(
-    seed: str = typer.Argument(..., help="Dense seed model: a local Hugging Face directory or a hub id."),
-    run_dir: Path = typer.Argument(..., help="Run directory to create (holds moekit.yaml and branches/)."),
+    seed: str = typer.Argument(..., metavar="SEED", help="Dense seed model: a local Hugging Face directory or a hub id."),
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="Run directory to create (holds moekit.yaml and branches/)."),
     domain: list[str] = typer.Option(..., "--domain", "-d", help="A branch/domain name; repeat for each branch."),
     copy: bool = typer.Option(False, "--copy", help="Write real copies instead of reflinks/hard links to the seed's files."),
     force: bool = typer.Option(False, "--force", help="Replace RUN_DIR if it exists and is not empty."),

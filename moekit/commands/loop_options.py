@@ -1,0 +1,56 @@
+"""Training-loop options shared by ``train`` and ``tune``, declared once.
+
+``with_loop_options`` adds the options below to a command's signature (Typer reads signatures)
+and hands the command one ``loop: LoopSettings`` argument built from them.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any, Optional
+
+import typer
+
+LOOP_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "max_steps": (Optional[int], typer.Option(None, "--max-steps", help="Optimiser steps.")),
+    "max_tokens": (Optional[int], typer.Option(None, "--max-tokens", help="Tokens to train on (instead of --max-steps).")),
+    "seq_len": (int, typer.Option(1024, "--seq-len", help="Tokens per packed block.")),
+    "batch_size": (int, typer.Option(8, "--batch-size", help="Blocks per micro-batch per process.")),
+    "grad_accum": (int, typer.Option(1, "--grad-accum", help="Micro-batches per optimiser step per process.")),
+    "lr": (float, typer.Option(1e-4, "--lr", help="Peak learning rate (BTX: 1e-4).")),
+    "min_lr_ratio": (float, typer.Option(0.1, "--min-lr-ratio", help="Cosine decays to lr x this (BTX: 0.1).")),
+    "warmup_steps": (Optional[int], typer.Option(None, "--warmup-steps", help="Linear warmup steps (default: min(100, steps/10)).")),
+    "weight_decay": (float, typer.Option(0.1, "--weight-decay", help="AdamW weight decay (not on norms/biases).")),
+    "grad_clip": (float, typer.Option(1.0, "--grad-clip", help="Clip the gradient norm (0: off).")),
+    "precision": (str, typer.Option("auto", "--precision", help="auto (bf16 on capable GPUs, else fp32) | fp32 | bf16 | fp16.")),
+    "gradient_checkpointing": (bool, typer.Option(False, "--gradient-checkpointing", help="Recompute activations to save memory.")),
+    "eval_every": (int, typer.Option(100, "--eval-every", help="Steps between held-out evaluations of every domain (0: end only).")),
+    "eval_blocks": (int, typer.Option(32, "--eval-blocks", help="Held-out blocks per domain per evaluation.")),
+    "save_every": (int, typer.Option(500, "--save-every", help="Steps between resumable checkpoints (0: none).")),
+    "keep_checkpoints": (int, typer.Option(2, "--keep-checkpoints", help="Checkpoints kept (older ones are pruned).")),
+    "seed": (int, typer.Option(0, "--seed", help="Seed for the data order.")),
+    "report_to": (list[str], typer.Option([], "--report-to", help="Also log to: tensorboard (metrics.jsonl is always written).")),
+}
+
+
+def with_loop_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Give ``command`` the loop options; it receives them as ``loop: LoopSettings``."""
+    signature = inspect.signature(command)
+    own = [p for name, p in signature.parameters.items() if name != "loop"]
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=kind) for name, (kind, default) in LOOP_OPTIONS.items()]
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from moekit.config import LoopSettings
+
+        values = {name: kwargs.pop(name) for name in LOOP_OPTIONS}
+        return command(*args, loop=LoopSettings(**values), **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=[*own, *added])  # type: ignore[attr-defined]
+    # Typer resolves annotations with get_type_hints: give it the command's own (minus loop)
+    # plus the real types of the added options.
+    annotations = {k: v for k, v in command.__annotations__.items() if k != "loop"}
+    wrapper.__annotations__ = {**annotations, **{name: kind for name, (kind, _) in LOOP_OPTIONS.items()}}
+    return wrapper
