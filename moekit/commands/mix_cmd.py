@@ -45,7 +45,7 @@ def _parse_experts(items: list[str]) -> list[tuple[str, Path]]:
 @app.command("mix")
 @user_errors
 def mix_command(
-    run_dir: Optional[Path] = typer.Argument(None, metavar="[RUN_DIR]", help="Run directory made by `moekit branch` (experts = its branches)."),
+    run_dir: Optional[Path] = typer.Argument(None, metavar="RUN_DIR", help="Run directory made by `moekit branch` (experts = its branches)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default with RUN_DIR: RUN_DIR/mixed)."),
     expert: list[str] = typer.Option([], "--expert", "-e", help="[NAME=]DIR of a dense branch; repeat (instead of RUN_DIR)."),
     seed_model: Optional[str] = typer.Option(None, "--seed-model", help="Seed for --expert mode (needed with the seed expert; else default: the first expert)."),
