@@ -134,3 +134,38 @@ class TrainConfig(_Strict):
     text_field: str = "text"
     resume: bool = False
     loop: LoopSettings
+
+
+class TuneConfig(_Strict):
+    """What ``tune`` needs: the mixed MoE, domain data and mixture, what trains, how to balance."""
+
+    model: Path = Field(description="the MoE directory written by mix")
+    out: Path
+    run_dir: Path | None = Field(None, description="run directory to record the stage in")
+    data: dict[str, list[str]] = Field(description="domain -> data specs")
+    val_data: dict[str, list[str]] = Field(default_factory=dict)
+    mixture: dict[str, float] = Field(default_factory=dict, description="domain -> share of the tune data (default equal)")
+    train: Literal["all", "router", "router+attn"] = "all"
+    balance: Literal["switch", "btx", "bias", "none"] = "switch"
+    aux_coef: float = Field(0.01, ge=0)
+    z_coef: float = Field(0.0, ge=0, description="router z-loss coefficient (1e-3 when enabled)")
+    balance_scope: Literal["micro", "global"] = "micro"
+    routing: Literal["topk", "switch", "soft"] = "topk"
+    capacity_factor: float = Field(1.5, gt=0, description="switch routing: expert capacity = tokens / E x this")
+    val_fraction: float = Field(0.05, ge=0, lt=1)
+    text_field: str = "text"
+    resume: bool = False
+    force: bool = False
+    loop: LoopSettings
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TuneConfig:
+        if not self.data:
+            raise ValueError("tune needs data: give --data DOMAIN=PATH for each domain")
+        if self.mixture and set(self.mixture) != set(self.data):
+            raise ValueError(f"the mixture names {sorted(self.mixture)} but the data has domains {sorted(self.data)}; name the same domains")
+        if any(v < 0 for v in self.mixture.values()) or (self.mixture and sum(self.mixture.values()) <= 0):
+            raise ValueError("mixture shares must be non-negative with a positive sum")
+        if self.capacity_factor != 1.5 and self.routing != "switch":
+            raise ValueError("capacity_factor only applies with routing=switch")
+        return self

@@ -235,3 +235,40 @@ def load_token_blocks(
     if stream.numel() < block_size:
         return stream.view(1, -1)
     return pack_blocks(stream, block_size)
+
+
+def domain_splits(
+    tokenizer: Any, data: dict[str, list[str]], val_data: dict[str, list[str]], seq_len: int, val_fraction: float,
+    text_field: str = "text", cache_dir: Path | None = None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(train, validation) blocks per domain: ``val_data`` where given, else the last ``val_fraction``."""
+
+    def blocks(specs: list[str]) -> torch.Tensor:
+        streams = [token_stream(tokenizer, spec, text_field, cache_dir) for spec in specs]
+        return packed_blocks(torch.cat(streams), seq_len, ", ".join(specs))
+
+    splits = {}
+    for domain, specs in data.items():
+        if val_data.get(domain):
+            splits[domain] = (blocks(specs), blocks(val_data[domain]))
+        else:
+            splits[domain] = split_validation(blocks(specs), val_fraction, ", ".join(specs))
+    return splits
+
+
+def mixture_blocks(splits: dict[str, torch.Tensor], ratios: dict[str, float], seed: int = 0) -> torch.Tensor:
+    """One block pool in which domain d holds a ``ratios[d]`` share (BTX's tune data mix).
+
+    The pool has as many blocks as all domains together; a domain needing more blocks than it
+    has is cycled through (each pass a new seeded order), one needing fewer is subsampled.
+    """
+    total = sum(len(b) for b in splits.values())
+    weight = sum(ratios.values())
+    generator = torch.Generator().manual_seed(seed)
+    parts = []
+    for domain, blocks in splits.items():
+        wanted = max(1, round(total * ratios[domain] / weight))
+        passes = -(-wanted // len(blocks))
+        order = torch.cat([torch.randperm(len(blocks), generator=generator) for _ in range(passes)])[:wanted]
+        parts.append(blocks[order])
+    return torch.cat(parts)

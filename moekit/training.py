@@ -63,6 +63,7 @@ class LoopJob:
     compute_loss: LossFn = causal_lm_loss
     trainable: Callable[[str], bool] = lambda name: True
     on_step_end: Callable[[int, dict[str, Any]], None] | None = None
+    step_metrics: Callable[[], dict[str, Any]] | None = None  # called on every rank after each step
 
 
 @dataclass
@@ -238,6 +239,8 @@ def run_loop(job: LoopJob, accelerator: Any) -> LoopResult:
                    "tokens_per_s": tokens_per_step / seconds, **extras}
             if grad_norm is not None:
                 row["grad_norm"] = float(grad_norm)
+            if job.step_metrics is not None:
+                row.update(job.step_metrics())
             logger.log(row)
             progress(row)
             if job.on_step_end is not None:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from moekit.config import TrainConfig
-from moekit.data import HUB_PREFIX, expand_data_paths, packed_blocks, split_validation, token_stream
+from moekit.data import HUB_PREFIX, domain_splits, expand_data_paths
 from moekit.errors import DataError, InvalidOptionError
 from moekit.io.checkpoint import Checkpoint
 from moekit.manifest import RunManifest, StageRecord, load_manifest, updating_manifest
@@ -59,24 +59,12 @@ def register_data(manifest: RunManifest, cfg: TrainConfig) -> None:
                 record.val_data = absolute
 
 
-def _blocks(tokenizer: Any, specs: list[str], cfg: TrainConfig, cache_dir: Path) -> torch.Tensor:
-    streams = [token_stream(tokenizer, spec, cfg.text_field, cache_dir) for spec in specs]
-    return packed_blocks(torch.cat(streams), cfg.loop.seq_len, ", ".join(specs))
-
-
 def prepare_data(manifest: RunManifest, cfg: TrainConfig, tokenizer: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Tokenised (train, validation) blocks of every branch that has data."""
+    data = {name: record.data for name, record in manifest.branches.items() if record.data}
+    val_data = {name: record.val_data for name, record in manifest.branches.items() if record.val_data}
     cache_dir = cfg.run_dir / ".cache" / "tokens"
-    splits = {}
-    for name, record in manifest.branches.items():
-        if not record.data:
-            continue
-        blocks = _blocks(tokenizer, record.data, cfg, cache_dir)
-        if record.val_data:
-            splits[name] = (blocks, _blocks(tokenizer, record.val_data, cfg, cache_dir))
-        else:
-            splits[name] = split_validation(blocks, cfg.val_fraction, ", ".join(record.data))
-    return splits
+    return domain_splits(tokenizer, data, val_data, cfg.loop.seq_len, cfg.val_fraction, cfg.text_field, cache_dir)
 
 
 def _check_known(manifest: RunManifest, cfg: TrainConfig) -> None:

@@ -1,0 +1,100 @@
+"""``moekit tune``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from moekit.cli import app, parse_key_values, user_errors
+from moekit.commands.loop_options import with_loop_options
+
+
+def parse_mixture(text: Optional[str]) -> dict[str, float]:
+    """'code=0.4,math=0.3' -> {'code': 0.4, 'math': 0.3}."""
+    from moekit.errors import InvalidOptionError
+
+    if not text:
+        return {}
+    mixture = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        try:
+            mixture[name.strip()] = float(value)
+        except ValueError:
+            raise InvalidOptionError(f"--mix item '{item}' is not DOMAIN=SHARE.", "Write e.g. --mix code=0.4,math=0.3,general=0.3.")
+    return mixture
+
+
+def _inputs(model: Path, data: dict[str, str], out: Optional[Path]) -> tuple[Path, dict[str, list[str]], Path, Optional[Path]]:
+    """(MoE dir, domain data, output, run dir) from a run directory or an MoE directory."""
+    from moekit.errors import InvalidOptionError
+    from moekit.manifest import MANIFEST_NAME, load_manifest
+
+    if (model / "branches").is_dir() and (model / MANIFEST_NAME).is_file():
+        manifest = load_manifest(model)
+        remembered = {name: record.data for name, record in manifest.branches.items() if record.data}
+        return model / "mixed", {**remembered, **{d: [p] for d, p in data.items()}}, out or model / "tuned", model
+    if out is None:
+        raise InvalidOptionError("No output directory.", "Pass --out DIR (or give a run directory, whose default is RUN_DIR/tuned).")
+    return model, {d: [p] for d, p in data.items()}, out, None
+
+
+@app.command("tune")
+@user_errors
+@with_loop_options
+def tune_command(
+    model: Path = typer.Argument(..., metavar="MODEL", help="The MoE from `moekit mix`, or a run directory (uses RUN_DIR/mixed and the branches' data)."),
+    data: list[str] = typer.Option([], "--data", help="DOMAIN=PATH tune data; repeat (domains may include general data for the seed expert)."),
+    val_data: list[str] = typer.Option([], "--val-data", help="DOMAIN=PATH held-out data (default: the last --val-fraction of the data)."),
+    mix: Optional[str] = typer.Option(None, "--mix", help="Data mixture, e.g. code=0.4,math=0.3,general=0.3 (default: equal shares)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default with a run directory: RUN_DIR/tuned)."),
+    train: str = typer.Option("all", "--train", help="What learns: all (BTX) | router | router+attn (experts frozen)."),
+    balance: str = typer.Option("switch", "--balance", help="switch (Switch/HF aux loss) | btx (mean gate values) | bias (loss-free; needs a target with a selection bias) | none."),
+    aux_coef: float = typer.Option(0.01, "--aux-coef", help="Balancing loss coefficient."),
+    z_loss: bool = typer.Option(False, "--z-loss", help="Add the router z-loss (coefficient --z-coef)."),
+    z_coef: float = typer.Option(1e-3, "--z-coef", help="Router z-loss coefficient when --z-loss is on."),
+    balance_scope: str = typer.Option("micro", "--balance-scope", help="micro (per micro-batch) | global (counts over the global batch, Qiu et al. 2025)."),
+    routing: str = typer.Option("topk", "--routing", help="Training-time routing: topk (the model's own) | switch (top-1, capacity) | soft (all experts)."),
+    capacity_factor: float = typer.Option(1.5, "--capacity-factor", help="Switch routing: capacity = tokens / experts x this."),
+    val_fraction: float = typer.Option(0.05, "--val-fraction", help="Share of blocks held out per domain."),
+    text_field: str = typer.Option("text", "--text-field", help="Text field of .jsonl/.json/.parquet records."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint of an interrupted run."),
+    force: bool = typer.Option(False, "--force", help="Replace the output directory if it exists."),
+    loop: Any = None,  # a LoopSettings, built by with_loop_options from the shared loop options
+) -> None:
+    """Tune a mixed MoE (router first of all) on a domain mixture with load balancing.
+
+    \b
+    Examples:
+      moekit tune run --max-steps 1000                       (run dir: its mixed model and branch data)
+      moekit tune run/mixed --data code=code.jsonl --data math=math.jsonl --train router --max-steps 200 --out tuned
+    """
+    from rich.console import Console
+
+    from moekit.config import TuneConfig
+    from moekit.errors import InvalidOptionError
+    from moekit.steps.tune import tune
+    from moekit.training import is_main_process
+
+    if capacity_factor != 1.5 and routing != "switch":
+        raise InvalidOptionError("--capacity-factor only applies with --routing switch.", "Remove it or add --routing switch.")
+    if z_coef != 1e-3 and not z_loss:
+        raise InvalidOptionError("--z-coef only applies with --z-loss.", "Add --z-loss.")
+    model_dir, domains, out_dir, run_dir = _inputs(model, parse_key_values(data, "--data"), out)
+    cfg = TuneConfig(
+        model=model_dir, out=out_dir, run_dir=run_dir, data=domains, val_data={d: [p] for d, p in parse_key_values(val_data, "--val-data").items()},
+        mixture=parse_mixture(mix), train=train, balance=balance, aux_coef=aux_coef, z_coef=z_coef if z_loss else 0.0,
+        balance_scope=balance_scope, routing=routing, capacity_factor=capacity_factor, val_fraction=val_fraction,
+        text_field=text_field, resume=resume, force=force, loop=loop,
+    )
+    result = tune(cfg)
+    if not is_main_process():
+        return
+    row = result.last_row
+    console = Console()
+    console.print(f"[green]Tuned[/] {cfg.model} -> {result.out}: {result.steps} steps, loss {row.get('loss', float('nan')):.4f}, "
+                  f"load imbalance {row.get('load_imbalance', float('nan')):.2f}, MaxVio {row.get('maxvio', float('nan')):.2f}, dead experts {row.get('dead_experts')}")
+    if result.eval:
+        console.print("Held-out loss: " + ", ".join(f"{d} {v:.3f}" for d, v in result.eval.items()))

@@ -1,0 +1,117 @@
+"""The tune objective: language-model loss plus named balancing terms, and per-step routing metrics.
+
+Balance scope (Qiu et al. 2025): with ``micro``, ``f`` comes from the current micro-batch on
+this process, as in transformers and BTX. With ``global``, each micro-batch's counts are summed
+over data-parallel ranks (one all-reduce of a [layers, E] tensor) and accumulated over the
+micro-batches of the optimiser step so far; the loss of micro-batch k uses the counts of
+micro-batches 1..k, so at the last one they are the counts of the whole global batch (the
+running form Megatron-LM also uses, since later micro-batches are not known yet).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from moekit.routing import balance
+from moekit.routing.control import RoutingController
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over data-parallel ranks in place (a no-op in a single process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+@dataclass(frozen=True)
+class BalanceSettings:
+    """Which balancing terms, with which coefficients."""
+
+    kind: Literal["switch", "btx", "none"] = "switch"
+    aux_coef: float = 0.01
+    z_coef: float = 0.0
+    scope: Literal["micro", "global"] = "micro"
+
+
+class BalancedObjective:
+    """Callable loss for the training loop; also accumulates the step's routing statistics."""
+
+    def __init__(self, controller: RoutingController, settings: BalanceSettings) -> None:
+        self.controller, self.settings = controller, settings
+        layers, experts = len(controller.routers), controller.num_experts
+        self.global_counts = torch.zeros(layers, experts)
+        self.micro_counts: list[torch.Tensor] = []  # this step's per-micro-batch counts (as used)
+        self._step_counts = torch.zeros(layers, experts)
+        self._sums: dict[str, float] = {}
+        self._micro = 0
+        self._dropped, self._routed = 0, 0
+
+    def __call__(self, model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """LM loss + balancing terms for one micro-batch."""
+        self.controller.clear()
+        lm_loss = model(input_ids=input_ids, labels=input_ids).loss
+        records = self.controller.collected()
+        counts = torch.stack([balance.assignment_counts(r.indices, self.controller.num_experts) for r in records]).cpu()
+        if self.settings.scope == "global":
+            counts = all_reduce_sum(counts.to(lm_loss.device)).cpu()
+            self.global_counts += counts
+        self.micro_counts.append(counts)
+        self._step_counts += counts
+        used = self.global_counts if self.settings.scope == "global" else counts
+        terms = self._terms(records, used.to(lm_loss.device))
+        total = lm_loss + sum(terms.values(), torch.zeros((), device=lm_loss.device))
+        for name, value in {"lm_loss": lm_loss, **terms}.items():
+            self._sums[name] = self._sums.get(name, 0.0) + float(value.detach())
+        self._micro += 1
+        self._dropped += sum(r.dropped for r in records)
+        self._routed += sum(r.logits.shape[0] for r in records)
+        return total, {}
+
+    def _terms(self, records: list, counts: torch.Tensor) -> dict[str, torch.Tensor]:
+        settings, experts = self.settings, self.controller.num_experts
+        terms: dict[str, torch.Tensor] = {}
+        if settings.kind != "none" and settings.aux_coef > 0:
+            per_layer = []
+            for layer, record in enumerate(records):
+                probs = record.logits.softmax(dim=-1).mean(dim=0)
+                if settings.kind == "switch":
+                    per_layer.append(balance.switch_loss(counts[layer], probs))
+                else:
+                    per_layer.append(balance.btx_loss(balance.sparse_gate_means(record.weights, record.indices, experts), probs))
+            terms[f"aux_loss/{settings.kind}"] = settings.aux_coef * torch.stack(per_layer).mean()
+        if settings.z_coef > 0:
+            terms["z_loss"] = settings.z_coef * torch.stack([balance.z_loss(r.logits) for r in records]).mean()
+        return terms
+
+    def step_metrics(self) -> dict[str, Any]:
+        """Metrics of the optimiser step just taken (over all ranks), then reset for the next step.
+
+        Each named loss term is the value added to the loss (coefficient included), averaged over
+        micro-batches and ranks; load metrics use the step's assignment counts of all ranks.
+        """
+        counts = self._step_counts.clone()
+        if self.settings.scope == "micro":
+            counts = all_reduce_sum(counts)
+        extra = all_reduce_sum(torch.tensor([*self._sums.values(), float(self._micro), float(self._dropped), float(self._routed)]))
+        names = list(self._sums)
+        micro = extra[len(names)]
+        row: dict[str, Any] = {name: float(extra[i] / micro) for i, name in enumerate(names)}
+        per_layer = [balance.load_metrics(c) for c in counts]
+        row["load_imbalance"] = sum(m["load_imbalance"] for m in per_layer) / len(per_layer)
+        row["load_imbalance_max"] = max(m["load_imbalance"] for m in per_layer)
+        row["maxvio"] = sum(m["maxvio"] for m in per_layer) / len(per_layer)
+        row["maxvio_max"] = max(m["maxvio"] for m in per_layer)
+        row["maxvio_per_layer"] = [round(m["maxvio"], 4) for m in per_layer]
+        row["dead_experts"] = sum(m["dead_experts"] for m in per_layer)
+        row["dropped_tokens"] = float(extra[-2] / extra[-1].clamp_min(1))
+        self.last_step_counts = counts  # the step's counts over all ranks (for tests and reports)
+        self.global_counts.zero_()
+        self._step_counts.zero_()
+        self.last_step_micro_counts, self.micro_counts = self.micro_counts, []
+        self._sums, self._micro, self._dropped, self._routed = {}, 0, 0, 0
+        return row

@@ -1,0 +1,130 @@
+"""``moekit tune``: train the mixed MoE (router first of all) with load balancing (BTX's MoE finetuning).
+
+The data is a mixture of domains with set shares. ``train`` selects what learns: everything
+(BTX), only the routers, or routers and attention (BTX found freezing experts costs nothing).
+Balancing terms (Switch aux loss or BTX's gate-value variant, router z-loss, micro or global
+batch scope) are added to the LM loss and reported by name with per-step load metrics. It reuses
+the training loop of ``train`` (resume, accelerate) and writes the same HF MoE format, with the
+config's routing settings unchanged.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from moekit.config import TuneConfig
+from moekit.data import domain_splits, mixture_blocks
+from moekit.errors import UnsupportedArchitectureError
+from moekit.io.atomic import check_output_dir
+from moekit.io.checkpoint import Checkpoint
+from moekit.manifest import StageRecord, now_iso, updating_manifest
+from moekit.routing.control import RoutingController
+from moekit.routing.objective import BalancedObjective, BalanceSettings
+from moekit.steps.model_io import write_trained_model
+from moekit.training import LoopJob, make_accelerator, run_loop
+
+
+@dataclass
+class TuneResult:
+    """What ``tune`` wrote and how the run ended."""
+
+    out: Path
+    steps: int
+    resumed_from: int
+    last_row: dict[str, Any]
+    eval: dict[str, float]
+
+
+def work_dir_for(cfg: TuneConfig) -> Path:
+    """Where checkpoints and metrics live while tuning: RUN_DIR/tune, or OUT.work next to OUT."""
+    return cfg.run_dir / "tune" if cfg.run_dir is not None else cfg.out.parent / f"{cfg.out.name}.work"
+
+
+def trainable_predicate(cfg: TuneConfig, controller: RoutingController) -> Any:
+    """Which parameters learn, by name: all, the routers only, or routers and attention."""
+    router_prefixes = tuple(f"{name}." for name, _ in controller.routers)
+    if cfg.train == "all":
+        return lambda name: True
+    if cfg.train == "router":
+        return lambda name: name.startswith(router_prefixes)
+    return lambda name: name.startswith(router_prefixes) or ".self_attn." in name
+
+
+def refuse_bias_balancing(model: torch.nn.Module, controller: RoutingController) -> None:
+    """Bias balancing needs a selection bias the exported model keeps; say why when there is none."""
+    if not any(hasattr(router, "e_score_correction_bias") for _, router in controller.routers):
+        raise UnsupportedArchitectureError(
+            f"--balance bias is refused for {model.config.model_type}: loss-free balancing learns a per-expert "
+            "bias that changes which experts are selected, also at inference (DeepSeek-V3 stores it as "
+            f"e_score_correction_bias), and {type(model).__name__}'s routers have no such parameter. The "
+            "bias would be lost on export and the saved model would route differently from the tuned one.",
+            "Use --balance switch (default) or --balance btx, optionally with --balance-scope global.",
+        )
+
+
+def _add_provenance(model_dir: Path, cfg: TuneConfig, result_row: dict[str, Any]) -> Any:
+    def add(tmp: Path) -> None:
+        record = {
+            "stage": "tune", "created": now_iso(), "from": str(model_dir), "data": cfg.data,
+            "mixture": cfg.mixture or {d: 1 / len(cfg.data) for d in cfg.data}, "train": cfg.train,
+            "balance": {"kind": cfg.balance, "aux_coef": cfg.aux_coef, "z_coef": cfg.z_coef, "scope": cfg.balance_scope},
+            "routing": cfg.routing, "loop": cfg.loop.model_dump(mode="json"), "final": result_row,
+        }
+        previous = model_dir / "moekit.yaml"
+        history = yaml.safe_load(previous.read_text()) if previous.is_file() else None
+        (tmp / "moekit.yaml").write_text(yaml.safe_dump({"tune": record, "mix": history}, sort_keys=False))
+        card = (model_dir / "README.md").read_text() if (model_dir / "README.md").is_file() else f"# {cfg.out.name}\n"
+        card += (
+            f"\n## Tuned\n\nFine-tuned by `moekit tune` ({cfg.train} parameters, {cfg.loop.max_steps or cfg.loop.max_tokens} "
+            f"{'steps' if cfg.loop.max_steps else 'tokens'}) on {', '.join(cfg.data)} with {cfg.balance} balancing "
+            f"(coefficient {cfg.aux_coef}, {cfg.balance_scope} scope). Details: `moekit.yaml`.\n"
+        )
+        (tmp / "README.md").write_text(card)
+
+    return add
+
+
+def tune(cfg: TuneConfig, show_progress: bool = True) -> TuneResult:
+    """Tune the MoE at ``cfg.model`` on the data mixture and write it to ``cfg.out``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_output_dir(cfg.out, cfg.force)
+    accelerator = make_accelerator(cfg.loop)
+    checkpoint = Checkpoint(cfg.model)  # validates the directory and gives the dtype to save in
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+    controller = RoutingController(model, cfg.routing, cfg.capacity_factor)
+    if cfg.balance == "bias":
+        refuse_bias_balancing(model, controller)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    cache_dir = (cfg.run_dir or cfg.out.parent) / ".cache" / "tokens"
+    with accelerator.main_process_first():
+        splits = domain_splits(tokenizer, cfg.data, cfg.val_data, cfg.loop.seq_len, cfg.val_fraction, cfg.text_field, cache_dir)
+    ratios = cfg.mixture or {d: 1.0 for d in cfg.data}
+    pool = mixture_blocks({d: train for d, (train, _) in splits.items()}, ratios, cfg.loop.seed)
+    eval_sets = {d: val for d, (_, val) in splits.items() if len(val)}
+    kind = "none" if cfg.balance == "none" else cfg.balance
+    objective = BalancedObjective(controller, BalanceSettings(kind, cfg.aux_coef, cfg.z_coef, cfg.balance_scope))
+    work_dir = work_dir_for(cfg)
+    job = LoopJob(
+        model, pool, eval_sets, cfg.loop, work_dir, cfg.resume, "tune", show_progress,
+        compute_loss=objective, trainable=trainable_predicate(cfg, controller), step_metrics=objective.step_metrics,
+    )
+    result = run_loop(job, accelerator)
+    controller.remove()
+    if accelerator.is_main_process:
+        assert result.state_dict is not None
+        provenance = _add_provenance(cfg.model, cfg, result.last_row)
+        write_trained_model(cfg.out, cfg.model, model, result.state_dict, checkpoint.dtype(), [work_dir / "metrics.jsonl"], cfg.force, provenance)
+        shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)
+        if cfg.run_dir is not None:
+            with updating_manifest(cfg.run_dir) as manifest:
+                params = cfg.model_dump(mode="json", exclude={"force", "resume", "run_dir"})
+                manifest.stages.append(StageRecord(stage="tune", params=params, outputs={"out": str(cfg.out), "eval_loss": result.eval}))
+    accelerator.wait_for_everyone()
+    return TuneResult(cfg.out, result.steps, result.resumed_from, result.last_row, result.eval)
