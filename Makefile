@@ -28,6 +28,7 @@ test-all: install
 bench: install
 	$(PY) bench/mix.py
 	$(PY) bench/train.py
+	$(PY) bench/tune.py
 
 clean:
 	rm -rf $(VENV) demo-out bench-out .pytest_cache
