@@ -17,7 +17,7 @@ def demo_command(
     steps: int = typer.Option(80, "--steps", min=1, help="Training steps per branch."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
 ) -> None:
-    """Run the pipeline on a tiny locally built model: branch, train, mix, upcycle (CPU, no downloads)."""
+    """Run the pipeline on a tiny locally built model: branch, train, mix, tune, upcycle (CPU, no downloads)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -44,4 +44,4 @@ def demo_command(
     console.print(table)
     shares = result.mixed.router_stats.get("init_in_domain_top1", {})
     console.print("Centroid router at init: tokens routed to their own domain's expert: " + ", ".join(f"{d} {v:.0%}" for d, v in shares.items()))
-    console.print(f"Outputs under {result.out}: run/ (seed branches, trained), run/mixed (BTX MoE), upcycled/ (baseline).")
+    console.print(f"Outputs under {result.out}: run/branches (trained), run/mixed (BTX MoE), run/tuned (tuned MoE), upcycled/ (baseline).")

@@ -1,10 +1,10 @@
 """``moekit demo``: the pipeline end to end on a tiny model built locally, in seconds on a CPU.
 
 Builds a random tiny seed and generated data for two domains (code-like lines, arithmetic),
-then runs what moekit has: ``branch`` into the two domains, ``train`` each branch briefly,
-``mix`` them with a data-aware (centroid) router, and the sparse-upcycling baseline. It checks
-that outputs load in plain transformers, that an upcycled MoE reproduces its seed exactly, and
-reports each model's held-out loss per domain. Router tuning joins when ``tune`` lands.
+then runs the pipeline: ``branch`` into the two domains, ``train`` each branch briefly, ``mix``
+them with a data-aware (centroid) router, ``tune`` the MoE with load balancing, plus the
+sparse-upcycling baseline. It checks that outputs load in plain transformers, that an upcycled
+MoE reproduces its seed exactly, and reports each model's held-out loss per domain.
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ from pathlib import Path
 
 import torch
 
-from moekit.config import LoopSettings, MixConfig, TrainConfig, UpcycleSettings
+from moekit.config import LoopSettings, MixConfig, TrainConfig, TuneConfig, UpcycleSettings
 from moekit.data import packed_blocks, token_stream
 from moekit.evaluation import domain_losses
 from moekit.io.atomic import check_output_dir
 from moekit.steps.branch import branch
 from moekit.steps.mix import MixResult, mix
 from moekit.steps.train import train
+from moekit.steps.tune import tune
 from moekit.tiny import build_tiny_model, domain_corpus
 
 DOMAINS = ("code", "math")
@@ -85,6 +86,8 @@ def run_demo(out: Path, family: str = "llama", force: bool = False, show_progres
         ),
         show_progress=show_progress,
     )
+    tune_loop = loop.model_copy(update={"max_steps": max(2, steps // 2), "lr": 1e-3})
+    tuned = tune(TuneConfig(model=mixed.out, out=run / "tuned", run_dir=run, data={d: [str(f[0])] for d, f in files.items()}, loop=tune_loop), show_progress)
     upcycled = mix(MixConfig(out=out / "upcycled", seed=str(seed), upcycle=UpcycleSettings(num_experts=4)), show_progress=show_progress)
     checks = {}
     clean, _ = _loads_cleanly(mixed.out)
@@ -92,8 +95,10 @@ def run_demo(out: Path, family: str = "llama", force: bool = False, show_progres
     clean, upcycled_model = _loads_cleanly(upcycled.out)
     _, seed_model = _loads_cleanly(seed)
     checks["upcycled MoE (4 equal experts) reproduces the seed"] = f"max |logit diff| {_max_logit_diff(upcycled_model, seed_model):.1e}"
+    final = tuned.last_row
+    checks["tune balanced the experts"] = f"MaxVio {final.get('maxvio', float('nan')):.2f}, dead experts {final.get('dead_experts')}"
     tokenizer = AutoTokenizer.from_pretrained(seed)
     heldout = {d: packed_blocks(token_stream(tokenizer, f[1]), SEQ_LEN, f[1]) for d, f in files.items()}
-    models = {"seed": seed, **{f"branch {d}": run / "branches" / d for d in DOMAINS}, "BTX mix (untuned)": mixed.out}
+    models = {"seed": seed, **{f"branch {d}": run / "branches" / d for d in DOMAINS}, "BTX mix (untuned)": mixed.out, "BTX mix, tuned": tuned.out}
     losses = {name: domain_losses(path, heldout) for name, path in models.items()}
     return DemoResult(out, mixed, checks, losses)

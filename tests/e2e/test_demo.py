@@ -9,7 +9,8 @@ def test_demo_pipeline(tmp_path):
     diff = float(result.checks["upcycled MoE (4 equal experts) reproduces the seed"].split()[-1])
     assert diff < 1e-5
     losses = result.losses
-    assert set(losses) == {"seed", "branch code", "branch math", "BTX mix (untuned)"}
+    assert set(losses) == {"seed", "branch code", "branch math", "BTX mix (untuned)", "BTX mix, tuned"}
+    assert "MaxVio" in result.checks["tune balanced the experts"]
     assert losses["branch code"]["code"] < losses["seed"]["code"]  # training on a domain helps it
     assert losses["branch math"]["math"] < losses["seed"]["math"]
     assert (tmp_path / "demo" / "run" / "mixed" / "config.json").is_file()
