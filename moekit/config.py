@@ -169,3 +169,40 @@ class TuneConfig(_Strict):
         if self.capacity_factor != 1.5 and self.routing != "switch":
             raise ValueError("capacity_factor only applies with routing=switch")
         return self
+
+
+class InspectConfig(_Strict):
+    """What ``inspect`` needs: a model, optional domain data, and what to write."""
+
+    model: str
+    data: dict[str, list[str]] = Field(default_factory=dict)
+    seq_len: int = Field(512, ge=2)
+    batch_size: int = Field(8, ge=1)
+    max_tokens: int = Field(65536, ge=1, description="tokens per domain")
+    text_field: str = "text"
+    json_path: Path | None = None
+    plot_dir: Path | None = None
+    tokens: str | None = Field(None, description="domain whose first block is shown coloured by top expert")
+    tokens_layer: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _tokens_domain(self) -> InspectConfig:
+        if self.tokens is not None and self.tokens not in self.data:
+            known = ", ".join(self.data) or "none given"
+            raise ValueError(f"tokens names domain '{self.tokens}', which has no --data (domains: {known})")
+        if (self.tokens is not None or self.tokens_layer is not None or self.plot_dir is not None) and not self.data:
+            raise ValueError("--tokens, --tokens-layer and --plot need routing data: add --data DOMAIN=PATH")
+        return self
+
+
+class EvalConfig(_Strict):
+    """What ``eval`` needs: models, held-out data per domain, and where to write JSON."""
+
+    models: list[str]
+    data: dict[str, list[str]] = Field(default_factory=dict)
+    seq_len: int = Field(512, ge=2)
+    batch_size: int = Field(8, ge=1)
+    max_tokens: int = Field(65536, ge=1, description="tokens per domain")
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="run-directory data: the held-out tail share")
+    text_field: str = "text"
+    json_path: Path | None = None

@@ -272,3 +272,12 @@ def mixture_blocks(splits: dict[str, torch.Tensor], ratios: dict[str, float], se
         order = torch.cat([torch.randperm(len(blocks), generator=generator) for _ in range(passes)])[:wanted]
         parts.append(blocks[order])
     return torch.cat(parts)
+
+
+def evaluation_blocks(tokenizer: Any, specs: list[str], seq_len: int, max_tokens: int, text_field: str = "text") -> torch.Tensor:
+    """Blocks of up to ``max_tokens`` tokens from ``specs`` (for inspect/eval; no cache, no split).
+
+    A stream shorter than one block becomes a single shorter block, so small samples still work.
+    """
+    stream = torch.cat([token_stream(tokenizer, spec, text_field, max_tokens=max_tokens) for spec in specs])[:max_tokens]
+    return stream.view(1, -1) if stream.numel() < seq_len else pack_blocks(stream, seq_len)

@@ -49,3 +49,11 @@ def training_progress(description: str, total: int, start: int, enabled: bool) -
             bar.update(task, advance=1, loss=f"{row['loss']:.4f}", speed=f"{row['tokens_per_s']:,.0f}")
 
         yield update
+
+
+def quiet_transformers() -> None:
+    """Silence transformers' own progress bars and info logs (moekit draws its own bars)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()

@@ -48,4 +48,10 @@ def get_adapter(model_type: str) -> ArchAdapter:
     return _REGISTRY[model_type]
 
 
-__all__ = ["ArchAdapter", "get_adapter", "register", "supported_families"]
+def adapter_for_moe(moe_type: str) -> ArchAdapter | None:
+    """An adapter whose target is ``moe_type`` (its MoE-side names), or None for other models."""
+    _load_all()
+    return next((a for a in _REGISTRY.values() if a.moe_type == moe_type), None)
+
+
+__all__ = ["ArchAdapter", "adapter_for_moe", "get_adapter", "register", "supported_families"]

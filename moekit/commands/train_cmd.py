@@ -56,6 +56,10 @@ def train_command(
     """
     from rich.console import Console
 
+    from moekit.progress import quiet_transformers
+
+    quiet_transformers()
+
     from moekit.config import TrainConfig
     from moekit.manifest import load_manifest
     from moekit.steps.train import train

@@ -73,6 +73,10 @@ def tune_command(
     """
     from rich.console import Console
 
+    from moekit.progress import quiet_transformers
+
+    quiet_transformers()
+
     from moekit.config import TuneConfig
     from moekit.errors import InvalidOptionError
     from moekit.steps.tune import tune

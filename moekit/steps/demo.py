@@ -19,6 +19,7 @@ from moekit.config import LoopSettings, MixConfig, TrainConfig, TuneConfig, Upcy
 from moekit.data import packed_blocks, token_stream
 from moekit.evaluation import domain_losses
 from moekit.io.atomic import check_output_dir
+from moekit.progress import quiet_transformers
 from moekit.steps.branch import branch
 from moekit.steps.mix import MixResult, mix
 from moekit.steps.train import train
@@ -66,10 +67,8 @@ def _write_data(data: Path) -> dict[str, tuple[Path, Path]]:
 def run_demo(out: Path, family: str = "llama", force: bool = False, show_progress: bool = True, steps: int = 80) -> DemoResult:
     """Build, branch, train, mix and upcycle a tiny model under ``out``; check and evaluate the results."""
     from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # moekit's own bars are enough for a demo
-    hf_logging.set_verbosity_error()
+    quiet_transformers()  # moekit's own bars are enough for a demo
     out = Path(out).absolute()
     check_output_dir(out, force)
     if out.exists():

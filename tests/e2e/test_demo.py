@@ -14,3 +14,13 @@ def test_demo_pipeline(tmp_path):
     assert losses["branch code"]["code"] < losses["seed"]["code"]  # training on a domain helps it
     assert losses["branch math"]["math"] < losses["seed"]["math"]
     assert (tmp_path / "demo" / "run" / "mixed" / "config.json").is_file()
+
+
+def test_eval_of_a_run_directory_uses_its_held_out_splits(tmp_path):
+    from moekit.config import EvalConfig
+    from moekit.steps.evaluate import evaluate_models
+
+    run_demo(tmp_path / "demo", steps=6, show_progress=False)
+    report = evaluate_models(EvalConfig(models=[str(tmp_path / "demo" / "run")], seq_len=64), show_progress=False)
+    assert list(report["results"]) == ["seed", "branch code", "branch math", "mixed", "tuned"]
+    assert report["domains"] == ["code", "math"] and report["same_tokenizer"]

@@ -1,0 +1,98 @@
+"""``moekit eval``: held-out loss and perplexity per domain for several models, side by side.
+
+Each model is evaluated with its own tokenizer (blocks are shared between models whose
+tokenizers are identical). Loss is the mean next-token cross-entropy over every predicted token
+of the blocks; perplexity is exp(loss). A run directory expands to its seed, branches, mixed and
+tuned models, and without --data its branches' held-out splits are used (the same blocks that
+``train`` evaluates on).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moekit.config import EvalConfig
+from moekit.data import domain_splits, evaluation_blocks, tokenizer_fingerprint_of
+from moekit.errors import InvalidOptionError
+from moekit.evaluation import block_losses, perplexity
+from moekit.io.source import resolve_model_dir
+from moekit.manifest import MANIFEST_NAME, load_manifest
+from moekit.progress import progress_bar
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` is a moekit run directory."""
+    return (path / MANIFEST_NAME).is_file() and (path / "branches").is_dir()
+
+
+def expand_models(models: list[str]) -> dict[str, Path]:
+    """Label -> directory; a run directory becomes its seed, branches, mixed and tuned models."""
+    labelled: dict[str, Path] = {}
+    for spec in models:
+        path = Path(spec)
+        if path.is_dir() and is_run_dir(path):
+            manifest = load_manifest(path)
+            labelled["seed"] = Path(manifest.seed.path)
+            labelled.update({f"branch {n}": manifest.branch_dir(path, n) for n in manifest.branches})
+            labelled.update({name: path / name for name in ("mixed", "tuned") if (path / name / "config.json").is_file()})
+        else:
+            directory = resolve_model_dir(spec)
+            label = directory.name if directory.name not in labelled else f"{directory.parent.name}/{directory.name}"
+            labelled[label] = directory
+    return labelled
+
+
+def _run_dir_heldout(cfg: EvalConfig, tokenizer: Any) -> dict[str, torch.Tensor]:
+    run = next(Path(m) for m in cfg.models if Path(m).is_dir() and is_run_dir(Path(m)))
+    manifest = load_manifest(run)
+    data = {n: r.data for n, r in manifest.branches.items() if r.data}
+    if not data:
+        raise InvalidOptionError(f"{run} has no branch data to evaluate on.", "Pass --data DOMAIN=PATH.")
+    val = {n: r.val_data for n, r in manifest.branches.items() if r.val_data}
+    splits = domain_splits(tokenizer, data, val, cfg.seq_len, cfg.val_fraction, cfg.text_field, run / ".cache" / "tokens")
+    return {d: held[: max(1, cfg.max_tokens // cfg.seq_len)] for d, (_, held) in splits.items()}
+
+
+def evaluate_models(cfg: EvalConfig, show_progress: bool = True) -> dict[str, Any]:
+    """Per-model, per-domain held-out loss/perplexity, averages and the best model per domain."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    models = expand_models(cfg.models)
+    if not cfg.data and not any(Path(m).is_dir() and is_run_dir(Path(m)) for m in cfg.models):
+        raise InvalidOptionError("No evaluation data.", "Pass --data DOMAIN=PATH (or a run directory, whose branches' held-out data is used).")
+    blocks_by_tokenizer: dict[str, dict[str, torch.Tensor]] = {}
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for label, directory in models.items():
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        key = tokenizer_fingerprint_of(tokenizer)
+        if key not in blocks_by_tokenizer:
+            blocks_by_tokenizer[key] = (
+                {d: evaluation_blocks(tokenizer, specs, cfg.seq_len, cfg.max_tokens, cfg.text_field) for d, specs in cfg.data.items()}
+                if cfg.data else _run_dir_heldout(cfg, tokenizer)
+            )
+        results[label] = _evaluate_one(AutoModelForCausalLM, directory, blocks_by_tokenizer[key], cfg, label, show_progress)
+    domains = list(next(iter(results.values())))
+    for scores in results.values():
+        scores["average"] = {"loss": sum(scores[d]["loss"] for d in domains) / len(domains)}
+        scores["average"]["perplexity"] = perplexity(scores["average"]["loss"])
+    best = {d: min(results, key=lambda m: results[m][d]["loss"]) for d in [*domains, "average"]}
+    return {"models": {label: str(path) for label, path in models.items()}, "domains": domains, "results": results, "best": best,
+            "same_tokenizer": len(blocks_by_tokenizer) == 1}
+
+
+def _evaluate_one(model_class: Any, directory: Path, blocks: dict[str, torch.Tensor], cfg: EvalConfig, label: str, show_progress: bool) -> dict[str, dict[str, float]]:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model_class.from_pretrained(directory, dtype=torch.float32).to(device).eval()
+    scores = {}
+    with torch.no_grad(), progress_bar(f"eval {label}", sum(len(b) for b in blocks.values()), show_progress) as advance:
+        for domain, domain_blocks in blocks.items():
+            losses = []
+            for chunk in domain_blocks.split(cfg.batch_size):
+                losses.append(block_losses(model, chunk.long().to(device)).cpu())
+                advance(len(chunk))
+            loss = float(torch.cat(losses).mean())  # equal-length blocks: the token-weighted mean
+            scores[domain] = {"loss": loss, "perplexity": perplexity(loss), "tokens": int(domain_blocks.numel())}
+    return scores

@@ -1,0 +1,73 @@
+"""``moekit inspect``: static statistics of a model, and its routing on domain data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from moekit.config import InspectConfig
+from moekit.data import evaluation_blocks
+from moekit.errors import InvalidOptionError
+from moekit.inspection.routing import collect_routing, routing_report
+from moekit.inspection.static import static_report
+from moekit.io.checkpoint import Checkpoint
+from moekit.io.source import resolve_model_dir
+from moekit.progress import progress_bar
+
+
+def expert_names_from_provenance(model_dir: Path) -> list[str] | None:
+    """Expert names from the moekit.yaml that mix (or tune) wrote next to the weights."""
+    path = model_dir / "moekit.yaml"
+    if not path.is_file():
+        return None
+    record = yaml.safe_load(path.read_text()) or {}
+    record = record.get("mix", record) if isinstance(record, dict) else {}
+    experts = record.get("experts") if isinstance(record, dict) else None
+    return [e["name"] for e in experts] if isinstance(experts, list) and all(isinstance(e, dict) for e in experts) else None
+
+
+def inspect_static(model: str) -> tuple[Path, dict[str, Any]]:
+    """The model's directory and its static report."""
+    model_dir = resolve_model_dir(model)
+    return model_dir, static_report(Checkpoint(model_dir))
+
+
+def inspect_routing(cfg: InspectConfig, model_dir: Path, static: dict[str, Any], show_progress: bool = True) -> dict[str, Any]:
+    """Run the data through the MoE and return the routing report (adds files for --json/--plot)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not static["is_moe"]:
+        raise InvalidOptionError(
+            f"{cfg.model} is a dense {static['model_type']} model: it has no routers, so there is no routing to inspect.",
+            "Run `moekit inspect MODEL` without --data for its static statistics, or inspect an MoE.",
+        )
+    if cfg.tokens_layer is not None and cfg.tokens_layer >= static["layers"]:
+        raise InvalidOptionError(f"--tokens-layer {cfg.tokens_layer} is out of range.", f"The model has layers 0..{static['layers'] - 1}.")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    blocks = {d: evaluation_blocks(tokenizer, specs, cfg.seq_len, cfg.max_tokens, cfg.text_field) for d, specs in cfg.data.items()}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = Checkpoint(model_dir).dtype() if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    with progress_bar("routing blocks", sum(len(b) for b in blocks.values()), show_progress) as advance:
+        tally = collect_routing(model, blocks, cfg.batch_size, advance, cfg.tokens_layer)
+    report = routing_report(tally, expert_names_from_provenance(model_dir))
+    report["samples"] = {d: {**s, "text": [tokenizer.decode([i]) for i in s["ids"]]} for d, s in report["samples"].items()}
+    return report
+
+
+def write_outputs(cfg: InspectConfig, report: dict[str, Any]) -> list[Path]:
+    """Write --json and --plot outputs; return the paths written."""
+    from moekit.report import write_plots
+
+    written = []
+    if cfg.json_path is not None:
+        cfg.json_path.parent.mkdir(parents=True, exist_ok=True)
+        cfg.json_path.write_text(json.dumps(report, indent=1))
+        written.append(cfg.json_path)
+    if cfg.plot_dir is not None and report.get("routing"):
+        written += write_plots(report, cfg.plot_dir)
+    return written
