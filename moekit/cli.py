@@ -18,7 +18,7 @@ import typer
 app = typer.Typer(
     name="moekit",
     help="Build Mixture-of-Experts models from dense Hugging Face checkpoints (Branch-Train-MiX).\n\n"
-    "Pipeline: branch -> train each branch -> mix (tune, inspect and eval are planned).",
+    "Pipeline: branch -> train each branch -> mix -> tune, then inspect and eval.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -60,7 +60,7 @@ def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             _print_error(f"Invalid option value: {problems}.", "See --help for the allowed values.")
             raise typer.Exit(2)
         except KeyboardInterrupt:
-            _print_error("Interrupted. Unfinished outputs were discarded; checkpoints already written by train are kept for --resume.")
+            _print_error("Interrupted. Unfinished outputs were discarded; checkpoints already written by train or tune are kept for --resume.")
             raise typer.Exit(130)
 
     return wrapper

@@ -80,7 +80,7 @@ class MixConfig(_Strict):
 
 
 class LoopSettings(_Strict):
-    """Settings of the shared training loop (``train`` now, ``tune`` later).
+    """Settings of the shared training loop (``train`` and ``tune``).
 
     Defaults follow BTX's branch training: AdamW, weight decay 0.1, warmup then cosine decay to
     10% of the peak learning rate, gradient clipping at 1.0.
@@ -166,8 +166,11 @@ class TuneConfig(_Strict):
             raise ValueError(f"the mixture names {sorted(self.mixture)} but the data has domains {sorted(self.data)}; name the same domains")
         if any(v < 0 for v in self.mixture.values()) or (self.mixture and sum(self.mixture.values()) <= 0):
             raise ValueError("mixture shares must be non-negative with a positive sum")
-        if self.capacity_factor != 1.5 and self.routing != "switch":
-            raise ValueError("capacity_factor only applies with routing=switch")
+        if self.balance_scope == "global" and self.balance != "switch":
+            raise ValueError("balance_scope global changes the assignment counts of the switch loss; it has no effect with balance=" + self.balance)
+        unused_val = sorted(set(self.val_data) - set(self.data))
+        if unused_val:
+            raise ValueError(f"val_data names {unused_val} without data for them; give --data for those domains too")
         return self
 
 

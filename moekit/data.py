@@ -56,6 +56,14 @@ def expand_data_paths(spec: str | Path) -> list[Path]:
     return files
 
 
+def absolute_spec(spec: str) -> str:
+    """A data spec with local paths made absolute (checked to exist); hf: specs unchanged."""
+    if spec.startswith(HUB_PREFIX):
+        return spec
+    expand_data_paths(spec)  # raises a clear DataError for missing or unsupported data
+    return str(Path(spec).absolute())
+
+
 def _records_text(records: Iterable[Any], path: Path | str, text_field: str) -> Iterator[str]:
     for i, record in enumerate(records):
         if isinstance(record, str):
@@ -267,7 +275,9 @@ def mixture_blocks(splits: dict[str, torch.Tensor], ratios: dict[str, float], se
     generator = torch.Generator().manual_seed(seed)
     parts = []
     for domain, blocks in splits.items():
-        wanted = max(1, round(total * ratios[domain] / weight))
+        wanted = round(total * ratios[domain] / weight)
+        if wanted == 0:  # a zero share (or one too small to round to a block) leaves the domain out
+            continue
         passes = -(-wanted // len(blocks))
         order = torch.cat([torch.randperm(len(blocks), generator=generator) for _ in range(passes)])[:wanted]
         parts.append(blocks[order])

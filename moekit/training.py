@@ -13,6 +13,7 @@ Precision: fp32 on CPU (bf16 autocast made CPU backward passes ~14x slower, REFE
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -64,6 +65,8 @@ class LoopJob:
     trainable: Callable[[str], bool] = lambda name: True
     on_step_end: Callable[[int, dict[str, Any]], None] | None = None
     step_metrics: Callable[[], dict[str, Any]] | None = None  # called on every rank after each step
+    fingerprint_extra: dict[str, Any] = field(default_factory=dict)  # caller options a resume must match
+    eval_context: Callable[[], Any] = contextlib.nullcontext  # e.g. restore the model's own routing
 
 
 @dataclass
@@ -208,7 +211,7 @@ def run_loop(job: LoopJob, accelerator: Any) -> LoopResult:
         job.model.config.use_cache = False  # restored below, so the saved config is unchanged
     optimizer = _optimizer(job.model, settings, job.trainable)
     model, optimizer = accelerator.prepare(job.model, optimizer)
-    fingerprint = _fingerprint(settings, blocks, world, str(accelerator.mixed_precision))
+    fingerprint = {**_fingerprint(settings, blocks, world, str(accelerator.mixed_precision)), **job.fingerprint_extra}
     start_step, tokens = _resume_point(job, accelerator, fingerprint)
     schedule = BlockSchedule(len(blocks), settings.batch_size, settings.grad_accum, world, settings.seed)
     logger = MetricsLogger(job.work_dir, accelerator.is_main_process, settings.report_to, start_step)
@@ -247,10 +250,13 @@ def run_loop(job: LoopJob, accelerator: Any) -> LoopResult:
                 job.on_step_end(step + 1, row)
             last = step + 1 == steps
             if job.eval_sets and not last and settings.eval_every and (step + 1) % settings.eval_every == 0:
-                logger.log({"step": step + 1, **{f"eval/{d}/loss": v for d, v in evaluate(model, job.eval_sets, settings, accelerator).items()}})
+                with job.eval_context():
+                    losses = evaluate(model, job.eval_sets, settings, accelerator)
+                logger.log({"step": step + 1, **{f"eval/{d}/loss": v for d, v in losses.items()}})
             if not last and settings.save_every and (step + 1) % settings.save_every == 0:
                 _save_checkpoint(accelerator, job.work_dir / "checkpoints", step + 1, tokens, fingerprint, settings.keep_checkpoints)
-    final_eval = evaluate(model, job.eval_sets, settings, accelerator) if job.eval_sets else {}
+    with job.eval_context():
+        final_eval = evaluate(model, job.eval_sets, settings, accelerator) if job.eval_sets else {}
     if final_eval:
         logger.log({"step": steps, **{f"eval/{d}/loss": v for d, v in final_eval.items()}})
     logger.close()

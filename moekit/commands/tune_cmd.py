@@ -27,18 +27,23 @@ def parse_mixture(text: Optional[str]) -> dict[str, float]:
     return mixture
 
 
-def _inputs(model: Path, data: dict[str, str], out: Optional[Path]) -> tuple[Path, dict[str, list[str]], Path, Optional[Path]]:
-    """(MoE dir, domain data, output, run dir) from a run directory or an MoE directory."""
+def _inputs(model: Path, data: dict[str, str], val_data: dict[str, str], out: Optional[Path]) -> dict[str, Any]:
+    """TuneConfig fields for the inputs: from a run directory (its mixed model and branch data) or an MoE directory."""
+    from moekit.data import absolute_spec
     from moekit.errors import InvalidOptionError
     from moekit.manifest import MANIFEST_NAME, load_manifest
 
+    given = {d: [absolute_spec(p)] for d, p in data.items()}
+    given_val = {d: [absolute_spec(p)] for d, p in val_data.items()}
     if (model / "branches").is_dir() and (model / MANIFEST_NAME).is_file():
-        manifest = load_manifest(model)
-        remembered = {name: record.data for name, record in manifest.branches.items() if record.data}
-        return model / "mixed", {**remembered, **{d: [p] for d, p in data.items()}}, out or model / "tuned", model
+        branches = load_manifest(model).branches
+        remembered = {name: record.data for name, record in branches.items() if record.data}
+        remembered_val = {name: record.val_data for name, record in branches.items() if record.val_data}
+        return {"model": model / "mixed", "data": {**remembered, **given}, "val_data": {**remembered_val, **given_val},
+                "out": out or model / "tuned", "run_dir": model}
     if out is None:
         raise InvalidOptionError("No output directory.", "Pass --out DIR (or give a run directory, whose default is RUN_DIR/tuned).")
-    return model, {d: [p] for d, p in data.items()}, out, None
+    return {"model": model, "data": given, "val_data": given_val, "out": out, "run_dir": None}
 
 
 @app.command("tune")
@@ -54,10 +59,10 @@ def tune_command(
     balance: str = typer.Option("switch", "--balance", help="switch (Switch/HF aux loss) | btx (mean gate values) | bias (loss-free; needs a target with a selection bias) | none."),
     aux_coef: float = typer.Option(0.01, "--aux-coef", help="Balancing loss coefficient."),
     z_loss: bool = typer.Option(False, "--z-loss", help="Add the router z-loss (coefficient --z-coef)."),
-    z_coef: float = typer.Option(1e-3, "--z-coef", help="Router z-loss coefficient when --z-loss is on."),
+    z_coef: Optional[float] = typer.Option(None, "--z-coef", help="Router z-loss coefficient with --z-loss (default 1e-3)."),
     balance_scope: str = typer.Option("micro", "--balance-scope", help="micro (per micro-batch) | global (counts over the global batch, Qiu et al. 2025)."),
     routing: str = typer.Option("topk", "--routing", help="Training-time routing: topk (the model's own) | switch (top-1, capacity) | soft (all experts)."),
-    capacity_factor: float = typer.Option(1.5, "--capacity-factor", help="Switch routing: capacity = tokens / experts x this."),
+    capacity_factor: Optional[float] = typer.Option(None, "--capacity-factor", help="Switch routing: capacity = tokens / experts x this (default 1.5)."),
     val_fraction: float = typer.Option(0.05, "--val-fraction", help="Share of blocks held out per domain."),
     text_field: str = typer.Option("text", "--text-field", help="Text field of .jsonl/.json/.parquet records."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint of an interrupted run."),
@@ -82,15 +87,15 @@ def tune_command(
     from moekit.steps.tune import tune
     from moekit.training import is_main_process
 
-    if capacity_factor != 1.5 and routing != "switch":
+    if capacity_factor is not None and routing != "switch":
         raise InvalidOptionError("--capacity-factor only applies with --routing switch.", "Remove it or add --routing switch.")
-    if z_coef != 1e-3 and not z_loss:
+    if z_coef is not None and not z_loss:
         raise InvalidOptionError("--z-coef only applies with --z-loss.", "Add --z-loss.")
-    model_dir, domains, out_dir, run_dir = _inputs(model, parse_key_values(data, "--data"), out)
+    inputs = _inputs(model, parse_key_values(data, "--data"), parse_key_values(val_data, "--val-data"), out)
     cfg = TuneConfig(
-        model=model_dir, out=out_dir, run_dir=run_dir, data=domains, val_data={d: [p] for d, p in parse_key_values(val_data, "--val-data").items()},
-        mixture=parse_mixture(mix), train=train, balance=balance, aux_coef=aux_coef, z_coef=z_coef if z_loss else 0.0,
-        balance_scope=balance_scope, routing=routing, capacity_factor=capacity_factor, val_fraction=val_fraction,
+        **inputs,
+        mixture=parse_mixture(mix), train=train, balance=balance, aux_coef=aux_coef, z_coef=(z_coef or 1e-3) if z_loss else 0.0,
+        balance_scope=balance_scope, routing=routing, capacity_factor=capacity_factor or 1.5, val_fraction=val_fraction,
         text_field=text_field, resume=resume, force=force, loop=loop,
     )
     result = tune(cfg)

@@ -14,7 +14,9 @@ need (logits, weights) are the router's own outputs, kept for that micro-batch o
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -104,6 +106,20 @@ class RoutingController:
     def counts(self) -> torch.Tensor:
         """Assignment counts of the last forward pass, [layers, E]."""
         return torch.stack([balance.assignment_counts(r.indices, self.num_experts) for r in self.collected()])
+
+    @contextlib.contextmanager
+    def native_routing(self) -> Iterator[None]:
+        """Temporarily route with the model's own routers (e.g. to evaluate what will be saved)."""
+        replaced = {id(r): r.__dict__.pop("forward") for _, r in self.routers if "forward" in r.__dict__}
+        handles = [r.register_forward_hook(self._recording_hook(i)) for i, (_, r) in enumerate(self.routers)] if replaced else []
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for _, router in self.routers:
+                if id(router) in replaced:
+                    router.forward = replaced[id(router)]
 
     def remove(self) -> None:
         """Detach hooks and restore the routers' own forward methods."""

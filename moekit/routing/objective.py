@@ -19,12 +19,14 @@ from moekit.routing import balance
 from moekit.routing.control import RoutingController
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over data-parallel ranks in place (a no-op in a single process)."""
+def all_reduce_sum(tensor: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Sum a tensor over data-parallel ranks (on ``device``: NCCL needs GPU tensors); return it on the CPU."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor)
+        on_device = tensor.to(device)
+        dist.all_reduce(on_device)
+        return on_device.cpu()
     return tensor
 
 
@@ -50,15 +52,17 @@ class BalancedObjective:
         self._sums: dict[str, float] = {}
         self._micro = 0
         self._dropped, self._routed = 0, 0
+        self._device: torch.device | str = "cpu"
 
     def __call__(self, model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """LM loss + balancing terms for one micro-batch."""
         self.controller.clear()
         lm_loss = model(input_ids=input_ids, labels=input_ids).loss
+        self._device = lm_loss.device
         records = self.controller.collected()
         counts = torch.stack([balance.assignment_counts(r.indices, self.controller.num_experts) for r in records]).cpu()
         if self.settings.scope == "global":
-            counts = all_reduce_sum(counts.to(lm_loss.device)).cpu()
+            counts = all_reduce_sum(counts, self._device)
             self.global_counts += counts
         self.micro_counts.append(counts)
         self._step_counts += counts
@@ -96,8 +100,8 @@ class BalancedObjective:
         """
         counts = self._step_counts.clone()
         if self.settings.scope == "micro":
-            counts = all_reduce_sum(counts)
-        extra = all_reduce_sum(torch.tensor([*self._sums.values(), float(self._micro), float(self._dropped), float(self._routed)]))
+            counts = all_reduce_sum(counts, self._device)
+        extra = all_reduce_sum(torch.tensor([*self._sums.values(), float(self._micro), float(self._dropped), float(self._routed)]), self._device)
         names = list(self._sums)
         micro = extra[len(names)]
         row: dict[str, Any] = {name: float(extra[i] / micro) for i, name in enumerate(names)}

@@ -278,4 +278,4 @@ def _write_metadata(tmp: Path, cfg: MixConfig, inputs: MixInputs, config_json: d
         "random_seed": cfg.random_seed,
     }
     write_provenance(tmp, record)
-    write_model_card(tmp, record, inputs.adapter)
+    write_model_card(tmp, record, inputs.adapter, Path(cfg.out).name)

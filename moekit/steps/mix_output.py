@@ -34,16 +34,44 @@ def build_moe_config(seed_dir: Path, adapter: ArchAdapter, num_experts: int, top
     moe.architectures = [adapter.moe_architecture]
     moe.dtype = dtype
     data = moe.to_dict()
+    data["head_dim"] = int(kwargs["head_dim"])
+    return moe, portable_config(data)
+
+
+def portable_config(data: dict[str, Any]) -> dict[str, Any]:
+    """Add the keys older readers need next to transformers 5's (REFERENCE.md section 5).
+
+    rope_theta/rope_scaling next to rope_parameters, torch_dtype next to dtype, an integer
+    head_dim, and for MoEs every expert-count key the family's readers use (vLLM reads
+    num_experts for Qwen MoEs).
+    """
+    from moekit.arch import adapter_for_moe
+
+    data = dict(data)
     rope = data.get("rope_parameters") or {}
     if "rope_theta" in rope:
         data["rope_theta"] = rope["rope_theta"]
     if rope.get("rope_type", "default") != "default":
         data["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
-    data["dtype"] = data["torch_dtype"] = dtype_name(dtype)
-    for key in adapter.num_experts_keys:
-        data[key] = num_experts
-    data["head_dim"] = int(kwargs["head_dim"])
-    return moe, data
+    if data.get("dtype"):
+        data["torch_dtype"] = str(data["dtype"]).removeprefix("torch.")
+        data["dtype"] = data["torch_dtype"]
+    if data.get("head_dim") is not None:
+        data["head_dim"] = int(data["head_dim"])
+    adapter = adapter_for_moe(str(data.get("model_type", "")))
+    experts = next((data[k] for k in ("num_local_experts", "num_experts") if data.get(k)), None)
+    if adapter is not None and experts:
+        for key in adapter.num_experts_keys:
+            data[key] = experts
+    return data
+
+
+def make_config_portable(model_dir: Path) -> None:
+    """Rewrite ``model_dir/config.json`` (as save_pretrained wrote it) with the portability keys."""
+    import json
+
+    path = model_dir / "config.json"
+    path.write_text(json.dumps(portable_config(json.loads(path.read_text())), indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def write_provenance(out_dir: Path, record: dict[str, Any]) -> None:
@@ -52,8 +80,8 @@ def write_provenance(out_dir: Path, record: dict[str, Any]) -> None:
     (out_dir / "moekit.yaml").write_text(yaml.safe_dump(full, sort_keys=False), encoding="utf-8")
 
 
-def write_model_card(out_dir: Path, record: dict[str, Any], adapter: ArchAdapter) -> None:
-    """Write a README.md model card: what was merged, how, the routing, and how to load it."""
+def write_model_card(out_dir: Path, record: dict[str, Any], adapter: ArchAdapter, name: str) -> None:
+    """Write a README.md model card into ``out_dir`` for the model that will be called ``name``."""
     rows = "\n".join(f"| {i} | {e['name']} | {e['kind']} | `{e['source']}` |" for i, e in enumerate(record["experts"]))
     routing = record["router"]
     init_stats = ""
@@ -67,7 +95,7 @@ tags: [moe, mixture-of-experts, moekit, {'sparse-upcycling' if record['mode'] ==
 base_model: {record['seed']}
 ---
 
-# {out_dir.name}
+# {name}
 
 A {adapter.moe_architecture} Mixture-of-Experts model built by moekit
 {'by sparse upcycling (every expert starts as a copy of the seed FFN)' if record['mode'] == 'upcycle' else 'with Branch-Train-MiX'}
@@ -86,8 +114,8 @@ from the dense {adapter.dense_type} model `{record['seed']}`.
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
-model = AutoModelForCausalLM.from_pretrained("{out_dir.name}")
-tokenizer = AutoTokenizer.from_pretrained("{out_dir.name}")
+model = AutoModelForCausalLM.from_pretrained("{name}")
+tokenizer = AutoTokenizer.from_pretrained("{name}")
 ```
 
 Weights use the per-expert tensor names that transformers, vLLM and llama.cpp's converter read.

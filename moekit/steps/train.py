@@ -17,10 +17,11 @@ from typing import Any
 import torch
 
 from moekit.config import TrainConfig
-from moekit.data import HUB_PREFIX, domain_splits, expand_data_paths
+from moekit.data import absolute_spec, domain_splits
 from moekit.errors import DataError, InvalidOptionError
 from moekit.io.checkpoint import Checkpoint
 from moekit.manifest import RunManifest, StageRecord, load_manifest, updating_manifest
+from moekit.steps.mix_output import make_config_portable
 from moekit.steps.model_io import write_trained_model
 from moekit.training import LoopJob, make_accelerator, run_loop
 
@@ -38,11 +39,6 @@ class BranchTrainResult:
     eval: dict[str, float]
 
 
-def _absolute_spec(spec: str) -> str:
-    if spec.startswith(HUB_PREFIX):
-        return spec
-    expand_data_paths(spec)  # raises a clear DataError for missing or unsupported data
-    return str(Path(spec).absolute())
 
 
 def register_data(manifest: RunManifest, cfg: TrainConfig) -> None:
@@ -52,7 +48,7 @@ def register_data(manifest: RunManifest, cfg: TrainConfig) -> None:
             if branch not in manifest.branches:
                 raise InvalidOptionError(f"{option} names branch '{branch}', which the run does not have.", f"Branches: {', '.join(manifest.branches)}.")
             record = manifest.branches[branch]
-            absolute = [_absolute_spec(s) for s in specs]
+            absolute = [absolute_spec(s) for s in specs]
             if option == "--data":
                 record.data = absolute
             else:
@@ -127,7 +123,7 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> list[BranchTrainResul
         if accelerator.is_main_process:
             assert result.state_dict is not None
             dtype = Checkpoint(branch_dir).dtype()  # keep the branch's own dtype (the seed's)
-            write_trained_model(branch_dir, branch_dir, model, result.state_dict, dtype, [work_dir / "metrics.jsonl"])
+            write_trained_model(branch_dir, branch_dir, model, result.state_dict, dtype, [work_dir / "metrics.jsonl"], add_files=make_config_portable)
             shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)
             outputs = {"steps": result.steps, "tokens": result.tokens, "loss": result.last_row.get("loss"), "eval_loss": result.eval}
             with updating_manifest(cfg.run_dir) as fresh:

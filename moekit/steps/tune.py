@@ -26,6 +26,7 @@ from moekit.io.checkpoint import Checkpoint
 from moekit.manifest import StageRecord, now_iso, updating_manifest
 from moekit.routing.control import RoutingController
 from moekit.routing.objective import BalancedObjective, BalanceSettings
+from moekit.steps.mix_output import make_config_portable
 from moekit.steps.model_io import write_trained_model
 from moekit.training import LoopJob, make_accelerator, run_loop
 
@@ -57,7 +58,7 @@ def trainable_predicate(cfg: TuneConfig, controller: RoutingController) -> Any:
 
 
 def refuse_bias_balancing(model: torch.nn.Module, controller: RoutingController) -> None:
-    """Bias balancing needs a selection bias the exported model keeps; say why when there is none."""
+    """Bias balancing needs a selection bias the exported model keeps; say why it cannot run."""
     if not any(hasattr(router, "e_score_correction_bias") for _, router in controller.routers):
         raise UnsupportedArchitectureError(
             f"--balance bias is refused for {model.config.model_type}: loss-free balancing learns a per-expert "
@@ -66,6 +67,11 @@ def refuse_bias_balancing(model: torch.nn.Module, controller: RoutingController)
             "bias would be lost on export and the saved model would route differently from the tuned one.",
             "Use --balance switch (default) or --balance btx, optionally with --balance-scope global.",
         )
+    raise UnsupportedArchitectureError(
+        f"--balance bias is not implemented for {model.config.model_type} routers yet (moekit's own targets have "
+        "no selection bias to train).",
+        "Use --balance switch or --balance btx.",
+    )
 
 
 def _add_provenance(model_dir: Path, cfg: TuneConfig, result_row: dict[str, Any]) -> Any:
@@ -78,14 +84,14 @@ def _add_provenance(model_dir: Path, cfg: TuneConfig, result_row: dict[str, Any]
         }
         previous = model_dir / "moekit.yaml"
         history = yaml.safe_load(previous.read_text()) if previous.is_file() else None
-        (tmp / "moekit.yaml").write_text(yaml.safe_dump({"tune": record, "mix": history}, sort_keys=False))
+        (tmp / "moekit.yaml").write_text(yaml.safe_dump({"tune": record, "input": history}, sort_keys=False))
         card = (model_dir / "README.md").read_text() if (model_dir / "README.md").is_file() else f"# {cfg.out.name}\n"
-        card += (
-            f"\n## Tuned\n\nFine-tuned by `moekit tune` ({cfg.train} parameters, {cfg.loop.max_steps or cfg.loop.max_tokens} "
-            f"{'steps' if cfg.loop.max_steps else 'tokens'}) on {', '.join(cfg.data)} with {cfg.balance} balancing "
-            f"(coefficient {cfg.aux_coef}, {cfg.balance_scope} scope). Details: `moekit.yaml`.\n"
-        )
+        budget = f"{cfg.loop.max_steps} steps" if cfg.loop.max_steps else f"{cfg.loop.max_tokens:,} tokens"
+        balancing = "no balancing loss" if cfg.balance == "none" else f"{cfg.balance} balancing (coefficient {cfg.aux_coef}, {cfg.balance_scope} scope)"
+        extras = (f", router z-loss {cfg.z_coef}" if cfg.z_coef else "") + (f", {cfg.routing} routing while training" if cfg.routing != "topk" else "")
+        card += f"\n## Tuned\n\nFine-tuned by `moekit tune` ({cfg.train} parameters, {budget}) on {', '.join(cfg.data)} with {balancing}{extras}. Details: `moekit.yaml`.\n"
         (tmp / "README.md").write_text(card)
+        make_config_portable(tmp)
 
     return add
 
@@ -111,9 +117,11 @@ def tune(cfg: TuneConfig, show_progress: bool = True) -> TuneResult:
     kind = "none" if cfg.balance == "none" else cfg.balance
     objective = BalancedObjective(controller, BalanceSettings(kind, cfg.aux_coef, cfg.z_coef, cfg.balance_scope))
     work_dir = work_dir_for(cfg)
+    options = cfg.model_dump(mode="json", include={"train", "balance", "aux_coef", "z_coef", "balance_scope", "routing", "capacity_factor", "mixture"})
     job = LoopJob(
         model, pool, eval_sets, cfg.loop, work_dir, cfg.resume, "tune", show_progress,
         compute_loss=objective, trainable=trainable_predicate(cfg, controller), step_metrics=objective.step_metrics,
+        fingerprint_extra={"tune": options}, eval_context=controller.native_routing,
     )
     result = run_loop(job, accelerator)
     controller.remove()

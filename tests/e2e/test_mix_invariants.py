@@ -138,6 +138,8 @@ def test_output_files_and_config_fixups(make_seed, tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json", "README.md", "moekit.yaml"):
         assert (out / name).is_file(), name
     assert (out / "tokenizer.json").read_bytes() == (seed / "tokenizer.json").read_bytes()
+    card = (out / "README.md").read_text()
+    assert '"moe"' in card and ".tmp" not in card  # the card names the final directory
     shared = load_file(out / "model.safetensors")
     assert torch.count_nonzero(shared["model.layers.0.mlp.shared_expert.down_proj.weight"]) == 0
     assert not any(p.name.startswith(".moe") for p in tmp_path.iterdir())  # no temp dirs left

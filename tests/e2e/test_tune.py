@@ -61,7 +61,8 @@ def test_router_only_tuning_changes_only_routers(mixed, tmp_path):
     assert set(before.tensors) == set(after.tensors)  # same per-expert HF layout as mix writes
     changed = [n for n in before.tensors if not torch.equal(before.get(n), after.get(n))]
     assert changed and all(n.endswith("block_sparse_moe.gate.weight") for n in changed), changed
-    assert json.loads((tmp_path / "tuned" / "config.json").read_text())["num_experts_per_tok"] == 2
+    config = json.loads((tmp_path / "tuned" / "config.json").read_text())
+    assert config["num_experts_per_tok"] == 2 and "rope_theta" in config and config["torch_dtype"] == "float32"  # portable keys kept
     rows = [r for r in _rows(tmp_path / "tuned" / "metrics.jsonl") if "loss" in r]
     assert {"lm_loss", "aux_loss/switch", "load_imbalance", "maxvio", "dead_experts", "dropped_tokens"} <= set(rows[-1])
 
