@@ -83,7 +83,7 @@ def parse_key_values(items: list[str], option: str) -> dict[str, str]:
 
 def build_app() -> typer.Typer:
     """The Typer app with every command registered (importing a command module registers it)."""
-    from moekit.commands import branch_cmd, demo_cmd, eval_cmd, inspect_cmd, mix_cmd, train_cmd, tune_cmd  # noqa: F401
+    from moekit.commands import branch_cmd, demo_cmd, eval_cmd, inspect_cmd, mix_cmd, run_cmd, train_cmd, tune_cmd  # noqa: F401
 
     return app
 

@@ -171,3 +171,30 @@ router entropy {summary['router_entropy_mean']:.3f} of {summary['max_router_entr
 <h2>Per layer</h2>{layers}<h2>Figures</h2>{figures}</body></html>"""
     path.write_text(page, encoding="utf-8")
     return path
+
+
+def render_eval_table(console: Any, report: dict[str, Any]) -> None:
+    """Held-out loss (perplexity) per model and domain, best per column marked."""
+    from rich.table import Table
+
+    table = Table(title="held-out loss (perplexity); * = best")
+    table.add_column("model")
+    columns = [*report["domains"], "average"]
+    for column in columns:
+        table.add_column(column, justify="right")
+    for label, scores in report["results"].items():
+        cells = [f"{scores[c]['loss']:.3f} ({scores[c]['perplexity']:.1f}){' *' if report['best'][c] == label else ''}" for c in columns]
+        table.add_row(label, *cells)
+    console.print(table)
+    if not report.get("same_tokenizer", True):
+        console.print("[yellow]The models use different tokenizers: losses per token are not directly comparable across them.[/]")
+
+
+def render_run_outcome(console: Any, outcome: Any) -> None:
+    """What a recipe run did, its eval table and a routing summary."""
+    console.print("stages: " + ", ".join(f"{stage} {what.split(' ')[0]}" for stage, what in outcome.stages.items()))
+    if outcome.eval_report:
+        render_eval_table(console, outcome.eval_report)
+    if outcome.routing and outcome.routing.get("routing"):
+        render_routing(console, outcome.routing["routing"], detail=False)
+        console.print(f"Routing plots and report: {outcome.workdir / 'run' / 'inspect' / 'report.html'}")

@@ -42,18 +42,8 @@ def eval_command(
     cfg = EvalConfig(models=models, data={d: [p] for d, p in parse_key_values(data, "--data").items()}, seq_len=seq_len,
                      batch_size=batch_size, max_tokens=max_tokens, text_field=text_field, json_path=json_path)
     report = evaluate_models(cfg)
-    table = Table(title="held-out loss (perplexity); * = best")
-    table.add_column("model")
-    columns = [*report["domains"], "average"]
-    for column in columns:
-        table.add_column(column, justify="right")
-    for label, scores in report["results"].items():
-        cells = [f"{scores[c]['loss']:.3f} ({scores[c]['perplexity']:.1f}){' *' if report['best'][c] == label else ''}" for c in columns]
-        table.add_row(label, *cells)
     console = Console()
-    console.print(table)
-    if not report["same_tokenizer"]:
-        console.print("[yellow]The models use different tokenizers: losses per token are not directly comparable across them.[/]")
+    render_eval_table(console, report)
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(report, indent=1))

@@ -2,8 +2,8 @@
 
 Each model is evaluated with its own tokenizer (blocks are shared between models whose
 tokenizers are identical). Loss is the mean next-token cross-entropy over every predicted token
-of the blocks; perplexity is exp(loss). A run directory expands to its seed, branches, mixed and
-tuned models, and without --data its branches' held-out splits are used (the same blocks that
+of the blocks; perplexity is exp(loss). A run directory expands to its seed, branches, averaged
+(uniform weight average of the branches), mixed and tuned models, and without --data its branches' held-out splits are used (the same blocks that
 ``train`` evaluates on).
 """
 
@@ -37,7 +37,7 @@ def expand_models(models: list[str]) -> dict[str, Path]:
             manifest = load_manifest(path)
             labelled["seed"] = Path(manifest.seed.path)
             labelled.update({f"branch {n}": manifest.branch_dir(path, n) for n in manifest.branches})
-            labelled.update({name: path / name for name in ("mixed", "tuned") if (path / name / "config.json").is_file()})
+            labelled.update({name: path / name for name in ("averaged", "mixed", "tuned") if (path / name / "config.json").is_file()})
         else:
             directory = resolve_model_dir(spec)
             label = directory.name if directory.name not in labelled else f"{directory.parent.name}/{directory.name}"

@@ -25,7 +25,8 @@ def expert_names_from_provenance(model_dir: Path) -> list[str] | None:
     if not path.is_file():
         return None
     record = yaml.safe_load(path.read_text()) or {}
-    record = record.get("mix", record) if isinstance(record, dict) else {}
+    while isinstance(record, dict) and "experts" not in record and isinstance(record.get("input"), dict):
+        record = record["input"]  # a tuned model's provenance wraps its input's
     experts = record.get("experts") if isinstance(record, dict) else None
     return [e["name"] for e in experts] if isinstance(experts, list) and all(isinstance(e, dict) for e in experts) else None
 

@@ -22,6 +22,7 @@ import torch
 from moekit.arch.base import DENSE_FFN_PROJECTIONS, LAYER_TENSOR, MoeTensor
 from moekit.config import MixConfig
 from moekit.io.atomic import atomic_output_dir
+from moekit.io.checkpoint import Checkpoint
 from moekit.io.files import copy_tokenizer_and_generation_files
 from moekit.io.writer import PlannedTensor, StreamingShardWriter, parse_size
 from moekit.manifest import StageRecord, updating_manifest
@@ -83,17 +84,17 @@ def _rng(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
-def _averaged_rows(inputs: MixInputs, name: str) -> Iterator[torch.Tensor]:
-    """Yield the weighted mean of tensor ``name`` over the averaging sources, in row chunks.
+def average_rows(sources: list[tuple[Checkpoint, float]], name: str) -> Iterator[torch.Tensor]:
+    """Yield the weighted mean of tensor ``name`` over ``sources``, in row chunks.
 
     Chunks are fp32 and hold about ``_CHUNK_ELEMENTS`` values, so memory does not grow with the
     tensor (a 128k x 8k embedding is averaged in 16 MB pieces). A single source with weight 1
     (upcycling, ``--average seed``) is passed through in its stored dtype, bit for bit.
     """
-    shape = inputs.seed.tensors[name].shape
+    shape = sources[0][0].tensors[name].shape
     rows = shape[0] if shape else 1
     step = max(1, _CHUNK_ELEMENTS // max(1, math.prod(shape[1:])))
-    (first, first_weight), *others = inputs.average
+    (first, first_weight), *others = sources
     for start in range(0, rows, step):
         stop = min(rows, start + step)
         chunk = first.get_rows(name, start, stop)
@@ -104,6 +105,10 @@ def _averaged_rows(inputs: MixInputs, name: str) -> Iterator[torch.Tensor]:
         for checkpoint, weight in others:
             total.add_(checkpoint.get_rows(name, start, stop), alpha=weight)  # bf16/fp16 promoted to fp32
         yield total
+
+
+def _averaged_rows(inputs: MixInputs, name: str) -> Iterator[torch.Tensor]:
+    return average_rows(inputs.average, name)
 
 
 def _write_average(

@@ -1,0 +1,78 @@
+"""Building a small pretrained seed locally (for the demo and offline experiments).
+
+A byte-level BPE tokenizer is trained with the ``tokenizers`` library on a sample of the
+pretraining data, a small Llama-family model is initialised and pretrained with moekit's own
+training loop on an equal mixture of the given domains. The result is an ordinary HF directory.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moekit.config import LoopSettings
+from moekit.data import domain_splits, iter_spec_documents, mixture_blocks
+
+SIZES: dict[str, dict[str, Any]] = {
+    # about 3.5M parameters with a 4096-token vocabulary and tied embeddings
+    "small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64),
+    "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+}
+_TOKENIZER_SAMPLE_CHARS = 2_000_000
+
+
+def train_tokenizer(specs: dict[str, list[str]], vocab_size: int, out_dir: Path) -> Any:
+    """A byte-level BPE trained on an equal sample of every domain; saved as a HF fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    per_domain = _TOKENIZER_SAMPLE_CHARS // max(1, len(specs))
+
+    def sample() -> Any:
+        for domain_specs in specs.values():
+            budget = per_domain
+            for doc in itertools.chain.from_iterable(iter_spec_documents(s) for s in domain_specs):
+                yield doc[:budget]
+                budget -= len(doc)
+                if budget <= 0:
+                    break
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(sample(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def build_pretrained_seed(
+    out: Path, specs: dict[str, list[str]], settings: LoopSettings, size: str = "small", vocab_size: int = 4096,
+    val_fraction: float = 0.05, show_progress: bool = True,
+) -> Path:
+    """Train a tokenizer and pretrain a small Llama on an equal mix of ``specs``; write it to ``out``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from moekit.steps.model_io import write_trained_model
+    from moekit.training import LoopJob, make_accelerator, run_loop
+
+    work = out.parent / f"{out.name}.work"
+    work.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer(specs, vocab_size, work / "tokenizer")
+    config = AutoConfig.for_model(
+        "llama", vocab_size=len(tokenizer), max_position_embeddings=max(1024, settings.seq_len), tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **SIZES[size],
+    )
+    torch.manual_seed(settings.seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    splits = domain_splits(tokenizer, specs, {}, settings.seq_len, val_fraction, cache_dir=work / "tokens")
+    pool = mixture_blocks({d: t for d, (t, _) in splits.items()}, {d: 1.0 for d in splits}, settings.seed)
+    eval_sets = {d: v for d, (_, v) in splits.items() if len(v)}
+    result = run_loop(LoopJob(model, pool, eval_sets, settings, work, resume=True, description="pretrain seed", show_progress=show_progress), make_accelerator(settings))
+    assert result.state_dict is not None
+    write_trained_model(out, work / "tokenizer", model, result.state_dict, torch.float32, [work / "metrics.jsonl"], force=True)
+    return out

@@ -1,0 +1,41 @@
+"""Uniform weight average of dense branches (Branch-Train-Merge's merge): a baseline for BTX.
+
+Every tensor, FFNs included, is the fp32 mean over the branches, cast to the branches' dtype.
+Streams like ``mix``: planned shards, row-chunked averaging, an atomic output directory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from moekit.io.atomic import atomic_output_dir
+from moekit.io.checkpoint import Checkpoint
+from moekit.io.files import copy_tokenizer_and_generation_files
+from moekit.io.writer import PlannedTensor, StreamingShardWriter, parse_size
+from moekit.steps.inputs import open_dense_model
+from moekit.steps.mix import average_rows
+from moekit.steps.mix_inputs import check_compatible
+
+
+def average_models(models: list[Path], out: Path, force: bool = False, shard_size: str = "2GB") -> Path:
+    """Write the uniform average of ``models`` (same architecture) to ``out``; return ``out``."""
+    validated = [open_dense_model(Path(m))[0] for m in models]
+    check_compatible(validated[0], [(str(c.path), c) for c in validated[1:]])
+    checkpoints = [Checkpoint(Path(m)) for m in models]  # stored layout (no adapter views): the output is dense too
+    reference = checkpoints[0]
+    dtype = reference.dtype()
+    plan = [PlannedTensor(name, dtype, info.shape) for name, info in sorted(reference.tensors.items())]
+    sources = [(c, 1.0 / len(checkpoints)) for c in checkpoints]
+    with atomic_output_dir(out, force=force) as tmp:
+        writer = StreamingShardWriter(tmp, plan, parse_size(shard_size))
+        try:
+            for tensor in plan:
+                writer.write_chunks(tensor.name, dtype, tensor.shape, (chunk.to(dtype) for chunk in average_rows(sources, tensor.name)))
+            writer.close()
+        finally:
+            for checkpoint in checkpoints:
+                checkpoint.close()
+        (tmp / "config.json").write_text(json.dumps(reference.config, indent=2) + "\n")
+        copy_tokenizer_and_generation_files(reference.path, tmp)
+    return out

@@ -1,0 +1,239 @@
+"""``moekit run``: a recipe's stages in order, skipping what is done, resuming what was interrupted.
+
+Layout under the recipe's ``workdir``: ``seed/`` (when the recipe builds its seed), ``data/``
+(built-in data, materialised once), ``run/`` (the run directory: manifest, branches, mixed,
+averaged, tuned, eval.json, inspect/). Each stage has a fingerprint: a hash of its options, its
+data (paths, sizes, mtimes) and the fingerprints of the stages it depends on. A finished stage
+records its fingerprint in the run manifest (``run:<stage>``); when the output exists and the
+fingerprint matches, the stage is skipped. Train and tune run with ``resume``, so an interrupted
+run continues from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moekit.builtin_data import BUILTIN_PREFIX, materialize
+from moekit.config import EvalConfig, InspectConfig, MixConfig, TrainConfig, TuneConfig
+from moekit.data import absolute_spec, spec_fingerprint
+from moekit.errors import MoekitError
+from moekit.manifest import MANIFEST_NAME, StageRecord, load_manifest, updating_manifest
+from moekit.recipe import Recipe
+
+
+@dataclass
+class RunOutcome:
+    """What each stage did (ran or skipped), and the eval and inspect reports."""
+
+    workdir: Path
+    stages: dict[str, str] = field(default_factory=dict)
+    eval_report: dict[str, Any] | None = None
+    routing: dict[str, Any] | None = None
+
+
+def _hash(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+class RecipeRun:
+    """Runs one recipe; each ``stage_*`` method does one stage."""
+
+    def __init__(self, recipe: Recipe, show_progress: bool, log: Callable[[str], None]) -> None:
+        self.recipe, self.show_progress, self.log = recipe, show_progress, log
+        self.workdir = recipe.workdir
+        self.run_dir = self.workdir / "run"
+        self.outcome = RunOutcome(self.workdir)
+        self.data = {d: [self._local(s) for s in dom.data] for d, dom in recipe.domains.items()}
+        self.val_data = {d: [self._local(s) for s in dom.val_data] for d, dom in recipe.domains.items() if dom.val_data}
+        self.fingerprints: dict[str, str] = {}
+
+    def _local(self, spec: str) -> str:
+        return str(materialize(spec, self.workdir / "data")) if spec.startswith(BUILTIN_PREFIX) else spec
+
+    def _data_print(self, domains: dict[str, list[str]]) -> str:
+        return _hash({d: [spec_fingerprint(s, self.recipe.text_field) for s in specs] for d, specs in domains.items()})
+
+    # ----- bookkeeping ----------------------------------------------------------------------
+    def _done(self, stage: str, output: Path) -> bool:
+        if not output.exists() or not (self.run_dir / MANIFEST_NAME).is_file():
+            return False
+        records = [s for s in load_manifest(self.run_dir).stages if s.stage == f"run:{stage}"]
+        return bool(records) and records[-1].params.get("fingerprint") == self.fingerprints[stage]
+
+    def _record(self, stage: str) -> None:
+        with updating_manifest(self.run_dir) as manifest:
+            manifest.stages.append(StageRecord(stage=f"run:{stage}", params={"fingerprint": self.fingerprints[stage], "recipe": self.recipe.name}))
+
+    def _stage(self, stage: str, output: Path, fingerprint: str, work: Callable[[], None]) -> None:
+        self.fingerprints[stage] = fingerprint
+        if stage.split(":")[0] not in self.recipe.stages:
+            return
+        if self._done(stage, output):
+            self.outcome.stages[stage] = "skipped (done, inputs unchanged)"
+            self.log(f"[dim]{stage}: done earlier with the same inputs and options; skipped[/]")
+            return
+        self.log(f"[bold]{stage}[/] ...")
+        work()
+        if (self.run_dir / MANIFEST_NAME).is_file():
+            self._record(stage)
+        self.outcome.stages[stage] = "ran"
+
+    # ----- stages ---------------------------------------------------------------------------
+    def seed_dir(self) -> Path:
+        """The seed's directory (built under workdir/seed, or the recipe's path)."""
+        from moekit.io.source import resolve_model_dir
+
+        return self.workdir / "seed" if self.recipe.seed.build else resolve_model_dir(self.recipe.seed.path or "")
+
+    def stage_seed(self) -> None:
+        spec = self.recipe.seed
+        if spec.build is None:
+            self.fingerprints["seed"] = _hash(str(self.seed_dir()))
+            return
+        out = self.workdir / "seed"
+        pretrain_data = {"pretrain": [self._local(s) for s in spec.pretrain_data]} if spec.pretrain_data else self.data
+        fingerprint = _hash(spec.model_dump(mode="json"), self._data_print(pretrain_data) if spec.build == "pretrained-small" else "")
+        marker = out / "moekit-seed.json"
+        self.fingerprints["seed"] = fingerprint
+        if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
+            self.outcome.stages["seed"] = "skipped (done, inputs unchanged)"
+            return
+        self.log("[bold]seed[/] ...")
+        if spec.build == "tiny-random":
+            from moekit.tiny import build_tiny_model
+
+            if out.exists():
+                import shutil
+
+                shutil.rmtree(out)
+            build_tiny_model(out, "llama")
+        else:
+            from moekit.seeding import build_pretrained_seed
+
+            assert spec.pretrain is not None
+            build_pretrained_seed(out, pretrain_data, spec.pretrain, spec.size, val_fraction=self.recipe.val_fraction, show_progress=self.show_progress)
+        marker.write_text(json.dumps({"fingerprint": fingerprint, "build": spec.build}))
+        self.outcome.stages["seed"] = "ran"
+
+    def stage_branch(self) -> None:
+        from moekit.steps.branch import branch
+
+        domains = list(self.recipe.domains)
+        fingerprint = _hash(self.fingerprints["seed"], domains)
+
+        def work() -> None:
+            if (self.run_dir / MANIFEST_NAME).is_file():
+                manifest = load_manifest(self.run_dir)
+                if list(manifest.branches) == domains and Path(manifest.seed.path) == self.seed_dir():
+                    return  # the run directory exists for these branches (e.g. an interrupted earlier run)
+                raise MoekitError(f"{self.run_dir} holds a different run (other seed or domains).", "Use another workdir, or delete it to start over.")
+            branch(str(self.seed_dir()), self.run_dir, domains)
+            with updating_manifest(self.run_dir) as manifest:  # eval and tune find the data there, even without train
+                for domain in domains:
+                    manifest.branches[domain].data = [absolute_spec(s) for s in self.data[domain]]
+                    manifest.branches[domain].val_data = [absolute_spec(s) for s in self.val_data.get(domain, [])]
+
+        self._stage("branch", self.run_dir / MANIFEST_NAME, fingerprint, work)
+
+    def stage_train(self) -> None:
+        from moekit.steps.train import train
+
+        for domain in self.recipe.domains:
+            data = {domain: self.data[domain]}
+            fingerprint = _hash(self.fingerprints["branch"], self._data_print(data), self.recipe.train.model_dump(mode="json"), self.recipe.val_fraction)
+            cfg = TrainConfig(run_dir=self.run_dir, branches=[domain], data=data, val_data={k: v for k, v in self.val_data.items() if k == domain},
+                              val_fraction=self.recipe.val_fraction, text_field=self.recipe.text_field, resume=True, loop=self.recipe.train)
+            self._stage(f"train:{domain}", self.run_dir / "branches" / domain, fingerprint, lambda cfg=cfg: train(cfg, self.show_progress) and None)
+        self.fingerprints["train"] = _hash(*(self.fingerprints[f"train:{d}"] for d in self.recipe.domains))
+
+    def stage_mix(self) -> None:
+        from moekit.steps.mix import mix
+
+        options = self.recipe.mix.model_dump(mode="json", exclude={"upcycle_experts", "drop_fraction"})
+        upcycle = self.recipe.mix.upcycle_experts
+        fingerprint = _hash(self.fingerprints.get("train") if not upcycle else self.fingerprints["seed"], self.recipe.mix.model_dump(mode="json"))
+        if upcycle:  # the baseline: copies of the seed FFN, no branches
+            options.update(average="uniform", weights=None, router="random", seed_expert=True)
+            cfg = MixConfig(out=self.run_dir / "mixed", seed=str(self.seed_dir()), run_dir=self.run_dir, force=True,
+                            upcycle={"num_experts": upcycle, "drop_fraction": self.recipe.mix.drop_fraction},
+                            **{k: v for k, v in options.items() if k not in ("average", "weights", "router_sharpness", "router_tokens")})
+        else:
+            router_data = {d: specs[0] for d, specs in self.data.items()} if self.recipe.mix.router == "centroid" else {}
+            cfg = MixConfig(out=self.run_dir / "mixed", seed=str(self.seed_dir()), experts=[(d, self.run_dir / "branches" / d) for d in self.recipe.domains],
+                            run_dir=self.run_dir, router_data=router_data, force=True, **options)
+        self._stage("mix", self.run_dir / "mixed", fingerprint, lambda: mix(cfg, self.show_progress) and None)
+
+    def stage_average(self) -> None:
+        from moekit.steps.average import average_models
+
+        branches = [self.run_dir / "branches" / d for d in self.recipe.domains]
+        self._stage("average", self.run_dir / "averaged", _hash(self.fingerprints["train"]),
+                    lambda: average_models(branches, self.run_dir / "averaged", force=True) and None)
+
+    def stage_tune(self) -> None:
+        from moekit.steps.tune import tune
+
+        spec = self.recipe.tune
+        if spec is None:
+            return
+        fingerprint = _hash(self.fingerprints["mix"], spec.model_dump(mode="json"), self._data_print(self.data))
+        cfg = TuneConfig(model=self.run_dir / "mixed", out=self.run_dir / "tuned", run_dir=self.run_dir, data=self.data, val_data=self.val_data,
+                         mixture=spec.mixture, train=spec.train, balance=spec.balance, aux_coef=spec.aux_coef, z_coef=spec.z_coef,
+                         balance_scope=spec.balance_scope, routing=spec.routing, val_fraction=self.recipe.val_fraction,
+                         text_field=self.recipe.text_field, resume=True, force=True, loop=spec.loop)
+        self._stage("tune", self.run_dir / "tuned", fingerprint, lambda: tune(cfg, self.show_progress) and None)
+
+    def _eval_seq_len(self) -> int:
+        return self.recipe.eval.seq_len or self.recipe.train.seq_len
+
+    def stage_eval(self) -> None:
+        from moekit.steps.evaluate import evaluate_models
+
+        upstream = [self.fingerprints.get(s, "") for s in ("branch", "train", "mix", "average", "tune")]
+        fingerprint = _hash(*upstream, self.recipe.eval.model_dump(mode="json"))
+        out = self.run_dir / "eval.json"
+
+        def work() -> None:
+            cfg = EvalConfig(models=[str(self.run_dir)], seq_len=self._eval_seq_len(), batch_size=self.recipe.eval.batch_size,
+                             max_tokens=self.recipe.eval.max_tokens, val_fraction=self.recipe.val_fraction, text_field=self.recipe.text_field)
+            out.write_text(json.dumps(evaluate_models(cfg, self.show_progress), indent=1))
+
+        self._stage("eval", out, fingerprint, work)
+        self.outcome.eval_report = json.loads(out.read_text()) if out.is_file() else None
+
+    def stage_inspect(self) -> None:
+        from moekit.steps.inspect import inspect_routing, inspect_static, write_outputs
+
+        model = self.run_dir / ("tuned" if (self.run_dir / "tuned" / "config.json").is_file() else "mixed")
+        fingerprint = _hash(self.fingerprints.get("tune", ""), self.fingerprints.get("mix", ""), self.recipe.eval.model_dump(mode="json"))
+        out = self.run_dir / "inspect"
+        data = {d: (self.val_data.get(d) or specs)[:1] for d, specs in self.data.items()}
+
+        def work() -> None:
+            cfg = InspectConfig(model=str(model), data=data, seq_len=self._eval_seq_len(), batch_size=self.recipe.eval.batch_size,
+                                max_tokens=min(self.recipe.eval.max_tokens, 16384), text_field=self.recipe.text_field,
+                                json_path=out / "routing.json", plot_dir=out)
+            model_dir, static = inspect_static(str(model))
+            write_outputs(cfg, {"model": str(model_dir), "static": static, "routing": inspect_routing(cfg, model_dir, static, self.show_progress)})
+
+        self._stage("inspect", out / "routing.json", fingerprint, work)
+        routing = out / "routing.json"
+        self.outcome.routing = json.loads(routing.read_text()) if routing.is_file() else None
+
+
+def run_recipe(recipe: Recipe, show_progress: bool = True, log: Callable[[str], None] = lambda message: None) -> RunOutcome:
+    """Run every stage of ``recipe`` in order (skipping finished ones); return what happened."""
+    runner = RecipeRun(recipe, show_progress, log)
+    runner.workdir.mkdir(parents=True, exist_ok=True)
+    (runner.workdir / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    for stage in (runner.stage_seed, runner.stage_branch, runner.stage_train, runner.stage_mix, runner.stage_average,
+                  runner.stage_tune, runner.stage_eval, runner.stage_inspect):
+        stage()
+    return runner.outcome
