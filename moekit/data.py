@@ -9,7 +9,8 @@ combine exactly across gradient accumulation and data-parallel ranks.
 Data specs: ``.txt`` (one document per file), ``.jsonl`` (one JSON object per line with a text
 field), ``.json`` (a list of objects or strings), ``.parquet`` (a text column), directories
 (recursively, those suffixes), glob patterns, and Hugging Face datasets written
-``hf:NAME[:CONFIG][@SPLIT]`` (through the ``datasets`` library; needs a reachable hub or cache).
+``hf:NAME[:CONFIG][@SPLIT][[:N]][#FIELD]`` (streamed through the ``datasets`` library; ``[:N]``
+takes the first N documents, ``#FIELD`` names the text field; needs a reachable hub or cache).
 
 Tokenised streams are cached under a key made of the data's fingerprint (paths, sizes, mtimes),
 the tokenizer's fingerprint and the text field, so a second run does not tokenise again.
@@ -21,6 +22,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -104,25 +106,32 @@ def iter_documents(path: Path, text_field: str = "text") -> Iterator[str]:
         raise DataError(f"Cannot read data file {path}: {type(exc).__name__}: {exc}.", "Check that it is UTF-8 text, JSON or parquet.")
 
 
-def _parse_hub_spec(spec: str) -> tuple[str, str | None, str]:
-    """'hf:NAME[:CONFIG][@SPLIT]' -> (name, config, split)."""
-    body = spec[len(HUB_PREFIX) :]
-    body, _, split = body.partition("@")
-    name, _, config = body.partition(":")
-    if not name:
-        raise DataError(f"Dataset spec '{spec}' names no dataset.", "Write hf:NAME[:CONFIG][@SPLIT], e.g. hf:wikitext:wikitext-2-raw-v1@train.")
-    return name, config or None, split or "train"
+_HUB_SPEC = re.compile(r"^hf:(?P<name>[^:@#\[]+)(?::(?P<config>[^@#\[]+))?(?:@(?P<split>[^#\[]+))?(?:\[:(?P<limit>\d+)\])?(?:#(?P<field>.+))?$")
+
+
+def parse_hub_spec(spec: str) -> tuple[str, str | None, str, int | None, str | None]:
+    """'hf:NAME[:CONFIG][@SPLIT][[:N]][#FIELD]' -> (name, config, split, first N documents, text field)."""
+    match = _HUB_SPEC.match(spec)
+    if match is None:
+        raise DataError(
+            f"Dataset spec '{spec}' is not understood.",
+            "Write hf:NAME[:CONFIG][@SPLIT][[:N]][#FIELD], e.g. hf:wikimedia/wikipedia:20231101.en@train[:100000]#text.",
+        )
+    limit = match["limit"]
+    return match["name"], match["config"], match["split"] or "train", int(limit) if limit else None, match["field"]
 
 
 def _hub_texts(spec: str, text_field: str) -> Iterator[str]:
-    name, config, split = _parse_hub_spec(spec)
+    name, config, split, limit, field = parse_hub_spec(spec)
     try:
         import datasets
 
         dataset = datasets.load_dataset(name, config, split=split, streaming=True)
+        if limit is not None:
+            dataset = dataset.take(limit)
     except Exception as exc:  # network, auth, missing dataset or config
         raise DataError(f"Cannot load dataset {spec}: {type(exc).__name__}: {exc}.", "Check the name, config and split, and that the hub is reachable.")
-    yield from _records_text(dataset, spec, text_field)
+    yield from _records_text(dataset, spec, field or text_field)
 
 
 def iter_spec_documents(spec: str | Path, text_field: str = "text") -> Iterator[str]:

@@ -69,6 +69,16 @@ class MixStage(_Strict):
     upcycle_experts: int | None = Field(None, ge=1, description="sparse upcycling baseline: this many copies of the seed FFN")
     drop_fraction: float = Field(0.0, ge=0, le=1, description="drop-upcycling share (with upcycle_experts)")
 
+    @model_validator(mode="after")
+    def _consistent(self) -> MixStage:
+        if self.upcycle_experts is not None and (self.router != "random" or self.average != "uniform" or self.weights):
+            raise ValueError("with upcycle_experts, use router: random and no average/weights (the experts are copies of one FFN)")
+        if self.upcycle_experts is None and self.drop_fraction:
+            raise ValueError("drop_fraction only applies with upcycle_experts")
+        if (self.weights is not None) != (self.average == "weighted"):
+            raise ValueError("give weights exactly when average is weighted")
+        return self
+
 
 class TuneStage(_Strict):
     """Options of ``tune`` (see ``moekit tune --help``)."""
@@ -81,6 +91,12 @@ class TuneStage(_Strict):
     routing: Literal["topk", "switch", "soft"] = "topk"
     mixture: dict[str, float] = Field(default_factory=dict)
     loop: LoopSettings
+
+    @model_validator(mode="after")
+    def _scope(self) -> TuneStage:
+        if self.balance_scope == "global" and self.balance != "switch":
+            raise ValueError("balance_scope global only applies with balance switch")
+        return self
 
 
 class EvalStage(_Strict):
@@ -101,7 +117,7 @@ class Recipe(_Strict):
     domains: dict[str, DomainSpec] = Field(min_length=1)
     val_fraction: float = Field(0.05, ge=0, lt=1)
     text_field: str = "text"
-    train: LoopSettings
+    train: LoopSettings | None = None
     mix: MixStage = Field(default_factory=MixStage)
     tune: TuneStage | None = None
     eval: EvalStage = Field(default_factory=EvalStage)
@@ -113,9 +129,22 @@ class Recipe(_Strict):
             raise ValueError(f"recipe_version {self.recipe_version} is newer than this moekit reads ({RECIPE_VERSION})")
         if "tune" in self.stages and self.tune is None:
             raise ValueError("the stages include tune but the recipe has no tune section")
-        unknown = sorted(set((self.tune.mixture if self.tune else {})) - set(self.domains))
-        if unknown:
-            raise ValueError(f"tune.mixture names domains the recipe does not have: {unknown}")
+        if "train" in self.stages and self.train is None:
+            raise ValueError("the stages include train but the recipe has no train section")
+        mixture = self.tune.mixture if self.tune else {}
+        if mixture and set(mixture) != set(self.domains):
+            raise ValueError(f"tune.mixture must give a share for every domain ({sorted(self.domains)}), got {sorted(mixture)}")
+        experts = self.mix.upcycle_experts or len(self.domains) + int(self.mix.seed_expert)
+        if self.mix.top_k > experts:
+            raise ValueError(f"mix.top_k {self.mix.top_k} exceeds the {experts} experts this recipe makes")
+        if self.mix.weights is not None and len(self.mix.weights) != len(self.domains):
+            raise ValueError(f"mix.weights needs one weight per domain ({len(self.domains)})")
+        from moekit.steps.branch import validate_branch_names
+
+        try:
+            validate_branch_names(list(self.domains))
+        except MoekitError as exc:
+            raise ValueError(f"{exc.message} {exc.hint}")
         return self
 
 
@@ -130,12 +159,19 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> None:
-    """Apply ``key.path=value`` overrides (values parsed as YAML: numbers, booleans, lists)."""
+    """Apply ``key.path=value`` overrides (values parsed as YAML: numbers, booleans, lists).
+
+    A ``workdir`` given on the command line is relative to the current directory (as a user
+    typing it expects), not to the recipe file.
+    """
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise RecipeError(f"Override '{item}' is not KEY=VALUE.", "Write e.g. train.max_steps=200 or tune.loop.lr=1e-4.")
-        _set_dotted(data, key.strip(), yaml.safe_load(raw))
+        value = yaml.safe_load(raw)
+        if key.strip() == "workdir" and isinstance(value, str):
+            value = str(Path(value).absolute())
+        _set_dotted(data, key.strip(), value)
 
 
 def _line_of(root: yaml.Node | None, location: tuple[Any, ...]) -> int | None:
@@ -177,7 +213,7 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
 def _check_data(recipe: Recipe, root: yaml.Node | None, path: Path) -> None:
     """Every local data path exists and every built-in name is known, before any work starts."""
     from moekit.builtin_data import BUILTIN_PREFIX, builtin_names
-    from moekit.data import HUB_PREFIX, expand_data_paths
+    from moekit.data import HUB_PREFIX, expand_data_paths, parse_hub_spec
     from moekit.errors import DataError
 
     places = [(("domains", d, key, i), spec) for d, dom in recipe.domains.items() for key in ("data", "val_data")
@@ -188,7 +224,12 @@ def _check_data(recipe: Recipe, root: yaml.Node | None, path: Path) -> None:
         if spec.startswith(BUILTIN_PREFIX):
             if spec.removeprefix(BUILTIN_PREFIX) not in builtin_names():
                 raise RecipeError(f"{where}: unknown built-in data '{spec}'.", f"Use one of: {', '.join('builtin:' + n for n in builtin_names())}.")
-        elif not spec.startswith(HUB_PREFIX):
+        elif spec.startswith(HUB_PREFIX):
+            try:
+                parse_hub_spec(spec)
+            except DataError as exc:
+                raise RecipeError(f"{where}: {exc.message}", exc.hint)
+        else:
             try:
                 expand_data_paths(spec)
             except DataError as exc:

@@ -26,7 +26,8 @@ def render_static(console: Any, static: dict[str, Any], detail: bool) -> None:
     arch = ", ".join(static.get("architectures") or [static["model_type"]])
     line = f"[bold]{arch}[/]: {static['layers']} layers, hidden {static['hidden_size']}, {static['total_params']:,} parameters"
     if static["is_moe"]:
-        line += f"; {static['experts']} experts, top-{static['top_k']}, {static.get('active_params', 0):,} active per token"
+        active = f"{static['active_params']:,}" if "active_params" in static else "unknown"
+        line += f"; {static['experts']} experts, top-{static['top_k']}, {active} active per token"
     console.print(line)
     if static.get("note"):
         console.print(f"[yellow]{static['note']}[/]")
@@ -164,7 +165,7 @@ def _write_html(report: dict[str, Any], images: list[Path], path: Path) -> Path:
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}
 figure{{display:inline-block;margin:0.5em}}.dead{{color:#b00;font-weight:bold}}</style></head><body>
 <h1>Routing report</h1><p>{html.escape(report['model'])}: {html.escape(', '.join(static.get('architectures') or []))},
-{static['experts']} experts, top-{static['top_k']}, {static['total_params']:,} parameters ({static.get('active_params', 0):,} active).</p>
+{static['experts']} experts, top-{static['top_k']}, {static['total_params']:,} parameters ({static.get('active_params', 'unknown')} active).</p>
 <p>Load imbalance mean {summary['load_imbalance_mean']:.3f} (max {summary['load_imbalance_max']:.3f}), MaxVio mean {summary['maxvio_mean']:.3f},
 router entropy {summary['router_entropy_mean']:.3f} of {summary['max_router_entropy']:.3f}.</p>
 {'<p class="dead">Dead experts in layers ' + ', '.join(map(str, summary['layers_with_dead_experts'])) + '</p>' if summary['dead_experts_total'] else ''}

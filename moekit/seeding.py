@@ -17,7 +17,7 @@ from moekit.config import LoopSettings
 from moekit.data import domain_splits, iter_spec_documents, mixture_blocks
 
 SIZES: dict[str, dict[str, Any]] = {
-    # about 3.5M parameters with a 4096-token vocabulary and tied embeddings
+    # about 4.2M parameters with a 4096-token vocabulary and tied embeddings
     "small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64),
     "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
 }

@@ -38,7 +38,7 @@ def _inputs(model: Path, data: dict[str, str], val_data: dict[str, str], out: Op
     if (model / "branches").is_dir() and (model / MANIFEST_NAME).is_file():
         branches = load_manifest(model).branches
         remembered = {name: record.data for name, record in branches.items() if record.data}
-        remembered_val = {name: record.val_data for name, record in branches.items() if record.val_data}
+        remembered_val = {name: record.val_data for name, record in branches.items() if record.val_data and record.data}
         return {"model": model / "mixed", "data": {**remembered, **given}, "val_data": {**remembered_val, **given_val},
                 "out": out or model / "tuned", "run_dir": model}
     if out is None:
@@ -94,8 +94,8 @@ def tune_command(
     inputs = _inputs(model, parse_key_values(data, "--data"), parse_key_values(val_data, "--val-data"), out)
     cfg = TuneConfig(
         **inputs,
-        mixture=parse_mixture(mix), train=train, balance=balance, aux_coef=aux_coef, z_coef=(z_coef or 1e-3) if z_loss else 0.0,
-        balance_scope=balance_scope, routing=routing, capacity_factor=capacity_factor or 1.5, val_fraction=val_fraction,
+        mixture=parse_mixture(mix), train=train, balance=balance, aux_coef=aux_coef, z_coef=(1e-3 if z_coef is None else z_coef) if z_loss else 0.0,
+        balance_scope=balance_scope, routing=routing, capacity_factor=1.5 if capacity_factor is None else capacity_factor, val_fraction=val_fraction,
         text_field=text_field, resume=resume, force=force, loop=loop,
     )
     result = tune(cfg)

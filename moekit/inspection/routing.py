@@ -63,6 +63,11 @@ def collect_routing(model: torch.nn.Module, blocks: dict[str, torch.Tensor], bat
     """Run every domain's blocks through ``model`` once and tally its routing."""
     controller = RoutingController(model)
     layers = len(controller.routers)
+    if sample_layer is not None and sample_layer >= layers:
+        controller.remove()
+        from moekit.errors import InvalidOptionError
+
+        raise InvalidOptionError(f"--tokens-layer {sample_layer} is out of range.", f"The model has MoE layers 0..{layers - 1}.")
     tally = RoutingTally(layers, controller.num_experts)
     device = next(model.parameters()).device
     model.eval()

@@ -73,3 +73,20 @@ def branch(seed: str, run_dir: Path, domains: list[str], copy: bool = False, for
         )
         save_manifest(tmp, manifest)
     return BranchResult(run_dir, {n: run_dir / "branches" / n for n in domains}, link_mode, seed_hash)
+
+
+def relink_branch(run_dir: Path, name: str) -> None:
+    """Make branch ``name`` a fresh copy of the run's seed again (discarding its training).
+
+    The new directory is built aside and swapped in, so a failure leaves the old branch.
+    """
+    from moekit.manifest import load_manifest
+
+    manifest = load_manifest(run_dir)
+    seed_dir = Path(manifest.seed.path)
+    checkpoint, _ = open_dense_model(seed_dir)
+    files = checkpoint.weight_files() + [seed_dir / "config.json"]
+    files += [seed_dir / n for n in TOKENIZER_AND_GENERATION_FILES if (seed_dir / n).is_file()]
+    with atomic_output_dir(manifest.branch_dir(run_dir, name), force=True) as tmp:
+        for src in files:
+            link_or_copy(src, tmp / src.name)

@@ -41,6 +41,9 @@ def expand_models(models: list[str]) -> dict[str, Path]:
         else:
             directory = resolve_model_dir(spec)
             label = directory.name if directory.name not in labelled else f"{directory.parent.name}/{directory.name}"
+            base, count = label, 2
+            while label in labelled:  # never let two models share a row
+                label, count = f"{base} ({count})", count + 1
             labelled[label] = directory
     return labelled
 

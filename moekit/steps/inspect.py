@@ -46,8 +46,6 @@ def inspect_routing(cfg: InspectConfig, model_dir: Path, static: dict[str, Any],
             f"{cfg.model} is a dense {static['model_type']} model: it has no routers, so there is no routing to inspect.",
             "Run `moekit inspect MODEL` without --data for its static statistics, or inspect an MoE.",
         )
-    if cfg.tokens_layer is not None and cfg.tokens_layer >= static["layers"]:
-        raise InvalidOptionError(f"--tokens-layer {cfg.tokens_layer} is out of range.", f"The model has layers 0..{static['layers'] - 1}.")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     blocks = {d: evaluation_blocks(tokenizer, specs, cfg.seq_len, cfg.max_tokens, cfg.text_field) for d, specs in cfg.data.items()}
     device = "cuda" if torch.cuda.is_available() else "cpu"

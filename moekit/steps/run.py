@@ -42,6 +42,23 @@ def _hash(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
+def claim_work_dir(work_dir: Path, fingerprint: str) -> bool:
+    """Mark ``work_dir`` as holding the work of ``fingerprint``; return True if it held other work.
+
+    Checkpoints left by an interrupted stage with the same fingerprint are resumed; those of a
+    stage whose inputs or options have changed since are deleted, so the stage starts over.
+    """
+    import shutil
+
+    marker = work_dir / "moekit-stage.json"
+    stale = marker.is_file() and json.loads(marker.read_text()).get("fingerprint") != fingerprint
+    if stale:
+        shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"fingerprint": fingerprint}))
+    return stale
+
+
 class RecipeRun:
     """Runs one recipe; each ``stage_*`` method does one stage."""
 
@@ -58,7 +75,11 @@ class RecipeRun:
         return str(materialize(spec, self.workdir / "data")) if spec.startswith(BUILTIN_PREFIX) else spec
 
     def _data_print(self, domains: dict[str, list[str]]) -> str:
-        return _hash({d: [spec_fingerprint(s, self.recipe.text_field) for s in specs] for d, specs in domains.items()})
+        """Fingerprint of the data (and held-out data) of ``domains``."""
+        def prints(specs: list[str]) -> list[str]:
+            return [spec_fingerprint(s, self.recipe.text_field) for s in specs]
+
+        return _hash({d: [prints(specs), prints(self.val_data.get(d, []))] for d, specs in domains.items()})
 
     # ----- bookkeeping ----------------------------------------------------------------------
     def _done(self, stage: str, output: Path) -> bool:
@@ -106,6 +127,7 @@ class RecipeRun:
             self.outcome.stages["seed"] = "skipped (done, inputs unchanged)"
             return
         self.log("[bold]seed[/] ...")
+        claim_work_dir(self.workdir / "seed.work", fingerprint)
         if spec.build == "tiny-random":
             from moekit.tiny import build_tiny_model
 
@@ -130,10 +152,12 @@ class RecipeRun:
 
         def work() -> None:
             if (self.run_dir / MANIFEST_NAME).is_file():
-                manifest = load_manifest(self.run_dir)
-                if list(manifest.branches) == domains and Path(manifest.seed.path) == self.seed_dir():
-                    return  # the run directory exists for these branches (e.g. an interrupted earlier run)
-                raise MoekitError(f"{self.run_dir} holds a different run (other seed or domains).", "Use another workdir, or delete it to start over.")
+                stages = [s.stage for s in load_manifest(self.run_dir).stages]
+                if "run:branch" not in stages:
+                    raise MoekitError(f"{self.run_dir} holds a run that this recipe did not make.", "Use another workdir.")
+                import shutil
+
+                shutil.rmtree(self.run_dir)  # made by this recipe from another seed or domains: all of it is stale
             branch(str(self.seed_dir()), self.run_dir, domains)
             with updating_manifest(self.run_dir) as manifest:  # eval and tune find the data there, even without train
                 for domain in domains:
@@ -143,14 +167,25 @@ class RecipeRun:
         self._stage("branch", self.run_dir / MANIFEST_NAME, fingerprint, work)
 
     def stage_train(self) -> None:
+        from moekit.steps.branch import relink_branch
         from moekit.steps.train import train
 
+        if self.recipe.train is None:
+            self.fingerprints["train"] = self.fingerprints["branch"]  # branches stay copies of the seed
+            return
         for domain in self.recipe.domains:
             data = {domain: self.data[domain]}
             fingerprint = _hash(self.fingerprints["branch"], self._data_print(data), self.recipe.train.model_dump(mode="json"), self.recipe.val_fraction)
             cfg = TrainConfig(run_dir=self.run_dir, branches=[domain], data=data, val_data={k: v for k, v in self.val_data.items() if k == domain},
                               val_fraction=self.recipe.val_fraction, text_field=self.recipe.text_field, resume=True, loop=self.recipe.train)
-            self._stage(f"train:{domain}", self.run_dir / "branches" / domain, fingerprint, lambda cfg=cfg: train(cfg, self.show_progress) and None)
+
+            def work(cfg: TrainConfig = cfg, domain: str = domain, fingerprint: str = fingerprint) -> None:
+                trained_before = any(s.stage == "train" and s.params.get("branch") == domain for s in load_manifest(self.run_dir).stages)
+                if claim_work_dir(self.run_dir / "train" / domain, fingerprint) or trained_before:
+                    relink_branch(self.run_dir, domain)  # new inputs: start again from the seed, not from the old branch
+                train(cfg, self.show_progress)
+
+            self._stage(f"train:{domain}", self.run_dir / "branches" / domain, fingerprint, work)
         self.fingerprints["train"] = _hash(*(self.fingerprints[f"train:{d}"] for d in self.recipe.domains))
 
     def stage_mix(self) -> None:
@@ -168,14 +203,14 @@ class RecipeRun:
             router_data = {d: specs[0] for d, specs in self.data.items()} if self.recipe.mix.router == "centroid" else {}
             cfg = MixConfig(out=self.run_dir / "mixed", seed=str(self.seed_dir()), experts=[(d, self.run_dir / "branches" / d) for d in self.recipe.domains],
                             run_dir=self.run_dir, router_data=router_data, force=True, **options)
-        self._stage("mix", self.run_dir / "mixed", fingerprint, lambda: mix(cfg, self.show_progress) and None)
+        self._stage("mix", self.run_dir / "mixed", fingerprint, lambda: None if mix(cfg, self.show_progress) else None)
 
     def stage_average(self) -> None:
         from moekit.steps.average import average_models
 
         branches = [self.run_dir / "branches" / d for d in self.recipe.domains]
         self._stage("average", self.run_dir / "averaged", _hash(self.fingerprints["train"]),
-                    lambda: average_models(branches, self.run_dir / "averaged", force=True) and None)
+                    lambda: None if average_models(branches, self.run_dir / "averaged", force=True) else None)
 
     def stage_tune(self) -> None:
         from moekit.steps.tune import tune
@@ -188,10 +223,14 @@ class RecipeRun:
                          mixture=spec.mixture, train=spec.train, balance=spec.balance, aux_coef=spec.aux_coef, z_coef=spec.z_coef,
                          balance_scope=spec.balance_scope, routing=spec.routing, val_fraction=self.recipe.val_fraction,
                          text_field=self.recipe.text_field, resume=True, force=True, loop=spec.loop)
-        self._stage("tune", self.run_dir / "tuned", fingerprint, lambda: tune(cfg, self.show_progress) and None)
+        def work() -> None:
+            claim_work_dir(self.run_dir / "tune", fingerprint)
+            tune(cfg, self.show_progress)
+
+        self._stage("tune", self.run_dir / "tuned", fingerprint, work)
 
     def _eval_seq_len(self) -> int:
-        return self.recipe.eval.seq_len or self.recipe.train.seq_len
+        return self.recipe.eval.seq_len or (self.recipe.train.seq_len if self.recipe.train else 512)
 
     def stage_eval(self) -> None:
         from moekit.steps.evaluate import evaluate_models

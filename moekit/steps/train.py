@@ -104,6 +104,8 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> list[BranchTrainResul
     names = _selected_branches(manifest, cfg)
     if cfg.resume:
         names = [n for n in names if not _finished_earlier(manifest, n, cfg) or (cfg.run_dir / "train" / n / "checkpoints").exists()]
+        if not names:
+            return []
     accelerator = make_accelerator(cfg.loop)
     tokenizer = AutoTokenizer.from_pretrained(manifest.branch_dir(cfg.run_dir, names[0]))
     with accelerator.main_process_first():  # rank 0 tokenises, the others read its cache

@@ -65,7 +65,7 @@ def refuse_bias_balancing(model: torch.nn.Module, controller: RoutingController)
             "bias that changes which experts are selected, also at inference (DeepSeek-V3 stores it as "
             f"e_score_correction_bias), and {type(model).__name__}'s routers have no such parameter. The "
             "bias would be lost on export and the saved model would route differently from the tuned one.",
-            "Use --balance switch (default) or --balance btx, optionally with --balance-scope global.",
+            "Use --balance switch (default, optionally with --balance-scope global) or --balance btx.",
         )
     raise UnsupportedArchitectureError(
         f"--balance bias is not implemented for {model.config.model_type} routers yet (moekit's own targets have "
@@ -117,7 +117,8 @@ def tune(cfg: TuneConfig, show_progress: bool = True) -> TuneResult:
     kind = "none" if cfg.balance == "none" else cfg.balance
     objective = BalancedObjective(controller, BalanceSettings(kind, cfg.aux_coef, cfg.z_coef, cfg.balance_scope))
     work_dir = work_dir_for(cfg)
-    options = cfg.model_dump(mode="json", include={"train", "balance", "aux_coef", "z_coef", "balance_scope", "routing", "capacity_factor", "mixture"})
+    options = cfg.model_dump(mode="json", include={"train", "balance", "aux_coef", "z_coef", "balance_scope", "routing", "capacity_factor"})
+    options["mixture"] = {d: ratios[d] / sum(ratios.values()) for d in sorted(ratios)}  # as shares, however written
     job = LoopJob(
         model, pool, eval_sets, cfg.loop, work_dir, cfg.resume, "tune", show_progress,
         compute_loss=objective, trainable=trainable_predicate(cfg, controller), step_metrics=objective.step_metrics,

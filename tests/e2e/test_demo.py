@@ -1,26 +1,95 @@
-"""The README's main command: the demo pipeline runs and its checks pass."""
+"""The README's main command (``moekit demo``) and recipe runs: stages, skipping, resuming."""
 
-from moekit.steps.demo import run_demo
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moekit.io.checkpoint import Checkpoint
+from moekit.manifest import load_manifest
+from moekit.recipe import load_recipe
+from moekit.steps.run import run_recipe
+
+MOEKIT = shutil.which("moekit", path=str(Path(sys.executable).parent)) or "moekit"
+TINY = Path(__file__).parents[2] / "moekit" / "recipes" / "demo-tiny.yaml"
 
 
-def test_demo_pipeline(tmp_path):
-    result = run_demo(tmp_path / "demo", steps=12, show_progress=False)
-    assert result.checks["BTX mix loads in transformers, no missing/unexpected keys"] == "yes"
-    diff = float(result.checks["upcycled MoE (4 equal experts) reproduces the seed"].split()[-1])
-    assert diff < 1e-5
-    losses = result.losses
-    assert set(losses) == {"seed", "branch code", "branch math", "BTX mix (untuned)", "BTX mix, tuned"}
-    assert "MaxVio" in result.checks["tune balanced the experts"]
-    assert losses["branch code"]["code"] < losses["seed"]["code"]  # training on a domain helps it
-    assert losses["branch math"]["math"] < losses["seed"]["math"]
-    assert (tmp_path / "demo" / "run" / "mixed" / "config.json").is_file()
+def test_tiny_demo_through_the_console_script(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    first = subprocess.run([MOEKIT, "demo", "--tiny", "--out", str(tmp_path / "demo")], capture_output=True, text=True, env=env, timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    run = tmp_path / "demo" / "run"
+    for path in ("branches/code/config.json", "mixed/config.json", "averaged/config.json", "tuned/config.json", "eval.json",
+                 "inspect/routing.json", "inspect/report.html", "inspect/load.png"):
+        assert (run / path).is_file(), path
+    stages = [s.stage for s in load_manifest(run).stages]
+    for stage in ("branch", "train", "mix", "tune", "run:train:code", "run:mix", "run:tune", "run:eval", "run:inspect"):
+        assert stage in stages, stage
+    report = json.loads((run / "eval.json").read_text())
+    assert list(report["results"]) == ["seed", "branch code", "branch math", "branch prose", "averaged", "mixed", "tuned"]
+    assert report["domains"] == ["code", "math", "prose"]
+    for domain in report["domains"]:  # each branch is the best branch on its own domain
+        branches = {d: report["results"][f"branch {d}"][domain]["loss"] for d in report["domains"]}
+        assert min(branches, key=branches.get) == domain
+    second = subprocess.run([MOEKIT, "demo", "--tiny", "--out", str(tmp_path / "demo")], capture_output=True, text=True, env=env, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    summary = next(line for line in second.stdout.replace("\n", " ").split("stages: ")[1:])
+    assert " ran" not in summary.split("held-out")[0], summary  # every stage skipped
 
 
-def test_eval_of_a_run_directory_uses_its_held_out_splits(tmp_path):
-    from moekit.config import EvalConfig
-    from moekit.steps.evaluate import evaluate_models
+def test_a_run_killed_in_train_resumes_to_the_same_result(tmp_path, monkeypatch):
+    straight = run_recipe(load_recipe(TINY, [f"workdir={tmp_path / 'straight'}"]), show_progress=False)
+    import moekit.steps.train as train_step
 
-    run_demo(tmp_path / "demo", steps=6, show_progress=False)
-    report = evaluate_models(EvalConfig(models=[str(tmp_path / "demo" / "run")], seq_len=64), show_progress=False)
-    assert list(report["results"]) == ["seed", "branch code", "branch math", "mixed", "tuned"]
-    assert report["domains"] == ["code", "math"] and report["same_tokenizer"]
+    real = train_step.run_loop
+    calls = {"n": 0}
+
+    def crash_in_second_branch(job, accelerator):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            job.on_step_end = lambda step, row: (_ for _ in ()).throw(KeyboardInterrupt) if step == 15 else None
+        return real(job, accelerator)
+
+    monkeypatch.setattr(train_step, "run_loop", crash_in_second_branch)
+    recipe = load_recipe(TINY, [f"workdir={tmp_path / 'killed'}"])
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(recipe, show_progress=False)
+    assert (tmp_path / "killed" / "run" / "train" / "math" / "checkpoints" / "step-10").is_dir()
+    monkeypatch.setattr(train_step, "run_loop", real)
+    resumed = run_recipe(recipe, show_progress=False)
+    assert resumed.stages["train:code"].startswith("skipped") and resumed.stages["train:math"] == "ran"
+    a, b = (Checkpoint(tmp_path / d / "run" / "tuned") for d in ("straight", "killed"))
+    for name in a.tensors:
+        assert torch.allclose(a.get(name), b.get(name), atol=1e-5), name
+    for model, scores in straight.eval_report["results"].items():
+        for domain, values in scores.items():
+            assert values["loss"] == pytest.approx(resumed.eval_report["results"][model][domain]["loss"], abs=1e-4)
+
+
+def test_average_is_the_mean_of_the_branches(tmp_path):
+    outcome = run_recipe(load_recipe(TINY, [f"workdir={tmp_path / 'w'}", "stages=[seed,branch,train,average]"]), show_progress=False)
+    assert "average" in outcome.stages
+    run = tmp_path / "w" / "run"
+    branches = [Checkpoint(run / "branches" / d) for d in ("code", "math", "prose")]
+    averaged = Checkpoint(run / "averaged")
+    for name in averaged.tensors:
+        mean = sum(b.get(name).float() for b in branches) / 3
+        assert torch.allclose(averaged.get(name).float(), mean, atol=1e-6), name
+
+
+def test_changed_train_options_retrain_from_the_seed(tmp_path):
+    """Re-running with other train options must equal a fresh run with them, not train further."""
+    stages = "stages=[seed,branch,train]"
+    run_recipe(load_recipe(TINY, [f"workdir={tmp_path / 'a'}", stages]), show_progress=False)
+    changed = run_recipe(load_recipe(TINY, [f"workdir={tmp_path / 'a'}", stages, "train.max_steps=12"]), show_progress=False)
+    assert changed.stages["train:code"] == "ran" and changed.stages["branch"].startswith("skipped")
+    run_recipe(load_recipe(TINY, [f"workdir={tmp_path / 'b'}", stages, "train.max_steps=12"]), show_progress=False)
+    for domain in ("code", "math"):
+        a, b = (Checkpoint(tmp_path / w / "run" / "branches" / domain) for w in ("a", "b"))
+        for name in a.tensors:
+            assert torch.allclose(a.get(name), b.get(name), atol=1e-6), (domain, name)
