@@ -31,13 +31,12 @@ def eval_command(
     """
     from rich.console import Console
 
+    from moekit.config import EvalConfig
     from moekit.progress import quiet_transformers
+    from moekit.report import render_eval_table
+    from moekit.steps.evaluate import evaluate_models
 
     quiet_transformers()
-    from rich.table import Table
-
-    from moekit.config import EvalConfig
-    from moekit.steps.evaluate import evaluate_models
 
     cfg = EvalConfig(models=models, data={d: [p] for d, p in parse_key_values(data, "--data").items()}, seq_len=seq_len,
                      batch_size=batch_size, max_tokens=max_tokens, text_field=text_field, json_path=json_path)

@@ -34,13 +34,12 @@ def inspect_command(
     """
     from rich.console import Console
 
-    from moekit.progress import quiet_transformers
-
-    quiet_transformers()
-
     from moekit.config import InspectConfig
+    from moekit.progress import quiet_transformers
     from moekit.report import render_routing, render_static, render_tokens
     from moekit.steps.inspect import inspect_routing, inspect_static, write_outputs
+
+    quiet_transformers()
 
     cfg = InspectConfig(
         model=model, data={d: [p] for d, p in parse_key_values(data, "--data").items()}, seq_len=seq_len, batch_size=batch_size,

@@ -56,14 +56,13 @@ def train_command(
     """
     from rich.console import Console
 
-    from moekit.progress import quiet_transformers
-
-    quiet_transformers()
-
     from moekit.config import TrainConfig
     from moekit.manifest import load_manifest
+    from moekit.progress import quiet_transformers
     from moekit.steps.train import train
     from moekit.training import is_main_process
+
+    quiet_transformers()
 
     known = list(load_manifest(run_dir).branches)
     cfg = TrainConfig(

@@ -78,14 +78,13 @@ def tune_command(
     """
     from rich.console import Console
 
-    from moekit.progress import quiet_transformers
-
-    quiet_transformers()
-
     from moekit.config import TuneConfig
     from moekit.errors import InvalidOptionError
+    from moekit.progress import quiet_transformers
     from moekit.steps.tune import tune
     from moekit.training import is_main_process
+
+    quiet_transformers()
 
     if capacity_factor is not None and routing != "switch":
         raise InvalidOptionError("--capacity-factor only applies with --routing switch.", "Remove it or add --routing switch.")

@@ -2,9 +2,8 @@
 
 import json
 
-import torch
-
 import pytest
+import torch
 
 from moekit.data import expand_data_paths, load_token_blocks
 from moekit.errors import DataError

@@ -4,7 +4,15 @@ import pytest
 import yaml
 
 from moekit.errors import ManifestError
-from moekit.manifest import MANIFEST_VERSION, BranchRecord, RunManifest, SeedRecord, StageRecord, load_manifest, save_manifest
+from moekit.manifest import (
+    MANIFEST_VERSION,
+    BranchRecord,
+    RunManifest,
+    SeedRecord,
+    StageRecord,
+    load_manifest,
+    save_manifest,
+)
 
 
 def _manifest():
