@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class Advance(Protocol):
@@ -13,24 +13,23 @@ class Advance(Protocol):
     def __call__(self, steps: int = 1) -> None: ...
 
 
+def _rich_progress(*fields: str) -> Any:
+    """A rich Progress on stderr: description, bar, n/total, the given text fields, elapsed, ETA."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), *(TextColumn(f) for f in fields),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    return Progress(*columns, console=Console(stderr=True))
+
+
 @contextlib.contextmanager
 def progress_bar(description: str, total: int, enabled: bool) -> Iterator[Advance]:
     """Yield an ``advance`` function; draw a rich bar with ETA on stderr when ``enabled``."""
     if not enabled:
         yield lambda steps=1: None
         return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+    with _rich_progress() as bar:
         task = bar.add_task(description, total=total)
         yield lambda steps=1: bar.advance(task, steps)
 
@@ -41,22 +40,7 @@ def training_progress(description: str, total: int, start: int, enabled: bool) -
     if not enabled:
         yield lambda row: None
         return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = (
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"),
-        TimeElapsedColumn(), TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=Console(stderr=True)) as bar:
+    with _rich_progress("loss {task.fields[loss]}", "{task.fields[speed]} tok/s") as bar:
         task = bar.add_task(description, total=total, completed=start, loss="-", speed="-")
 
         def update(row: dict) -> None:
