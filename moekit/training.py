@@ -96,8 +96,13 @@ def _distributed_cpu_launch() -> bool:
 
 def make_accelerator(settings: LoopSettings) -> Any:
     """An Accelerator for the settings' precision and gradient accumulation."""
+    import logging
+
     from accelerate import Accelerator
 
+    # save_state warns about every tied weight (lm_head = embeddings) it de-duplicates; moekit's
+    # resume reloads the same tied model, so the warning is noise on every checkpoint.
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
     precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}.get(settings.precision)
     if precision is None:  # auto
         gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
