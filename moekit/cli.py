@@ -18,7 +18,7 @@ import typer
 app = typer.Typer(
     name="moekit",
     help="Build Mixture-of-Experts models from dense Hugging Face checkpoints (Branch-Train-MiX).\n\n"
-    "Pipeline: branch -> train each branch -> mix -> tune, then inspect and eval.",
+    "Pipeline: branch -> train each branch -> mix -> tune, then inspect and eval; `moekit run` drives it from a recipe, `moekit demo` shows it on a CPU.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

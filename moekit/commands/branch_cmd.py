@@ -20,8 +20,7 @@ def branch_command(
 ) -> None:
     """Create RUN_DIR with one dense copy of SEED per domain, ready for `moekit train`.
 
-    Copies are reflinks or hard links where possible (no extra disk use); moekit never writes
-    into a file shared with the seed. Example: moekit branch ./llama run --domain code --domain math
+    Copies are reflinks or hard links where possible (no extra disk use); moekit never writes into a file shared with the seed. Example: moekit branch ./llama run --domain code --domain math
     """
     from rich.console import Console
 

@@ -23,10 +23,9 @@ def demo_command(
     force: bool = typer.Option(False, "--force", help="Delete the work directory first and start from scratch."),
     overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...", help="Recipe overrides, e.g. train.max_steps=50."),
 ) -> None:
-    """BTX end to end on a laptop CPU, no downloads: pretrain a small seed on Python code, English
-    reference text and arithmetic, branch, train, mix, tune, then compare all models and show routing.
+    """Run BTX end to end on a laptop CPU with no downloads (about 15 minutes; --tiny: seconds).
 
-    The full demo takes about 10-15 minutes on 2 cores; re-running skips finished stages.
+    Pretrains a small seed on Python stdlib code, pydoc's English reference text and generated arithmetic, branches it into those domains, trains each branch, mixes them with the seed as a generalist expert, tunes the MoE, then compares every model and shows the routing. Re-running skips finished stages.
     """
     import shutil
 

@@ -32,8 +32,7 @@ def run_command(
 ) -> None:
     """Run a recipe: seed -> branch -> train -> mix -> average -> tune -> eval -> inspect.
 
-    Finished stages whose inputs and options are unchanged are skipped; an interrupted train or
-    tune resumes from its last checkpoint.
+    Finished stages whose inputs and options are unchanged are skipped; an interrupted train or tune resumes from its last checkpoint.
     """
     from rich.console import Console
 
