@@ -29,6 +29,7 @@ bench: install
 	$(PY) bench/mix.py
 	$(PY) bench/train.py
 	$(PY) bench/tune.py
+	$(PY) bench/routing_inspect.py
 
 clean:
 	rm -rf $(VENV) demo-out bench-out .pytest_cache
