@@ -16,7 +16,14 @@ class Advance(Protocol):
 def _rich_progress(*fields: str) -> Any:
     """A rich Progress on stderr: description, bar, n/total, the given text fields, elapsed, ETA."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), *(TextColumn(f) for f in fields),
                TimeElapsedColumn(), TimeRemainingColumn())

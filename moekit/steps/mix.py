@@ -107,10 +107,6 @@ def average_rows(sources: list[tuple[Checkpoint, float]], name: str) -> Iterator
         yield total
 
 
-def _averaged_rows(inputs: MixInputs, name: str) -> Iterator[torch.Tensor]:
-    return average_rows(inputs.average, name)
-
-
 def _write_average(
     writer: StreamingShardWriter, inputs: MixInputs, name: str, dtype: torch.dtype, keep: dict[str, torch.Tensor] | None
 ) -> None:
@@ -118,7 +114,7 @@ def _write_average(
     parts: list[torch.Tensor] = []
 
     def cast_chunks() -> Iterator[torch.Tensor]:
-        for chunk in _averaged_rows(inputs, name):
+        for chunk in average_rows(inputs.average, name):
             if keep is not None:
                 parts.append(chunk.to(torch.float32))
             yield chunk.to(dtype)
@@ -161,7 +157,7 @@ def _layer_router(layer: int, inputs: MixInputs, cfg: MixConfig, kept: dict[str,
     if centroid is not None and kept is not None:
         for proj in DENSE_FFN_PROJECTIONS:  # the averaged dense FFN, for the calibration pass only
             name = inputs.adapter.dense_ffn_name(layer, proj)
-            kept[name] = torch.cat(list(_averaged_rows(inputs, name))).to(torch.float32)
+            kept[name] = torch.cat(list(average_rows(inputs.average, name))).to(torch.float32)
         return centroid.router_for_layer(layer, kept)
     std = cfg.router_std or float(inputs.seed.config.get("initializer_range", 0.02))
     return random_router(len(inputs.experts), inputs.seed.config["hidden_size"], std, _rng(cfg.random_seed, layer, -1))
