@@ -41,8 +41,28 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{where}: {message}" if where else message
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what job schedulers send before killing a job), handled exactly like Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _handle_sigterm() -> None:
+    """Turn SIGTERM into :class:`Terminated`, so temporary outputs are cleaned up as on Ctrl-C."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
+
+
 def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn MoekitError (and invalid option values) into a clear message and exit code 2."""
+    """Turn MoekitError (and invalid option values) into a clear message and exit code 2.
+
+    Ctrl-C and SIGTERM end the command with the same "interrupted" message (exit 130 and 143).
+    """
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -50,6 +70,7 @@ def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 
         from moekit.errors import MoekitError
 
+        _handle_sigterm()
         try:
             return func(*args, **kwargs)
         except MoekitError as exc:
@@ -59,9 +80,10 @@ def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             problems = "; ".join(_describe(e) for e in exc.errors())
             _print_error(f"Invalid option value: {problems}.", "See --help for the allowed values.")
             raise typer.Exit(2)
-        except KeyboardInterrupt:
-            _print_error("Interrupted. Unfinished outputs were discarded; checkpoints already written by train or tune are kept for --resume.")
-            raise typer.Exit(130)
+        except KeyboardInterrupt as exc:
+            how = "Terminated (SIGTERM)" if isinstance(exc, Terminated) else "Interrupted"
+            _print_error(f"{how}. Unfinished outputs were discarded; checkpoints already written by train or tune are kept for --resume.")
+            raise typer.Exit(143 if isinstance(exc, Terminated) else 130)
 
     return wrapper
 

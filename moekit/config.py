@@ -99,6 +99,9 @@ class LoopSettings(_Strict):
     adam_beta2: float = Field(0.95, ge=0, lt=1)
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of the saved weights (auto: the input model's); the final evaluation uses them as saved"
+    )
     gradient_checkpointing: bool = False
     eval_every: int = Field(100, ge=0, description="steps between evaluations (0: only at the end)")
     eval_blocks: int = Field(32, ge=1, description="held-out blocks per domain per evaluation")

@@ -64,19 +64,47 @@ def tiny_config(model_type: str, vocab_size: int = 512, **overrides: Any) -> Any
     return AutoConfig.for_model(model_type, **values)
 
 
+def write_v4_tokenizer_config(model_dir: Path) -> None:
+    """Rewrite ``model_dir``'s tokenizer files as transformers 4.x saved them.
+
+    transformers 4.x wrote ``"tokenizer_class": "PreTrainedTokenizerFast"``, an
+    ``added_tokens_decoder`` table and a special_tokens_map.json; transformers 5 writes
+    ``"TokenizersBackend"`` and no map. Real seeds come in both styles.
+    """
+    import json
+
+    path = Path(model_dir) / "tokenizer_config.json"
+    v5 = json.loads(path.read_text())
+    special = {k: v5[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token") if k in v5}
+    vocab = json.loads((Path(model_dir) / "tokenizer.json").read_text())
+    decoder = {
+        str(t["id"]): {"content": t["content"], "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+        for t in vocab.get("added_tokens", [])
+    }
+    v4 = {"added_tokens_decoder": decoder, **special, "clean_up_tokenization_spaces": False, "extra_special_tokens": {},
+          "model_max_length": 1000000000000000019884624838656, "tokenizer_class": "PreTrainedTokenizerFast"}
+    path.write_text(json.dumps(v4, indent=2) + "\n")
+    (Path(model_dir) / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+
+
 def build_tiny_model(
-    out_dir: Path, model_type: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32, init_std: float = 0.2, **overrides: Any
+    out_dir: Path, model_type: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32, init_std: float = 0.2,
+    tokenizer_style: str = "v5", max_shard_size: str | None = None, **overrides: Any,
 ) -> Path:
     """Save a random tiny dense model of ``model_type`` with a tokenizer in ``out_dir``; return it.
 
     ``init_std`` is larger than usual (0.2, not 0.02) so that FFNs and attention matter for the
     logits; with 0.02 a random tiny model is nearly an identity map and tests would prove little.
+    ``tokenizer_style`` "v4" writes the tokenizer config as transformers 4.x did;
+    ``max_shard_size`` (e.g. "40KB") saves several safetensors shards with an index.
     """
     from transformers import AutoModelForCausalLM
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(out_dir)
+    if tokenizer_style == "v4":
+        write_v4_tokenizer_config(out_dir)
     overrides.setdefault("vocab_size", len(tokenizer))
     config = tiny_config(model_type, initializer_range=init_std, **overrides)
     torch.manual_seed(seed)
@@ -85,7 +113,37 @@ def build_tiny_model(
         for name, param in model.named_parameters():
             if param.ndim == 1:
                 param.add_(torch.randn_like(param) * 0.1)
-    model.to(dtype).save_pretrained(out_dir)
+    model.to(dtype).save_pretrained(out_dir, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    return out_dir
+
+
+# Expert settings of third-party MoE families as transformers builds them (3 experts, top-2).
+_THIRD_PARTY_MOE = {
+    "mixtral": dict(num_local_experts=3),
+    "qwen2_moe": dict(num_experts=3, moe_intermediate_size=64, shared_expert_intermediate_size=64, norm_topk_prob=True),
+    "qwen3_moe": dict(num_experts=3, moe_intermediate_size=64, norm_topk_prob=True),
+    "olmoe": dict(num_experts=3, norm_topk_prob=True),
+    "granitemoe": dict(num_local_experts=3),
+}
+THIRD_PARTY_MOE_TYPES = tuple(_THIRD_PARTY_MOE)
+
+
+def build_tiny_moe(out_dir: Path, moe_type: str, fused: bool = False, dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
+    """Save a random tiny MoE of ``moe_type`` (3 experts, top-2) with a tokenizer, as another tool would have made it.
+
+    ``fused`` saves transformers 5's in-memory layout (``save_original_format=False``: stacked
+    ``experts.gate_up_proj``/``down_proj``), as some merging tools write; otherwise the per-expert
+    hub layout.
+    """
+    from transformers import AutoModelForCausalLM
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(out_dir)
+    config = tiny_config(moe_type, vocab_size=len(tokenizer), initializer_range=0.2, num_experts_per_tok=2, **_THIRD_PARTY_MOE[moe_type])
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.to(dtype).save_pretrained(out_dir, save_original_format=not fused)
     return out_dir
 
 

@@ -41,7 +41,7 @@ from moekit.train_state import (
 
 LossFn = Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
 # Settings that do not change the trajectory, so a resume may change them.
-_RESUMABLE_CHANGES = {"eval_every", "eval_blocks", "save_every", "keep_checkpoints", "report_to", "precision"}
+_RESUMABLE_CHANGES = {"eval_every", "eval_blocks", "save_every", "keep_checkpoints", "report_to", "precision", "save_dtype"}
 
 
 def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -67,6 +67,7 @@ class LoopJob:
     step_metrics: Callable[[], dict[str, Any]] | None = None  # called on every rank after each step
     fingerprint_extra: dict[str, Any] = field(default_factory=dict)  # caller options a resume must match
     eval_context: Callable[[], Any] = contextlib.nullcontext  # e.g. restore the model's own routing
+    save_dtype: torch.dtype | None = None  # weights are rounded to this before the final evaluation
 
 
 @dataclass
@@ -157,6 +158,19 @@ def evaluate(model: torch.nn.Module, eval_sets: dict[str, torch.Tensor], setting
             results[domain] = float(totals[0] / totals[1])
     model.train()
     return results
+
+
+def round_to_saved_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Round every floating parameter to ``dtype`` and back, in place.
+
+    Training keeps fp32 master weights; the model is saved in ``dtype`` (often bf16). Rounding
+    before the final evaluation makes the reported held-out loss that of the weights as saved
+    (and the later cast to ``dtype`` exact). Works on plain, DDP and FSDP2 (DTensor) parameters.
+    """
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.is_floating_point() and param.dtype != dtype:
+                param.copy_(param.to(dtype))
 
 
 def _save_checkpoint(accelerator: Any, checkpoint_dir: Path, step: int, tokens: int, fingerprint: dict, keep: int) -> None:
@@ -260,6 +274,8 @@ def run_loop(job: LoopJob, accelerator: Any) -> LoopResult:
                 logger.log({"step": step + 1, **{f"eval/{d}/loss": v for d, v in losses.items()}})
             if not last and settings.save_every and (step + 1) % settings.save_every == 0:
                 _save_checkpoint(accelerator, job.work_dir / "checkpoints", step + 1, tokens, fingerprint, settings.keep_checkpoints)
+    if job.save_dtype is not None:
+        round_to_saved_dtype(model, job.save_dtype)
     with job.eval_context():
         final_eval = evaluate(model, job.eval_sets, settings, accelerator) if job.eval_sets else {}
     if final_eval:

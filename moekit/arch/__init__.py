@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 
 from moekit.arch.base import ArchAdapter
+from moekit.arch.layouts import READ_ONLY_LAYOUTS, MoeLayouts
 from moekit.errors import UnsupportedArchitectureError
 
 _REGISTRY: dict[str, ArchAdapter] = {}
@@ -54,4 +55,12 @@ def adapter_for_moe(moe_type: str) -> ArchAdapter | None:
     return next((a for a in _REGISTRY.values() if a.moe_type == moe_type), None)
 
 
-__all__ = ["ArchAdapter", "adapter_for_moe", "get_adapter", "register", "supported_families"]
+def layouts_for_moe(moe_type: str) -> MoeLayouts | None:
+    """Every known on-disk layout of MoE ``moe_type`` (moekit's targets and read-only families), or None."""
+    adapter = adapter_for_moe(moe_type)
+    if adapter is not None:
+        return adapter.layouts()
+    return next((entry for entry in READ_ONLY_LAYOUTS if entry.moe_type == moe_type), None)
+
+
+__all__ = ["ArchAdapter", "MoeLayouts", "adapter_for_moe", "get_adapter", "layouts_for_moe", "register", "supported_families"]

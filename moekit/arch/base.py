@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from moekit.arch.layouts import MoeLayouts, fused_layout, per_expert_layout, stacked_layout
 from moekit.errors import UnsupportedArchitectureError
 from moekit.io.checkpoint import TensorInfo
 
@@ -84,6 +85,8 @@ class ArchAdapter:
         fused_experts: for targets that store all experts of a layer in two stacked tensors,
             their names inside the MoE block: (gate_up [E, 2I, H], down [E, H, I]).
         router_suffix: the router weight's name inside the MoE block.
+        memory_block, memory_router: the MoE block and router names of transformers 5's fused
+            in-memory layout, which some checkpoints are saved in (see ``moekit.arch.layouts``).
         embed_name: the input embedding tensor (calibration starts from it).
         embedding_multiplier_key: config key of a factor the model applies to its embeddings.
         notes: one line for the model card and ``moekit mix --help``-style listings.
@@ -103,6 +106,8 @@ class ArchAdapter:
     shared_expert: bool = False
     fused_experts: tuple[str, str] | None = None
     router_suffix: str = "gate.weight"
+    memory_block: str = "mlp"
+    memory_router: str = "gate.weight"
     embed_name: str = "model.embed_tokens.weight"
     embedding_multiplier_key: str | None = None
     notes: str = ""
@@ -140,6 +145,14 @@ class ArchAdapter:
                 else:
                     tensors.append(MoeTensor(name, ffn_shapes[role], "shared", projection=role))
         return tensors
+
+    def layouts(self) -> MoeLayouts:
+        """The on-disk layouts of this adapter's MoE target: moekit's own (hub) first, then fused."""
+        if self.fused_experts is not None:
+            hub = stacked_layout(self.moe_block, self.router_suffix, *self.fused_experts)
+        else:
+            hub = per_expert_layout(self.moe_block, self.expert_projections, self.router_suffix)
+        return MoeLayouts(self.moe_type, (hub, fused_layout(self.memory_block, self.memory_router)))
 
     def dense_views(self, config: dict[str, Any], tensors: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
         """The dense tensors under the names generic code expects (q/k/v_proj, gate/up/down_proj).
@@ -191,6 +204,10 @@ class ArchAdapter:
         kwargs = {k: dense[k] for k in COMMON_CONFIG_KEYS + self.extra_config_keys if k in dense}
         head_dim = dense.get("head_dim") or dense["hidden_size"] // dense["num_attention_heads"]
         kwargs["head_dim"] = int(head_dim)
+        # Each expert is a whole dense FFN. Families with a separate expert size key also keep
+        # intermediate_size (their dense-layer FFN size): left out, the library default (e.g.
+        # Qwen3-MoE's 6144) would be written and mislead readers that use it.
+        kwargs["intermediate_size"] = dense["intermediate_size"]
         kwargs[self.expert_size_key] = dense["intermediate_size"]
         for key in self.num_experts_keys:
             kwargs[key] = num_experts

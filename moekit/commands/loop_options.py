@@ -25,6 +25,7 @@ LOOP_OPTIONS: dict[str, tuple[Any, Any]] = {
     "weight_decay": (float, typer.Option(0.1, "--weight-decay", help="AdamW weight decay (not on norms/biases).")),
     "grad_clip": (float, typer.Option(1.0, "--grad-clip", help="Clip the gradient norm (0: off).")),
     "precision": (str, typer.Option("auto", "--precision", help="auto (bf16 on capable GPUs, else fp32) | fp32 | bf16 | fp16.")),
+    "save_dtype": (str, typer.Option("auto", "--save-dtype", help="Saved weights: auto (the input's dtype) | float32 | bfloat16 | float16. float32 keeps small updates that bf16 rounds away.")),
     "gradient_checkpointing": (bool, typer.Option(False, "--gradient-checkpointing", help="Recompute activations to save memory.")),
     "eval_every": (int, typer.Option(100, "--eval-every", help="Steps between held-out evaluations of every domain (0: end only).")),
     "eval_blocks": (int, typer.Option(32, "--eval-blocks", help="Held-out blocks per domain per evaluation.")),
@@ -54,3 +55,23 @@ def with_loop_options(command: Callable[..., Any]) -> Callable[..., Any]:
     annotations = {k: v for k, v in command.__annotations__.items() if k != "loop"}
     wrapper.__annotations__ = {**annotations, **{name: kind for name, (kind, _) in LOOP_OPTIONS.items()}}
     return wrapper
+
+
+# Above this share of weights left bit-identical by training (after rounding to the saved
+# dtype), the run's updates were mostly smaller than the dtype's resolution: say so.
+ROUNDING_WARN_SHARE = 0.2
+
+
+def saved_weights_note(unchanged_share: float | None, saved_dtype: str, all_trained: bool = True) -> str | None:
+    """A line about how much of the update survived saving, or None when there is nothing to say.
+
+    ``all_trained``: every weight was trainable (a share of untouched weights is then a warning
+    sign; with frozen parts it is expected).
+    """
+    if unchanged_share is None or not all_trained or unchanged_share < ROUNDING_WARN_SHARE:
+        return None
+    return (
+        f"[yellow]warning:[/] {unchanged_share:.0%} of the saved weights are bit-identical to the input: most updates were "
+        f"smaller than {saved_dtype}'s resolution and were rounded away. Train longer or with a higher --lr, or keep "
+        "full precision with --save-dtype float32."
+    )

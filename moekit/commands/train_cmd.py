@@ -8,7 +8,7 @@ from typing import Any
 import typer
 
 from moekit.cli import app, user_errors
-from moekit.commands.loop_options import with_loop_options
+from moekit.commands.loop_options import saved_weights_note, with_loop_options
 
 
 def parse_branch_data(items: list[str], branches: list[str], known: list[str], option: str) -> dict[str, list[str]]:
@@ -80,5 +80,8 @@ def train_command(
     for result in results:
         evals = ", ".join(f"{d} {v:.3f}" for d, v in result.eval.items())
         resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""
-        console.print(f"[green]Trained[/] {result.branch}: {result.steps} steps{resumed}, {result.tokens:,} tokens, loss {result.final_loss:.4f}; held-out loss: {evals}")
+        console.print(f"[green]Trained[/] {result.branch}: {result.steps} steps{resumed}, {result.tokens:,} tokens, last step loss {result.final_loss:.4f}; "
+                      f"saved as {result.saved_dtype}" + (f", held-out loss of the saved weights: {evals}" if evals else ""))
+        if note := saved_weights_note(result.unchanged_share, result.saved_dtype):
+            console.print(note)
     console.print(f"Branches written in place. Next: moekit mix {run_dir}")

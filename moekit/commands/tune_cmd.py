@@ -8,7 +8,7 @@ from typing import Any, Optional
 import typer
 
 from moekit.cli import app, parse_key_values, user_errors
-from moekit.commands.loop_options import with_loop_options
+from moekit.commands.loop_options import saved_weights_note, with_loop_options
 
 
 def parse_mixture(text: Optional[str]) -> dict[str, float]:
@@ -105,4 +105,6 @@ def tune_command(
     console.print(f"[green]Tuned[/] {cfg.model} -> {result.out}: {result.steps} steps, loss {row.get('loss', float('nan')):.4f}, "
                   f"load imbalance {row.get('load_imbalance', float('nan')):.2f}, MaxVio {row.get('maxvio', float('nan')):.2f}, dead experts {row.get('dead_experts')}")
     if result.eval:
-        console.print("Held-out loss: " + ", ".join(f"{d} {v:.3f}" for d, v in result.eval.items()))
+        console.print(f"Held-out loss of the saved ({result.saved_dtype}) weights: " + ", ".join(f"{d} {v:.3f}" for d, v in result.eval.items()))
+    if note := saved_weights_note(result.unchanged_share, result.saved_dtype, all_trained=cfg.train == "all"):
+        console.print(note)

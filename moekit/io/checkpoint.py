@@ -187,7 +187,10 @@ class Checkpoint:
 
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Read rows ``start:stop`` (along dim 0) of a tensor; rows are contiguous on disk."""
-        info = self.tensors[name]
+        return self.read_rows(self.tensors[name], start, stop, name)
+
+    def read_rows(self, info: TensorInfo, start: int, stop: int, label: str = "") -> torch.Tensor:
+        """Read rows ``start:stop`` of the tensor described by ``info`` (a stored tensor or a view of one)."""
         dtype = SAFETENSORS_DTYPES[info.dtype]
         rows = info.shape[0] if info.shape else 1
         row_bytes = info.nbytes // rows if rows else 0
@@ -205,7 +208,7 @@ class Checkpoint:
                 raise OSError("short read")
         except OSError as exc:
             raise CorruptCheckpointError(
-                f"Cannot read tensor {name} from {self.path / info.shard}: {exc}.",
+                f"Cannot read tensor {label or 'data'} from {self.path / info.shard}: {exc}.",
                 "The file is damaged; re-download or re-save the model.",
             )
         return out
@@ -223,9 +226,18 @@ class Checkpoint:
         return files + ([index] if index.is_file() else [])
 
     def dtype(self) -> torch.dtype:
-        """The checkpoint's floating dtype: config 'dtype'/'torch_dtype', else its tensors'."""
+        """The checkpoint's floating dtype: that of most of its float values, else config.json's.
+
+        The stored tensors decide, not config.json: configs written by some tools (and by
+        save_pretrained after training in fp32) name another dtype than the weights have.
+        """
+        counts: dict[str, int] = {}
+        for info in self.stored.values():
+            if info.dtype in ("F64", "F32", "F16", "BF16"):
+                counts[info.dtype] = counts.get(info.dtype, 0) + info.nbytes // SAFETENSORS_DTYPES[info.dtype].itemsize
+        if counts:
+            return SAFETENSORS_DTYPES[max(counts, key=counts.__getitem__)]
         name = self.config.get("dtype") or self.config.get("torch_dtype")
-        if isinstance(name, str) and hasattr(torch, name):
+        if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
-        float_dtypes = [t.dtype for t in self.tensors.values() if t.dtype in ("F32", "F16", "BF16")]
-        return SAFETENSORS_DTYPES[max(set(float_dtypes), key=float_dtypes.count)] if float_dtypes else torch.float32
+        return torch.float32

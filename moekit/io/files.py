@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -89,11 +90,50 @@ def tokenizer_fingerprint(model_dir: Path) -> str:
     return sha256_files(files)
 
 
+# Tokenizer classes that only transformers 5 knows, and the class every reader (transformers 4.x,
+# llama.cpp's converter, vLLM) loads the same tokenizer.json with.
+_V5_ONLY_TOKENIZER_CLASSES = {"TokenizersBackend"}
+_PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+
+
+def portable_tokenizer_config(model_dir: Path) -> dict | None:
+    """tokenizer_config.json of ``model_dir`` rewritten for older readers, or None if it needs no change.
+
+    transformers 5 writes ``"tokenizer_class": "TokenizersBackend"``, a class transformers 4.x
+    (and llama.cpp's converter, pinned to 4.x) does not have. With a tokenizer.json present,
+    ``PreTrainedTokenizerFast`` loads the very same tokenizer in every version.
+    """
+    model_dir = Path(model_dir)
+    path = model_dir / "tokenizer_config.json"
+    if not path.is_file() or not (model_dir / "tokenizer.json").is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None  # unreadable: copied unchanged; the tokenizer loader reports it where it matters
+    if not isinstance(config, dict) or config.get("tokenizer_class") not in _V5_ONLY_TOKENIZER_CLASSES:
+        return None
+    return {**config, "tokenizer_class": _PORTABLE_TOKENIZER_CLASS}
+
+
+def write_tokenizer_file(src_dir: Path, dst_dir: Path, name: str, link: bool = False, force_copy: bool = False) -> str | None:
+    """Put tokenizer/generation file ``name`` of ``src_dir`` into ``dst_dir``; return how, or None if absent.
+
+    tokenizer_config.json is written portable (see :func:`portable_tokenizer_config`) when it
+    needs to be; every other file is linked (``link``) or copied unchanged.
+    """
+    src = Path(src_dir) / name
+    if not src.is_file():
+        return None
+    if name == "tokenizer_config.json" and (portable := portable_tokenizer_config(src_dir)) is not None:
+        (Path(dst_dir) / name).write_text(json.dumps(portable, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        return "copy"
+    if link:
+        return link_or_copy(src, Path(dst_dir) / name, force_copy=force_copy)
+    shutil.copy2(src, Path(dst_dir) / name)
+    return "copy"
+
+
 def copy_tokenizer_and_generation_files(src_dir: Path, dst_dir: Path) -> list[str]:
-    """Copy tokenizer and generation-config files unchanged; return the names copied."""
-    copied = []
-    for name in TOKENIZER_AND_GENERATION_FILES:
-        if (Path(src_dir) / name).is_file():
-            shutil.copy2(Path(src_dir) / name, Path(dst_dir) / name)
-            copied.append(name)
-    return copied
+    """Copy tokenizer and generation-config files (tokenizer_config.json made portable); return the names."""
+    return [name for name in TOKENIZER_AND_GENERATION_FILES if write_tokenizer_file(src_dir, dst_dir, name)]

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from moekit.errors import InvalidOptionError
 from moekit.io.atomic import atomic_output_dir
-from moekit.io.files import TOKENIZER_AND_GENERATION_FILES, link_or_copy, sha256_files
+from moekit.io.checkpoint import Checkpoint
+from moekit.io.files import TOKENIZER_AND_GENERATION_FILES, link_or_copy, sha256_files, write_tokenizer_file
 from moekit.io.source import resolve_model_dir
 from moekit.manifest import BranchRecord, RunManifest, SeedRecord, StageRecord, save_manifest
 from moekit.steps.inputs import open_dense_model
@@ -49,22 +50,36 @@ def validate_branch_names(domains: list[str]) -> None:
         raise InvalidOptionError(f"Domain names repeat: {', '.join(duplicates)}.", "Give each --domain once.")
 
 
+def _seed_files(seed_dir: Path) -> tuple[Checkpoint, list[Path], list[str]]:
+    """The validated seed, its weight files and config.json (linked into a branch), and its tokenizer/generation files."""
+    checkpoint, _ = open_dense_model(seed_dir)
+    extras = [n for n in TOKENIZER_AND_GENERATION_FILES if (seed_dir / n).is_file()]
+    return checkpoint, checkpoint.weight_files() + [seed_dir / "config.json"], extras
+
+
+def _clone_seed(seed_dir: Path, weights: list[Path], extras: list[str], target: Path, copy: bool) -> set[str]:
+    """Fill ``target`` with links (or copies) of the seed's files; return how the weights were cloned.
+
+    tokenizer_config.json is written portable (transformers-4 readable) where the seed's is not.
+    """
+    for name in extras:
+        write_tokenizer_file(seed_dir, target, name, link=True, force_copy=copy)
+    return {link_or_copy(src, target / src.name, force_copy=copy) for src in weights}
+
+
 def branch(seed: str, run_dir: Path, domains: list[str], copy: bool = False, force: bool = False) -> BranchResult:
     """Validate ``seed`` and create ``run_dir`` with ``branches/<domain>/`` copies and ``moekit.yaml``."""
     validate_branch_names(domains)
     seed_dir = resolve_model_dir(seed)
-    checkpoint, _ = open_dense_model(seed_dir)
-    files = checkpoint.weight_files() + [seed_dir / "config.json"]
-    files += [seed_dir / n for n in TOKENIZER_AND_GENERATION_FILES if (seed_dir / n).is_file()]
-    seed_hash = sha256_files(files)
+    checkpoint, weights, extras = _seed_files(seed_dir)
+    seed_hash = sha256_files(weights + [seed_dir / n for n in extras])
     modes: set[str] = set()
     run_dir = Path(run_dir).absolute()
     with atomic_output_dir(run_dir, force=force) as tmp:
         for name in domains:
             target = tmp / "branches" / name
             target.mkdir(parents=True)
-            for src in files:
-                modes.add(link_or_copy(src, target / src.name, force_copy=copy))
+            modes |= _clone_seed(seed_dir, weights, extras, target, copy)
         link_mode = "copy" if "copy" in modes else ("hardlink" if "hardlink" in modes else "reflink")
         manifest = RunManifest(
             seed=SeedRecord(source=str(seed), path=str(seed_dir), sha256=seed_hash, model_type=checkpoint.model_type),
@@ -84,9 +99,6 @@ def relink_branch(run_dir: Path, name: str) -> None:
 
     manifest = load_manifest(run_dir)
     seed_dir = Path(manifest.seed.path)
-    checkpoint, _ = open_dense_model(seed_dir)
-    files = checkpoint.weight_files() + [seed_dir / "config.json"]
-    files += [seed_dir / n for n in TOKENIZER_AND_GENERATION_FILES if (seed_dir / n).is_file()]
+    _, weights, extras = _seed_files(seed_dir)
     with atomic_output_dir(manifest.branch_dir(run_dir, name), force=True) as tmp:
-        for src in files:
-            link_or_copy(src, tmp / src.name)
+        _clone_seed(seed_dir, weights, extras, tmp, copy=False)

@@ -23,13 +23,14 @@ from moekit.arch.base import DENSE_FFN_PROJECTIONS, LAYER_TENSOR, MoeTensor
 from moekit.config import MixConfig
 from moekit.io.atomic import atomic_output_dir
 from moekit.io.checkpoint import Checkpoint
+from moekit.io.config_json import dtype_name
 from moekit.io.files import copy_tokenizer_and_generation_files
 from moekit.io.writer import PlannedTensor, StreamingShardWriter, parse_size
 from moekit.manifest import StageRecord, updating_manifest
 from moekit.progress import progress_bar
 from moekit.routing.init import random_router
 from moekit.steps.mix_inputs import MixInputs, open_mix_inputs
-from moekit.steps.mix_output import build_moe_config, dtype_name, write_model_card, write_provenance
+from moekit.steps.mix_output import build_moe_config, write_model_card, write_provenance
 from moekit.steps.mix_router import CentroidInit, prepare_centroid_init
 
 _CHUNK_ELEMENTS = 4 << 20  # values per averaging chunk (16 MB in fp32): bounds peak memory

@@ -10,12 +10,8 @@ import yaml
 
 from moekit import __version__
 from moekit.arch import ArchAdapter
+from moekit.io.config_json import dtype_name, portable_config
 from moekit.manifest import now_iso
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """'bfloat16' for torch.bfloat16, and so on."""
-    return str(dtype).removeprefix("torch.")
 
 
 def build_moe_config(seed_dir: Path, adapter: ArchAdapter, num_experts: int, top_k: int, dtype: torch.dtype) -> tuple[Any, dict[str, Any]]:
@@ -36,42 +32,6 @@ def build_moe_config(seed_dir: Path, adapter: ArchAdapter, num_experts: int, top
     data = moe.to_dict()
     data["head_dim"] = int(kwargs["head_dim"])
     return moe, portable_config(data)
-
-
-def portable_config(data: dict[str, Any]) -> dict[str, Any]:
-    """Add the keys older readers need next to transformers 5's (REFERENCE.md section 5).
-
-    rope_theta/rope_scaling next to rope_parameters, torch_dtype next to dtype, an integer
-    head_dim, and for MoEs every expert-count key the family's readers use (vLLM reads
-    num_experts for Qwen MoEs).
-    """
-    from moekit.arch import adapter_for_moe
-
-    data = dict(data)
-    rope = data.get("rope_parameters") or {}
-    if "rope_theta" in rope:
-        data["rope_theta"] = rope["rope_theta"]
-    if rope.get("rope_type", "default") != "default":
-        data["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
-    if data.get("dtype"):
-        data["torch_dtype"] = str(data["dtype"]).removeprefix("torch.")
-        data["dtype"] = data["torch_dtype"]
-    if data.get("head_dim") is not None:
-        data["head_dim"] = int(data["head_dim"])
-    adapter = adapter_for_moe(str(data.get("model_type", "")))
-    experts = next((data[k] for k in ("num_local_experts", "num_experts") if data.get(k)), None)
-    if adapter is not None and experts:
-        for key in adapter.num_experts_keys:
-            data[key] = experts
-    return data
-
-
-def make_config_portable(model_dir: Path) -> None:
-    """Rewrite ``model_dir/config.json`` (as save_pretrained wrote it) with the portability keys."""
-    import json
-
-    path = model_dir / "config.json"
-    path.write_text(json.dumps(portable_config(json.loads(path.read_text())), indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def write_provenance(out_dir: Path, record: dict[str, Any]) -> None:

@@ -19,10 +19,9 @@ import torch
 from moekit.config import TrainConfig
 from moekit.data import absolute_spec, domain_splits
 from moekit.errors import DataError, InvalidOptionError
-from moekit.io.checkpoint import Checkpoint
 from moekit.manifest import RunManifest, StageRecord, load_manifest, updating_manifest
-from moekit.steps.mix_output import make_config_portable
-from moekit.steps.model_io import write_trained_model
+from moekit.io.config_json import dtype_name
+from moekit.steps.model_io import resolve_save_dtype, write_trained_model
 from moekit.training import LoopJob, make_accelerator, run_loop
 
 
@@ -37,6 +36,8 @@ class BranchTrainResult:
     resumed_from: int
     final_loss: float
     eval: dict[str, float]
+    saved_dtype: str = ""
+    unchanged_share: float | None = None  # share of weights bit-identical to the branch's input after saving
 
 
 
@@ -120,18 +121,23 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> list[BranchTrainResul
         work_dir = cfg.run_dir / "train" / name
         torch.manual_seed(cfg.loop.seed)
         model = AutoModelForCausalLM.from_pretrained(branch_dir, dtype=torch.float32)
-        job = LoopJob(model, splits[name][0], eval_sets, cfg.loop, work_dir, cfg.resume, f"train {name}", show_progress)
+        dtype = resolve_save_dtype(cfg.loop.save_dtype, branch_dir)
+        job = LoopJob(model, splits[name][0], eval_sets, cfg.loop, work_dir, cfg.resume, f"train {name}", show_progress, save_dtype=dtype)
         result = run_loop(job, accelerator)
+        saved = None
         if accelerator.is_main_process:
             assert result.state_dict is not None
-            dtype = Checkpoint(branch_dir).dtype()  # keep the branch's own dtype (the seed's)
-            write_trained_model(branch_dir, branch_dir, model, result.state_dict, dtype, [work_dir / "metrics.jsonl"], add_files=make_config_portable)
+            saved = write_trained_model(branch_dir, branch_dir, model, result.state_dict, dtype, [work_dir / "metrics.jsonl"])
             shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)
-            outputs = {"steps": result.steps, "tokens": result.tokens, "loss": result.last_row.get("loss"), "eval_loss": result.eval}
+            outputs = {"steps": result.steps, "tokens": result.tokens, "loss": result.last_row.get("loss"), "eval_loss": result.eval,
+                       "saved_dtype": dtype_name(dtype), "unchanged_share": saved.unchanged_share}
             with updating_manifest(cfg.run_dir) as fresh:
                 fresh.stages.append(StageRecord(stage="train", params=_stage_params(manifest, name, cfg), outputs=outputs))
                 fresh.branches[name].link_mode = "copy"  # the branch now has files of its own
         accelerator.wait_for_everyone()
         accelerator.free_memory()  # drop references to this branch's model and optimiser
-        results.append(BranchTrainResult(name, branch_dir, result.steps, result.tokens, result.resumed_from, result.last_row.get("loss", float("nan")), result.eval))
+        results.append(BranchTrainResult(
+            name, branch_dir, result.steps, result.tokens, result.resumed_from, result.last_row.get("loss", float("nan")), result.eval,
+            dtype_name(dtype), saved.unchanged_share if saved else None,
+        ))
     return results

@@ -22,12 +22,11 @@ from moekit.config import TuneConfig
 from moekit.data import domain_splits, mixture_blocks
 from moekit.errors import UnsupportedArchitectureError
 from moekit.io.atomic import check_output_dir
-from moekit.io.checkpoint import Checkpoint
 from moekit.manifest import StageRecord, now_iso, updating_manifest
 from moekit.routing.control import RoutingController
 from moekit.routing.objective import BalancedObjective, BalanceSettings
-from moekit.steps.mix_output import make_config_portable
-from moekit.steps.model_io import write_trained_model
+from moekit.io.config_json import dtype_name
+from moekit.steps.model_io import resolve_save_dtype, write_trained_model
 from moekit.training import LoopJob, make_accelerator, run_loop
 
 
@@ -40,6 +39,8 @@ class TuneResult:
     resumed_from: int
     last_row: dict[str, Any]
     eval: dict[str, float]
+    saved_dtype: str = ""
+    unchanged_share: float | None = None  # share of weights bit-identical to the input MoE after saving
 
 
 def work_dir_for(cfg: TuneConfig) -> Path:
@@ -91,7 +92,6 @@ def _add_provenance(model_dir: Path, cfg: TuneConfig, result_row: dict[str, Any]
         extras = (f", router z-loss {cfg.z_coef}" if cfg.z_coef else "") + (f", {cfg.routing} routing while training" if cfg.routing != "topk" else "")
         card += f"\n## Tuned\n\nFine-tuned by `moekit tune` ({cfg.train} parameters, {budget}) on {', '.join(cfg.data)} with {balancing}{extras}. Details: `moekit.yaml`.\n"
         (tmp / "README.md").write_text(card)
-        make_config_portable(tmp)
 
     return add
 
@@ -102,7 +102,7 @@ def tune(cfg: TuneConfig, show_progress: bool = True) -> TuneResult:
 
     check_output_dir(cfg.out, cfg.force)
     accelerator = make_accelerator(cfg.loop)
-    checkpoint = Checkpoint(cfg.model)  # validates the directory and gives the dtype to save in
+    save_dtype = resolve_save_dtype(cfg.loop.save_dtype, cfg.model)  # also validates the directory
     model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
     controller = RoutingController(model, cfg.routing, cfg.capacity_factor)
     if cfg.balance == "bias":
@@ -122,18 +122,20 @@ def tune(cfg: TuneConfig, show_progress: bool = True) -> TuneResult:
     job = LoopJob(
         model, pool, eval_sets, cfg.loop, work_dir, cfg.resume, "tune", show_progress,
         compute_loss=objective, trainable=trainable_predicate(cfg, controller), step_metrics=objective.step_metrics,
-        fingerprint_extra={"tune": options}, eval_context=controller.native_routing,
+        fingerprint_extra={"tune": options}, eval_context=controller.native_routing, save_dtype=save_dtype,
     )
     result = run_loop(job, accelerator)
     controller.remove()
+    saved = None
     if accelerator.is_main_process:
         assert result.state_dict is not None
         provenance = _add_provenance(cfg.model, cfg, result.last_row)
-        write_trained_model(cfg.out, cfg.model, model, result.state_dict, checkpoint.dtype(), [work_dir / "metrics.jsonl"], cfg.force, provenance)
+        saved = write_trained_model(cfg.out, cfg.model, model, result.state_dict, save_dtype, [work_dir / "metrics.jsonl"], cfg.force, provenance)
         shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)
         if cfg.run_dir is not None:
             with updating_manifest(cfg.run_dir) as manifest:
                 params = cfg.model_dump(mode="json", exclude={"force", "resume", "run_dir"})
-                manifest.stages.append(StageRecord(stage="tune", params=params, outputs={"out": str(cfg.out), "eval_loss": result.eval}))
+                outputs = {"out": str(cfg.out), "eval_loss": result.eval, "saved_dtype": dtype_name(save_dtype), "unchanged_share": saved.unchanged_share}
+                manifest.stages.append(StageRecord(stage="tune", params=params, outputs=outputs))
     accelerator.wait_for_everyone()
-    return TuneResult(cfg.out, result.steps, result.resumed_from, result.last_row, result.eval)
+    return TuneResult(cfg.out, result.steps, result.resumed_from, result.last_row, result.eval, dtype_name(save_dtype), saved.unchanged_share if saved else None)

@@ -1,5 +1,6 @@
 """``branch``: run directory layout, cheap copies, and the seed never modified."""
 
+import json
 import os
 
 import pytest
@@ -12,7 +13,23 @@ from moekit.tiny import perturb_model
 
 
 def _files(model_dir):
-    return sorted(p for p in model_dir.iterdir() if p.is_file())
+    """Every file but tokenizer_config.json (which branch rewrites portable: tested below)."""
+    return sorted(p for p in model_dir.iterdir() if p.is_file() and p.name != "tokenizer_config.json")
+
+
+def test_branch_writes_portable_tokenizer_config(make_seed, tmp_path):
+    """A transformers-5 tokenizer class (TokenizersBackend) becomes PreTrainedTokenizerFast; the seed is untouched."""
+    seed = make_seed("llama", dest=tmp_path / "seed")
+    assert json.loads((seed / "tokenizer_config.json").read_text())["tokenizer_class"] == "TokenizersBackend"
+    before = (seed / "tokenizer_config.json").read_text()
+    result = branch(str(seed), tmp_path / "run", ["code"])
+    config = json.loads((result.branches["code"] / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert (seed / "tokenizer_config.json").read_text() == before
+    from transformers import AutoTokenizer
+
+    text = "def f(x):\n    return x + 1"
+    assert AutoTokenizer.from_pretrained(result.branches["code"])(text).input_ids == AutoTokenizer.from_pretrained(seed)(text).input_ids
 
 
 def test_branch_links_and_manifest(make_seed, tmp_path):

@@ -1,0 +1,90 @@
+"""MoEs that moekit did not build: inspect, eval and tune them in both on-disk layouts.
+
+Other tools write the same model either per expert (the hub layout) or with transformers 5's
+fused ``experts.gate_up_proj``/``down_proj`` tensors (``save_pretrained(save_original_format=
+False)``, some merging tools). Both must give the same static statistics, the same routing and
+the same held-out loss; tuning reads either and writes the hub layout.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from moekit.cli import build_app
+from moekit.inspection.static import static_report
+from moekit.io.checkpoint import Checkpoint
+from moekit.tiny import THIRD_PARTY_MOE_TYPES, build_tiny_moe, domain_corpus
+from tests.conftest import assert_clean_load, load
+
+
+def cli(*args):
+    return CliRunner().invoke(build_app(), [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def moes(tmp_path_factory) -> dict[tuple[str, bool], Path]:
+    """Each third-party family, saved per expert (False) and fused (True), from the same weights."""
+    root = tmp_path_factory.mktemp("third-party")
+    return {(t, fused): build_tiny_moe(root / f"{t}-{'fused' if fused else 'per-expert'}", t, fused) for t in THIRD_PARTY_MOE_TYPES for fused in (False, True)}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("data")
+    files = {d: root / f"{d}.txt" for d in ("code", "math")}
+    for domain, path in files.items():
+        path.write_text(domain_corpus(domain, 120, seed=5))
+    return files
+
+
+def _data_args(data: dict[str, Path]) -> list[str]:
+    return [a for d, p in data.items() for a in ("--data", f"{d}={p}")]
+
+
+@pytest.mark.parametrize("moe_type", THIRD_PARTY_MOE_TYPES)
+def test_both_layouts_give_the_same_static_statistics(moe_type, moes):
+    hub, fused = (static_report(Checkpoint(moes[(moe_type, f)])) for f in (False, True))
+    assert fused["expert_layout"] == "fused" and hub["expert_layout"] in ("per-expert", "stacked")
+    assert hub["total_params"] == fused["total_params"] and hub["active_params"] == fused["active_params"]
+    for a, b in zip(hub["per_layer"], fused["per_layer"], strict=True):
+        assert a["router_row_norms"] == b["router_row_norms"]
+        torch.testing.assert_close(torch.tensor(a["expert_cosine"]), torch.tensor(b["expert_cosine"]), atol=1e-12, rtol=0)
+        assert a["expert_params"] == b["expert_params"]
+
+
+@pytest.mark.parametrize("moe_type", THIRD_PARTY_MOE_TYPES)
+def test_routing_and_eval_agree_across_layouts(moe_type, moes, data, tmp_path):
+    reports, evals = [], []
+    for fused in (False, True):
+        out = tmp_path / f"{fused}.json"
+        result = cli("inspect", moes[(moe_type, fused)], *_data_args(data), "--seq-len", "32", "--max-tokens", "256", "--json", out)
+        assert result.exit_code == 0, result.output
+        reports.append(json.loads(out.read_text())["routing"])
+        out = tmp_path / f"eval-{fused}.json"
+        result = cli("eval", moes[(moe_type, fused)], *_data_args(data), "--seq-len", "32", "--max-tokens", "256", "--json", out)
+        assert result.exit_code == 0, result.output
+        evals.append(next(iter(json.loads(out.read_text())["results"].values())))
+    assert reports[0]["domains"] == reports[1]["domains"]
+    for domain in data:
+        assert evals[0][domain]["loss"] == pytest.approx(evals[1][domain]["loss"], abs=1e-6)
+
+
+@pytest.mark.parametrize("moe_type", THIRD_PARTY_MOE_TYPES)
+def test_router_only_tune_reads_either_layout_and_writes_the_hub_layout(moe_type, moes, data, tmp_path):
+    hub = Checkpoint(moes[(moe_type, False)])
+    for fused in (False, True):
+        out = tmp_path / f"tuned-{fused}"
+        loop = ["--seq-len", "32", "--batch-size", "2", "--max-steps", "2", "--lr", "1e-2", "--eval-every", "0", "--eval-blocks", "1"]
+        result = cli("tune", moes[(moe_type, fused)], *_data_args(data), "--train", "router", "--out", out, *loop)
+        assert result.exit_code == 0, result.output
+        _, info = load(out)
+        assert_clean_load(info)
+        tuned = Checkpoint(out)
+        assert set(tuned.tensors) == set(hub.tensors)  # written in the hub layout, whatever the input's
+        changed = [n for n in hub.tensors if not torch.equal(hub.get(n), tuned.get(n))]
+        assert changed and all("gate" in n or "router" in n for n in changed), changed  # only routers learned
