@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 #   make TORCH_INSTALL="torch --index-url https://download.pytorch.org/whl/cpu"
 TORCH_INSTALL ?= torch==2.13.0
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-all test-real bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,6 +24,11 @@ test: install
 
 test-all: install
 	$(PY) -m pytest -q -m ""
+
+# The real-model and reader tiers (SmolLM2-135M, transformers 4.57, llama.cpp's converter); CI runs them.
+test-real: install
+	MOEKIT_REAL_TESTS=1 $(PY) -m tests.assets
+	MOEKIT_REAL_TESTS=1 $(PY) -m pytest -q tests/real
 
 bench: install
 	$(PY) bench/mix.py

@@ -89,20 +89,29 @@ def write_v4_tokenizer_config(model_dir: Path) -> None:
 
 def build_tiny_model(
     out_dir: Path, model_type: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32, init_std: float = 0.2,
-    tokenizer_style: str = "v5", max_shard_size: str | None = None, **overrides: Any,
+    tokenizer_style: str = "v5", max_shard_size: str | None = None, tokenizer_dir: Path | None = None, **overrides: Any,
 ) -> Path:
     """Save a random tiny dense model of ``model_type`` with a tokenizer in ``out_dir``; return it.
 
     ``init_std`` is larger than usual (0.2, not 0.02) so that FFNs and attention matter for the
     logits; with 0.02 a random tiny model is nearly an identity map and tests would prove little.
     ``tokenizer_style`` "v4" writes the tokenizer config as transformers 4.x did;
-    ``max_shard_size`` (e.g. "40KB") saves several safetensors shards with an index.
+    ``max_shard_size`` (e.g. "40KB") saves several safetensors shards with an index;
+    ``tokenizer_dir`` takes a real model's tokenizer files instead of training a small BPE.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moekit.io.files import TOKENIZER_FILES
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(out_dir)
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer_dir) / name).is_file():
+                (out_dir / name).write_bytes((Path(tokenizer_dir) / name).read_bytes())
+        tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    else:
+        tokenizer = build_tokenizer(out_dir)
     if tokenizer_style == "v4":
         write_v4_tokenizer_config(out_dir)
     overrides.setdefault("vocab_size", len(tokenizer))

