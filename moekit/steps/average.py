@@ -6,11 +6,11 @@ Streams like ``mix``: planned shards, row-chunked averaging, an atomic output di
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from moekit.io.atomic import atomic_output_dir
 from moekit.io.checkpoint import Checkpoint
+from moekit.io.config_json import portable_config, write_config_json
 from moekit.io.files import copy_tokenizer_and_generation_files
 from moekit.io.writer import PlannedTensor, StreamingShardWriter, parse_size
 from moekit.steps.inputs import open_dense_model
@@ -36,6 +36,6 @@ def average_models(models: list[Path], out: Path, force: bool = False, shard_siz
         finally:
             for checkpoint in checkpoints:
                 checkpoint.close()
-        (tmp / "config.json").write_text(json.dumps(reference.config, indent=2) + "\n")
+        write_config_json(tmp, portable_config(reference.config, dtype))  # the dtype written, whatever the reference's config says
         copy_tokenizer_and_generation_files(reference.path, tmp)
     return out

@@ -73,8 +73,10 @@ def unchanged_share(before: Path, after: Path) -> float | None:
     """Share of weight values in ``after`` that are bit-identical to ``before`` (same names and dtypes).
 
     Streams both checkpoints in row chunks. None when no tensor is comparable (e.g. the layout
-    changed from fused to per-expert experts).
+    changed from fused to per-expert experts, or ``before`` is not a model directory).
     """
+    if not (Path(before) / "config.json").is_file():
+        return None
     old, new = Checkpoint(before), Checkpoint(after)
     same = total = 0
     try:
