@@ -15,7 +15,7 @@ from moekit.io.files import copy_tokenizer_and_generation_files
 from moekit.io.writer import PlannedTensor, StreamingShardWriter, parse_size
 from moekit.steps.inputs import open_dense_model
 from moekit.steps.mix import average_rows
-from moekit.steps.mix_inputs import check_compatible
+from moekit.steps.mix_inputs import check_compatible, redundant_tied_copies
 
 
 def average_models(models: list[Path], out: Path, force: bool = False, shard_size: str = "2GB") -> Path:
@@ -25,7 +25,8 @@ def average_models(models: list[Path], out: Path, force: bool = False, shard_siz
     checkpoints = [Checkpoint(Path(m)) for m in models]  # stored layout (no adapter views): the output is dense too
     reference = checkpoints[0]
     dtype = reference.dtype()
-    plan = [PlannedTensor(name, dtype, info.shape) for name, info in sorted(reference.tensors.items())]
+    skipped = redundant_tied_copies(reference.config, reference.tensors)  # a tied output stores no LM head
+    plan = [PlannedTensor(name, dtype, info.shape) for name, info in sorted(reference.tensors.items()) if name not in skipped]
     sources = [(c, 1.0 / len(checkpoints)) for c in checkpoints]
     with atomic_output_dir(out, force=force) as tmp:
         writer = StreamingShardWriter(tmp, plan, parse_size(shard_size))

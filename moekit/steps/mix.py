@@ -29,7 +29,7 @@ from moekit.io.writer import PlannedTensor, StreamingShardWriter, parse_size
 from moekit.manifest import StageRecord, updating_manifest
 from moekit.progress import progress_bar
 from moekit.routing.init import random_router
-from moekit.steps.mix_inputs import MixInputs, open_mix_inputs
+from moekit.steps.mix_inputs import MixInputs, open_mix_inputs, redundant_tied_copies
 from moekit.steps.mix_output import build_moe_config, write_model_card, write_provenance
 from moekit.steps.mix_router import CentroidInit, prepare_centroid_init
 
@@ -50,7 +50,8 @@ class MixResult:
 def _split_tensor_names(inputs: MixInputs) -> tuple[list[str], dict[int, list[str]]]:
     """Global tensor names, and per layer the non-FFN tensor names (all sorted)."""
     globals_, per_layer = [], {}
-    for name in sorted(inputs.seed.tensors):
+    skipped = redundant_tied_copies(inputs.seed.config, inputs.seed.tensors)  # a tied output stores no LM head
+    for name in sorted(set(inputs.seed.tensors) - skipped):
         match = LAYER_TENSOR.match(name)
         if match is None:
             globals_.append(name)

@@ -69,6 +69,19 @@ def _config_differences(reference: dict, other: dict) -> list[str]:
     return sorted(k for k in keys if reference.get(k) != other.get(k))
 
 
+# The LM head a tied model shares with its input embedding (the same name in every supported family).
+TIED_HEAD = "lm_head.weight"
+
+
+def redundant_tied_copies(config: dict, tensors: dict) -> set[str]:
+    """Stored tensors that a tied model ignores on load: an ``lm_head.weight`` saved next to a tied embedding.
+
+    moekit up to 0.1 wrote one into bf16 branches of tied seeds; mix reads the embedding only, so
+    such branches still mix (and the output is tied, as the seed).
+    """
+    return {TIED_HEAD} if config.get("tie_word_embeddings") and TIED_HEAD in tensors else set()
+
+
 def check_compatible(seed: Checkpoint, branches: list[tuple[str, Checkpoint]]) -> None:
     """Raise IncompatibleModelsError unless every branch matches the seed's architecture exactly."""
     seed_tokenizer = tokenizer_fingerprint(seed.path)
@@ -83,7 +96,7 @@ def check_compatible(seed: Checkpoint, branches: list[tuple[str, Checkpoint]]) -
         if diffs:
             shown = ", ".join(f"{k}: {seed_config.get(k)!r} vs {branch_config.get(k)!r}" for k in diffs[:4])
             raise IncompatibleModelsError(f"{where} differs from the seed in config.json ({shown}).", fix)
-        missing = sorted(set(seed.tensors) ^ set(branch.tensors))
+        missing = sorted((set(seed.tensors) ^ set(branch.tensors)) - redundant_tied_copies(branch_config, branch.tensors))
         if missing:
             raise IncompatibleModelsError(f"{where} and the seed have different tensors (e.g. {missing[0]}).", fix)
         for tensor, info in seed.tensors.items():

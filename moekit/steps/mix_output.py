@@ -10,7 +10,7 @@ import yaml
 
 from moekit import __version__
 from moekit.arch import ArchAdapter
-from moekit.io.config_json import dtype_name, portable_config
+from moekit.io.config_json import portable_config
 from moekit.manifest import now_iso
 
 

@@ -27,8 +27,8 @@ import torch
 
 from moekit.io.atomic import atomic_output_dir
 from moekit.io.checkpoint import Checkpoint
-from moekit.io.files import copy_tokenizer_and_generation_files
 from moekit.io.config_json import make_config_portable
+from moekit.io.files import copy_tokenizer_and_generation_files
 
 _COMPARE_CHUNK_ELEMENTS = 8 << 20  # values compared per read when measuring unchanged weights
 

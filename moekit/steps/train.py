@@ -19,8 +19,8 @@ import torch
 from moekit.config import TrainConfig
 from moekit.data import absolute_spec, domain_splits
 from moekit.errors import DataError, InvalidOptionError
-from moekit.manifest import RunManifest, StageRecord, load_manifest, updating_manifest
 from moekit.io.config_json import dtype_name
+from moekit.manifest import RunManifest, StageRecord, load_manifest, updating_manifest
 from moekit.steps.model_io import resolve_save_dtype, write_trained_model
 from moekit.training import LoopJob, make_accelerator, run_loop
 

@@ -22,10 +22,10 @@ from moekit.config import TuneConfig
 from moekit.data import domain_splits, mixture_blocks
 from moekit.errors import UnsupportedArchitectureError
 from moekit.io.atomic import check_output_dir
+from moekit.io.config_json import dtype_name
 from moekit.manifest import StageRecord, now_iso, updating_manifest
 from moekit.routing.control import RoutingController
 from moekit.routing.objective import BalancedObjective, BalanceSettings
-from moekit.io.config_json import dtype_name
 from moekit.steps.model_io import resolve_save_dtype, write_trained_model
 from moekit.training import LoopJob, make_accelerator, run_loop
 

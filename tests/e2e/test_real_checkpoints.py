@@ -69,6 +69,20 @@ def test_reported_heldout_loss_is_the_saved_weights(save_dtype, bf16_run):
     assert record.outputs["eval_loss"]["code"] == pytest.approx(_saved_heldout_loss(bf16_run / "run", "code"), abs=1e-5)
 
 
+def test_branches_with_a_redundant_tied_head_still_mix(bf16_run, tmp_path):
+    """Branches written by moekit 0.1 from a tied bf16 seed carry an extra lm_head.weight: they mix, and the output is tied."""
+    from safetensors.torch import load_file, save_file
+
+    code = bf16_run / "run" / "branches" / "code"
+    tensors = load_file(code / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    (code / "model.safetensors").unlink()  # never write into a file hard-linked to the seed
+    save_file(tensors, code / "model.safetensors", metadata={"format": "pt"})
+    result = cli("mix", bf16_run / "run")
+    assert result.exit_code == 0, result.output
+    assert "lm_head.weight" not in Checkpoint(bf16_run / "run" / "mixed").tensors
+
+
 def test_rounded_away_updates_are_reported(bf16_run):
     """A few tiny-lr steps in bf16 leave most weights bit-identical: say so, and record the share."""
     result = cli("train", bf16_run / "run", "--branch", "code", "--data", bf16_run / "code.txt", "--max-steps", "2", "--lr", "1e-6", *LOOP)

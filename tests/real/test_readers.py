@@ -22,8 +22,8 @@ from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from moekit.cli import build_app
 from moekit.arch import layouts_for_moe
+from moekit.cli import build_app
 from moekit.config import MixConfig
 from moekit.io.checkpoint import Checkpoint
 from moekit.steps.branch import branch
