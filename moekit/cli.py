@@ -27,11 +27,42 @@ app = typer.Typer(
 
 def _print_error(message: str, hint: str = "") -> None:
     from rich.console import Console
+    from rich.markup import escape
 
     console = Console(stderr=True, highlight=False)
-    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)  # paths may contain [ ]
     if hint:
-        console.print(f"[yellow]fix:[/] {hint}", soft_wrap=True)
+        console.print(f"[yellow]fix:[/] {escape(hint)}", soft_wrap=True)
+
+
+_DISK_FULL_TEXTS = ("No space left on device", "StorageFull", "Disk quota exceeded", "file write failed")
+
+
+def environment_failure(exc: BaseException) -> tuple[str, str] | None:
+    """(message, fix) for a failure of the machine rather than of moekit: full disk, read-only or forbidden path.
+
+    torch and safetensors wrap a full disk in their own exception types, so the exception chain
+    and the message text are both searched.
+    """
+    import errno
+
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    for item in chain:
+        where = f" ({item.filename})" if isinstance(item, OSError) and item.filename else ""
+        code = item.errno if isinstance(item, OSError) else None
+        if code in (errno.ENOSPC, errno.EDQUOT) or any(t in str(item) for t in _DISK_FULL_TEXTS):
+            return (f"The disk is full: writing failed{where}.",
+                    "Free space on that disk, or write outputs elsewhere (--out). Unfinished outputs were removed; "
+                    "train/tune checkpoints written before are kept for --resume.")
+        if code == errno.EROFS:
+            return f"A read-only file system refused a write{where}.", "Write outputs to a writable location."
+        if code in (errno.EACCES, errno.EPERM):
+            return f"Permission denied{where}.", "Use paths you can read and write, or fix their permissions."
+    return None
 
 
 def _describe(error: dict[str, Any]) -> str:
@@ -61,7 +92,8 @@ def _handle_sigterm() -> None:
 def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     """Turn MoekitError (and invalid option values) into a clear message and exit code 2.
 
-    Ctrl-C and SIGTERM end the command with the same "interrupted" message (exit 130 and 143).
+    Ctrl-C and SIGTERM end the command with the same "interrupted" message (exit 130 and 143);
+    a full disk, a read-only file system or a permission error gets a message too (exit 1).
     """
 
     @functools.wraps(func)
@@ -80,6 +112,12 @@ def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             problems = "; ".join(_describe(e) for e in exc.errors())
             _print_error(f"Invalid option value: {problems}.", "See --help for the allowed values.")
             raise typer.Exit(2)
+        except Exception as exc:  # only machine failures are turned into messages; anything else is a bug: traceback
+            failure = environment_failure(exc)
+            if failure is None:
+                raise
+            _print_error(*failure)
+            raise typer.Exit(1)
         except KeyboardInterrupt as exc:
             how = "Terminated (SIGTERM)" if isinstance(exc, Terminated) else "Interrupted"
             _print_error(f"{how}. Unfinished outputs were discarded; checkpoints already written by train or tune are kept for --resume.")
@@ -105,7 +143,16 @@ def parse_key_values(items: list[str], option: str) -> dict[str, str]:
 
 def build_app() -> typer.Typer:
     """The Typer app with every command registered (importing a command module registers it)."""
-    from moekit.commands import branch_cmd, demo_cmd, eval_cmd, inspect_cmd, mix_cmd, run_cmd, train_cmd, tune_cmd  # noqa: F401
+    from moekit.commands import (  # noqa: F401
+        branch_cmd,
+        demo_cmd,
+        eval_cmd,
+        inspect_cmd,
+        mix_cmd,
+        run_cmd,
+        train_cmd,
+        tune_cmd,
+    )
 
     return app
 

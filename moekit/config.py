@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # inf or nan in an option is always a mistake
 
 
 class UpcycleSettings(_Strict):
@@ -148,7 +148,7 @@ class TuneConfig(_Strict):
     data: dict[str, list[str]] = Field(description="domain -> data specs")
     val_data: dict[str, list[str]] = Field(default_factory=dict)
     mixture: dict[str, float] = Field(default_factory=dict, description="domain -> share of the tune data (default equal)")
-    train: Literal["all", "router", "router+attn"] = "all"
+    train: Literal["all", "router", "router+attn", "all-but-experts"] = "all"
     balance: Literal["switch", "btx", "bias", "none"] = "switch"
     aux_coef: float = Field(0.01, ge=0)
     z_coef: float = Field(0.0, ge=0, description="router z-loss coefficient (1e-3 when enabled)")
@@ -177,6 +177,18 @@ class TuneConfig(_Strict):
         return self
 
 
+def _check_json_path(path: Path | None) -> Path | None:
+    if path is not None and path.is_dir():
+        raise ValueError(f"--json {path} is a directory; give a file path such as {path / 'report.json'}")
+    return path
+
+
+def _check_plot_dir(path: Path | None) -> Path | None:
+    if path is not None and path.exists() and not path.is_dir():
+        raise ValueError(f"--plot {path} is a file; give a directory for the PNG files and report.html")
+    return path
+
+
 class InspectConfig(_Strict):
     """What ``inspect`` needs: a model, optional domain data, and what to write."""
 
@@ -190,6 +202,16 @@ class InspectConfig(_Strict):
     plot_dir: Path | None = None
     tokens: str | None = Field(None, description="domain whose first block is shown coloured by top expert")
     tokens_layer: int | None = Field(None, ge=0)
+
+    @field_validator("json_path")
+    @classmethod
+    def _json_file(cls, value: Path | None) -> Path | None:
+        return _check_json_path(value)
+
+    @field_validator("plot_dir")
+    @classmethod
+    def _plot_directory(cls, value: Path | None) -> Path | None:
+        return _check_plot_dir(value)
 
     @model_validator(mode="after")
     def _tokens_domain(self) -> InspectConfig:
@@ -212,3 +234,8 @@ class EvalConfig(_Strict):
     val_fraction: float = Field(0.05, ge=0, lt=1, description="run-directory data: the held-out tail share")
     text_field: str = "text"
     json_path: Path | None = None
+
+    @field_validator("json_path")
+    @classmethod
+    def _json_file(cls, value: Path | None) -> Path | None:
+        return _check_json_path(value)

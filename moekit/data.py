@@ -41,7 +41,7 @@ _TOKENIZE_BATCH = 256
 def expand_data_paths(spec: str | Path) -> list[Path]:
     """Expand a file, directory or glob into a sorted list of data files; raise DataError if none."""
     text = str(spec)
-    if any(ch in text for ch in "*?["):
+    if any(ch in text for ch in "*?[") and not Path(text).exists():  # a real path with [ ] in its name is not a glob
         paths = [Path(p) for p in sorted(glob.glob(text, recursive=True))]
     elif Path(text).is_dir():
         paths = sorted(p for p in Path(text).rglob("*") if p.suffix in TEXT_SUFFIXES)
@@ -190,10 +190,23 @@ def tokenize_documents(tokenizer: Any, documents: Iterable[str], max_tokens: int
     return stream[:max_tokens] if max_tokens is not None else stream
 
 
+def _write_cache(cache_file: Path, stream: torch.Tensor) -> None:
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache_file.parent, suffix=".tmp")
+    os.close(fd)
+    torch.save(stream, tmp)
+    os.replace(tmp, cache_file)  # concurrent ranks may race here; each writes the same bytes
+
+
 def token_stream(
-    tokenizer: Any, spec: str | Path, text_field: str = "text", cache_dir: Path | None = None, max_tokens: int | None = None
+    tokenizer: Any, spec: str | Path, text_field: str = "text", cache_dir: Path | None = None, max_tokens: int | None = None,
+    pending: list[tuple[Path, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
-    """The token ids of a data spec as one 1-D int32 tensor, from the cache when possible."""
+    """The token ids of a data spec as one 1-D int32 tensor, from the cache when possible.
+
+    A newly tokenised stream is cached at once, or, with ``pending``, appended there for the
+    caller to cache once every check on the data has passed.
+    """
     cache_file = None
     if cache_dir is not None:
         key = hashlib.sha256(
@@ -206,11 +219,10 @@ def token_stream(
     if stream.numel() == 0:
         raise DataError(f"Data {spec} contains no text.", "Point to non-empty text files.")
     if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_file.parent, suffix=".tmp")
-        os.close(fd)
-        torch.save(stream, tmp)
-        os.replace(tmp, cache_file)  # concurrent ranks may race here; each writes the same bytes
+        if pending is not None:
+            pending.append((cache_file, stream))
+        else:
+            _write_cache(cache_file, stream)
     return stream
 
 
@@ -258,10 +270,15 @@ def domain_splits(
     tokenizer: Any, data: dict[str, list[str]], val_data: dict[str, list[str]], seq_len: int, val_fraction: float,
     text_field: str = "text", cache_dir: Path | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """(train, validation) blocks per domain: ``val_data`` where given, else the last ``val_fraction``."""
+    """(train, validation) blocks per domain: ``val_data`` where given, else the last ``val_fraction``.
+
+    Token streams are cached only once every domain has passed its checks (enough tokens for
+    the blocks and the split), so refused data leaves no cache behind.
+    """
+    pending: list[tuple[Path, torch.Tensor]] = []
 
     def blocks(specs: list[str]) -> torch.Tensor:
-        streams = [token_stream(tokenizer, spec, text_field, cache_dir) for spec in specs]
+        streams = [token_stream(tokenizer, spec, text_field, cache_dir, pending=pending) for spec in specs]
         return packed_blocks(torch.cat(streams), seq_len, ", ".join(specs))
 
     splits = {}
@@ -270,6 +287,8 @@ def domain_splits(
             splits[domain] = (blocks(specs), blocks(val_data[domain]))
         else:
             splits[domain] = split_validation(blocks(specs), val_fraction, ", ".join(specs))
+    for cache_file, stream in pending:
+        _write_cache(cache_file, stream)
     return splits
 
 

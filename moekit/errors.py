@@ -58,3 +58,13 @@ class ManifestError(MoekitError):
 
 class DataError(MoekitError):
     """Data files are missing, unreadable, empty or too short."""
+
+
+class NonFiniteError(MoekitError):
+    """A model holds NaN or infinite values (a diverged run), or a run diverged."""
+
+
+class DiskFullError(MoekitError):
+    """A write failed because the disk is full."""
+
+    exit_code = 1

@@ -73,8 +73,19 @@ class RunManifest(_Strict):
     stages: list[StageRecord] = Field(default_factory=list)
 
     def branch_dir(self, run_dir: Path, name: str) -> Path:
-        """Absolute directory of branch ``name``."""
-        return Path(run_dir) / self.branches[name].path
+        """Absolute directory of branch ``name``; it must lie inside the run directory.
+
+        train replaces a branch directory: a hand-edited ``path: ../seed`` would otherwise make
+        it overwrite the seed, or any other directory.
+        """
+        run = Path(run_dir).absolute()
+        path = run / self.branches[name].path
+        if not path.resolve().is_relative_to(run.resolve()) or path.resolve() == run.resolve():
+            raise ManifestError(
+                f"Branch '{name}' has path {self.branches[name].path!r} in {run / MANIFEST_NAME}, which is outside the run directory.",
+                f"Branch paths must stay inside the run (moekit branch writes branches/{name}); fix the path in moekit.yaml.",
+            )
+        return path
 
 
 def load_manifest(run_dir: Path) -> RunManifest:

@@ -26,7 +26,7 @@ class RecipeError(MoekitError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # inf or nan in an option is always a mistake
 
 
 class SeedSpec(_Strict):
@@ -83,7 +83,7 @@ class MixStage(_Strict):
 class TuneStage(_Strict):
     """Options of ``tune`` (see ``moekit tune --help``)."""
 
-    train: Literal["all", "router", "router+attn"] = "all"
+    train: Literal["all", "router", "router+attn", "all-but-experts"] = "all"
     balance: Literal["switch", "btx", "none"] = "switch"
     aux_coef: float = Field(0.01, ge=0)
     z_coef: float = Field(0.0, ge=0)

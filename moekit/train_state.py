@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from moekit.config import LoopSettings
+from moekit.errors import MoekitError
 
 CHECKPOINT_PREFIX = "step-"
 STATE_FILE = "trainer_state.json"
@@ -118,8 +119,17 @@ def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
 
 
 def read_state(checkpoint: Path) -> dict[str, Any]:
-    """The loop state (step, tokens, settings) stored with a checkpoint."""
-    return json.loads((checkpoint / STATE_FILE).read_text())
+    """The loop state (step, tokens, settings) stored with a checkpoint; MoekitError if it is damaged."""
+    try:
+        state = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int) or not isinstance(state.get("tokens"), int):
+            raise ValueError("no integer step and tokens")
+        return state
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise MoekitError(
+            f"Checkpoint {checkpoint} is damaged: {STATE_FILE} cannot be read ({exc}).",
+            f"Delete {checkpoint} to resume from an older checkpoint, or delete the checkpoints directory to start over.",
+        )
 
 
 def prune_checkpoints(checkpoint_dir: Path, keep: int) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -26,8 +27,9 @@ from typing import Any
 import torch
 
 from moekit.config import LoopSettings
-from moekit.errors import MoekitError
+from moekit.errors import MoekitError, NonFiniteError
 from moekit.evaluation import block_losses
+from moekit.io.atomic import writing
 from moekit.train_state import (
     STATE_FILE,
     BlockSchedule,
@@ -173,6 +175,25 @@ def round_to_saved_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
                 param.copy_(param.to(dtype))
 
 
+def check_finite(row: dict[str, Any], checkpoint_dir: Path) -> None:
+    """Stop a run whose loss or gradient norm is not finite (every rank sees the same reduced values).
+
+    The weights are already poisoned by that step's update, so nothing of the run is saved; the
+    checkpoints written before it are kept.
+    """
+    bad = {k: row[k] for k in ("loss", "grad_norm") if k in row and not math.isfinite(row[k])}
+    if not bad:
+        return
+    latest = latest_checkpoint(checkpoint_dir) if checkpoint_dir.exists() else None
+    kept = f"The checkpoint written before it, {latest}, is kept" if latest else "No checkpoint was written before it"
+    raise NonFiniteError(
+        f"Training diverged at step {row['step']}: {', '.join(f'{k} is {v}' for k, v in bad.items())}. "
+        f"Nothing of this run was saved; the model directory is unchanged. {kept}.",
+        "Lower --lr (or raise --warmup-steps), check the data, and start again: delete the checkpoints directory, "
+        "since --resume continues only with the same settings.",
+    )
+
+
 def _save_checkpoint(accelerator: Any, checkpoint_dir: Path, step: int, tokens: int, fingerprint: dict, keep: int) -> None:
     """Write a checkpoint atomically: a hidden directory renamed once every rank has written."""
     import shutil
@@ -182,7 +203,12 @@ def _save_checkpoint(accelerator: Any, checkpoint_dir: Path, step: int, tokens: 
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
+    try:
+        with writing(staging, f"checkpoint {final}"):
+            accelerator.save_state(str(staging))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # an incomplete checkpoint is never resumed from, but takes space
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (staging / STATE_FILE).write_text(json.dumps({"step": step, "tokens": tokens, **fingerprint}, indent=1))
@@ -264,6 +290,7 @@ def run_loop(job: LoopJob, accelerator: Any) -> LoopResult:
             if job.step_metrics is not None:
                 row.update(job.step_metrics())
             logger.log(row)
+            check_finite(row, job.work_dir / "checkpoints")
             progress(row)
             if job.on_step_end is not None:
                 job.on_step_end(step + 1, row)

@@ -12,8 +12,13 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from moekit.arch.layouts import MoeLayouts, fused_layout, per_expert_layout, stacked_layout
-from moekit.errors import UnsupportedArchitectureError
+from moekit.arch.layouts import (
+    MoeLayouts,
+    fused_layout,
+    per_expert_layout,
+    stacked_layout,
+)
+from moekit.errors import CorruptCheckpointError, UnsupportedArchitectureError
 from moekit.io.checkpoint import TensorInfo
 
 # Dense tensor names are "model.layers.<L>.<rest>"; everything else is a global tensor.
@@ -196,6 +201,19 @@ class ArchAdapter:
             raise UnsupportedArchitectureError(
                 f"The {self.dense_type} model lacks the expected FFN tensors ({', '.join(missing)} in layer 0).",
                 "moekit expects gate_proj/up_proj/down_proj MLPs as Hugging Face writes them.",
+            )
+        names = set(tensor_names)
+        layers = config.get("num_hidden_layers")
+        if not isinstance(layers, int):
+            return
+        absent = [layer for layer in range(layers) if any(self.dense_ffn_name(layer, p) not in names for p in DENSE_FFN_PROJECTIONS)]
+        stored = sorted({int(m.group(1)) for n in names if (m := LAYER_TENSOR.match(n))})
+        if absent or (stored and stored[-1] >= layers):
+            raise CorruptCheckpointError(
+                f"config.json says num_hidden_layers={layers}, but the weights hold layers "
+                f"{stored[0] if stored else '-'}..{stored[-1] if stored else '-'}"
+                + (f" and layer {absent[0]} has no complete FFN" if absent else "") + ".",
+                "The weights and config.json do not belong together: re-save the model, or fix num_hidden_layers.",
             )
 
     # ----- config ------------------------------------------------------------------------

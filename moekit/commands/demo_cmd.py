@@ -27,20 +27,18 @@ def demo_command(
 
     Pretrains a small seed on Python stdlib code, pydoc's English reference text and generated arithmetic, branches it into those domains, trains each branch, mixes them with the seed as a generalist expert, tunes the MoE, then compares every model and shows the routing. Re-running skips finished stages.
     """
-    import shutil
-
     from rich.console import Console
 
     from moekit.progress import quiet_transformers
     from moekit.recipe import load_recipe
     from moekit.report import render_run_outcome
-    from moekit.steps.run import run_recipe
+    from moekit.steps.run import clear_workdir, run_recipe
 
     quiet_transformers()
     name = "demo-tiny" if tiny else "demo"
     workdir = (out or Path(f"{name}-out")).absolute()
-    if force and workdir.exists():
-        shutil.rmtree(workdir)
+    if force:
+        clear_workdir(workdir)
     recipe = load_recipe(packaged_recipe(name), [f"workdir={workdir}", *(overrides or [])])
     console = Console()
     console.print(f"moekit demo ({name}): work directory {workdir}")

@@ -55,7 +55,7 @@ def tune_command(
     val_data: list[str] = typer.Option([], "--val-data", help="DOMAIN=PATH held-out data (default: the last --val-fraction of the data)."),
     mix: Optional[str] = typer.Option(None, "--mix", help="Data mixture, e.g. code=0.4,math=0.3,general=0.3 (default: equal shares)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default with a run directory: RUN_DIR/tuned)."),
-    train: str = typer.Option("all", "--train", help="What learns: all (BTX) | router | router+attn (experts frozen)."),
+    train: str = typer.Option("all", "--train", help="What learns: all (BTX) | router | router+attn (routers and attention only) | all-but-experts (BTX's frozen-experts ablation: all but the routed experts)."),
     balance: str = typer.Option("switch", "--balance", help="switch (Switch/HF aux loss) | btx (mean gate values) | bias (loss-free; needs a target with a selection bias) | none."),
     aux_coef: float = typer.Option(0.01, "--aux-coef", help="Balancing loss coefficient."),
     z_loss: bool = typer.Option(False, "--z-loss", help="Add the router z-loss (coefficient --z-coef)."),

@@ -10,6 +10,7 @@ resident memory for as long as the shard stays mapped), so memory holds only wha
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,10 +46,47 @@ class TensorInfo:
     nbytes: int
 
 
-def read_safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
-    """Parse and sanity-check a safetensors header; return (data start offset, header).
+# Bytes per element of every safetensors dtype (including ones moekit refuses later, e.g. fp8).
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
-    Raises CorruptCheckpointError for a short, truncated or unparsable file.
+
+def _check_entries(path: Path, header: dict[str, Any], data_size: int, fix: str) -> None:
+    """Every tensor entry must describe exactly its bytes: dtype x shape = span, inside the data, no overlaps.
+
+    A header that disagrees with its data would make a reader take another tensor's bytes.
+    """
+    spans = []
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        shape, offsets = (meta.get("shape"), meta.get("data_offsets")) if isinstance(meta, dict) else (None, None)
+        valid = (
+            isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+            and isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data_size
+        )
+        if not valid:
+            raise CorruptCheckpointError(f"{path}: the header entry of tensor {name} is malformed or points outside the file.", fix)
+        size = _DTYPE_BYTES.get(str(meta.get("dtype")))
+        if size is not None and offsets[1] - offsets[0] != math.prod(shape) * size:
+            raise CorruptCheckpointError(
+                f"{path}: tensor {name} is described as {meta['dtype']} {shape} ({math.prod(shape) * size} bytes) "
+                f"but its data span holds {offsets[1] - offsets[0]} bytes.",
+                fix,
+            )
+        spans.append((offsets[0], offsets[1], name))
+    spans.sort()
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:
+            raise CorruptCheckpointError(f"{path}: the data of tensors {first} and {second} overlap.", fix)
+
+
+def read_safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """Parse and validate a safetensors header; return (data start offset, header).
+
+    Raises CorruptCheckpointError for a short, truncated or unparsable file, and for a header
+    whose entries disagree with the data (see :func:`_check_entries`).
     """
     fix = "Re-download or re-save the model (save_pretrained writes safetensors)."
     size = path.stat().st_size
@@ -65,14 +103,20 @@ def read_safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
             raise CorruptCheckpointError(f"{path} has an unreadable safetensors header ({exc}).", fix)
     if not isinstance(header, dict):
         raise CorruptCheckpointError(f"{path} has a malformed safetensors header.", fix)
-    data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and _has_offsets(v)), default=0)
     if 8 + header_len + data_end > size:
         raise CorruptCheckpointError(
             f"{path} is truncated: its header describes {8 + header_len + data_end} bytes "
             f"but the file has {size}.",
             fix,
         )
+    _check_entries(path, header, size - 8 - header_len, fix)
     return 8 + header_len, header
+
+
+def _has_offsets(meta: Any) -> bool:
+    offsets = meta.get("data_offsets") if isinstance(meta, dict) else None
+    return isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
 
 
 def _load_json(path: Path, what: str) -> dict[str, Any]:

@@ -10,6 +10,11 @@ calibration hidden states ([tokens, hidden] per domain) persist between layers.
 The inputs of the next layer come from the averaged dense FFN, not from the MoE block being
 built; with equal branches the two agree exactly and in general they differ only by how much
 the experts disagree.
+
+The layers run as the model runs at inference: in eval mode (no dropout, so identical runs give
+identical routers) and with the attention the model itself uses, a sliding-window causal mask
+for layers with sliding attention (``layer_types``, or a ``sliding_window`` for every layer)
+when the calibration sequences are longer than the window.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ class LayerwiseCalibrator:
         config._attn_implementation = "sdpa"  # no mask needed: sdpa is causal when mask is None
         with torch.device("meta"):
             self.skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        self.skeleton.eval()  # no dropout: the hidden states the model produces at inference
+        self.config = config
         self.rotary = type(self.skeleton.model.rotary_emb)(config=config)
         self.batch = batch
         embed = embed_weight.float()
@@ -49,7 +56,8 @@ class LayerwiseCalibrator:
         try:
             with torch.no_grad():
                 for domain, hidden in self.hidden.items():
-                    outputs = [self._forward(module, chunk) for chunk in hidden.split(self.batch)]
+                    mask = self.attention_mask(layer, hidden.shape[1])
+                    outputs = [self._forward(module, chunk, mask) for chunk in hidden.split(self.batch)]
                     self.hidden[domain] = torch.cat(outputs)
                     mlp_inputs[domain] = torch.cat([c.reshape(-1, c.shape[-1]) for c in captured])
                     captured.clear()
@@ -58,8 +66,24 @@ class LayerwiseCalibrator:
             module.to("meta")  # release the layer's weights
         return mlp_inputs
 
-    def _forward(self, module: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    def sliding_window(self, layer: int) -> int | None:
+        """The attention window of ``layer`` (None: full causal attention)."""
+        window = getattr(self.config, "sliding_window", None)
+        types = getattr(self.config, "layer_types", None)
+        if types is not None:
+            return window if types[layer] == "sliding_attention" else None
+        return window
+
+    def attention_mask(self, layer: int, length: int) -> torch.Tensor | None:
+        """A boolean [1, 1, T, T] mask (True = attend) for ``layer``, or None when plain causal attention is exact."""
+        window = self.sliding_window(layer)
+        if window is None or length <= window:
+            return None  # sdpa is causal without a mask
+        query, key = torch.arange(length)[:, None], torch.arange(length)[None, :]
+        return ((key <= query) & (query - key < window))[None, None]  # the window transformers uses: q - k < window
+
+    def _forward(self, module: torch.nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         positions = torch.arange(hidden.shape[1]).unsqueeze(0).expand(hidden.shape[0], -1)
         rotary = self.rotary(hidden, positions)
-        out = module(hidden, attention_mask=None, position_ids=positions, position_embeddings=rotary)
+        out = module(hidden, attention_mask=mask, position_ids=positions, position_embeddings=rotary)
         return out[0] if isinstance(out, tuple) else out

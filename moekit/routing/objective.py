@@ -30,6 +30,17 @@ def all_reduce_sum(tensor: torch.Tensor, device: torch.device | str = "cpu") -> 
     return tensor
 
 
+def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy (fp32), computed here rather than taken from ``model(labels=...).loss``.
+
+    transformers adds its own router aux loss to ``.loss`` when a model's config has
+    ``output_router_logits: true`` (common in third-party MoE configs): the model would be
+    balanced twice and the reported ``lm_loss`` would be too high.
+    """
+    shifted = logits[:, :-1].float()
+    return torch.nn.functional.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), input_ids[:, 1:].reshape(-1))
+
+
 @dataclass(frozen=True)
 class BalanceSettings:
     """Which balancing terms, with which coefficients."""
@@ -57,7 +68,7 @@ class BalancedObjective:
     def __call__(self, model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """LM loss + balancing terms for one micro-batch."""
         self.controller.clear()
-        lm_loss = model(input_ids=input_ids, labels=input_ids).loss
+        lm_loss = next_token_loss(model(input_ids=input_ids).logits, input_ids)
         self._device = lm_loss.device
         records = self.controller.collected()
         counts = torch.stack([balance.assignment_counts(r.indices, self.controller.num_experts) for r in records]).cpu()

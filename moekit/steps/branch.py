@@ -14,11 +14,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moekit.errors import InvalidOptionError
-from moekit.io.atomic import atomic_output_dir
+from moekit.io.atomic import atomic_output_dir, check_output_apart
 from moekit.io.checkpoint import Checkpoint
-from moekit.io.files import TOKENIZER_AND_GENERATION_FILES, link_or_copy, sha256_files, write_tokenizer_file
+from moekit.io.files import (
+    TOKENIZER_AND_GENERATION_FILES,
+    link_or_copy,
+    sha256_files,
+    write_tokenizer_file,
+)
 from moekit.io.source import resolve_model_dir
-from moekit.manifest import BranchRecord, RunManifest, SeedRecord, StageRecord, save_manifest
+from moekit.manifest import (
+    BranchRecord,
+    RunManifest,
+    SeedRecord,
+    StageRecord,
+    save_manifest,
+)
 from moekit.steps.inputs import open_dense_model
 
 _BRANCH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -71,10 +82,11 @@ def branch(seed: str, run_dir: Path, domains: list[str], copy: bool = False, for
     """Validate ``seed`` and create ``run_dir`` with ``branches/<domain>/`` copies and ``moekit.yaml``."""
     validate_branch_names(domains)
     seed_dir = resolve_model_dir(seed)
+    run_dir = Path(run_dir).absolute()
+    check_output_apart(run_dir, [seed_dir])  # --force must never delete the seed with the old run
     checkpoint, weights, extras = _seed_files(seed_dir)
     seed_hash = sha256_files(weights + [seed_dir / n for n in extras])
     modes: set[str] = set()
-    run_dir = Path(run_dir).absolute()
     with atomic_output_dir(run_dir, force=force) as tmp:
         for name in domains:
             target = tmp / "branches" / name

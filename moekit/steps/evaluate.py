@@ -18,9 +18,11 @@ from moekit.config import EvalConfig
 from moekit.data import domain_splits, evaluation_blocks, tokenizer_fingerprint_of
 from moekit.errors import InvalidOptionError
 from moekit.evaluation import block_losses, perplexity
+from moekit.io.loading import load_causal_lm
 from moekit.io.source import resolve_model_dir
 from moekit.manifest import MANIFEST_NAME, load_manifest
 from moekit.progress import progress_bar
+from moekit.steps.inputs import check_context_length, check_model_dir
 
 
 def is_run_dir(path: Path) -> bool:
@@ -61,11 +63,14 @@ def _run_dir_heldout(cfg: EvalConfig, tokenizer: Any) -> dict[str, torch.Tensor]
 
 def evaluate_models(cfg: EvalConfig, show_progress: bool = True) -> dict[str, Any]:
     """Per-model, per-domain held-out loss/perplexity, averages and the best model per domain."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     models = expand_models(cfg.models)
     if not cfg.data and not any(Path(m).is_dir() and is_run_dir(Path(m)) for m in cfg.models):
         raise InvalidOptionError("No evaluation data.", "Pass --data DOMAIN=PATH (or a run directory, whose branches' held-out data is used).")
+    for label, directory in models.items():  # every model checked before the first one is evaluated
+        check_model_dir(directory, f"Model '{label}',")
+        check_context_length(directory, cfg.seq_len)
     blocks_by_tokenizer: dict[str, dict[str, torch.Tensor]] = {}
     results: dict[str, dict[str, dict[str, float]]] = {}
     for label, directory in models.items():
@@ -76,7 +81,7 @@ def evaluate_models(cfg: EvalConfig, show_progress: bool = True) -> dict[str, An
                 {d: evaluation_blocks(tokenizer, specs, cfg.seq_len, cfg.max_tokens, cfg.text_field) for d, specs in cfg.data.items()}
                 if cfg.data else _run_dir_heldout(cfg, tokenizer)
             )
-        results[label] = _evaluate_one(AutoModelForCausalLM, directory, blocks_by_tokenizer[key], cfg, label, show_progress)
+        results[label] = _evaluate_one(directory, blocks_by_tokenizer[key], cfg, label, show_progress)
     domains = list(next(iter(results.values())))
     for scores in results.values():
         scores["average"] = {"loss": sum(scores[d]["loss"] for d in domains) / len(domains)}
@@ -86,9 +91,9 @@ def evaluate_models(cfg: EvalConfig, show_progress: bool = True) -> dict[str, An
             "same_tokenizer": len(blocks_by_tokenizer) == 1}
 
 
-def _evaluate_one(model_class: Any, directory: Path, blocks: dict[str, torch.Tensor], cfg: EvalConfig, label: str, show_progress: bool) -> dict[str, dict[str, float]]:
+def _evaluate_one(directory: Path, blocks: dict[str, torch.Tensor], cfg: EvalConfig, label: str, show_progress: bool) -> dict[str, dict[str, float]]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = model_class.from_pretrained(directory, dtype=torch.float32).to(device).eval()
+    model = load_causal_lm(directory, torch.float32).to(device).eval()
     scores = {}
     with torch.no_grad(), progress_bar(f"eval {label}", sum(len(b) for b in blocks.values()), show_progress) as advance:
         for domain, domain_blocks in blocks.items():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from moekit.arch import ArchAdapter, get_adapter
-from moekit.errors import InputNotFoundError
+from moekit.errors import InputNotFoundError, InvalidOptionError
 from moekit.io.checkpoint import Checkpoint
 from moekit.io.files import tokenizer_fingerprint
 
@@ -26,3 +26,28 @@ def open_dense_model(path: Path, need_tokenizer: bool = True) -> tuple[Checkpoin
             "Save the tokenizer next to the model: AutoTokenizer.from_pretrained(...).save_pretrained(dir).",
         )
     return checkpoint, adapter
+
+
+def check_context_length(model_dir: Path, seq_len: int, option: str = "--seq-len") -> None:
+    """Refuse blocks longer than the model's context (``max_position_embeddings``): positions past it were
+    never trained, and the numbers would say little about the model."""
+    import json
+
+    try:
+        limit = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8")).get("max_position_embeddings")
+    except (OSError, ValueError):
+        return  # unreadable configs are reported where the model is loaded
+    if isinstance(limit, int) and limit > 0 and seq_len > limit:
+        raise InvalidOptionError(
+            f"{option} {seq_len} is longer than the context of {model_dir} ({limit} positions, max_position_embeddings).",
+            f"Use {option} {limit} or less.",
+        )
+
+
+def check_model_dir(path: Path, what: str) -> None:
+    """Refuse a missing model directory (e.g. a deleted branch) with a message that names it."""
+    if not (Path(path) / "config.json").is_file():
+        raise InputNotFoundError(
+            f"{what} {path} is missing or is not a model directory (no config.json).",
+            "Restore it, or recreate the run with moekit branch.",
+        )

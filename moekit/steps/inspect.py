@@ -15,8 +15,10 @@ from moekit.errors import InvalidOptionError
 from moekit.inspection.routing import collect_routing, routing_report
 from moekit.inspection.static import static_report
 from moekit.io.checkpoint import Checkpoint
+from moekit.io.loading import load_causal_lm
 from moekit.io.source import resolve_model_dir
 from moekit.progress import progress_bar
+from moekit.steps.inputs import check_context_length
 
 
 def expert_names_from_provenance(model_dir: Path) -> list[str] | None:
@@ -39,18 +41,19 @@ def inspect_static(model: str) -> tuple[Path, dict[str, Any]]:
 
 def inspect_routing(cfg: InspectConfig, model_dir: Path, static: dict[str, Any], show_progress: bool = True) -> dict[str, Any]:
     """Run the data through the MoE and return the routing report (adds files for --json/--plot)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if not static["is_moe"]:
         raise InvalidOptionError(
             f"{cfg.model} is a dense {static['model_type']} model: it has no routers, so there is no routing to inspect.",
             "Run `moekit inspect MODEL` without --data for its static statistics, or inspect an MoE.",
         )
+    check_context_length(model_dir, cfg.seq_len)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     blocks = {d: evaluation_blocks(tokenizer, specs, cfg.seq_len, cfg.max_tokens, cfg.text_field) for d, specs in cfg.data.items()}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = Checkpoint(model_dir).dtype() if device == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    model = load_causal_lm(model_dir, dtype).to(device)
     with progress_bar("routing blocks", sum(len(b) for b in blocks.values()), show_progress) as advance:
         tally = collect_routing(model, blocks, cfg.batch_size, advance, cfg.tokens_layer)
     report = routing_report(tally, expert_names_from_provenance(model_dir))

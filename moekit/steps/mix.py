@@ -21,7 +21,8 @@ import torch
 
 from moekit.arch.base import DENSE_FFN_PROJECTIONS, LAYER_TENSOR, MoeTensor
 from moekit.config import MixConfig
-from moekit.io.atomic import atomic_output_dir
+from moekit.errors import NonFiniteError
+from moekit.io.atomic import atomic_output_dir, check_free_space, check_output_dir
 from moekit.io.checkpoint import Checkpoint
 from moekit.io.config_json import dtype_name
 from moekit.io.files import copy_tokenizer_and_generation_files
@@ -86,6 +87,16 @@ def _rng(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
+def finite(tensor: torch.Tensor, name: str, checkpoint: Checkpoint) -> torch.Tensor:
+    """``tensor`` itself; NonFiniteError if it holds NaN or infinite values (mix never writes those)."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise NonFiniteError(
+            f"Tensor {name} of {checkpoint.path} holds NaN or infinite values; a model mixed from it would be broken.",
+            "That model is damaged (a diverged training run?): retrain it with a lower --lr, or leave it out.",
+        )
+    return tensor
+
+
 def average_rows(sources: list[tuple[Checkpoint, float]], name: str) -> Iterator[torch.Tensor]:
     """Yield the weighted mean of tensor ``name`` over ``sources``, in row chunks.
 
@@ -99,13 +110,13 @@ def average_rows(sources: list[tuple[Checkpoint, float]], name: str) -> Iterator
     (first, first_weight), *others = sources
     for start in range(0, rows, step):
         stop = min(rows, start + step)
-        chunk = first.get_rows(name, start, stop)
+        chunk = finite(first.get_rows(name, start, stop), name, first)
         if not others and first_weight == 1.0:
             yield chunk
             continue
         total = chunk.to(torch.float32).mul_(first_weight)
         for checkpoint, weight in others:
-            total.add_(checkpoint.get_rows(name, start, stop), alpha=weight)  # bf16/fp16 promoted to fp32
+            total.add_(finite(checkpoint.get_rows(name, start, stop), name, checkpoint), alpha=weight)  # bf16/fp16 promoted to fp32
         yield total
 
 
@@ -135,7 +146,8 @@ def _expert_ffn(inputs: MixInputs, cfg: MixConfig, layer: int, expert: int) -> d
     same tensors.
     """
     source = inputs.experts[expert]
-    ffn = {p: source.checkpoint.get(inputs.adapter.dense_ffn_name(layer, p)) for p in DENSE_FFN_PROJECTIONS}
+    names = {p: inputs.adapter.dense_ffn_name(layer, p) for p in DENSE_FFN_PROJECTIONS}
+    ffn = {p: finite(source.checkpoint.get(name), name, source.checkpoint) for p, name in names.items()}
     fraction = cfg.upcycle.drop_fraction if cfg.upcycle else 0.0
     if fraction > 0:
         # Drop-upcycling: re-draw a random share of intermediate units (rows of gate/up, columns
@@ -220,6 +232,8 @@ def mix(cfg: MixConfig, show_progress: bool = False) -> MixResult:
     moe_config, config_json = build_moe_config(inputs.seed.path, inputs.adapter, len(inputs.experts), cfg.top_k, dtype)
     centroid = prepare_centroid_init(cfg, inputs) if cfg.router == "centroid" else None
     plan = _plan(inputs, dtype)
+    check_output_dir(cfg.out, cfg.force)  # writable, and replaceable: before the free-space check and any work
+    check_free_space(cfg.out, sum(t.nbytes for t in plan))
     globals_, per_layer = _split_tensor_names(inputs)
     num_layers = inputs.seed.config["num_hidden_layers"]
     with atomic_output_dir(cfg.out, force=cfg.force) as tmp:

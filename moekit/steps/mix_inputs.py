@@ -13,6 +13,7 @@ from typing import Literal
 from moekit.arch import ArchAdapter
 from moekit.config import MixConfig
 from moekit.errors import IncompatibleModelsError, InvalidOptionError
+from moekit.io.atomic import check_output_apart
 from moekit.io.checkpoint import Checkpoint
 from moekit.io.files import tokenizer_fingerprint
 from moekit.io.source import resolve_model_dir
@@ -121,27 +122,6 @@ def _average_weights(cfg: MixConfig, count: int) -> list[float]:
         total = sum(cfg.weights)
         return [w / total for w in cfg.weights]
     return [1.0 / count] * count
-
-
-def check_output_apart(out: Path, models: list[Path], run_dir: Path | None = None) -> None:
-    """Refuse an output that is, contains or lies inside an input model, or is or contains the run dir.
-
-    (``--force`` replaces the output directory: it must never take inputs with it.)
-    """
-    target = Path(out).resolve()
-    run = Path(run_dir).resolve() if run_dir is not None else None
-    if run is not None and run.is_relative_to(target):
-        raise InvalidOptionError(
-            f"The output {out} is or contains the run directory {run_dir}; writing it would destroy the run.",
-            "Use the default (RUN_DIR/mixed) or another directory.",
-        )
-    for path in models:
-        source = Path(path).resolve()
-        if source.is_relative_to(target) or target.is_relative_to(source):
-            raise InvalidOptionError(
-                f"The output {out} overlaps the input {path}; writing it would destroy inputs.",
-                "Choose an --out directory outside the seed, the branches and the run directory's inputs.",
-            )
 
 
 def open_mix_inputs(cfg: MixConfig) -> MixInputs:

@@ -17,6 +17,7 @@ from moekit.data import load_token_blocks
 from moekit.errors import InvalidOptionError
 from moekit.routing.calibration import LayerwiseCalibrator
 from moekit.routing.init import centroid_router
+from moekit.steps.inputs import check_context_length
 from moekit.steps.mix_inputs import MixInputs
 
 _MAX_SCALE_TOKENS = 8192  # calibration tokens used to pick the router scale (subsampled)
@@ -105,6 +106,7 @@ def prepare_centroid_init(cfg: MixConfig, inputs: MixInputs) -> CentroidInit:
             f"Router data for {', '.join(extra)} matches no expert.",
             f"Name domains after the experts ({', '.join(branch_names)}), or keep the seed expert to absorb general data.",
         )
+    check_context_length(inputs.seed.path, cfg.router_block_size, "--router-seq-len")
     tokenizer = AutoTokenizer.from_pretrained(inputs.seed.path)
     blocks = {
         domain: load_token_blocks(tokenizer, path, cfg.router_block_size, cfg.router_tokens)

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from moekit.io.atomic import atomic_output_dir
+from moekit.errors import NonFiniteError
+from moekit.io.atomic import atomic_output_dir, check_free_space, check_output_dir
 from moekit.io.checkpoint import Checkpoint
 from moekit.io.config_json import make_config_portable
 from moekit.io.files import copy_tokenizer_and_generation_files
@@ -56,11 +57,18 @@ def tied_copies(model: torch.nn.Module) -> set[str]:
 def saved_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The tensors to save: tied copies dropped, floating tensors cast to ``dtype`` on the CPU."""
     dropped = tied_copies(model)
-    return {
+    state = {
         name: tensor.detach().to("cpu", dtype) if tensor.is_floating_point() else tensor.detach().cpu()
         for name, tensor in state_dict.items()
         if name not in dropped
     }
+    broken = next((name for name, tensor in state.items() if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())), None)
+    if broken is not None:
+        raise NonFiniteError(
+            f"The trained weights hold NaN or infinite values (e.g. {broken}{'' if dtype == torch.float32 else f' after the cast to {dtype}'}); nothing was written.",
+            "The run diverged or its values overflow the saved dtype: lower --lr, or save with --save-dtype float32.",
+        )
+    return state
 
 
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -108,6 +116,8 @@ def write_trained_model(
     ``add_files(tmp)`` may write more files (provenance, model card) before the rename.
     """
     state = saved_state_dict(model, state_dict, dtype)
+    check_output_dir(out_dir, force)
+    check_free_space(out_dir, sum(t.numel() * t.element_size() for t in state.values()))
     if hasattr(model, "_weight_conversions") and not model._weight_conversions:
         # Loaded from a fused (save_original_format=False) checkpoint, transformers records no
         # conversion and would save fused again, which transformers 4.x, vLLM and llama.cpp cannot

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -267,11 +268,42 @@ class RecipeRun:
         self.outcome.routing = json.loads(routing.read_text()) if routing.is_file() else None
 
 
+WORKDIR_MARKER = "recipe.yaml"  # every recipe work directory has it at its root
+
+
+def check_workdir(workdir: Path) -> None:
+    """Refuse a recipe ``workdir`` that is a file or lies under one, or whose location cannot be written."""
+    from moekit.io.atomic import check_writable_parent
+
+    for path in [workdir, *workdir.parents]:
+        if path.exists() and not path.is_dir():
+            raise MoekitError(f"The recipe's workdir {workdir} cannot be created: {path} is a file.", "Set workdir to a directory path (workdir=DIR).")
+    if not workdir.is_dir():
+        check_writable_parent(workdir)
+    elif not os.access(workdir, os.W_OK | os.X_OK):
+        raise MoekitError(f"The recipe's workdir {workdir} is not writable.", "Choose a workdir you can write to (workdir=DIR).")
+
+
+def clear_workdir(workdir: Path) -> None:
+    """Delete a recipe work directory (``demo --force``); refuse one that is not a recipe's."""
+    import shutil
+
+    if not workdir.exists():
+        return
+    if not workdir.is_dir() or (any(workdir.iterdir()) and not (workdir / WORKDIR_MARKER).is_file()):
+        raise MoekitError(
+            f"{workdir} is not a moekit work directory (no {WORKDIR_MARKER}); --force would delete it and everything in it.",
+            "Choose a new --out directory, or one an earlier demo or run wrote.",
+        )
+    shutil.rmtree(workdir)
+
+
 def run_recipe(recipe: Recipe, show_progress: bool = True, log: Callable[[str], None] = lambda message: None) -> RunOutcome:
     """Run every stage of ``recipe`` in order (skipping finished ones); return what happened."""
+    check_workdir(recipe.workdir)
     runner = RecipeRun(recipe, show_progress, log)
     runner.workdir.mkdir(parents=True, exist_ok=True)
-    (runner.workdir / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    (runner.workdir / WORKDIR_MARKER).write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     for stage in (runner.stage_seed, runner.stage_branch, runner.stage_train, runner.stage_mix, runner.stage_average,
                   runner.stage_tune, runner.stage_eval, runner.stage_inspect):
         stage()

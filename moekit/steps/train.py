@@ -20,7 +20,9 @@ from moekit.config import TrainConfig
 from moekit.data import absolute_spec, domain_splits
 from moekit.errors import DataError, InvalidOptionError
 from moekit.io.config_json import dtype_name
+from moekit.io.loading import load_causal_lm
 from moekit.manifest import RunManifest, StageRecord, load_manifest, updating_manifest
+from moekit.steps.inputs import check_context_length, check_model_dir
 from moekit.steps.model_io import resolve_save_dtype, write_trained_model
 from moekit.training import LoopJob, make_accelerator, run_loop
 
@@ -97,7 +99,7 @@ def _selected_branches(manifest: RunManifest, cfg: TrainConfig) -> list[str]:
 
 def train(cfg: TrainConfig, show_progress: bool = True) -> list[BranchTrainResult]:
     """Train the selected branches of a run in turn; return one result per branch."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     manifest = load_manifest(cfg.run_dir)
     _check_known(manifest, cfg)
@@ -107,6 +109,9 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> list[BranchTrainResul
         names = [n for n in names if not _finished_earlier(manifest, n, cfg) or (cfg.run_dir / "train" / n / "checkpoints").exists()]
         if not names:
             return []
+    for name in names:
+        check_model_dir(manifest.branch_dir(cfg.run_dir, name), f"Branch '{name}' directory")
+        check_context_length(manifest.branch_dir(cfg.run_dir, name), cfg.loop.seq_len)
     accelerator = make_accelerator(cfg.loop)
     tokenizer = AutoTokenizer.from_pretrained(manifest.branch_dir(cfg.run_dir, names[0]))
     with accelerator.main_process_first():  # rank 0 tokenises, the others read its cache
@@ -120,7 +125,7 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> list[BranchTrainResul
         branch_dir = manifest.branch_dir(cfg.run_dir, name)
         work_dir = cfg.run_dir / "train" / name
         torch.manual_seed(cfg.loop.seed)
-        model = AutoModelForCausalLM.from_pretrained(branch_dir, dtype=torch.float32)
+        model = load_causal_lm(branch_dir, torch.float32)
         dtype = resolve_save_dtype(cfg.loop.save_dtype, branch_dir)
         job = LoopJob(model, splits[name][0], eval_sets, cfg.loop, work_dir, cfg.resume, f"train {name}", show_progress, save_dtype=dtype)
         result = run_loop(job, accelerator)

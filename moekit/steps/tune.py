@@ -21,11 +21,13 @@ import yaml
 from moekit.config import TuneConfig
 from moekit.data import domain_splits, mixture_blocks
 from moekit.errors import UnsupportedArchitectureError
-from moekit.io.atomic import check_output_dir
+from moekit.io.atomic import check_output_apart, check_output_dir
 from moekit.io.config_json import dtype_name
+from moekit.io.loading import load_causal_lm
 from moekit.manifest import StageRecord, now_iso, updating_manifest
 from moekit.routing.control import RoutingController
 from moekit.routing.objective import BalancedObjective, BalanceSettings
+from moekit.steps.inputs import check_context_length, check_model_dir
 from moekit.steps.model_io import resolve_save_dtype, write_trained_model
 from moekit.training import LoopJob, make_accelerator, run_loop
 
@@ -48,13 +50,26 @@ def work_dir_for(cfg: TuneConfig) -> Path:
     return cfg.run_dir / "tune" if cfg.run_dir is not None else cfg.out.parent / f"{cfg.out.name}.work"
 
 
+def is_routed_expert(name: str) -> bool:
+    """Whether a parameter belongs to the routed experts (transformers 5 keeps them in an ``experts`` module;
+    a Qwen2-MoE ``shared_expert`` is not one of them)."""
+    return ".experts." in f"{name}."
+
+
 def trainable_predicate(cfg: TuneConfig, controller: RoutingController) -> Any:
-    """Which parameters learn, by name: all, the routers only, or routers and attention."""
+    """Which parameters learn, by name.
+
+    ``all`` (BTX); ``router``; ``router+attn`` (routers and attention only: embeddings, norms,
+    LM head, experts and any shared expert stay frozen); ``all-but-experts`` (BTX's "frozen
+    experts" ablation: everything but the routed experts learns).
+    """
     router_prefixes = tuple(f"{name}." for name, _ in controller.routers)
     if cfg.train == "all":
         return lambda name: True
     if cfg.train == "router":
         return lambda name: name.startswith(router_prefixes)
+    if cfg.train == "all-but-experts":
+        return lambda name: not is_routed_expert(name)
     return lambda name: name.startswith(router_prefixes) or ".self_attn." in name
 
 
@@ -96,14 +111,38 @@ def _add_provenance(model_dir: Path, cfg: TuneConfig, result_row: dict[str, Any]
     return add
 
 
+def tune_inputs(cfg: TuneConfig) -> list[Path]:
+    """Directories tune reads or that its input came from: the MoE, and the seed and branches it was mixed from.
+
+    ``--out --force`` replaces the output; none of these may be, contain or lie inside it.
+    """
+    inputs = [Path(cfg.model)]
+    provenance = Path(cfg.model) / "moekit.yaml"
+    record = yaml.safe_load(provenance.read_text()) if provenance.is_file() else None
+    while isinstance(record, dict) and "seed" not in record and isinstance(record.get("input"), dict):
+        record = record["input"]  # a tuned model's provenance wraps its input's
+    if isinstance(record, dict):
+        inputs += [Path(str(record["seed"]))] if record.get("seed") else []
+        inputs += [Path(str(e["source"])) for e in record.get("experts") or [] if isinstance(e, dict) and e.get("source")]
+    if cfg.run_dir is not None:
+        from moekit.manifest import load_manifest
+
+        manifest = load_manifest(cfg.run_dir)
+        inputs += [Path(manifest.seed.path)] + [manifest.branch_dir(cfg.run_dir, n) for n in manifest.branches]
+    return [p for p in inputs if p.exists()]
+
+
 def tune(cfg: TuneConfig, show_progress: bool = True) -> TuneResult:
     """Tune the MoE at ``cfg.model`` on the data mixture and write it to ``cfg.out``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    check_model_dir(cfg.model, "The MoE to tune,")
+    check_context_length(cfg.model, cfg.loop.seq_len)
     check_output_dir(cfg.out, cfg.force)
+    check_output_apart(cfg.out, tune_inputs(cfg), cfg.run_dir)
     accelerator = make_accelerator(cfg.loop)
     save_dtype = resolve_save_dtype(cfg.loop.save_dtype, cfg.model)  # also validates the directory
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+    model = load_causal_lm(cfg.model, torch.float32)
     controller = RoutingController(model, cfg.routing, cfg.capacity_factor)
     if cfg.balance == "bias":
         refuse_bias_balancing(model, controller)

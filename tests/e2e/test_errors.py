@@ -102,9 +102,14 @@ def test_existing_output_needs_force(run_dir):
     (run_dir / "mixed" / "keep.txt").write_text("precious")
     assert_user_error(run_cli("mix", run_dir), "already exists", "--force")
     assert (run_dir / "mixed" / "keep.txt").read_text() == "precious"
-    result = run_cli("mix", run_dir, "--force")
+    # --force replaces only what moekit writes: a directory of other files is refused, not deleted
+    assert_user_error(run_cli("mix", run_dir, "--force"), "not a model or run directory")
+    assert (run_dir / "mixed" / "keep.txt").read_text() == "precious"
+    (run_dir / "mixed").rename(run_dir / "elsewhere")
+    assert run_cli("mix", run_dir).exit_code == 0
+    result = run_cli("mix", run_dir, "--force")  # an earlier mix output is replaced
     assert result.exit_code == 0, result.output
-    assert not (run_dir / "mixed" / "keep.txt").exists() and (run_dir / "mixed" / "config.json").is_file()
+    assert (run_dir / "mixed" / "config.json").is_file()
 
 
 def test_unsupported_family(tmp_path):

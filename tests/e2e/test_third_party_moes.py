@@ -88,3 +88,24 @@ def test_router_only_tune_reads_either_layout_and_writes_the_hub_layout(moe_type
         assert set(tuned.tensors) == set(hub.tensors)  # written in the hub layout, whatever the input's
         changed = [n for n in hub.tensors if not torch.equal(hub.get(n), tuned.get(n))]
         assert changed and all("gate" in n or "router" in n for n in changed), changed  # only routers learned
+
+
+def test_tune_loss_ignores_the_models_own_router_aux_loss(moes):
+    """A third-party config with output_router_logits: true makes transformers add its aux loss to .loss;
+    tune's lm_loss must be the plain next-token loss (its own balancing terms are added separately)."""
+    from transformers import AutoModelForCausalLM
+
+    from moekit.routing.control import RoutingController
+    from moekit.routing.objective import BalancedObjective, BalanceSettings
+
+    model = AutoModelForCausalLM.from_pretrained(moes[("mixtral", False)], dtype=torch.float32, output_router_logits=True, router_aux_loss_coef=5.0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with_aux = model(input_ids=ids, labels=ids).loss
+        logits = model(input_ids=ids).logits
+    plain = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    assert float(with_aux - plain) > 1.0  # transformers' .loss includes 5 x its aux loss
+    objective = BalancedObjective(RoutingController(model), BalanceSettings(kind="none"))
+    with torch.no_grad():
+        total, _ = objective(model, ids)
+    torch.testing.assert_close(total, plain, atol=1e-5, rtol=1e-5)

@@ -156,7 +156,8 @@ def test_tokenised_data_is_cached(run, monkeypatch):
     ("args", "message"),
     [
         (["--branch", "code", "--data", "{tmp}/nope.txt"], "does not exist"),
-        (["--branch", "code", "--data", "{tmp}/short.txt", "--seq-len", "4096"], "fewer than one block"),
+        (["--branch", "code", "--data", "{tmp}/short.txt", "--seq-len", "512"], "fewer than one block"),
+        (["--branch", "code", "--data", "{tmp}/code.txt", "--seq-len", "4096"], "longer than the context"),
         (["--branch", "physics", "--data", "{tmp}/code.txt"], "Unknown branch 'physics'"),
         (["--branch", "code"], "has no training data"),
         (["--data", "{tmp}/code.txt"], "which branch is it for"),

@@ -3,7 +3,12 @@
 import pytest
 import torch
 
-from moekit.routing.init import centroid_router, mean_top1_probability, random_router, scale_for_sharpness
+from moekit.routing.init import (
+    centroid_router,
+    mean_top1_probability,
+    random_router,
+    scale_for_sharpness,
+)
 
 
 def test_random_router_is_small_and_not_zero():
