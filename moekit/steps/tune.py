@@ -118,7 +118,10 @@ def tune_inputs(cfg: TuneConfig) -> list[Path]:
     """
     inputs = [Path(cfg.model)]
     provenance = Path(cfg.model) / "moekit.yaml"
-    record = yaml.safe_load(provenance.read_text()) if provenance.is_file() else None
+    try:
+        record = yaml.safe_load(provenance.read_text(encoding="utf-8")) if provenance.is_file() else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        record = None  # provenance is informative only; an unreadable one names no inputs
     while isinstance(record, dict) and "seed" not in record and isinstance(record.get("input"), dict):
         record = record["input"]  # a tuned model's provenance wraps its input's
     if isinstance(record, dict):
