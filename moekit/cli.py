@@ -80,13 +80,21 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated()
 
 
-def _handle_sigterm() -> None:
-    """Turn SIGTERM into :class:`Terminated`, so temporary outputs are cleaned up as on Ctrl-C."""
+def _handle_sigterm() -> Any:
+    """Turn SIGTERM into :class:`Terminated`, so temporary outputs are cleaned up as on Ctrl-C; return the old handler."""
     import signal
     import threading
 
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_terminated)
+        return signal.signal(signal.SIGTERM, _raise_terminated)
+    return None
+
+
+def _restore_sigterm(previous: Any) -> None:
+    import signal
+
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -102,7 +110,7 @@ def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 
         from moekit.errors import MoekitError
 
-        _handle_sigterm()
+        previous = _handle_sigterm()
         try:
             return func(*args, **kwargs)
         except MoekitError as exc:
@@ -122,6 +130,8 @@ def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             how = "Terminated (SIGTERM)" if isinstance(exc, Terminated) else "Interrupted"
             _print_error(f"{how}. Unfinished outputs were discarded; checkpoints already written by train or tune are kept for --resume.")
             raise typer.Exit(143 if isinstance(exc, Terminated) else 130)
+        finally:
+            _restore_sigterm(previous)  # a command run in-process (tests, notebooks) leaves the handler as it was
 
     return wrapper
 
@@ -149,6 +159,7 @@ def build_app() -> typer.Typer:
         eval_cmd,
         inspect_cmd,
         mix_cmd,
+        prepare_cmd,
         run_cmd,
         train_cmd,
         tune_cmd,

@@ -133,7 +133,7 @@ class TrainConfig(_Strict):
     branches: list[str] = Field(default_factory=list, description="branches to train (empty: all)")
     data: dict[str, list[str]] = Field(default_factory=dict, description="branch -> data specs (remembered)")
     val_data: dict[str, list[str]] = Field(default_factory=dict, description="branch -> validation data specs")
-    val_fraction: float = Field(0.05, ge=0, lt=1)
+    val_fraction: float | None = Field(None, ge=0, lt=1, description="share of each domain's tokens held out (default: the recorded split, else 0.05)")
     text_field: str = "text"
     resume: bool = False
     loop: LoopSettings
@@ -155,7 +155,7 @@ class TuneConfig(_Strict):
     balance_scope: Literal["micro", "global"] = "micro"
     routing: Literal["topk", "switch", "soft"] = "topk"
     capacity_factor: float = Field(1.5, gt=0, description="switch routing: expert capacity = tokens / E x this")
-    val_fraction: float = Field(0.05, ge=0, lt=1)
+    val_fraction: float | None = Field(None, ge=0, lt=1, description="share of each domain's tokens held out (default: the recorded split, else 0.05)")
     text_field: str = "text"
     resume: bool = False
     force: bool = False
@@ -231,7 +231,6 @@ class EvalConfig(_Strict):
     seq_len: int = Field(512, ge=2)
     batch_size: int = Field(8, ge=1)
     max_tokens: int = Field(65536, ge=1, description="tokens per domain")
-    val_fraction: float = Field(0.05, ge=0, lt=1, description="run-directory data: the held-out tail share")
     text_field: str = "text"
     json_path: Path | None = None
 

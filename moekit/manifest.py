@@ -23,7 +23,7 @@ from moekit.errors import ManifestError
 from moekit.io.atomic import write_text_atomic
 
 MANIFEST_NAME = "moekit.yaml"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: branches record their held-out split (version 1 manifests are read and upgraded)
 
 
 def now_iso() -> str:
@@ -44,6 +44,21 @@ class SeedRecord(_Strict):
     model_type: str
 
 
+class HeldoutRecord(_Strict):
+    """How a domain's held-out data was chosen, recorded the first time the domain is split.
+
+    ``data_key`` identifies the training data's token stores. With ``val_key`` the held-out data
+    is other data (``--val-data``); otherwise tokens ``[start, tokens)`` of the training data are
+    held out, and every command (train, tune, eval, the recipe stages) uses exactly that range.
+    """
+
+    data_key: str
+    tokens: int
+    start: int | None = None
+    val_fraction: float | None = None
+    val_key: str | None = None
+
+
 class BranchRecord(_Strict):
     """One branch: a dense copy of the seed trained on one domain."""
 
@@ -51,6 +66,7 @@ class BranchRecord(_Strict):
     data: list[str] = Field(default_factory=list, description="training data paths (filled by train)")
     val_data: list[str] = Field(default_factory=list, description="validation data paths")
     link_mode: str = Field(default="copy", description="how the seed files were copied")
+    heldout: HeldoutRecord | None = Field(default=None, description="the domain's recorded held-out split")
 
 
 class StageRecord(_Strict):
@@ -66,7 +82,7 @@ class StageRecord(_Strict):
 class RunManifest(_Strict):
     """The whole ``moekit.yaml``."""
 
-    manifest_version: int = MANIFEST_VERSION
+    manifest_version: int = MANIFEST_VERSION  # written as the current version: a read manifest is upgraded on save
     created: str = Field(default_factory=now_iso)
     seed: SeedRecord
     branches: dict[str, BranchRecord]
@@ -109,6 +125,7 @@ def load_manifest(run_dir: Path) -> RunManifest:
             f"{__version__} reads up to {MANIFEST_VERSION}).",
             "Upgrade moekit to a version that reads it.",
         )
+    raw["manifest_version"] = MANIFEST_VERSION  # version 1 lacks only optional fields
     try:
         return RunManifest.model_validate(raw)
     except ValidationError as exc:

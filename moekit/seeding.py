@@ -14,7 +14,9 @@ from typing import Any
 import torch
 
 from moekit.config import LoopSettings
-from moekit.data import domain_splits, iter_spec_documents, mixture_blocks
+from moekit.data.blocks import MixtureBlocks
+from moekit.data.domains import domains_data
+from moekit.data.sources import iter_spec_documents
 
 SIZES: dict[str, dict[str, Any]] = {
     # about 4.2M parameters with a 4096-token vocabulary and tied embeddings
@@ -69,9 +71,10 @@ def build_pretrained_seed(
     )
     torch.manual_seed(settings.seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    splits = domain_splits(tokenizer, specs, {}, settings.seq_len, val_fraction, cache_dir=work / "tokens")
-    pool = mixture_blocks({d: t for d, (t, _) in splits.items()}, {d: 1.0 for d in splits}, settings.seed)
-    eval_sets = {d: v for d, (_, v) in splits.items() if len(v)}
+    # The domains' held-out tails (the same token ranges the run records later) are never pretrained on.
+    domains = domains_data(tokenizer, specs, {}, settings.seq_len, val_fraction, "text", work / "tokens")
+    pool = MixtureBlocks({d: domain.train for d, domain in domains.items()}, {d: 1.0 for d in domains}, settings.seed)
+    eval_sets = {d: domain.heldout.head(settings.eval_blocks) for d, domain in domains.items() if len(domain.heldout)}
     result = run_loop(LoopJob(model, pool, eval_sets, settings, work, resume=True, description="pretrain seed", show_progress=show_progress), make_accelerator(settings))
     assert result.state_dict is not None
     write_trained_model(out, work / "tokenizer", model, result.state_dict, torch.float32, [work / "metrics.jsonl"], force=True)

@@ -14,7 +14,6 @@ Precision: fp32 on CPU (bf16 autocast made CPU backward passes ~14x slower, REFE
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 
 from moekit.config import LoopSettings
+from moekit.data.blocks import BlockSource, TensorBlocks
 from moekit.errors import MoekitError, NonFiniteError
 from moekit.evaluation import block_losses
 from moekit.io.atomic import writing
@@ -56,7 +56,7 @@ class LoopJob:
     """Everything one training run needs."""
 
     model: torch.nn.Module
-    train_blocks: torch.Tensor
+    train_blocks: Any  # a BlockSource read on demand (a store view, a mixture) or TensorBlocks for small data
     eval_sets: dict[str, torch.Tensor]
     settings: LoopSettings
     work_dir: Path
@@ -70,6 +70,10 @@ class LoopJob:
     fingerprint_extra: dict[str, Any] = field(default_factory=dict)  # caller options a resume must match
     eval_context: Callable[[], Any] = contextlib.nullcontext  # e.g. restore the model's own routing
     save_dtype: torch.dtype | None = None  # weights are rounded to this before the final evaluation
+
+    def __post_init__(self) -> None:
+        if isinstance(self.train_blocks, torch.Tensor):  # small in-memory data (tests, benchmarks)
+            self.train_blocks = TensorBlocks(self.train_blocks)
 
 
 @dataclass
@@ -113,11 +117,14 @@ def make_accelerator(settings: LoopSettings) -> Any:
     return Accelerator(mixed_precision=precision, gradient_accumulation_steps=settings.grad_accum, cpu=_distributed_cpu_launch())
 
 
-def _fingerprint(settings: LoopSettings, blocks: torch.Tensor, world: int, precision: str) -> dict[str, Any]:
-    """What must not change between a run and its resume (the step budget too: it shapes the LR)."""
+def _fingerprint(settings: LoopSettings, blocks: BlockSource, world: int, precision: str) -> dict[str, Any]:
+    """What must not change between a run and its resume (the step budget too: it shapes the LR).
+
+    The data is identified by the blocks' fingerprint (store keys, token range, block size,
+    mixture shares), which comes from metadata: no token is read for it.
+    """
     kept = {k: v for k, v in settings.model_dump(mode="json").items() if k not in _RESUMABLE_CHANGES}
-    digest = hashlib.sha256(blocks.numpy().tobytes()).hexdigest()[:16]
-    return {"settings": kept, "data": digest, "global_batch_blocks": settings.batch_size * settings.grad_accum * world, "precision": precision}
+    return {"settings": kept, "data": blocks.fingerprint(), "global_batch_blocks": settings.batch_size * settings.grad_accum * world, "precision": precision}
 
 
 def _optimizer(model: torch.nn.Module, settings: LoopSettings, trainable: Callable[[str], bool]) -> torch.optim.Optimizer:
@@ -246,7 +253,7 @@ def run_loop(job: LoopJob, accelerator: Any) -> LoopResult:
 
     settings, blocks = job.settings, job.train_blocks
     world, rank = accelerator.num_processes, accelerator.process_index
-    tokens_per_step = settings.batch_size * settings.grad_accum * world * blocks.shape[1]
+    tokens_per_step = settings.batch_size * settings.grad_accum * world * blocks.block_size
     steps = total_steps(settings, tokens_per_step)
     use_cache = job.model.config.use_cache
     if settings.gradient_checkpointing:
@@ -270,7 +277,7 @@ def run_loop(job: LoopJob, accelerator: Any) -> LoopResult:
                 group["lr"] = learning_rate(step, settings, steps)
             loss_sum, extras = torch.zeros((), device=accelerator.device), {}
             for micro in range(settings.grad_accum):
-                ids = blocks[schedule.indices(step, micro, rank)].long().to(accelerator.device)
+                ids = blocks.get(schedule.indices(step, micro, rank)).to(accelerator.device)
                 with accelerator.accumulate(model):
                     loss, extras = job.compute_loss(model, ids)
                     accelerator.backward(loss)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import typer
 
@@ -41,7 +41,7 @@ def train_command(
     branch: list[str] = typer.Option([], "--branch", "-b", help="Branch to train; repeat for several (default: all, in turn)."),
     data: list[str] = typer.Option([], "--data", help="[BRANCH=]PATH training data (.txt/.jsonl/.json/.parquet, dir, glob or hf:NAME); remembered."),
     val_data: list[str] = typer.Option([], "--val-data", help="[BRANCH=]PATH held-out data (default: the last --val-fraction of the training data)."),
-    val_fraction: float = typer.Option(0.05, "--val-fraction", help="Share of packed blocks held out for validation."),
+    val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Share of each domain's tokens held out (default: the split the run recorded, else 0.05)."),
     text_field: str = typer.Option("text", "--text-field", help="Text field of .jsonl/.json/.parquet records."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint of an interrupted run."),
     loop: Any = None,  # a LoopSettings, built by with_loop_options from the shared loop options

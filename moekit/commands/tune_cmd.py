@@ -63,7 +63,7 @@ def tune_command(
     balance_scope: str = typer.Option("micro", "--balance-scope", help="micro (per micro-batch) | global (counts over the global batch, Qiu et al. 2025)."),
     routing: str = typer.Option("topk", "--routing", help="Training-time routing: topk (the model's own) | switch (top-1, capacity) | soft (all experts)."),
     capacity_factor: Optional[float] = typer.Option(None, "--capacity-factor", help="Switch routing: capacity = tokens / experts x this (default 1.5)."),
-    val_fraction: float = typer.Option(0.05, "--val-fraction", help="Share of blocks held out per domain."),
+    val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Share of each domain's tokens held out (default: the split the run recorded, else 0.05)."),
     text_field: str = typer.Option("text", "--text-field", help="Text field of .jsonl/.json/.parquet records."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint of an interrupted run."),
     force: bool = typer.Option(False, "--force", help="Replace the output directory if it exists."),

@@ -32,7 +32,7 @@ from moekit.errors import (
 )
 
 # Files that mark a directory as something moekit (or save_pretrained) wrote: a model or a run.
-_OUTPUT_MARKERS = ("config.json", "moekit.yaml")
+_OUTPUT_MARKERS = ("config.json", "moekit.yaml", "moekit-store.json")
 _STALE = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<host>[^-]+)-(?P<pid>\d+)-")
 
 

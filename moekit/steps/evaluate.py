@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from moekit.config import EvalConfig
-from moekit.data import domain_splits, evaluation_blocks, tokenizer_fingerprint_of
+from moekit.data.domains import recorded_heldout
+from moekit.data.tokens import evaluation_blocks, tokenizer_fingerprint_of
 from moekit.errors import InvalidOptionError
 from moekit.evaluation import block_losses, perplexity
 from moekit.io.loading import load_causal_lm
@@ -51,14 +52,17 @@ def expand_models(models: list[str]) -> dict[str, Path]:
 
 
 def _run_dir_heldout(cfg: EvalConfig, tokenizer: Any) -> dict[str, torch.Tensor]:
+    """Each branch domain's held-out blocks from the split the run recorded (never a new split), in eval's --seq-len."""
     run = next(Path(m) for m in cfg.models if Path(m).is_dir() and is_run_dir(Path(m)))
     manifest = load_manifest(run)
-    data = {n: r.data for n, r in manifest.branches.items() if r.data}
-    if not data:
+    branches = {n: r for n, r in manifest.branches.items() if r.data}
+    if not branches:
         raise InvalidOptionError(f"{run} has no branch data to evaluate on.", "Pass --data DOMAIN=PATH.")
-    val = {n: r.val_data for n, r in manifest.branches.items() if r.val_data}
-    splits = domain_splits(tokenizer, data, val, cfg.seq_len, cfg.val_fraction, cfg.text_field, run / ".cache" / "tokens")
-    return {d: held[: max(1, cfg.max_tokens // cfg.seq_len)] for d, (_, held) in splits.items()}
+    held = {}
+    for name, record in branches.items():
+        view = recorded_heldout(tokenizer, name, record.data, record.val_data, record.heldout, cfg.seq_len, cfg.text_field, run / ".cache" / "tokens")
+        held[name] = view.head(max(1, cfg.max_tokens // view.block_size))
+    return held
 
 
 def evaluate_models(cfg: EvalConfig, show_progress: bool = True) -> dict[str, Any]:

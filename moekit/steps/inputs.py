@@ -44,10 +44,7 @@ def check_context_length(model_dir: Path, seq_len: int, option: str = "--seq-len
         )
 
 
-def check_model_dir(path: Path, what: str) -> None:
+def check_model_dir(path: Path, what: str, hint: str = "Restore it, or recreate the run with moekit branch.") -> None:
     """Refuse a missing model directory (e.g. a deleted branch) with a message that names it."""
     if not (Path(path) / "config.json").is_file():
-        raise InputNotFoundError(
-            f"{what} {path} is missing or is not a model directory (no config.json).",
-            "Restore it, or recreate the run with moekit branch.",
-        )
+        raise InputNotFoundError(f"{what} {path} is missing or is not a model directory (no config.json).", hint)

@@ -242,7 +242,7 @@ class RecipeRun:
 
         def work() -> None:
             cfg = EvalConfig(models=[str(self.run_dir)], seq_len=self._eval_seq_len(), batch_size=self.recipe.eval.batch_size,
-                             max_tokens=self.recipe.eval.max_tokens, val_fraction=self.recipe.val_fraction, text_field=self.recipe.text_field)
+                             max_tokens=self.recipe.eval.max_tokens, text_field=self.recipe.text_field)
             out.write_text(json.dumps(evaluate_models(cfg, self.show_progress), indent=1))
 
         self._stage("eval", out, fingerprint, work)

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from moekit.config import TrainConfig
-from moekit.data import absolute_spec, domain_splits
+from moekit.data.domains import DomainData, domains_data, record_heldout
+from moekit.data.sources import absolute_spec
 from moekit.errors import DataError, InvalidOptionError
 from moekit.io.config_json import dtype_name
 from moekit.io.loading import load_causal_lm
@@ -58,12 +59,15 @@ def register_data(manifest: RunManifest, cfg: TrainConfig) -> None:
                 record.val_data = absolute
 
 
-def prepare_data(manifest: RunManifest, cfg: TrainConfig, tokenizer: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Tokenised (train, validation) blocks of every branch that has data."""
+def prepare_data(manifest: RunManifest, cfg: TrainConfig, tokenizer: Any) -> dict[str, DomainData]:
+    """Training and held-out blocks of every branch that has data (token stores prepared where missing).
+
+    Each domain's held-out split is the one recorded in the manifest, or a new one.
+    """
     data = {name: record.data for name, record in manifest.branches.items() if record.data}
     val_data = {name: record.val_data for name, record in manifest.branches.items() if record.val_data}
     cache_dir = cfg.run_dir / ".cache" / "tokens"
-    return domain_splits(tokenizer, data, val_data, cfg.loop.seq_len, cfg.val_fraction, cfg.text_field, cache_dir)
+    return domains_data(tokenizer, data, val_data, cfg.loop.seq_len, cfg.val_fraction, cfg.text_field, cache_dir, manifest)
 
 
 def _check_known(manifest: RunManifest, cfg: TrainConfig) -> None:
@@ -114,12 +118,13 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> list[BranchTrainResul
         check_context_length(manifest.branch_dir(cfg.run_dir, name), cfg.loop.seq_len)
     accelerator = make_accelerator(cfg.loop)
     tokenizer = AutoTokenizer.from_pretrained(manifest.branch_dir(cfg.run_dir, names[0]))
-    with accelerator.main_process_first():  # rank 0 tokenises, the others read its cache
-        splits = prepare_data(manifest, cfg, tokenizer)
+    with accelerator.main_process_first():  # rank 0 tokenises, the others read its stores
+        domains = prepare_data(manifest, cfg, tokenizer)
     if accelerator.is_main_process:
         with updating_manifest(cfg.run_dir) as fresh:  # other jobs may have written since we read it
             register_data(fresh, cfg)
-    eval_sets = {name: val for name, (_, val) in splits.items() if len(val)}
+        record_heldout(cfg.run_dir, domains)
+    eval_sets = {name: d.heldout.head(cfg.loop.eval_blocks) for name, d in domains.items() if len(d.heldout)}
     results = []
     for name in names:
         branch_dir = manifest.branch_dir(cfg.run_dir, name)
@@ -127,7 +132,7 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> list[BranchTrainResul
         torch.manual_seed(cfg.loop.seed)
         model = load_causal_lm(branch_dir, torch.float32)
         dtype = resolve_save_dtype(cfg.loop.save_dtype, branch_dir)
-        job = LoopJob(model, splits[name][0], eval_sets, cfg.loop, work_dir, cfg.resume, f"train {name}", show_progress, save_dtype=dtype)
+        job = LoopJob(model, domains[name].train, eval_sets, cfg.loop, work_dir, cfg.resume, f"train {name}", show_progress, save_dtype=dtype)
         result = run_loop(job, accelerator)
         saved = None
         if accelerator.is_main_process:

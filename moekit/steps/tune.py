@@ -19,12 +19,13 @@ import torch
 import yaml
 
 from moekit.config import TuneConfig
-from moekit.data import domain_splits, mixture_blocks
+from moekit.data.blocks import MixtureBlocks
+from moekit.data.domains import domains_data, record_heldout
 from moekit.errors import UnsupportedArchitectureError
 from moekit.io.atomic import check_output_apart, check_output_dir
 from moekit.io.config_json import dtype_name
 from moekit.io.loading import load_causal_lm
-from moekit.manifest import StageRecord, now_iso, updating_manifest
+from moekit.manifest import StageRecord, load_manifest, now_iso, updating_manifest
 from moekit.routing.control import RoutingController
 from moekit.routing.objective import BalancedObjective, BalanceSettings
 from moekit.steps.inputs import check_context_length, check_model_dir
@@ -128,8 +129,6 @@ def tune_inputs(cfg: TuneConfig) -> list[Path]:
         inputs += [Path(str(record["seed"]))] if record.get("seed") else []
         inputs += [Path(str(e["source"])) for e in record.get("experts") or [] if isinstance(e, dict) and e.get("source")]
     if cfg.run_dir is not None:
-        from moekit.manifest import load_manifest
-
         manifest = load_manifest(cfg.run_dir)
         inputs += [Path(manifest.seed.path)] + [manifest.branch_dir(cfg.run_dir, n) for n in manifest.branches]
     return [p for p in inputs if p.exists()]
@@ -139,7 +138,7 @@ def tune(cfg: TuneConfig, show_progress: bool = True) -> TuneResult:
     """Tune the MoE at ``cfg.model`` on the data mixture and write it to ``cfg.out``."""
     from transformers import AutoTokenizer
 
-    check_model_dir(cfg.model, "The MoE to tune,")
+    check_model_dir(cfg.model, "The MoE to tune,", "Mix the branches first (moekit mix RUN_DIR), or pass the MoE's directory.")
     check_context_length(cfg.model, cfg.loop.seq_len)
     check_output_dir(cfg.out, cfg.force)
     check_output_apart(cfg.out, tune_inputs(cfg), cfg.run_dir)
@@ -151,11 +150,14 @@ def tune(cfg: TuneConfig, show_progress: bool = True) -> TuneResult:
         refuse_bias_balancing(model, controller)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     cache_dir = (cfg.run_dir or cfg.out.parent) / ".cache" / "tokens"
-    with accelerator.main_process_first():
-        splits = domain_splits(tokenizer, cfg.data, cfg.val_data, cfg.loop.seq_len, cfg.val_fraction, cfg.text_field, cache_dir)
+    manifest = load_manifest(cfg.run_dir) if cfg.run_dir is not None else None
+    with accelerator.main_process_first():  # rank 0 tokenises, the others read its stores
+        domains = domains_data(tokenizer, cfg.data, cfg.val_data, cfg.loop.seq_len, cfg.val_fraction, cfg.text_field, cache_dir, manifest)
+    if cfg.run_dir is not None and accelerator.is_main_process:
+        record_heldout(cfg.run_dir, domains)
     ratios = cfg.mixture or {d: 1.0 for d in cfg.data}
-    pool = mixture_blocks({d: train for d, (train, _) in splits.items()}, ratios, cfg.loop.seed)
-    eval_sets = {d: val for d, (_, val) in splits.items() if len(val)}
+    pool = MixtureBlocks({d: domain.train for d, domain in domains.items()}, ratios, cfg.loop.seed)
+    eval_sets = {d: domain.heldout.head(cfg.loop.eval_blocks) for d, domain in domains.items() if len(domain.heldout)}
     kind = "none" if cfg.balance == "none" else cfg.balance
     objective = BalancedObjective(controller, BalanceSettings(kind, cfg.aux_coef, cfg.z_coef, cfg.balance_scope))
     work_dir = work_dir_for(cfg)

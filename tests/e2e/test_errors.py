@@ -163,7 +163,7 @@ def test_branch_errors(make_seed, tmp_path):
 
 def test_newer_manifest_refused(run_dir):
     path = run_dir / "moekit.yaml"
-    path.write_text(path.read_text().replace("manifest_version: 1", "manifest_version: 99"))
+    path.write_text(path.read_text().replace("manifest_version: 2", "manifest_version: 99"))
     assert_user_error(run_cli("mix", run_dir), "newer moekit")
     _no_leftovers(run_dir)
 

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from moekit.cli import build_app
 from moekit.config import MixConfig, UpcycleSettings
-from moekit.data import domain_splits
+from moekit.data.domains import recorded_heldout
 from moekit.evaluation import block_losses
 from moekit.inspection.static import static_report
 from moekit.io.checkpoint import Checkpoint
@@ -48,8 +48,8 @@ def _saved_heldout_loss(run: Path, name: str, seq_len: int = 32, blocks: int = 4
     """Held-out loss of the branch as saved on disk, on the blocks train evaluated."""
     branch_dir = run / "branches" / name
     tokenizer = AutoTokenizer.from_pretrained(branch_dir)
-    data = {name: load_manifest(run).branches[name].data}
-    _, held = domain_splits(tokenizer, data, {}, seq_len, 0.05, "text", run / ".cache" / "tokens")[name]
+    record = load_manifest(run).branches[name]
+    held = recorded_heldout(tokenizer, name, record.data, record.val_data, record.heldout, seq_len, "text", run / ".cache" / "tokens").head(blocks)
     model = AutoModelForCausalLM.from_pretrained(branch_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         return float(block_losses(model, held[:blocks].long()).mean())

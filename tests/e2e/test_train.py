@@ -181,7 +181,7 @@ def test_bad_input_is_refused_and_changes_nothing(run, args, message):
 
 def test_newer_manifest_is_refused(run):
     path = run / "run" / "moekit.yaml"
-    path.write_text(path.read_text().replace("manifest_version: 1", "manifest_version: 7"))
+    path.write_text(path.read_text().replace("manifest_version: 2", "manifest_version: 7"))
     result = cli("train", run / "run", "--branch", "code", "--data", run / "code.txt", "--max-steps", "1")
     assert result.exit_code == 2 and "newer moekit" in result.output
 

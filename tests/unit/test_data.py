@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from moekit.data import expand_data_paths, load_token_blocks
 from moekit.errors import DataError
@@ -59,14 +58,16 @@ def test_parquet_and_caching(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from moekit.data import token_stream
+    from moekit.data import cached_store, token_stream
 
     pq.write_table(pa.table({"content": ["abc", "de"]}), tmp_path / "a.parquet")
-    stream = token_stream(CharTokenizer(), tmp_path / "a.parquet", text_field="content", cache_dir=tmp_path / "cache")
+    stream = token_stream(CharTokenizer(), tmp_path / "a.parquet", text_field="content")
     assert stream.tolist() == [97, 98, 99, 0, 100, 101, 0]
-    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
-    again = token_stream(CharTokenizer(), tmp_path / "a.parquet", text_field="content", cache_dir=tmp_path / "cache")
-    assert torch.equal(stream, again)
+    store = cached_store(CharTokenizer(), tmp_path / "a.parquet", "content", tmp_path / "cache")
+    assert store.read(0, store.num_tokens).tolist() == stream.tolist()
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    again = cached_store(CharTokenizer(), tmp_path / "a.parquet", "content", tmp_path / "cache")
+    assert again.path == store.path and len(list((tmp_path / "cache").iterdir())) == 1
     with pytest.raises(DataError, match="no column 'text'"):
         token_stream(CharTokenizer(), tmp_path / "a.parquet")
 
@@ -80,11 +81,16 @@ def test_hub_dataset_unreachable_is_a_clear_error(monkeypatch):
         token_stream(CharTokenizer(), "hf:moekit-test/none@train")
 
 
-def test_validation_split():
-    from moekit.data import split_validation
+def test_heldout_split_is_a_token_position_at_a_document_end_when_one_is_near(tmp_path):
+    from moekit.data import TokenSequence, cached_store, heldout_start
 
-    blocks = torch.arange(40).view(20, 2)
-    train, val = split_validation(blocks, 0.1, "x")
-    assert len(train) == 18 and torch.equal(val, blocks[-2:])
-    with pytest.raises(DataError, match="too few"):
-        split_validation(blocks[:1], 0.1, "x")
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": "x" * 9}) + "\n" for _ in range(20)))  # 20 docs of 10 tokens
+    sequence = TokenSequence([cached_store(CharTokenizer(), tmp_path / "d.jsonl", "text", tmp_path / "cache")])
+    assert sequence.num_tokens == 200
+    assert heldout_start(sequence, 0.1) == 180  # exactly a document end
+    assert heldout_start(sequence, 0.12) == 170  # 24 held out: 176 moves back to the document end 6 tokens before it
+    assert heldout_start(sequence, 0.02) == 196  # 4 held out: the document end at 190 is too far; cut at the token
+    assert heldout_start(sequence, 0.0) == 200
+    (tmp_path / "one.txt").write_text("y" * 199)  # one long document: cut at the exact position
+    single = TokenSequence([cached_store(CharTokenizer(), tmp_path / "one.txt", "text", tmp_path / "cache")])
+    assert heldout_start(single, 0.1) == 180
