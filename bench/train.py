@@ -37,19 +37,24 @@ def bench_moekit(seed: Path, blocks: torch.Tensor, args: argparse.Namespace, wor
     from transformers import AutoModelForCausalLM
 
     from moekit.config import LoopSettings
-    from moekit.training import LoopJob, make_accelerator, run_loop
+    from moekit.training import LoopJob, make_loop_engine, run_loop
 
     stamps: list[float] = []
     settings = LoopSettings(seq_len=args.seq_len, batch_size=args.batch_size, max_steps=args.steps, lr=1e-3, save_every=0, eval_every=0, precision="fp32")
     model = AutoModelForCausalLM.from_pretrained(seed, dtype=torch.float32)
     job = LoopJob(model, blocks, {}, settings, work / "moekit", show_progress=False, on_step_end=lambda s, r: stamps.append(time.perf_counter()))
-    run_loop(job, make_accelerator(settings))
+    run_loop(job, make_loop_engine(settings))
     return (len(stamps) - args.skip) * args.batch_size * args.seq_len / (stamps[-1] - stamps[args.skip - 1])
 
 
 def bench_trainer(seed: Path, blocks: torch.Tensor, args: argparse.Namespace, work: Path) -> float:
     """Tokens/s of transformers' Trainer on the same blocks."""
-    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+    from transformers import (
+        AutoModelForCausalLM,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     stamps: list[float] = []
 

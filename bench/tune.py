@@ -66,7 +66,7 @@ def bench_moekit(moe: Path, blocks: torch.Tensor, args: argparse.Namespace, work
     from moekit.config import LoopSettings
     from moekit.routing.control import RoutingController
     from moekit.routing.objective import BalancedObjective, BalanceSettings
-    from moekit.training import LoopJob, causal_lm_loss, make_accelerator, run_loop
+    from moekit.training import LoopJob, causal_lm_loss, make_loop_engine, run_loop
 
     model = AutoModelForCausalLM.from_pretrained(moe, dtype=torch.float32)
     settings = LoopSettings(seq_len=args.seq_len, batch_size=args.batch_size, max_steps=args.steps, save_every=0, eval_every=0, precision="fp32")
@@ -76,7 +76,7 @@ def bench_moekit(moe: Path, blocks: torch.Tensor, args: argparse.Namespace, work
     if with_routing:
         objective = BalancedObjective(RoutingController(model), BalanceSettings("switch", 0.01))
         job.compute_loss, job.step_metrics = objective, objective.step_metrics
-    run_loop(job, make_accelerator(settings))
+    run_loop(job, make_loop_engine(settings))
     return _per_step(stamps, args.skip)
 
 

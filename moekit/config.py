@@ -99,6 +99,7 @@ class LoopSettings(_Strict):
     adam_beta2: float = Field(0.95, ge=0, lt=1)
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    shard: Literal["none", "fsdp"] = Field("none", description="none: a full model per process (DDP); fsdp: FSDP2, parameters sharded")
     save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="dtype of the saved weights (auto: the input model's); the final evaluation uses them as saved"
     )

@@ -60,7 +60,7 @@ def build_pretrained_seed(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from moekit.steps.model_io import write_trained_model
-    from moekit.training import LoopJob, make_accelerator, run_loop
+    from moekit.training import LoopJob, make_loop_engine, run_loop
 
     work = out.parent / f"{out.name}.work"
     work.mkdir(parents=True, exist_ok=True)
@@ -75,7 +75,11 @@ def build_pretrained_seed(
     domains = domains_data(tokenizer, specs, {}, settings.seq_len, val_fraction, "text", work / "tokens")
     pool = MixtureBlocks({d: domain.train for d, domain in domains.items()}, {d: 1.0 for d in domains}, settings.seed)
     eval_sets = {d: domain.heldout.head(settings.eval_blocks) for d, domain in domains.items() if len(domain.heldout)}
-    result = run_loop(LoopJob(model, pool, eval_sets, settings, work, resume=True, description="pretrain seed", show_progress=show_progress), make_accelerator(settings))
+    engine = make_loop_engine(settings)
+    try:
+        result = run_loop(LoopJob(model, pool, eval_sets, settings, work, resume=True, description="pretrain seed", show_progress=show_progress), engine)
+    finally:
+        engine.close()
     assert result.state_dict is not None
     write_trained_model(out, work / "tokenizer", model, result.state_dict, torch.float32, [work / "metrics.jsonl"], force=True)
     return out

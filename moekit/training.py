@@ -1,11 +1,11 @@
-"""The one training loop, shared by ``train`` (branches) and ``tune`` (mixed MoEs).
+"""The one training loop, shared by ``train`` (branches), ``tune`` (mixed MoEs) and seed pretraining.
 
-It runs as a plain single process and unchanged under ``accelerate launch`` (DDP, FSDP,
-DeepSpeed): model and optimiser go through ``accelerator.prepare``, gradient accumulation uses
-``accelerator.accumulate`` (no gradient sync on inner micro-batches), checkpoints use
-``accelerator.save_state``. Data order and learning rate are functions of the step
-(``moekit.train_state``), so a resumed run continues exactly, and N processes with a per-process
-batch of B/N see the same global batches as one process with batch B.
+It runs as a plain single process, and under ``torchrun``/``accelerate launch`` as DDP or, with
+``--shard fsdp``, as FSDP2 (``moekit.distributed``). Gradient accumulation skips the gradient
+sync on inner micro-batches; checkpoints are DCP checkpoints that resume on any number of
+processes. Data order and learning rate are functions of the step (``moekit.train_state``), so a
+resumed run continues exactly, and N processes with a per-process batch of B/N see the same
+global batches as one process with batch B.
 
 Precision: fp32 on CPU (bf16 autocast made CPU backward passes ~14x slower, REFERENCE.md 6);
 ``auto`` picks bf16 mixed precision on GPUs that support it. Master weights stay fp32.
@@ -27,6 +27,7 @@ import torch
 
 from moekit.config import LoopSettings
 from moekit.data.blocks import BlockSource, TensorBlocks
+from moekit.distributed import Engine, make_engine
 from moekit.errors import MoekitError, NonFiniteError
 from moekit.evaluation import block_losses
 from moekit.io.atomic import writing
@@ -43,7 +44,10 @@ from moekit.train_state import (
 
 LossFn = Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
 # Settings that do not change the trajectory, so a resume may change them.
-_RESUMABLE_CHANGES = {"eval_every", "eval_blocks", "save_every", "keep_checkpoints", "report_to", "precision", "save_dtype"}
+# (batch_size and grad_accum may change as long as the global batch stays: it is checked on its own,
+# and any split of it into processes x micro-batches x accumulation gives the same batches)
+_RESUMABLE_CHANGES = {"eval_every", "eval_blocks", "save_every", "keep_checkpoints", "report_to", "precision", "save_dtype",
+                      "batch_size", "grad_accum", "shard"}
 
 
 def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -93,28 +97,9 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _distributed_cpu_launch() -> bool:
-    """True for a multi-process launch (torchrun, accelerate launch --multi_gpu) on a machine
-    without CUDA: accelerate then needs cpu=True to form a gloo process group instead of
-    silently running each process alone."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return world > 1 and not torch.cuda.is_available()
-
-
-def make_accelerator(settings: LoopSettings) -> Any:
-    """An Accelerator for the settings' precision and gradient accumulation."""
-    import logging
-
-    from accelerate import Accelerator
-
-    # save_state warns about every tied weight (lm_head = embeddings) it de-duplicates; moekit's
-    # resume reloads the same tied model, so the warning is noise on every checkpoint.
-    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
-    precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}.get(settings.precision)
-    if precision is None:  # auto
-        gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        precision = "bf16" if gpu_bf16 else "no"
-    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=settings.grad_accum, cpu=_distributed_cpu_launch())
+def make_loop_engine(settings: LoopSettings) -> Engine:
+    """The engine for the settings' shard mode and precision (process group from the launcher's environment)."""
+    return make_engine(settings.shard, settings.precision)
 
 
 def _fingerprint(settings: LoopSettings, blocks: BlockSource, world: int, precision: str) -> dict[str, Any]:
@@ -127,30 +112,37 @@ def _fingerprint(settings: LoopSettings, blocks: BlockSource, world: int, precis
     return {"settings": kept, "data": blocks.fingerprint(), "global_batch_blocks": settings.batch_size * settings.grad_accum * world, "precision": precision}
 
 
-def _optimizer(model: torch.nn.Module, settings: LoopSettings, trainable: Callable[[str], bool]) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on vectors (norms, biases), as usual for transformers."""
-    decay, no_decay = [], []
+def select_trainable(model: torch.nn.Module, trainable: Callable[[str], bool]) -> None:
+    """Set ``requires_grad`` by parameter name (names of the unwrapped model); MoekitError if nothing trains."""
     for name, param in model.named_parameters():
         param.requires_grad_(trainable(name))
-        if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    if not decay and not no_decay:
+    if not any(p.requires_grad for p in model.parameters()):
         raise MoekitError("Nothing to train: no parameter is selected as trainable.")
+
+
+def _optimizer(model: torch.nn.Module, settings: LoopSettings) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; no weight decay on vectors (norms, biases), as usual for transformers."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay, no_decay = [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     betas = (settings.adam_beta1, settings.adam_beta2)
-    try:  # the fused kernel (CPU and CUDA) does the whole update in one pass over the parameters
-        return torch.optim.AdamW(groups, lr=settings.lr, betas=betas, fused=True)
-    except (RuntimeError, ValueError, TypeError):
-        return torch.optim.AdamW(groups, lr=settings.lr, betas=betas)
+    if not any(isinstance(p, DTensor) for p in params):
+        try:  # the fused kernel (CPU and CUDA) does the whole update in one pass over the parameters
+            return torch.optim.AdamW(groups, lr=settings.lr, betas=betas, fused=True)
+        except (RuntimeError, ValueError, TypeError):
+            pass
+    return torch.optim.AdamW(groups, lr=settings.lr, betas=betas)  # sharded (DTensor) parameters: the foreach kernel
 
 
-def evaluate(model: torch.nn.Module, eval_sets: dict[str, torch.Tensor], settings: LoopSettings, accelerator: Any) -> dict[str, float]:
+def evaluate(model: torch.nn.Module, eval_sets: dict[str, torch.Tensor], settings: LoopSettings, engine: Engine) -> dict[str, float]:
     """Mean held-out loss per domain over the first ``eval_blocks`` blocks, split across ranks.
 
     Every rank runs the same number of forward passes (FSDP needs that): ranks with fewer real
     blocks re-run one and give it weight 0.
     """
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world, rank = engine.world, engine.rank
     results = {}
     model.eval()
     with torch.no_grad():
@@ -158,12 +150,13 @@ def evaluate(model: torch.nn.Module, eval_sets: dict[str, torch.Tensor], setting
             blocks = blocks[: settings.eval_blocks]
             positions = torch.arange(rank, -(-len(blocks) // world) * world, world)
             weights = (positions < len(blocks)).float()
-            totals = torch.zeros(2, device=accelerator.device)
+            totals = torch.zeros(2, device=engine.device)
             for index, weight in zip(positions.split(settings.batch_size), weights.split(settings.batch_size)):
-                ids = blocks[index % len(blocks)].long().to(accelerator.device)
-                losses = block_losses(model, ids)
+                ids = blocks[index % len(blocks)].long().to(engine.device)
+                with engine.autocast():
+                    losses = block_losses(model, ids)
                 totals += torch.stack([(losses * weight.to(losses.device)).sum(), weight.sum().to(losses.device)])
-            totals = accelerator.reduce(totals, "sum")
+            totals = engine.sum(totals)
             results[domain] = float(totals[0] / totals[1])
     model.train()
     return results
@@ -201,31 +194,33 @@ def check_finite(row: dict[str, Any], checkpoint_dir: Path) -> None:
     )
 
 
-def _save_checkpoint(accelerator: Any, checkpoint_dir: Path, step: int, tokens: int, fingerprint: dict, keep: int) -> None:
-    """Write a checkpoint atomically: a hidden directory renamed once every rank has written."""
+def _save_checkpoint(engine: Engine, model: torch.nn.Module, optimizer: Any, checkpoint_dir: Path, step: int, tokens: int,
+                     fingerprint: dict, keep: int) -> None:
+    """Write a DCP checkpoint atomically: a hidden directory, renamed once every process has written its shards."""
     import shutil
 
     staging, final = checkpoint_dir / f".step-{step}", checkpoint_dir / f"step-{step}"
-    if accelerator.is_main_process:
+    if engine.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-    accelerator.wait_for_everyone()
+    engine.wait_for_everyone()
     try:
         with writing(staging, f"checkpoint {final}"):
-            accelerator.save_state(str(staging))
+            engine.save_checkpoint(staging, model, optimizer)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # an incomplete checkpoint is never resumed from, but takes space
         raise
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (staging / STATE_FILE).write_text(json.dumps({"step": step, "tokens": tokens, **fingerprint}, indent=1))
+    engine.wait_for_everyone()
+    if engine.is_main_process:
+        state = {"step": step, "tokens": tokens, "world_size": engine.world, "shard": engine.shard, **fingerprint}
+        (staging / STATE_FILE).write_text(json.dumps(state, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
         prune_checkpoints(checkpoint_dir, keep)
-    accelerator.wait_for_everyone()
+    engine.wait_for_everyone()
 
 
-def _resume_point(job: LoopJob, accelerator: Any, fingerprint: dict) -> tuple[int, int]:
+def _resume_point(job: LoopJob, engine: Engine, model: torch.nn.Module, optimizer: Any, fingerprint: dict) -> tuple[int, int]:
     """Load the newest checkpoint when resuming; return (step, tokens) to start from."""
     checkpoint_dir = job.work_dir / "checkpoints"
     latest = latest_checkpoint(checkpoint_dir) if checkpoint_dir.exists() else None
@@ -243,16 +238,16 @@ def _resume_point(job: LoopJob, accelerator: Any, fingerprint: dict) -> tuple[in
             f"Cannot resume from {latest}: it was made with different {', '.join(differences)}.",
             "Resume with the same data, batch and optimiser options, or delete the checkpoints to start over.",
         )
-    accelerator.load_state(str(latest))
+    engine.load_checkpoint(latest, model, optimizer)
     return int(state["step"]), int(state["tokens"])
 
 
-def run_loop(job: LoopJob, accelerator: Any) -> LoopResult:
-    """Train ``job.model`` in place; return the final step, tokens and metrics."""
+def run_loop(job: LoopJob, engine: Engine) -> LoopResult:
+    """Train ``job.model`` in place; return the final step, tokens, metrics and (rank 0) the full weights."""
     from moekit.progress import training_progress
 
     settings, blocks = job.settings, job.train_blocks
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world, rank = engine.world, engine.rank
     tokens_per_step = settings.batch_size * settings.grad_accum * world * blocks.block_size
     steps = total_steps(settings, tokens_per_step)
     use_cache = job.model.config.use_cache
@@ -261,39 +256,38 @@ def run_loop(job: LoopJob, accelerator: Any) -> LoopResult:
         enable = getattr(job.model, "activation_checkpointing_enable", None) or job.model.gradient_checkpointing_enable
         enable()
         job.model.config.use_cache = False  # restored below, so the saved config is unchanged
-    optimizer = _optimizer(job.model, settings, job.trainable)
-    model, optimizer = accelerator.prepare(job.model, optimizer)
-    fingerprint = {**_fingerprint(settings, blocks, world, str(accelerator.mixed_precision)), **job.fingerprint_extra}
-    start_step, tokens = _resume_point(job, accelerator, fingerprint)
+    select_trainable(job.model, job.trainable)
+    model = engine.prepare(job.model)
+    optimizer = _optimizer(model, settings)  # after sharding: it holds the sharded parameters
+    fingerprint = {**_fingerprint(settings, blocks, world, engine.precision), **job.fingerprint_extra}
+    start_step, tokens = _resume_point(job, engine, model, optimizer, fingerprint)
     schedule = BlockSchedule(len(blocks), settings.batch_size, settings.grad_accum, world, settings.seed)
-    logger = MetricsLogger(job.work_dir, accelerator.is_main_process, settings.report_to, start_step)
+    logger = MetricsLogger(job.work_dir, engine.is_main_process, settings.report_to, start_step)
     trainable_params = [p for p in model.parameters() if p.requires_grad]
     row: dict[str, Any] = {}
     model.train()
-    with training_progress(job.description, steps, start_step, job.show_progress and accelerator.is_main_process) as progress:
+    with training_progress(job.description, steps, start_step, job.show_progress and engine.is_main_process) as progress:
         for step in range(start_step, steps):
             started = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, settings, steps)
-            loss_sum, extras = torch.zeros((), device=accelerator.device), {}
+            loss_sum, extras = torch.zeros((), device=engine.device), {}
             for micro in range(settings.grad_accum):
-                ids = blocks.get(schedule.indices(step, micro, rank)).to(accelerator.device)
-                with accelerator.accumulate(model):
+                ids = blocks.get(schedule.indices(step, micro, rank)).to(engine.device)
+                with engine.gradient_sync(model, sync=micro == settings.grad_accum - 1), engine.autocast():
                     loss, extras = job.compute_loss(model, ids)
-                    accelerator.backward(loss)
-                    grad_norm = None
-                    if accelerator.sync_gradients and settings.grad_clip > 0:
-                        grad_norm = accelerator.clip_grad_norm_(trainable_params, settings.grad_clip)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                engine.backward(loss / settings.grad_accum)  # accumulated gradients are the global batch's mean
                 loss_sum += loss.detach().float()
+            grad_norm = engine.clip_grad_norm(trainable_params, settings.grad_clip, optimizer) if settings.grad_clip > 0 else None
+            engine.step(optimizer)
+            optimizer.zero_grad(set_to_none=True)
             tokens += tokens_per_step
-            mean_loss = float(accelerator.reduce(loss_sum / settings.grad_accum, "mean"))
+            mean_loss = float(engine.mean(loss_sum / settings.grad_accum))
             seconds = time.perf_counter() - started
             row = {"step": step + 1, "loss": mean_loss, "lr": learning_rate(step, settings, steps), "tokens": tokens,
                    "tokens_per_s": tokens_per_step / seconds, **extras}
             if grad_norm is not None:
-                row["grad_norm"] = float(grad_norm)
+                row["grad_norm"] = grad_norm
             if job.step_metrics is not None:
                 row.update(job.step_metrics())
             logger.log(row)
@@ -304,18 +298,18 @@ def run_loop(job: LoopJob, accelerator: Any) -> LoopResult:
             last = step + 1 == steps
             if job.eval_sets and not last and settings.eval_every and (step + 1) % settings.eval_every == 0:
                 with job.eval_context():
-                    losses = evaluate(model, job.eval_sets, settings, accelerator)
+                    losses = evaluate(model, job.eval_sets, settings, engine)
                 logger.log({"step": step + 1, **{f"eval/{d}/loss": v for d, v in losses.items()}})
             if not last and settings.save_every and (step + 1) % settings.save_every == 0:
-                _save_checkpoint(accelerator, job.work_dir / "checkpoints", step + 1, tokens, fingerprint, settings.keep_checkpoints)
+                _save_checkpoint(engine, model, optimizer, job.work_dir / "checkpoints", step + 1, tokens, fingerprint, settings.keep_checkpoints)
     if job.save_dtype is not None:
         round_to_saved_dtype(model, job.save_dtype)
     with job.eval_context():
-        final_eval = evaluate(model, job.eval_sets, settings, accelerator) if job.eval_sets else {}
+        final_eval = evaluate(model, job.eval_sets, settings, engine) if job.eval_sets else {}
     if final_eval:
         logger.log({"step": steps, **{f"eval/{d}/loss": v for d, v in final_eval.items()}})
     logger.close()
     job.model.config.use_cache = use_cache
-    accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(model)  # gathers FSDP/DeepSpeed shards
-    return LoopResult(steps, tokens, start_step, row, final_eval, state_dict if accelerator.is_main_process else None)
+    engine.wait_for_everyone()
+    state_dict = engine.full_state_dict(model)  # gathers FSDP shards to rank 0's CPU
+    return LoopResult(steps, tokens, start_step, row, final_eval, state_dict)

@@ -25,6 +25,7 @@ LOOP_OPTIONS: dict[str, tuple[Any, Any]] = {
     "weight_decay": (float, typer.Option(0.1, "--weight-decay", help="AdamW weight decay (not on norms/biases).")),
     "grad_clip": (float, typer.Option(1.0, "--grad-clip", help="Clip the gradient norm (0: off).")),
     "precision": (str, typer.Option("auto", "--precision", help="auto (bf16 on capable GPUs, else fp32) | fp32 | bf16 | fp16.")),
+    "shard": (str, typer.Option("none", "--shard", help="none: a full model per process (DDP under torchrun) | fsdp: FSDP2, each process holds 1/N of the weights, gradients and optimiser state.")),
     "save_dtype": (str, typer.Option("auto", "--save-dtype", help="Saved weights: auto (the input's dtype) | float32 | bfloat16 | float16. float32 keeps small updates that bf16 rounds away.")),
     "gradient_checkpointing": (bool, typer.Option(False, "--gradient-checkpointing", help="Recompute activations to save memory.")),
     "eval_every": (int, typer.Option(100, "--eval-every", help="Steps between held-out evaluations of every domain (0: end only).")),

@@ -126,6 +126,12 @@ def _existing_ancestor(path: Path) -> Path:
     return ancestor
 
 
+def _last_line(exc: BaseException) -> str:
+    """The innermost message of an exception (DCP's carries whole remote tracebacks)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:200]
+
+
 @contextlib.contextmanager
 def writing(path: Path, what: str) -> Iterator[None]:
     """Turn a failed write on a (nearly) full disk into a DiskFullError that says so.
@@ -135,13 +141,13 @@ def writing(path: Path, what: str) -> Iterator[None]:
     """
     try:
         yield
-    except (MoekitError, KeyboardInterrupt):
+    except (MoekitError, KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
-    except Exception as exc:
+    except BaseException as exc:  # also torch.distributed.checkpoint's CheckpointException, a BaseException
         free = shutil.disk_usage(_existing_ancestor(path)).free
         if free < _LOW_SPACE_BYTES:
             raise DiskFullError(
-                f"The disk is full: writing {what} failed ({type(exc).__name__}: {exc}); the disk holding {path} has {free / 1e6:.1f} MB free.",
+                f"The disk is full: writing {what} failed ({_last_line(exc)}); the disk holding {path} has {free / 1e6:.1f} MB free.",
                 "Free space on that disk, or write elsewhere (--out). Unfinished outputs were removed; "
                 "checkpoints written before are kept for --resume.",
             ) from exc

@@ -19,13 +19,14 @@ import torch
 from moekit.config import TrainConfig
 from moekit.data.domains import DomainData, domains_data, record_heldout
 from moekit.data.sources import absolute_spec
+from moekit.distributed import Engine
 from moekit.errors import DataError, InvalidOptionError
 from moekit.io.config_json import dtype_name
 from moekit.io.loading import load_causal_lm
 from moekit.manifest import RunManifest, StageRecord, load_manifest, updating_manifest
 from moekit.steps.inputs import check_context_length, check_model_dir
 from moekit.steps.model_io import resolve_save_dtype, write_trained_model
-from moekit.training import LoopJob, make_accelerator, run_loop
+from moekit.training import LoopJob, make_loop_engine, run_loop
 
 
 @dataclass
@@ -103,8 +104,6 @@ def _selected_branches(manifest: RunManifest, cfg: TrainConfig) -> list[str]:
 
 def train(cfg: TrainConfig, show_progress: bool = True) -> list[BranchTrainResult]:
     """Train the selected branches of a run in turn; return one result per branch."""
-    from transformers import AutoTokenizer
-
     manifest = load_manifest(cfg.run_dir)
     _check_known(manifest, cfg)
     register_data(manifest, cfg)
@@ -116,11 +115,21 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> list[BranchTrainResul
     for name in names:
         check_model_dir(manifest.branch_dir(cfg.run_dir, name), f"Branch '{name}' directory")
         check_context_length(manifest.branch_dir(cfg.run_dir, name), cfg.loop.seq_len)
-    accelerator = make_accelerator(cfg.loop)
+    engine = make_loop_engine(cfg.loop)
+    try:
+        return _train_branches(cfg, manifest, names, engine, show_progress)
+    finally:
+        engine.close()
+
+
+def _train_branches(cfg: TrainConfig, manifest: RunManifest, names: list[str], engine: Engine, show_progress: bool) -> list[BranchTrainResult]:
+    """Prepare the data (rank 0 first) and train each selected branch in turn."""
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(manifest.branch_dir(cfg.run_dir, names[0]))
-    with accelerator.main_process_first():  # rank 0 tokenises, the others read its stores
+    with engine.main_process_first():  # rank 0 tokenises, the others read its stores
         domains = prepare_data(manifest, cfg, tokenizer)
-    if accelerator.is_main_process:
+    if engine.is_main_process:
         with updating_manifest(cfg.run_dir) as fresh:  # other jobs may have written since we read it
             register_data(fresh, cfg)
         record_heldout(cfg.run_dir, domains)
@@ -133,9 +142,9 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> list[BranchTrainResul
         model = load_causal_lm(branch_dir, torch.float32)
         dtype = resolve_save_dtype(cfg.loop.save_dtype, branch_dir)
         job = LoopJob(model, domains[name].train, eval_sets, cfg.loop, work_dir, cfg.resume, f"train {name}", show_progress, save_dtype=dtype)
-        result = run_loop(job, accelerator)
+        result = run_loop(job, engine)
         saved = None
-        if accelerator.is_main_process:
+        if engine.is_main_process:
             assert result.state_dict is not None
             saved = write_trained_model(branch_dir, branch_dir, model, result.state_dict, dtype, [work_dir / "metrics.jsonl"])
             shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)
@@ -144,8 +153,9 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> list[BranchTrainResul
             with updating_manifest(cfg.run_dir) as fresh:
                 fresh.stages.append(StageRecord(stage="train", params=_stage_params(manifest, name, cfg), outputs=outputs))
                 fresh.branches[name].link_mode = "copy"  # the branch now has files of its own
-        accelerator.wait_for_everyone()
-        accelerator.free_memory()  # drop references to this branch's model and optimiser
+        engine.wait_for_everyone()
+        del job, model
+        engine.free_memory()  # drop this branch's model and optimiser before the next
         results.append(BranchTrainResult(
             name, branch_dir, result.steps, result.tokens, result.resumed_from, result.last_row.get("loss", float("nan")), result.eval,
             dtype_name(dtype), saved.unchanged_share if saved else None,

@@ -21,6 +21,7 @@ import yaml
 from moekit.config import TuneConfig
 from moekit.data.blocks import MixtureBlocks
 from moekit.data.domains import domains_data, record_heldout
+from moekit.distributed import Engine
 from moekit.errors import UnsupportedArchitectureError
 from moekit.io.atomic import check_output_apart, check_output_dir
 from moekit.io.config_json import dtype_name
@@ -30,7 +31,7 @@ from moekit.routing.control import RoutingController
 from moekit.routing.objective import BalancedObjective, BalanceSettings
 from moekit.steps.inputs import check_context_length, check_model_dir
 from moekit.steps.model_io import resolve_save_dtype, write_trained_model
-from moekit.training import LoopJob, make_accelerator, run_loop
+from moekit.training import LoopJob, make_loop_engine, run_loop
 
 
 @dataclass
@@ -136,13 +137,21 @@ def tune_inputs(cfg: TuneConfig) -> list[Path]:
 
 def tune(cfg: TuneConfig, show_progress: bool = True) -> TuneResult:
     """Tune the MoE at ``cfg.model`` on the data mixture and write it to ``cfg.out``."""
-    from transformers import AutoTokenizer
-
     check_model_dir(cfg.model, "The MoE to tune,", "Mix the branches first (moekit mix RUN_DIR), or pass the MoE's directory.")
     check_context_length(cfg.model, cfg.loop.seq_len)
     check_output_dir(cfg.out, cfg.force)
     check_output_apart(cfg.out, tune_inputs(cfg), cfg.run_dir)
-    accelerator = make_accelerator(cfg.loop)
+    engine = make_loop_engine(cfg.loop)
+    try:
+        return _tune(cfg, engine, show_progress)
+    finally:
+        engine.close()
+
+
+def _tune(cfg: TuneConfig, engine: Engine, show_progress: bool) -> TuneResult:
+    """Load, prepare the data mixture, train, and write the tuned MoE (rank 0)."""
+    from transformers import AutoTokenizer
+
     save_dtype = resolve_save_dtype(cfg.loop.save_dtype, cfg.model)  # also validates the directory
     model = load_causal_lm(cfg.model, torch.float32)
     controller = RoutingController(model, cfg.routing, cfg.capacity_factor)
@@ -151,9 +160,9 @@ def tune(cfg: TuneConfig, show_progress: bool = True) -> TuneResult:
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     cache_dir = (cfg.run_dir or cfg.out.parent) / ".cache" / "tokens"
     manifest = load_manifest(cfg.run_dir) if cfg.run_dir is not None else None
-    with accelerator.main_process_first():  # rank 0 tokenises, the others read its stores
+    with engine.main_process_first():  # rank 0 tokenises, the others read its stores
         domains = domains_data(tokenizer, cfg.data, cfg.val_data, cfg.loop.seq_len, cfg.val_fraction, cfg.text_field, cache_dir, manifest)
-    if cfg.run_dir is not None and accelerator.is_main_process:
+    if cfg.run_dir is not None and engine.is_main_process:
         record_heldout(cfg.run_dir, domains)
     ratios = cfg.mixture or {d: 1.0 for d in cfg.data}
     pool = MixtureBlocks({d: domain.train for d, domain in domains.items()}, ratios, cfg.loop.seed)
@@ -168,10 +177,10 @@ def tune(cfg: TuneConfig, show_progress: bool = True) -> TuneResult:
         compute_loss=objective, trainable=trainable_predicate(cfg, controller), step_metrics=objective.step_metrics,
         fingerprint_extra={"tune": options}, eval_context=controller.native_routing, save_dtype=save_dtype,
     )
-    result = run_loop(job, accelerator)
+    result = run_loop(job, engine)
     controller.remove()
     saved = None
-    if accelerator.is_main_process:
+    if engine.is_main_process:
         assert result.state_dict is not None
         provenance = _add_provenance(cfg.model, cfg, result.last_row)
         saved = write_trained_model(cfg.out, cfg.model, model, result.state_dict, save_dtype, [work_dir / "metrics.jsonl"], cfg.force, provenance)
@@ -181,5 +190,5 @@ def tune(cfg: TuneConfig, show_progress: bool = True) -> TuneResult:
                 params = cfg.model_dump(mode="json", exclude={"force", "resume", "run_dir"})
                 outputs = {"out": str(cfg.out), "eval_loss": result.eval, "saved_dtype": dtype_name(save_dtype), "unchanged_share": saved.unchanged_share}
                 manifest.stages.append(StageRecord(stage="tune", params=params, outputs=outputs))
-    accelerator.wait_for_everyone()
+    engine.wait_for_everyone()
     return TuneResult(cfg.out, result.steps, result.resumed_from, result.last_row, result.eval, dtype_name(save_dtype), saved.unchanged_share if saved else None)

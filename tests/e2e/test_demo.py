@@ -49,11 +49,11 @@ def test_a_run_killed_in_train_resumes_to_the_same_result(tmp_path, monkeypatch)
     real = train_step.run_loop
     calls = {"n": 0}
 
-    def crash_in_second_branch(job, accelerator):
+    def crash_in_second_branch(job, engine):
         calls["n"] += 1
         if calls["n"] == 2:
             job.on_step_end = lambda step, row: (_ for _ in ()).throw(KeyboardInterrupt) if step == 15 else None
-        return real(job, accelerator)
+        return real(job, engine)
 
     monkeypatch.setattr(train_step, "run_loop", crash_in_second_branch)
     recipe = load_recipe(TINY, [f"workdir={tmp_path / 'killed'}"])

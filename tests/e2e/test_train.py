@@ -19,7 +19,7 @@ from moekit.io.files import sha256_files
 from moekit.manifest import load_manifest
 from moekit.steps.branch import branch
 from moekit.tiny import domain_corpus
-from moekit.training import LoopJob, make_accelerator, run_loop
+from moekit.training import LoopJob, make_loop_engine, run_loop
 from tests.conftest import assert_clean_load, load
 
 TRAIN = ["--seq-len", "32", "--batch-size", "4", "--lr", "3e-3", "--eval-every", "5", "--eval-blocks", "4"]
@@ -85,7 +85,7 @@ def _loop_job(run: Path, work: str, **changes) -> LoopJob:
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(run):
     straight = _loop_job(run, "straight")
-    run_loop(straight, make_accelerator(straight.settings))
+    run_loop(straight, make_loop_engine(straight.settings))
 
     def crash(step: int, row: dict) -> None:
         if step == 5:
@@ -93,10 +93,10 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(run):
 
     interrupted = _loop_job(run, "resumed", on_step_end=crash)
     with pytest.raises(KeyboardInterrupt):
-        run_loop(interrupted, make_accelerator(interrupted.settings))
+        run_loop(interrupted, make_loop_engine(interrupted.settings))
     assert sorted(p.name for p in (run / "resumed" / "checkpoints").iterdir()) == ["step-3"]
     resumed = _loop_job(run, "resumed", resume=True)
-    result = run_loop(resumed, make_accelerator(resumed.settings))
+    result = run_loop(resumed, make_loop_engine(resumed.settings))
     assert result.resumed_from == 3
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6, rtol=0), name
@@ -107,12 +107,12 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(run):
 def test_checkpoints_of_an_unfinished_run_need_resume(run):
     job = _loop_job(run, "work", on_step_end=lambda step, row: (_ for _ in ()).throw(KeyboardInterrupt) if step == 4 else None)
     with pytest.raises(KeyboardInterrupt):
-        run_loop(job, make_accelerator(job.settings))
+        run_loop(job, make_loop_engine(job.settings))
     again = _loop_job(run, "work")
     from moekit.errors import MoekitError
 
     with pytest.raises(MoekitError, match="--resume"):
-        run_loop(again, make_accelerator(again.settings))
+        run_loop(again, make_loop_engine(again.settings))
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(run):
@@ -201,13 +201,13 @@ def test_cli_resume_after_a_crash_matches_an_uninterrupted_run(run, monkeypatch)
 
     real_run_loop = train_step.run_loop
 
-    def crashing_run_loop(job, accelerator):
+    def crashing_run_loop(job, engine):
         def crash(step, row):
             if step == 5:
                 raise KeyboardInterrupt
 
         job.on_step_end = crash
-        return real_run_loop(job, accelerator)
+        return real_run_loop(job, engine)
 
     monkeypatch.setattr(train_step, "run_loop", crashing_run_loop)
     crashed = cli("train", run / "other", *args)

@@ -21,7 +21,7 @@ from moekit.steps.branch import branch
 from moekit.steps.mix import mix
 from moekit.tiny import domain_corpus, perturb_model
 from moekit.train_state import BlockSchedule
-from moekit.training import LoopJob, make_accelerator, run_loop
+from moekit.training import LoopJob, make_loop_engine, run_loop
 from tests.conftest import assert_clean_load, load
 
 LOOP = ["--seq-len", "32", "--batch-size", "4", "--lr", "3e-3", "--eval-every", "0", "--eval-blocks", "2"]
@@ -125,7 +125,7 @@ def test_global_batch_counts_are_the_sum_over_micro_batches(mixed):
     settings = LoopSettings(seq_len=32, batch_size=2, grad_accum=3, max_steps=1, save_every=0, eval_every=0)
     job = LoopJob(model, blocks, {}, settings, mixed.parent / "work", show_progress=False, compute_loss=objective,
                   step_metrics=objective.step_metrics, on_step_end=after_step)
-    run_loop(job, make_accelerator(settings))
+    run_loop(job, make_loop_engine(settings))
     step_counts, micro_counts = seen[0]
     assert len(micro_counts) == 3
     assert torch.equal(step_counts, sum(micro_counts)) and torch.equal(step_counts, expected)
@@ -152,9 +152,9 @@ def test_tune_resume_after_a_crash(mixed, tmp_path, monkeypatch):
 
     real = tune_step.run_loop
 
-    def crashing(job, accelerator):
+    def crashing(job, engine):
         job.on_step_end = lambda step, row: (_ for _ in ()).throw(KeyboardInterrupt) if step == 5 else None
-        return real(job, accelerator)
+        return real(job, engine)
 
     monkeypatch.setattr(tune_step, "run_loop", crashing)
     assert cli(*args, "--out", tmp_path / "resumed").exit_code == 130
