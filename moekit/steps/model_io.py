@@ -55,13 +55,17 @@ def tied_copies(model: torch.nn.Module) -> set[str]:
 
 
 def saved_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The tensors to save: tied copies dropped, floating tensors cast to ``dtype`` on the CPU."""
+    """The tensors to save: tied copies dropped, floating tensors cast to ``dtype`` on the CPU.
+
+    ``state_dict`` is emptied as it is converted, so a gathered (FSDP) copy of the weights is
+    released tensor by tensor instead of living next to its converted copy.
+    """
     dropped = tied_copies(model)
-    state = {
-        name: tensor.detach().to("cpu", dtype) if tensor.is_floating_point() else tensor.detach().cpu()
-        for name, tensor in state_dict.items()
-        if name not in dropped
-    }
+    state = {}
+    for name in list(state_dict):
+        tensor = state_dict.pop(name).detach()
+        if name not in dropped:
+            state[name] = tensor.to("cpu", dtype) if tensor.is_floating_point() else tensor.cpu()
     broken = next((name for name, tensor in state.items() if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())), None)
     if broken is not None:
         raise NonFiniteError(
