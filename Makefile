@@ -31,6 +31,7 @@ test-real: install
 	MOEKIT_REAL_TESTS=1 $(PY) -m pytest -q tests/real
 
 bench: install
+	$(PY) bench/data.py --sizes 100MB,400MB
 	$(PY) bench/mix.py
 	$(PY) bench/train.py
 	$(PY) bench/tune.py

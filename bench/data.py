@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import measure  # noqa: E402  (bench/measure.py: whole-process timing)
 
 
 def parse_size(text: str) -> int:
@@ -54,41 +53,6 @@ def write_corpus(path: Path, size: int) -> None:
             written += len(line)
 
 
-def _tree_memory(root) -> int:
-    """Bytes of the process tree: the sum of PSS (shared pages of forked workers counted once), else RSS."""
-    import psutil
-
-    total = 0
-    for process in [root, *root.children(recursive=True)]:
-        try:
-            info = process.memory_full_info()
-            total += getattr(info, "pss", info.rss)
-        except psutil.Error:
-            pass
-    return total
-
-
-def measure(command: list[str], env: dict | None = None) -> tuple[float, float, str]:
-    """(wall seconds, peak memory in MB of the whole process tree, output) of one whole command."""
-    import psutil
-
-    started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
-    root = psutil.Process(process.pid)
-    peak = 0
-    while process.poll() is None:
-        try:
-            peak = max(peak, _tree_memory(root))
-        except psutil.Error:
-            pass
-        time.sleep(0.05)
-    wall = time.perf_counter() - started
-    output = process.stdout.read() if process.stdout else ""
-    if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{output[-3000:]}")
-    return wall, peak / 2**20, output
-
-
 DATASETS_PIPELINE = """
 import sys
 from datasets import load_dataset
@@ -96,7 +60,7 @@ from transformers import AutoTokenizer
 tok = AutoTokenizer.from_pretrained(sys.argv[2])
 data = load_dataset("json", data_files=sys.argv[1], split="train", cache_dir=sys.argv[3])
 ids = data.map(lambda b: {"ids": tok(b["text"], add_special_tokens=False)["input_ids"]}, batched=True, num_proc=2, remove_columns=["text"])
-print("tokens", sum(len(x) for x in ids["ids"]))
+print("rows", ids.num_rows)  # the tokens stay in datasets' Arrow cache on disk, as a user would keep them
 """
 
 

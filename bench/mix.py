@@ -1,56 +1,40 @@
-"""Benchmark ``moekit mix`` against a plain copy of its input files, in the same run.
+"""Benchmark ``moekit mix`` as a user waits for it: the whole process, against copying its inputs and mergekit-moe.
 
-Builds a Llama-family seed of a few hundred MB (bf16, random weights written straight to
-safetensors), branches it into three real copies, then measures:
+Builds three distinct random bf16 Llama checkpoints (default: hidden 1024, FFN 4096, 16 layers,
+16 heads / 8 KV heads, vocab 32k: about 608 MB each) and times, interleaved (A B C A B C ...),
+best of ``--repeats``, each as a whole process followed by ``sync``:
 
-* the time to copy every input file (seed + branches) with shutil: the I/O floor;
-* ``mix`` (3 branches + the seed expert, random router) in a fresh process: wall time and
-  peak RSS, plus the RSS of the same process after its imports only (the floor that does
-  not depend on the model).
+* ``cp -r`` of the three inputs: the I/O floor;
+* ``moekit mix --expert a=.. --expert b=.. --expert c=.. --seed-model a --no-seed-expert``
+  (a 3-expert top-2 Mixtral, random router);
+* ``mergekit-moe`` on the same inputs (gate_mode random), when ``--mergekit`` is given: it is
+  installed into its own venv under the work directory on first use (needs PyPI).
 
-Run twice with different depths to see that peak RSS does not grow with model size:
-    python bench/mix.py --layers 4 && python bench/mix.py --layers 16
-Targets: mix time / copy time <= 2; peak RSS flat in model size (< ~0.6 GB at 3 x 600 MB).
+Peak memory is the process tree's (bench/measure.py). Also timed: ``mix --upcycle`` of one input
+into 4 experts, and ``mix --router centroid`` with the calibration's share of the time (mix
+records it in the output's ``moekit.yaml``: ``router.calibration_seconds``).
+
+    python bench/mix.py                 # cp vs moekit mix
+    python bench/mix.py --mergekit      # also mergekit-moe (installs it into WORK/mergekit-venv)
+Targets: mix <= 2.0 x cp; mergekit-moe / mix >= 3.0; peak memory < 0.6 GB.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import torch
-
-# The child reads its peak RSS from VmHWM: getrusage's ru_maxrss survives fork+exec on Linux
-# and would report the parent's peak (the bench builds the model in memory).
-CHILD = """
-import json, sys, time
-from pathlib import Path
-def peak_kb():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-from moekit.config import MixConfig
-from moekit.steps.mix import mix
-from moekit.steps.mix_inputs import experts_from_run_dir
-import transformers.models.auto  # mix imports it lazily; count it in the floor, not in the work
-floor = peak_kb()
-run = Path(sys.argv[1])
-seed, experts = experts_from_run_dir(run)
-start = time.perf_counter()
-mix(MixConfig(out=Path(sys.argv[2]), seed=seed, experts=experts))
-seconds = time.perf_counter() - start
-print(json.dumps({"seconds": seconds, "peak_rss_kb": peak_kb(), "floor_rss_kb": floor}))
-"""
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import measure  # noqa: E402  (bench/measure.py: whole-process timing)
 
 
-def build_seed(out: Path, layers: int, hidden: int, intermediate: int, vocab: int) -> int:
-    """Write a random bf16 Llama seed with a tiny tokenizer; return its weight bytes."""
+def build_checkpoint(out: Path, seed: int, layers: int, hidden: int, intermediate: int, vocab: int) -> int:
+    """Write a random bf16 Llama checkpoint with a tiny tokenizer (distinct weights per ``seed``); return its weight bytes."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     from moekit.io.writer import PlannedTensor, StreamingShardWriter
@@ -64,56 +48,94 @@ def build_seed(out: Path, layers: int, hidden: int, intermediate: int, vocab: in
     )
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
-    shapes = {name: tuple(p.shape) for name, p in skeleton.state_dict().items()}
-    plan = [PlannedTensor(n, torch.bfloat16, s) for n, s in shapes.items()]
+    plan = [PlannedTensor(n, torch.bfloat16, tuple(p.shape)) for n, p in skeleton.state_dict().items()]
     writer = StreamingShardWriter(out, plan, 2 << 30)
-    gen = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     for tensor in plan:
-        writer.write(tensor.name, (torch.randn(tensor.shape, generator=gen) * 0.02).to(torch.bfloat16))
+        writer.write(tensor.name, (torch.randn(tensor.shape, generator=generator) * 0.02).to(torch.bfloat16))
     writer.close()
     config.save_pretrained(out)
     return sum(t.nbytes for t in plan)
 
 
+def mergekit_command(work: Path, inputs: list[Path], out: Path) -> list[str]:
+    """mergekit-moe in its own venv (installed on first use), with a config for the same MoE."""
+    venv = work.parent / "mergekit-venv"
+    if not (venv / "bin" / "mergekit-moe").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]
+        subprocess.run([*pip, "torch==2.13.0"], check=True)
+        subprocess.run([*pip, "mergekit"], check=True)
+    config = work / "mergekit.yml"
+    experts = "".join(f"  - source_model: {p}\n    positive_prompts: [\"x\"]\n" for p in inputs)
+    config.write_text(f"base_model: {inputs[0]}\ngate_mode: random\ndtype: bfloat16\nexperts_per_token: 2\nexperts:\n{experts}")
+    return [str(venv / "bin" / "mergekit-moe"), str(config), str(out)]
+
+
+def synced(command: list[str], before: str = "") -> list[str]:
+    """``command`` then ``sync``, as one shell command (what a user waits for includes the data reaching the disk)."""
+    quoted = " ".join(f"'{c}'" for c in command)
+    return ["sh", "-c", f"{before}{quoted} > /dev/null && sync"]
+
+
 def main() -> None:
-    """Build inputs, time a plain copy and a mix, print the figures and their ratio."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--intermediate", type=int, default=4096)
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--workdir", type=Path, default=None, help="where to build (default: a temp dir)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--mergekit", action="store_true", help="also time mergekit-moe (installed into its own venv)")
+    parser.add_argument("--workdir", type=Path, default=None, help="where to build (default: a temp dir); the mergekit venv goes next to it")
     args = parser.parse_args()
 
     from transformers.utils import logging as hf_logging
 
-    from moekit.steps.branch import branch
-
     hf_logging.disable_progress_bar()
-    work = Path(tempfile.mkdtemp(prefix="moekit-bench-", dir=args.workdir))
+    base = args.workdir or Path(tempfile.gettempdir())
+    base.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="moekit-bench-mix-", dir=base))
     try:
-        size = build_seed(work / "seed", args.layers, args.hidden, args.intermediate, args.vocab)
-        branch(str(work / "seed"), work / "run", ["code", "math", "wiki"], copy=True)
-        inputs = [p for d in [work / "seed", *sorted((work / "run" / "branches").iterdir())] for p in d.glob("*.safetensors")]
+        inputs = [work / name for name in ("a", "b", "c")]
+        size = sum(build_checkpoint(p, i + 1, args.layers, args.hidden, args.intermediate, args.vocab) for i, p in enumerate(inputs))
+        moekit = [sys.executable, "-m", "moekit", "mix", *(f"--expert={p.name}={p}" for p in inputs), "--seed-model", str(inputs[0]),
+                  "--no-seed-expert", "--out", str(work / "moe"), "--force"]
+        sides = {
+            "cp -r": synced(["cp", "-r", *map(str, inputs), str(work / "copy")], f"rm -rf '{work / 'copy'}' && mkdir '{work / 'copy'}' && "),
+            "moekit mix": synced(moekit),
+        }
+        if args.mergekit:
+            sides["mergekit-moe"] = synced(mergekit_command(work, inputs, work / "mergekit-out"), f"rm -rf '{work / 'mergekit-out'}' && ")
+        runs: dict[str, list[tuple[float, float, str]]] = {name: [] for name in sides}
+        for _ in range(args.repeats):
+            for name, command in sides.items():
+                subprocess.run(["sync"], check=True)
+                runs[name].append(measure(command))
+        upcycle = measure(synced([sys.executable, "-m", "moekit", "mix", "--upcycle", str(inputs[0]), "--experts", "4",
+                                  "--out", str(work / "upcycled"), "--force"]))
+        from moekit.tiny import domain_corpus
 
-        start = time.perf_counter()
-        for i, path in enumerate(inputs):
-            shutil.copyfile(path, work / f"copy-{i}.safetensors")
-        copy_seconds = time.perf_counter() - start
-        for path in work.glob("copy-*.safetensors"):
-            path.unlink()
+        data = []
+        for name, domain in zip(("a", "b", "c"), ("code", "math", "prose")):
+            (work / f"{domain}.txt").write_text(domain_corpus(domain, 400))
+            data += ["--router-data", f"{name}={work / f'{domain}.txt'}"]
+        centroid = measure(synced([*moekit, "--router", "centroid", *data, "--router-tokens", "2048", "--router-seq-len", "256"]))
+        import yaml
 
-        child = subprocess.run(
-            [sys.executable, "-c", CHILD, str(work / "run"), str(work / "mixed")], capture_output=True, text=True, check=True
-        )
-        stats = json.loads(child.stdout.strip().splitlines()[-1])
-        out_bytes = sum(p.stat().st_size for p in (work / "mixed").glob("*.safetensors"))
-        print(f"model: llama bf16, {args.layers} layers, hidden {args.hidden}, FFN {args.intermediate}, vocab {args.vocab}")
-        print(f"input: seed + 3 branches x {size / 1e6:,.0f} MB = {len(inputs) * size / 1e9:.2f} GB; output {out_bytes / 1e9:.2f} GB")
-        print(f"plain copy of the inputs: {copy_seconds:7.2f} s")
-        print(f"moekit mix:               {stats['seconds']:7.2f} s")
-        print(f"ratio mix / copy:         {stats['seconds'] / copy_seconds:7.2f}  (target <= 2)")
-        print(f"peak RSS of mix process:  {stats['peak_rss_kb'] / 1024:7.0f} MB (after imports only: {stats['floor_rss_kb'] / 1024:.0f} MB)")
+        calibration = yaml.safe_load((work / "moe" / "moekit.yaml").read_text())["router"]["calibration_seconds"]
+        out_bytes = sum(p.stat().st_size for p in (work / "moe").glob("*.safetensors"))
+        print(f"inputs: 3 distinct bf16 llama checkpoints, {args.layers} layers, hidden {args.hidden}, FFN {args.intermediate}, "
+              f"vocab {args.vocab}: {size / 1e9:.2f} GB; mixed output {out_bytes / 1e9:.2f} GB")
+        best = {name: min(r[0] for r in results) for name, results in runs.items()}
+        for name, results in runs.items():
+            walls = ", ".join(f"{r[0]:.2f}" for r in results)
+            print(f"{name:>13}: best {best[name]:6.2f} s (runs {walls}); peak memory {max(r[1] for r in results):6.0f} MB")
+        print(f"moekit mix / cp -r: {best['moekit mix'] / best['cp -r']:.2f} (target <= 2.0)")
+        if "mergekit-moe" in best:
+            print(f"mergekit-moe / moekit mix: {best['mergekit-moe'] / best['moekit mix']:.2f} (target >= 3.0)")
+        print(f"mix --upcycle (4 experts of one input): {upcycle[0]:.2f} s, peak memory {upcycle[1]:.0f} MB")
+        print(f"mix --router centroid (2048 tokens per domain): {centroid[0]:.2f} s, of which calibration {calibration:.2f} s "
+              f"({calibration / centroid[0]:.0%}); peak memory {centroid[1]:.0f} MB")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

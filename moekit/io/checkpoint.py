@@ -16,23 +16,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
 from moekit.errors import CorruptCheckpointError, InputNotFoundError
+from moekit.io.floats import STORED, stored_dtype
 
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+_TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+                "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def __getattr__(name: str) -> Any:
+    """``SAFETENSORS_DTYPES`` (code -> torch dtype) and ``DTYPE_NAMES`` (torch dtype -> code), built on
+    first use: importing this module must not import torch (``mix`` runs without it)."""
+    if name in ("SAFETENSORS_DTYPES", "DTYPE_NAMES"):
+        import torch
+
+        codes = {code: getattr(torch, torch_name) for code, torch_name in _TORCH_NAMES.items()}
+        return codes if name == "SAFETENSORS_DTYPES" else {v: k for k, v in codes.items()}
+    raise AttributeError(name)
+
+
+def dtype_code(dtype: Any) -> str:
+    """The safetensors code of a torch dtype, a code, or a name like 'bfloat16'."""
+    if isinstance(dtype, str):
+        return dtype if dtype in _TORCH_NAMES else {v: k for k, v in _TORCH_NAMES.items()}[dtype.removeprefix("torch.")]
+    return {v: k for k, v in _TORCH_NAMES.items()}[str(dtype).removeprefix("torch.")]
 
 
 @dataclass(frozen=True)
@@ -119,6 +127,32 @@ def _has_offsets(meta: Any) -> bool:
     return isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
 
 
+# Exponent masks: a float is NaN or infinite exactly when all its exponent bits are set.
+_NONFINITE_MASKS = {"F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80), "F32": (np.uint32, 0x7F800000), "F64": (np.uint64, 0x7FF0000000000000)}
+_SCAN_ELEMENTS = 8 << 20
+
+
+def finite_on_disk(path: Path, info: TensorInfo) -> bool:
+    """Whether a stored float tensor holds no NaN or infinity, checked on its bytes in place.
+
+    A memory map read in chunks with an integer mask on the exponent bits: no tensor is built,
+    so data that mix copies file to file is checked at memory speed (and integer tensors pass).
+    """
+    if info.dtype not in _NONFINITE_MASKS or info.nbytes == 0:
+        return True
+    kind, mask = _NONFINITE_MASKS[info.dtype]
+    count = info.nbytes // np.dtype(kind).itemsize
+    values = np.memmap(path, dtype=np.dtype(kind).newbyteorder("<"), mode="r", offset=info.offset, shape=(count,))
+    try:
+        for start in range(0, count, _SCAN_ELEMENTS):
+            chunk = values[start:start + _SCAN_ELEMENTS]
+            if np.any((chunk & kind(mask)) == kind(mask)):
+                return False
+        return True
+    finally:
+        del values
+
+
 def _load_json(path: Path, what: str) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -166,10 +200,12 @@ class Checkpoint:
             self._view_sources[name] = (source, (info.offset - self.stored[source].offset) // row_bytes)
         self.tensors = views
 
-    def to_stored(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def to_stored(self, state: dict[str, Any]) -> dict[str, Any]:
         """Map tensors keyed by view names back to the stored names, concatenating row slices."""
-        result: dict[str, torch.Tensor] = {}
-        pieces: dict[str, list[tuple[int, torch.Tensor]]] = {}
+        import torch
+
+        result: dict[str, Any] = {}
+        pieces: dict[str, list[tuple[int, Any]]] = {}
         for name, tensor in state.items():
             if name in self._view_sources:
                 source, start = self._view_sources[name]
@@ -214,7 +250,7 @@ class Checkpoint:
             for name, meta in header.items():
                 if name == "__metadata__":
                     continue
-                if meta.get("dtype") not in SAFETENSORS_DTYPES:
+                if meta.get("dtype") not in STORED:
                     raise CorruptCheckpointError(
                         f"Tensor {name} in {shard_path} has unsupported dtype {meta.get('dtype')}.",
                         "moekit handles float and integer tensors; dequantise the model first.",
@@ -223,26 +259,39 @@ class Checkpoint:
                 tensors[name] = TensorInfo(shard, meta["dtype"], tuple(meta["shape"]), data_start + start, end - start)
         return tensors
 
-    def get(self, name: str) -> torch.Tensor:
-        """Read one tensor into a new CPU tensor."""
+    def get(self, name: str) -> Any:
+        """Read one tensor into a new CPU torch tensor."""
         info = self.tensors[name]
         rows = info.shape[0] if info.shape else 1
         return self.get_rows(name, 0, rows)
 
-    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Read rows ``start:stop`` (along dim 0) of a tensor; rows are contiguous on disk."""
+    def get_rows(self, name: str, start: int, stop: int) -> Any:
+        """Read rows ``start:stop`` (along dim 0) of a tensor as a torch tensor; rows are contiguous on disk."""
         return self.read_rows(self.tensors[name], start, stop, name)
 
-    def read_rows(self, info: TensorInfo, start: int, stop: int, label: str = "") -> torch.Tensor:
-        """Read rows ``start:stop`` of the tensor described by ``info`` (a stored tensor or a view of one)."""
-        dtype = SAFETENSORS_DTYPES[info.dtype]
+    def read_rows(self, info: TensorInfo, start: int, stop: int, label: str = "") -> Any:
+        """Read rows ``start:stop`` of the tensor described by ``info`` (a stored tensor or a view of one) as torch."""
+        import torch
+
+        array = self.read_array(info, start, stop, label)
+        if info.dtype == "BF16":  # numpy holds bf16 as raw uint16 bits
+            return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(array)
+
+    def array_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of a tensor as a numpy array of its stored dtype (BF16 as raw uint16 bits)."""
+        return self.read_array(self.tensors[name], start, stop, name)
+
+    def read_array(self, info: TensorInfo, start: int, stop: int, label: str = "") -> np.ndarray:
+        """Rows ``start:stop`` of the tensor described by ``info`` as a new numpy array (one positioned read)."""
+        dtype = stored_dtype(info.dtype)
         rows = info.shape[0] if info.shape else 1
         row_bytes = info.nbytes // rows if rows else 0
         shape = (stop - start, *info.shape[1:]) if info.shape else ()
-        out = torch.empty(shape, dtype=dtype)
-        if out.numel() == 0:
+        out = np.empty(shape, dtype=dtype)
+        if out.size == 0:
             return out
-        buffer = out.view(-1).view(torch.uint8).numpy()  # read straight into the tensor's memory
+        buffer = out.reshape(-1).view(np.uint8)  # read straight into the array's memory
         try:
             if info.shard not in self._handles:
                 self._handles[info.shard] = open(self.path / info.shard, "rb")
@@ -269,8 +318,8 @@ class Checkpoint:
         index = self.path / "model.safetensors.index.json"
         return files + ([index] if index.is_file() else [])
 
-    def dtype(self) -> torch.dtype:
-        """The checkpoint's floating dtype: that of most of its float values, else config.json's.
+    def dtype_code(self) -> str:
+        """The checkpoint's floating dtype as a safetensors code: that of most of its float values, else config.json's.
 
         The stored tensors decide, not config.json: configs written by some tools (and by
         save_pretrained after training in fp32) name another dtype than the weights have.
@@ -278,10 +327,15 @@ class Checkpoint:
         counts: dict[str, int] = {}
         for info in self.stored.values():
             if info.dtype in ("F64", "F32", "F16", "BF16"):
-                counts[info.dtype] = counts.get(info.dtype, 0) + info.nbytes // SAFETENSORS_DTYPES[info.dtype].itemsize
+                counts[info.dtype] = counts.get(info.dtype, 0) + info.nbytes // np.dtype(STORED[info.dtype]).itemsize
         if counts:
-            return SAFETENSORS_DTYPES[max(counts, key=counts.__getitem__)]
+            return max(counts, key=counts.__getitem__)
         name = self.config.get("dtype") or self.config.get("torch_dtype")
-        if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        return torch.float32
+        codes = {v: k for k, v in _TORCH_NAMES.items() if k in ("F64", "F32", "F16", "BF16")}
+        return codes.get(str(name).removeprefix("torch."), "F32") if isinstance(name, str) else "F32"
+
+    def dtype(self) -> Any:
+        """The checkpoint's floating dtype as a torch dtype (see :meth:`dtype_code`)."""
+        import torch
+
+        return getattr(torch, _TORCH_NAMES[self.dtype_code()])

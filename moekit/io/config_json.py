@@ -11,15 +11,17 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
+from moekit.io.floats import NAMES
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """'bfloat16' for torch.bfloat16, and so on."""
+def dtype_name(dtype: Any) -> str:
+    """'bfloat16' for torch.bfloat16 (or the code "BF16", or "bfloat16" itself), and so on."""
+    if isinstance(dtype, str):
+        return NAMES.get(dtype, dtype.removeprefix("torch."))
     return str(dtype).removeprefix("torch.")
 
 
-def portable_config(data: dict[str, Any], dtype: torch.dtype | None = None) -> dict[str, Any]:
+def portable_config(data: dict[str, Any], dtype: Any = None) -> dict[str, Any]:
     """Add the keys older readers need next to transformers 5's; set the dtype to ``dtype`` if given.
 
     rope_theta/rope_scaling next to rope_parameters, torch_dtype next to dtype, an integer
@@ -54,10 +56,34 @@ def write_config_json(model_dir: Path, data: dict[str, Any]) -> None:
     (Path(model_dir) / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def make_config_portable(model_dir: Path, dtype: torch.dtype | None = None) -> None:
+def make_config_portable(model_dir: Path, dtype: Any = None) -> None:
     """Rewrite ``model_dir/config.json`` (as save_pretrained wrote it) with the portability keys.
 
     ``dtype``: the dtype the weights were saved in (save_pretrained records the in-memory one).
     """
     path = Path(model_dir) / "config.json"
     write_config_json(model_dir, portable_config(json.loads(path.read_text(encoding="utf-8")), dtype))
+
+
+def load_config_json(model_dir: Path) -> dict[str, Any]:
+    """``model_dir/config.json`` as a dict (plain JSON: no transformers import)."""
+    return json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+
+
+def with_rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
+    """A config with transformers-4 ``rope_theta``/``rope_scaling`` folded into transformers 5's ``rope_parameters``.
+
+    Only the plain cases; anything else is left as is (callers fall back to transformers then).
+    """
+    if "rope_parameters" in config:  # rope_theta/rope_scaling next to it are copies for older readers
+        return {k: v for k, v in config.items() if k not in ("rope_theta", "rope_scaling")}
+    if "rope_theta" not in config and "rope_scaling" not in config:
+        return config
+    result = {k: v for k, v in config.items() if k not in ("rope_theta", "rope_scaling")}
+    scaling = config.get("rope_scaling") or {}
+    parameters = {**scaling, "rope_type": scaling.get("rope_type", scaling.get("type", "default"))}
+    parameters.pop("type", None)
+    if "rope_theta" in config:
+        parameters["rope_theta"] = config["rope_theta"]
+    result["rope_parameters"] = parameters
+    return result

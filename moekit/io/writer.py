@@ -12,25 +12,33 @@ The layout is the standard one: ``model.safetensors`` for a single shard, otherw
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-import torch
+import numpy as np
 
-from moekit.io.checkpoint import DTYPE_NAMES
+from moekit.io.checkpoint import dtype_code
+from moekit.io.floats import stored_dtype
 
 
 @dataclass(frozen=True)
 class PlannedTensor:
-    """An output tensor known before it is computed."""
+    """An output tensor known before it is computed; ``dtype`` is a torch dtype or a safetensors code ("BF16")."""
 
     name: str
-    dtype: torch.dtype
+    dtype: Any
     shape: tuple[int, ...]
+
+    @property
+    def code(self) -> str:
+        """The safetensors dtype code."""
+        return dtype_code(self.dtype)
 
     @property
     def nbytes(self) -> int:
@@ -38,7 +46,7 @@ class PlannedTensor:
         count = 1
         for dim in self.shape:
             count *= dim
-        return count * self.dtype.itemsize
+        return count * stored_dtype(self.code).itemsize
 
 
 @dataclass
@@ -69,7 +77,7 @@ def _header_bytes(tensors: list[PlannedTensor]) -> bytes:
     offset = 0
     for tensor in tensors:
         header[tensor.name] = {
-            "dtype": DTYPE_NAMES[tensor.dtype],
+            "dtype": tensor.code,
             "shape": list(tensor.shape),
             "data_offsets": [offset, offset + tensor.nbytes],
         }
@@ -93,38 +101,64 @@ class StreamingShardWriter:
         self._handle: BinaryIO | None = None
         self._open_shard = -1
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Append the next planned tensor; its name, dtype and shape must match the plan."""
+    def write(self, name: str, tensor: Any) -> None:
+        """Append the next planned tensor (a torch tensor); its name, dtype and shape must match the plan."""
         self.write_chunks(name, tensor.dtype, tuple(tensor.shape), [tensor])
 
-    def write_chunks(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], chunks: Iterable[torch.Tensor]) -> None:
-        """Append the next planned tensor given as consecutive row chunks (dim-0 slices).
+    def write_array(self, name: str, code: str, array: np.ndarray) -> None:
+        """Append the next planned tensor given as a numpy array of its stored dtype (BF16: raw uint16)."""
+        self.write_chunks(name, code, tuple(array.shape), [array])
 
-        Lets callers stream a large tensor (an embedding) without holding all of it.
-        """
+    def _next(self, name: str, dtype: Any, shape: tuple[int, ...]) -> PlannedTensor:
+        """Check that (name, dtype, shape) is the next planned tensor and open its shard."""
         shard_index, planned = self._queue[self._position]
-        if (name, dtype, tuple(shape)) != (planned.name, planned.dtype, planned.shape):
-            raise ValueError(f"writer expected {planned.name} {planned.dtype} {planned.shape}, got {name} {dtype} {tuple(shape)}")
+        if (name, dtype_code(dtype), tuple(shape)) != (planned.name, planned.code, planned.shape):
+            raise ValueError(f"writer expected {planned.name} {planned.code} {planned.shape}, got {name} {dtype_code(dtype)} {tuple(shape)}")
         if shard_index != self._open_shard:
             self._start_shard(shard_index)
+        return planned
+
+    def write_chunks(self, name: str, dtype: Any, shape: tuple[int, ...], chunks: Iterable[Any]) -> None:
+        """Append the next planned tensor given as consecutive row chunks (dim-0 slices).
+
+        Chunks are torch tensors of the planned dtype, or numpy arrays of its stored dtype (BF16 as
+        raw uint16). Lets callers stream a large tensor (an embedding) without holding all of it.
+        """
+        planned = self._next(name, dtype, shape)
         assert self._handle is not None
         written = 0
         for chunk in chunks:
-            if chunk.dtype != dtype:
-                raise ValueError(f"chunk of {name} has dtype {chunk.dtype}, planned {dtype}")
-            data = chunk.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-            self._handle.write(memoryview(data))
+            data = _chunk_bytes(chunk, planned.code, name)
+            _write_all(self._handle, memoryview(data))
             written += len(data)
         if written != planned.nbytes:
             raise ValueError(f"{name}: wrote {written} bytes, planned {planned.nbytes}")
+        self._position += 1
+
+    def copy_ranges(self, name: str, dtype: Any, shape: tuple[int, ...], ranges: Iterable[tuple[Path, int, int]]) -> None:
+        """Append the next planned tensor as byte ranges ``(file, offset, nbytes)`` copied from input files.
+
+        The bytes go file to file in the kernel (``os.copy_file_range``; ``os.sendfile`` or a
+        plain read/write where that is missing or refuses), never through Python buffers: the
+        path for expert tensors that mix copies unchanged.
+        """
+        planned = self._next(name, dtype, shape)
+        assert self._handle is not None
+        written = 0
+        for path, offset, nbytes in ranges:
+            copy_range(path, offset, nbytes, self._handle)
+            written += nbytes
+        if written != planned.nbytes:
+            raise ValueError(f"{name}: copied {written} bytes, planned {planned.nbytes}")
         self._position += 1
 
     def _start_shard(self, shard_index: int) -> None:
         if self._handle is not None:
             self._handle.close()
         shard = self.shards[shard_index]
-        self._handle = open(self.out_dir / shard.filename, "wb")
-        self._handle.write(_header_bytes(shard.tensors))
+        # unbuffered: tensor data goes in large writes and in-kernel copies, both at the file's position
+        self._handle = open(self.out_dir / shard.filename, "wb", buffering=0)
+        _write_all(self._handle, memoryview(_header_bytes(shard.tensors)))
         self._open_shard = shard_index
 
     def close(self) -> None:
@@ -147,6 +181,73 @@ class StreamingShardWriter:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+
+
+_COPY_BLOCK = 64 << 20
+
+
+def _chunk_bytes(chunk: Any, code: str, name: str) -> np.ndarray:
+    """The bytes of a chunk (numpy array or torch tensor) that must hold dtype ``code``."""
+    if isinstance(chunk, np.ndarray):
+        if chunk.dtype != stored_dtype(code):
+            raise ValueError(f"chunk of {name} has numpy dtype {chunk.dtype}, planned {code}")
+        return np.ascontiguousarray(chunk).reshape(-1).view(np.uint8)
+    if dtype_code(chunk.dtype) != code:
+        raise ValueError(f"chunk of {name} has dtype {chunk.dtype}, planned {code}")
+    import torch
+
+    return chunk.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def _write_all(handle: BinaryIO, data: memoryview) -> None:
+    """Write every byte (an unbuffered write may write fewer than asked)."""
+    data = data.cast("B")
+    while len(data):
+        data = data[handle.write(data):]
+
+
+def copy_range(path: Path, offset: int, nbytes: int, out: BinaryIO) -> None:
+    """Copy ``nbytes`` at ``offset`` of ``path`` to the current position of ``out`` (flushed, unbuffered use)."""
+    with open(path, "rb") as source:
+        src, dst = source.fileno(), out.fileno()
+        position, left = offset, nbytes
+        for copy in (_copy_file_range, _sendfile):
+            while left > 0:
+                done = copy(src, dst, position, min(left, _COPY_BLOCK))
+                if done <= 0:
+                    break  # unsupported here (cross-filesystem, old kernel): next method
+                position, left = position + done, left - done
+            if left == 0:
+                return
+        source.seek(position)
+        while left > 0:
+            data = source.read(min(left, _COPY_BLOCK))
+            if not data:
+                raise OSError(f"{path} ended {left} bytes early")
+            _write_all(out, memoryview(data))
+            left -= len(data)
+
+
+def _copy_file_range(src: int, dst: int, position: int, count: int) -> int:
+    if not hasattr(os, "copy_file_range"):
+        return 0
+    try:
+        return os.copy_file_range(src, dst, count, position)  # writes at (and advances) dst's position
+    except OSError as exc:
+        if exc.errno in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF):
+            return 0
+        raise
+
+
+def _sendfile(src: int, dst: int, position: int, count: int) -> int:
+    if not hasattr(os, "sendfile"):
+        return 0
+    try:
+        return os.sendfile(dst, src, position, count)
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            return 0
+        raise
 
 
 def parse_size(text: str) -> int:

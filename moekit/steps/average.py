@@ -12,10 +12,11 @@ from moekit.io.atomic import atomic_output_dir
 from moekit.io.checkpoint import Checkpoint
 from moekit.io.config_json import portable_config, write_config_json
 from moekit.io.files import copy_tokenizer_and_generation_files
+from moekit.io.floats import from_float32
 from moekit.io.writer import PlannedTensor, StreamingShardWriter, parse_size
 from moekit.steps.inputs import open_dense_model
-from moekit.steps.mix import average_rows
 from moekit.steps.mix_inputs import check_compatible, redundant_tied_copies
+from moekit.steps.mix_tensors import average_rows
 
 
 def average_models(models: list[Path], out: Path, force: bool = False, shard_size: str = "2GB") -> Path:
@@ -24,19 +25,19 @@ def average_models(models: list[Path], out: Path, force: bool = False, shard_siz
     check_compatible(validated[0], [(str(c.path), c) for c in validated[1:]])
     checkpoints = [Checkpoint(Path(m)) for m in models]  # stored layout (no adapter views): the output is dense too
     reference = checkpoints[0]
-    dtype = reference.dtype()
+    code = reference.dtype_code()
     skipped = redundant_tied_copies(reference.config, reference.tensors)  # a tied output stores no LM head
-    plan = [PlannedTensor(name, dtype, info.shape) for name, info in sorted(reference.tensors.items()) if name not in skipped]
+    plan = [PlannedTensor(name, code, info.shape) for name, info in sorted(reference.tensors.items()) if name not in skipped]
     sources = [(c, 1.0 / len(checkpoints)) for c in checkpoints]
     with atomic_output_dir(out, force=force) as tmp:
         writer = StreamingShardWriter(tmp, plan, parse_size(shard_size))
         try:
             for tensor in plan:
-                writer.write_chunks(tensor.name, dtype, tensor.shape, (chunk.to(dtype) for chunk in average_rows(sources, tensor.name)))
+                writer.write_chunks(tensor.name, code, tensor.shape, (from_float32(chunk, code) for chunk in average_rows(sources, tensor.name)))
             writer.close()
         finally:
             for checkpoint in checkpoints:
                 checkpoint.close()
-        write_config_json(tmp, portable_config(reference.config, dtype))  # the dtype written, whatever the reference's config says
+        write_config_json(tmp, portable_config(reference.config, code))  # the dtype written, whatever the reference's config says
         copy_tokenizer_and_generation_files(reference.path, tmp)
     return out

@@ -2,39 +2,48 @@
 
 Streaming design: the output's tensor list is planned from the input headers, the shard
 writer writes each tensor as soon as it is computed, and inputs are read tensor by tensor
-(plain positioned reads, row-chunked for large tensors). Global tensors come first, then each layer: averaged tensors (fp32 weighted
-mean, cast once), the new router, the experts (each a branch's FFN, unchanged up to the dtype
-cast), and the shared expert where the target has one. Only the router's centroid
-initialisation keeps a layer's averaged tensors in memory, to run that layer on calibration data.
+(plain positioned reads, row-chunked for large tensors). Global tensors come first, then each
+layer: averaged tensors (fp32 weighted mean, cast once), the new router, the experts (each a
+branch's FFN, copied file to file when it goes out unchanged), and the shared expert where the
+target has one. Only the router's centroid initialisation keeps a layer's averaged tensors in
+memory, to run that layer on calibration data.
+
+Speed: the process does what a copy of its inputs does plus the averages. Configs are read as
+JSON (``moekit.steps.mix_output``), the numbers are numpy (``moekit.steps.mix_tensors``), and
+experts go file to file in the kernel, so neither transformers nor torch is imported unless
+calibration or drop-upcycling needs them (see docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
-import hashlib
-import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
 from moekit.arch.base import DENSE_FFN_PROJECTIONS, LAYER_TENSOR, MoeTensor
 from moekit.config import MixConfig
-from moekit.errors import NonFiniteError
 from moekit.io.atomic import atomic_output_dir, check_free_space, check_output_dir
-from moekit.io.checkpoint import Checkpoint
 from moekit.io.config_json import dtype_name
 from moekit.io.files import copy_tokenizer_and_generation_files
+from moekit.io.floats import CODES, from_float32, stored_dtype
 from moekit.io.writer import PlannedTensor, StreamingShardWriter, parse_size
 from moekit.manifest import StageRecord, updating_manifest
 from moekit.progress import progress_bar
-from moekit.routing.init import random_router
+from moekit.steps.mix_experts import write_experts, write_shared
 from moekit.steps.mix_inputs import MixInputs, open_mix_inputs, redundant_tied_copies
 from moekit.steps.mix_output import build_moe_config, write_model_card, write_provenance
-from moekit.steps.mix_router import CentroidInit, prepare_centroid_init
+from moekit.steps.mix_tensors import (
+    CHUNK_ELEMENTS,
+    average_rows,
+    expert_ffn,
+    random_router,
+    seed_from,
+    write_average,
+)
 
-_CHUNK_ELEMENTS = 4 << 20  # values per averaging chunk (16 MB in fp32): bounds peak memory
+_CHUNK_ELEMENTS = CHUNK_ELEMENTS  # averaging chunk size (values); read at each call, so tests can shrink it
 
 
 @dataclass
@@ -70,7 +79,7 @@ def _moe_block(inputs: MixInputs, layer: int) -> list[MoeTensor]:
     return inputs.adapter.moe_block_tensors(layer, len(inputs.experts), _ffn_shapes(inputs, layer), hidden)
 
 
-def _plan(inputs: MixInputs, dtype: torch.dtype) -> list[PlannedTensor]:
+def _plan(inputs: MixInputs, dtype: str) -> list[PlannedTensor]:
     """Every output tensor, in the order ``mix`` produces them."""
     seed = inputs.seed
     globals_, per_layer = _split_tensor_names(inputs)
@@ -81,157 +90,68 @@ def _plan(inputs: MixInputs, dtype: torch.dtype) -> list[PlannedTensor]:
     return plan
 
 
-def _rng(*keys: int) -> torch.Generator:
-    """A generator seeded from ``keys``, so each (seed, layer, expert) draw is independent of order."""
-    digest = hashlib.sha256(repr(keys).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-
-
-def finite(tensor: torch.Tensor, name: str, checkpoint: Checkpoint) -> torch.Tensor:
-    """``tensor`` itself; NonFiniteError if it holds NaN or infinite values (mix never writes those)."""
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-        raise NonFiniteError(
-            f"Tensor {name} of {checkpoint.path} holds NaN or infinite values; a model mixed from it would be broken.",
-            "That model is damaged (a diverged training run?): retrain it with a lower --lr, or leave it out.",
-        )
-    return tensor
-
-
-def average_rows(sources: list[tuple[Checkpoint, float]], name: str) -> Iterator[torch.Tensor]:
-    """Yield the weighted mean of tensor ``name`` over ``sources``, in row chunks.
-
-    Chunks are fp32 and hold about ``_CHUNK_ELEMENTS`` values, so memory does not grow with the
-    tensor (a 128k x 8k embedding is averaged in 16 MB pieces). A single source with weight 1
-    (upcycling, ``--average seed``) is passed through in its stored dtype, bit for bit.
-    """
-    shape = sources[0][0].tensors[name].shape
-    rows = shape[0] if shape else 1
-    step = max(1, _CHUNK_ELEMENTS // max(1, math.prod(shape[1:])))
-    (first, first_weight), *others = sources
-    for start in range(0, rows, step):
-        stop = min(rows, start + step)
-        chunk = finite(first.get_rows(name, start, stop), name, first)
-        if not others and first_weight == 1.0:
-            yield chunk
-            continue
-        total = chunk.to(torch.float32).mul_(first_weight)
-        for checkpoint, weight in others:
-            total.add_(finite(checkpoint.get_rows(name, start, stop), name, checkpoint), alpha=weight)  # bf16/fp16 promoted to fp32
-        yield total
-
-
-def _write_average(
-    writer: StreamingShardWriter, inputs: MixInputs, name: str, dtype: torch.dtype, keep: dict[str, torch.Tensor] | None
-) -> None:
-    """Average tensor ``name`` into the writer, chunk by chunk; with ``keep``, also store it whole in fp32."""
-    parts: list[torch.Tensor] = []
-
-    def cast_chunks() -> Iterator[torch.Tensor]:
-        for chunk in average_rows(inputs.average, name):
-            if keep is not None:
-                parts.append(chunk.to(torch.float32))
-            yield chunk.to(dtype)
-
-    shape = inputs.seed.tensors[name].shape
-    writer.write_chunks(name, dtype, shape, cast_chunks())
-    if keep is not None:
-        keep[name] = torch.cat(parts).reshape(shape)
-
-
-def _expert_ffn(inputs: MixInputs, cfg: MixConfig, layer: int, expert: int) -> dict[str, torch.Tensor]:
-    """One expert's gate/up/down weights: the source FFN, with drop-upcycling and output scaling.
-
-    Unmodified tensors keep their stored dtype (no fp32 round trip); modified ones are fp32.
-    Randomness is seeded per (random seed, layer, expert), so recomputing an expert gives the
-    same tensors.
-    """
-    source = inputs.experts[expert]
-    names = {p: inputs.adapter.dense_ffn_name(layer, p) for p in DENSE_FFN_PROJECTIONS}
-    ffn = {p: finite(source.checkpoint.get(name), name, source.checkpoint) for p, name in names.items()}
-    fraction = cfg.upcycle.drop_fraction if cfg.upcycle else 0.0
-    if fraction > 0:
-        # Drop-upcycling: re-draw a random share of intermediate units (rows of gate/up, columns
-        # of down) from N(mean, std) of the original matrix, a different subset per expert.
-        generator = _rng(cfg.random_seed, layer, expert)
-        units = ffn["gate_proj"].shape[0]
-        chosen = torch.randperm(units, generator=generator)[: int(round(fraction * units))]
-        for proj, dim in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
-            weight = ffn[proj].to(torch.float32)
-            shape = list(weight.shape)
-            shape[dim] = len(chosen)
-            fresh = torch.randn(shape, generator=generator) * weight.std() + weight.mean()
-            ffn[proj] = weight.index_copy(dim, chosen, fresh)
-    if cfg.expert_scale != 1.0:
-        ffn["down_proj"] = ffn["down_proj"].to(torch.float32) * cfg.expert_scale  # output is linear in down_proj
-    return ffn
-
-
-def _layer_router(layer: int, inputs: MixInputs, cfg: MixConfig, kept: dict[str, torch.Tensor] | None, centroid: CentroidInit | None) -> torch.Tensor:
-    """The new router of ``layer`` (fp32): centroid from calibration data, or small random."""
+def _layer_router(layer: int, inputs: MixInputs, cfg: MixConfig, kept: dict[str, Any] | None, centroid: Any) -> Any:
+    """The new router of ``layer`` (fp32): centroid from calibration data (torch), or small random (numpy)."""
     if centroid is not None and kept is not None:
+        import torch
+
         for proj in DENSE_FFN_PROJECTIONS:  # the averaged dense FFN, for the calibration pass only
             name = inputs.adapter.dense_ffn_name(layer, proj)
-            kept[name] = torch.cat(list(average_rows(inputs.average, name))).to(torch.float32)
-        return centroid.router_for_layer(layer, kept)
+            kept[name] = torch.from_numpy(np.concatenate(list(average_rows(inputs.average, name, _CHUNK_ELEMENTS))))
+        return centroid.router_for_layer(layer, kept).numpy()
     std = cfg.router_std or float(inputs.seed.config.get("initializer_range", 0.02))
-    return random_router(len(inputs.experts), inputs.seed.config["hidden_size"], std, _rng(cfg.random_seed, layer, -1))
+    return random_router(len(inputs.experts), inputs.seed.config["hidden_size"], std, seed_from(cfg.random_seed, layer, -1))
 
 
 def _mix_layer(
-    layer: int, inputs: MixInputs, cfg: MixConfig, writer: StreamingShardWriter, dtype: torch.dtype,
-    names: list[str], centroid: CentroidInit | None,
+    layer: int, inputs: MixInputs, cfg: MixConfig, writer: StreamingShardWriter, code: str, names: list[str], centroid: Any,
 ) -> None:
     """Write one layer: averaged tensors, then the MoE block tensor by tensor."""
-    kept: dict[str, torch.Tensor] | None = {} if centroid is not None else None
+    kept: dict[str, Any] | None = {} if centroid is not None else None
     for name in names:
-        _write_average(writer, inputs, name, dtype, kept)
-    cache: dict[int, dict[str, torch.Tensor]] = {}
+        write_average(writer, inputs, name, code, kept, _CHUNK_ELEMENTS)
+    cache: dict[int, dict[str, Any]] = {}
 
-    def ffn_of(expert: int) -> dict[str, torch.Tensor]:
+    def ffn_of(expert: int) -> dict[str, Any]:
         if expert not in cache:  # keep only the current expert: memory stays at one expert
             cache.clear()
-            cache[expert] = _expert_ffn(inputs, cfg, layer, expert)
+            cache[expert] = expert_ffn(inputs, cfg, layer, expert)
         return cache[expert]
 
-    num_experts = len(inputs.experts)
     for tensor in _moe_block(inputs, layer):
         if tensor.role == "router":
-            writer.write(tensor.name, _layer_router(layer, inputs, cfg, kept, centroid).to(dtype))
+            router = _layer_router(layer, inputs, cfg, kept, centroid)
+            writer.write_array(tensor.name, code, from_float32(router, code))
             kept = None
-        elif tensor.role == "expert":
-            assert tensor.expert is not None and tensor.projection is not None
-            writer.write(tensor.name, ffn_of(tensor.expert)[tensor.projection].to(dtype))
-        elif tensor.role == "fused_gate_up":
-            chunks = (torch.cat([ffn_of(e)["gate_proj"], ffn_of(e)["up_proj"]]).to(dtype).unsqueeze(0) for e in range(num_experts))
-            writer.write_chunks(tensor.name, dtype, tensor.shape, chunks)
-        elif tensor.role == "fused_down":
-            chunks = (ffn_of(e)["down_proj"].to(dtype).unsqueeze(0) for e in range(num_experts))
-            writer.write_chunks(tensor.name, dtype, tensor.shape, chunks)
+        elif tensor.role in ("expert", "fused_gate_up", "fused_down"):
+            write_experts(tensor, inputs, cfg, layer, writer, code, ffn_of)
         elif tensor.role == "shared":
-            # The shared expert starts as the seed's gate/up with down = 0: it adds exactly
-            # nothing until trained, and its gradients are not zero.
-            assert tensor.projection is not None
-            source = inputs.seed.get(inputs.adapter.dense_ffn_name(layer, tensor.projection))
-            writer.write(tensor.name, (torch.zeros_like(source) if tensor.projection == "down_proj" else source).to(dtype))
+            write_shared(tensor, inputs, layer, writer, code)
         elif tensor.role == "shared_gate":  # sigmoid(0) = 0.5 until trained
-            writer.write(tensor.name, torch.zeros(tensor.shape, dtype=dtype))
+            writer.write_array(tensor.name, code, np.zeros(tensor.shape, dtype=stored_dtype(code)))
         else:
             raise ValueError(f"unknown MoE tensor role {tensor.role!r}")
 
 
-def resolve_dtype(choice: str, inputs: MixInputs) -> torch.dtype:
-    """The output dtype: the explicit choice, or the seed's."""
-    return inputs.seed.dtype() if choice == "auto" else getattr(torch, choice)
+def resolve_dtype(choice: str, inputs: MixInputs) -> str:
+    """The output dtype as a safetensors code: the explicit choice, or the seed's."""
+    return inputs.seed.dtype_code() if choice == "auto" else CODES[choice]
 
 
 def mix(cfg: MixConfig, show_progress: bool = False) -> MixResult:
     """Merge the configured experts into an MoE checkpoint at ``cfg.out``; return what was written."""
     inputs = open_mix_inputs(cfg)
-    dtype = resolve_dtype(cfg.dtype, inputs)
+    code = resolve_dtype(cfg.dtype, inputs)
     max_shard = parse_size(cfg.shard_size)
-    moe_config, config_json = build_moe_config(inputs.seed.path, inputs.adapter, len(inputs.experts), cfg.top_k, dtype)
-    centroid = prepare_centroid_init(cfg, inputs) if cfg.router == "centroid" else None
-    plan = _plan(inputs, dtype)
+    config_json = build_moe_config(inputs.seed.path, inputs.adapter, len(inputs.experts), cfg.top_k, code)
+    centroid = None
+    if cfg.router == "centroid":
+        from moekit.steps.mix_router import (
+            prepare_centroid_init,  # torch and transformers: only for calibration
+        )
+
+        centroid = prepare_centroid_init(cfg, inputs)
+    plan = _plan(inputs, code)
     check_output_dir(cfg.out, cfg.force)  # writable, and replaceable: before the free-space check and any work
     check_free_space(cfg.out, sum(t.nbytes for t in plan))
     globals_, per_layer = _split_tensor_names(inputs)
@@ -241,13 +161,13 @@ def mix(cfg: MixConfig, show_progress: bool = False) -> MixResult:
         try:
             for name in globals_:
                 needed = centroid is not None and name == inputs.adapter.embed_name
-                kept: dict[str, torch.Tensor] | None = {} if needed else None
-                _write_average(writer, inputs, name, dtype, kept)
+                kept: dict[str, Any] | None = {} if needed else None
+                write_average(writer, inputs, name, code, kept, _CHUNK_ELEMENTS)
                 if centroid is not None and kept is not None:
                     centroid.see_embedding(kept[name])
             with progress_bar("mixing layers", num_layers, show_progress) as advance:
                 for layer in range(num_layers):
-                    _mix_layer(layer, inputs, cfg, writer, dtype, per_layer.get(layer, []), centroid)
+                    _mix_layer(layer, inputs, cfg, writer, code, per_layer.get(layer, []), centroid)
                     advance()
             writer.close()
         except BaseException:
@@ -255,7 +175,7 @@ def mix(cfg: MixConfig, show_progress: bool = False) -> MixResult:
             raise
         finally:
             inputs.close()
-        _write_metadata(tmp, cfg, inputs, config_json, dtype, centroid)
+        _write_metadata(tmp, cfg, inputs, config_json, code, centroid)
     stats = centroid.summary() if centroid else {}
     result = MixResult(Path(cfg.out), [e.name for e in inputs.experts], inputs.adapter.moe_type, len(plan), stats)
     if cfg.run_dir is not None:
@@ -269,7 +189,7 @@ def _record_stage(run_dir: Path, cfg: MixConfig, result: MixResult) -> None:
         manifest.stages.append(StageRecord(stage="mix", params=params, outputs={"out": str(result.out), "experts": result.experts}))
 
 
-def _write_metadata(tmp: Path, cfg: MixConfig, inputs: MixInputs, config_json: dict, dtype: torch.dtype, centroid: CentroidInit | None) -> None:
+def _write_metadata(tmp: Path, cfg: MixConfig, inputs: MixInputs, config_json: dict, dtype: str, centroid: Any) -> None:
     import json
 
     (tmp / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n", encoding="utf-8")

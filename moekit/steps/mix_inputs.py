@@ -15,6 +15,7 @@ from moekit.config import MixConfig
 from moekit.errors import IncompatibleModelsError, InvalidOptionError
 from moekit.io.atomic import check_output_apart
 from moekit.io.checkpoint import Checkpoint
+from moekit.io.config_json import with_rope_parameters
 from moekit.io.files import tokenizer_fingerprint
 from moekit.io.source import resolve_model_dir
 from moekit.steps.inputs import open_dense_model
@@ -65,6 +66,20 @@ def normalised_config(model_dir: Path) -> dict:
     return AutoConfig.from_pretrained(model_dir).to_dict()
 
 
+def _configs_differ(seed: Checkpoint, branch: Checkpoint) -> tuple[list[str], dict, dict]:
+    """Architecture keys in which a branch's config differs from the seed's.
+
+    First on the JSON itself (legacy rope keys folded): equal configs, the usual case, need no
+    transformers import. Only configs that differ there are compared again as transformers reads
+    them, so that a legacy seed and its branches re-saved by transformers 5 still match.
+    """
+    raw_seed, raw_branch = with_rope_parameters(seed.config), with_rope_parameters(branch.config)
+    if not _config_differences(raw_seed, raw_branch):
+        return [], raw_seed, raw_branch
+    full_seed, full_branch = normalised_config(seed.path), normalised_config(branch.path)
+    return _config_differences(full_seed, full_branch), full_seed, full_branch
+
+
 def _config_differences(reference: dict, other: dict) -> list[str]:
     keys = (set(reference) | set(other)) - _NON_STRUCTURAL_KEYS
     return sorted(k for k in keys if reference.get(k) != other.get(k))
@@ -86,14 +101,12 @@ def redundant_tied_copies(config: dict, tensors: dict) -> set[str]:
 def check_compatible(seed: Checkpoint, branches: list[tuple[str, Checkpoint]]) -> None:
     """Raise IncompatibleModelsError unless every branch matches the seed's architecture exactly."""
     seed_tokenizer = tokenizer_fingerprint(seed.path)
-    seed_config = normalised_config(seed.path)
     for name, branch in branches:
         where = f"Branch '{name}' ({branch.path})"
         fix = "All branches must be trained copies of the same seed (moekit branch makes them)."
         if branch.model_type != seed.model_type:
             raise IncompatibleModelsError(f"{where} is a {branch.model_type} model but the seed is {seed.model_type}.", fix)
-        branch_config = normalised_config(branch.path)
-        diffs = _config_differences(seed_config, branch_config)
+        diffs, seed_config, branch_config = _configs_differ(seed, branch)
         if diffs:
             shown = ", ".join(f"{k}: {seed_config.get(k)!r} vs {branch_config.get(k)!r}" for k in diffs[:4])
             raise IncompatibleModelsError(f"{where} differs from the seed in config.json ({shown}).", fix)

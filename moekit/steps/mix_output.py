@@ -5,33 +5,51 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from moekit import __version__
 from moekit.arch import ArchAdapter
-from moekit.io.config_json import portable_config
+from moekit.arch.base import COMMON_CONFIG_KEYS
+from moekit.io.config_json import (
+    dtype_name,
+    load_config_json,
+    portable_config,
+    with_rope_parameters,
+)
 from moekit.manifest import now_iso
 
 
-def build_moe_config(seed_dir: Path, adapter: ArchAdapter, num_experts: int, top_k: int, dtype: torch.dtype) -> tuple[Any, dict[str, Any]]:
-    """Build the MoE config object from the seed's config, and its portable config.json dict.
+def _json_is_complete(dense: dict[str, Any], adapter: ArchAdapter) -> bool:
+    """Whether the seed's config.json itself holds every value the MoE config copies (no class defaults needed)."""
+    needed = (*COMMON_CONFIG_KEYS, *adapter.extra_config_keys, "intermediate_size", "rope_parameters")
+    return all(key in dense for key in needed)
 
-    The config goes through transformers' own config classes (so values are normalised and
-    validated, e.g. legacy rope_theta -> rope_parameters), then gets the fix-ups older readers
-    need: rope_theta/rope_scaling next to rope_parameters, torch_dtype next to dtype, every
+
+def build_moe_config(seed_dir: Path, adapter: ArchAdapter, num_experts: int, top_k: int, dtype: Any, exact: bool = False) -> dict[str, Any]:
+    """The MoE's portable config.json dict, built from the seed's config.
+
+    When the seed's config.json holds every value the MoE copies (configs written by
+    transformers do), the dict is built from the JSON alone: no transformers import, which is
+    most of ``mix``'s start-up time. Otherwise (or with ``exact``) the config goes through
+    transformers' own classes, which fill in the dense family's defaults; the two paths give the
+    same loaded config (tested for every family). Then come the fix-ups older readers need:
+    rope_theta/rope_scaling next to rope_parameters, torch_dtype next to dtype, every
     expert-count key the family's readers use, and head_dim as an integer.
     """
+    dense = with_rope_parameters(load_config_json(seed_dir))
+    if not exact and _json_is_complete(dense, adapter):
+        data = {**adapter.moe_config_kwargs(dense, num_experts, top_k), "model_type": adapter.moe_type,
+                "architectures": [adapter.moe_architecture], "dtype": dtype_name(dtype)}
+        return portable_config(data)
     from transformers import CONFIG_MAPPING, AutoConfig
 
-    dense = AutoConfig.from_pretrained(seed_dir)
-    kwargs = adapter.moe_config_kwargs(dense.to_dict(), num_experts, top_k)
+    kwargs = adapter.moe_config_kwargs(AutoConfig.from_pretrained(seed_dir).to_dict(), num_experts, top_k)
     moe = CONFIG_MAPPING[adapter.moe_type](**kwargs)
     moe.architectures = [adapter.moe_architecture]
-    moe.dtype = dtype
     data = moe.to_dict()
+    data["dtype"] = dtype_name(dtype)
     data["head_dim"] = int(kwargs["head_dim"])
-    return moe, portable_config(data)
+    return portable_config(data)
 
 
 def write_provenance(out_dir: Path, record: dict[str, Any]) -> None:

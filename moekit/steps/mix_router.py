@@ -8,6 +8,7 @@ tokens start routed towards their domain's expert without saturating the softmax
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ class CentroidInit:
         self.sharpness = sharpness
         self.dense_config = dense_config
         self.calibrator: LayerwiseCalibrator | None = None
+        self.seconds = 0.0  # time spent calibrating (tokenising, running layers), reported in the provenance
         self.in_domain_top1: dict[str, list[float]] = {d: [] for d in blocks if self._expert_of(d) is not None}
 
     def _expert_of(self, domain: str) -> int | None:
@@ -40,14 +42,24 @@ class CentroidInit:
 
     def see_embedding(self, embedding: torch.Tensor) -> None:
         """Receive the averaged input embedding (fp32) as it streams by; it starts the calibration."""
+        started = time.perf_counter()
         key = self.inputs.adapter.embedding_multiplier_key
         scale = float(self.inputs.seed.config.get(key, 1.0)) if key else 1.0
         self.calibrator = LayerwiseCalibrator(self.dense_config, embedding * scale, self.blocks)
+        self.seconds += time.perf_counter() - started
 
     def router_for_layer(self, layer: int, layer_tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """Run the averaged layer on the calibration data and return its router [E, hidden] (fp32)."""
         if self.calibrator is None:
             raise RuntimeError("embedding tensor not seen before the first layer")
+        started = time.perf_counter()
+        try:
+            return self._router(layer, layer_tensors)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    def _router(self, layer: int, layer_tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        assert self.calibrator is not None
         prefix = f"model.layers.{layer}."
         stored = self.inputs.seed.to_stored(layer_tensors)  # fused layouts are rebuilt for the dense layer
         mlp_inputs = self.calibrator.run_layer(layer, {k.removeprefix(prefix): v for k, v in stored.items()})
@@ -72,6 +84,7 @@ class CentroidInit:
     def summary(self) -> dict[str, Any]:
         """Initial routing quality: per domain, the share of tokens whose top-1 is its own expert."""
         return {
+            "calibration_seconds": round(self.seconds, 2),
             "init_in_domain_top1": {d: round(sum(v) / len(v), 4) for d, v in self.in_domain_top1.items() if v},
             "init_in_domain_top1_per_layer": {d: [round(x, 4) for x in v] for d, v in self.in_domain_top1.items()},
         }
@@ -107,9 +120,12 @@ def prepare_centroid_init(cfg: MixConfig, inputs: MixInputs) -> CentroidInit:
             f"Name domains after the experts ({', '.join(branch_names)}), or keep the seed expert to absorb general data.",
         )
     check_context_length(inputs.seed.path, cfg.router_block_size, "--router-seq-len")
+    started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(inputs.seed.path)
     blocks = {
         domain: load_token_blocks(tokenizer, path, cfg.router_block_size, cfg.router_tokens)
         for domain, path in cfg.router_data.items()
     }
-    return CentroidInit(inputs, blocks, cfg.router_sharpness, AutoConfig.from_pretrained(inputs.seed.path))
+    init = CentroidInit(inputs, blocks, cfg.router_sharpness, AutoConfig.from_pretrained(inputs.seed.path))
+    init.seconds = time.perf_counter() - started  # transformers' import and the tokenising count as calibration
+    return init

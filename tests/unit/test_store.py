@@ -130,3 +130,15 @@ def test_killed_prepare_leaves_no_half_store_and_a_rerun_finishes(tmp_path):
 
 def test_store_key_depends_on_every_spec(tokenizer, corpus):
     assert store_key(tokenizer, [corpus["txt"]], "text") != store_key(tokenizer, [corpus["txt"], corpus["jsonl"]], "text")
+
+
+def test_a_large_txt_document_is_read_in_pieces_with_the_same_ids(tokenizer, corpus, tmp_path, monkeypatch):
+    """Pieces end at line ends, where byte-level BPE starts a new pre-token: the ids equal the whole file's."""
+    import moekit.data.sources as sources
+
+    whole = tokenizer(corpus["txt"].read_text(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    monkeypatch.setattr(sources, "_TXT_PIECE_CHARS", 1000)
+    pieces = list(sources.iter_pieces(corpus["txt"]))
+    assert len(pieces) > 5 and [ends for _, ends in pieces].count(True) == 1
+    store = prepare_store(tokenizer, [corpus["txt"]], tmp_path / "pieces", workers=2)
+    assert store.read(0, store.num_tokens).tolist() == whole and store.num_documents == 1

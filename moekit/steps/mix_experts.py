@@ -1,0 +1,97 @@
+"""Writing a layer's MoE block: experts copied file to file where they go out unchanged.
+
+Most of a mixed model's bytes are expert weights that are a branch's FFN exactly (same dtype, no
+drop-upcycling, no output scaling). Those are copied from the input file to the output file in
+the kernel (``StreamingShardWriter.copy_ranges``), never through Python buffers; they are checked
+for NaN/inf on disk first (an exponent-bit scan of a memory map). Experts that are transformed,
+or cast to another dtype, are computed and written as tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moekit.arch.base import MoeTensor
+from moekit.config import MixConfig
+from moekit.errors import NonFiniteError
+from moekit.io.checkpoint import Checkpoint, dtype_code, finite_on_disk
+from moekit.io.floats import stored_dtype
+from moekit.io.writer import StreamingShardWriter
+from moekit.steps.mix_inputs import MixInputs
+
+Range = tuple[Path, int, int]
+
+
+def verbatim_range(checkpoint: Checkpoint, name: str, dtype: Any) -> Range | None:
+    """The byte range of ``name`` when it goes to the output as stored (same dtype), after a NaN/inf check."""
+    info = checkpoint.tensors[name]
+    if info.dtype != dtype_code(dtype):
+        return None
+    path = checkpoint.path / info.shard
+    if not finite_on_disk(path, info):
+        raise NonFiniteError(
+            f"Tensor {name} of {checkpoint.path} holds NaN or infinite values; a model mixed from it would be broken.",
+            "That model is damaged (a diverged training run?): retrain it with a lower --lr, or leave it out.",
+        )
+    return path, info.offset, info.nbytes
+
+
+def expert_range(inputs: MixInputs, cfg: MixConfig, layer: int, expert: int, projection: str, dtype: Any) -> Range | None:
+    """Where expert ``expert``'s ``projection`` of ``layer`` can be copied from unchanged, or None if it is transformed."""
+    if (cfg.upcycle is not None and cfg.upcycle.drop_fraction > 0) or (projection == "down_proj" and cfg.expert_scale != 1.0):
+        return None
+    return verbatim_range(inputs.experts[expert].checkpoint, inputs.adapter.dense_ffn_name(layer, projection), dtype)
+
+
+def write_experts(
+    tensor: MoeTensor, inputs: MixInputs, cfg: MixConfig, layer: int, writer: StreamingShardWriter, dtype: Any,
+    computed: Callable[[int], dict[str, Any]],
+) -> None:
+    """Write an ``expert``, ``fused_gate_up`` or ``fused_down`` tensor: copied where every part is verbatim, else computed."""
+    experts = range(len(inputs.experts))
+    if tensor.role == "expert":
+        assert tensor.expert is not None and tensor.projection is not None
+        parts = [expert_range(inputs, cfg, layer, tensor.expert, tensor.projection, dtype)]
+    elif tensor.role == "fused_gate_up":  # each expert's gate rows, then its up rows
+        parts = [expert_range(inputs, cfg, layer, e, p, dtype) for e in experts for p in ("gate_proj", "up_proj")]
+    else:  # fused_down: each expert's down projection in turn
+        parts = [expert_range(inputs, cfg, layer, e, "down_proj", dtype) for e in experts]
+    if all(part is not None for part in parts):
+        writer.copy_ranges(tensor.name, dtype, tensor.shape, [p for p in parts if p is not None])
+        return
+    import torch
+
+    from moekit.io.checkpoint import SAFETENSORS_DTYPES
+
+    dtype = SAFETENSORS_DTYPES[dtype_code(dtype)]
+    if tensor.role == "expert":
+        assert tensor.expert is not None and tensor.projection is not None
+        writer.write(tensor.name, computed(tensor.expert)[tensor.projection].to(dtype))
+    elif tensor.role == "fused_gate_up":
+        chunks = (torch.cat([computed(e)["gate_proj"], computed(e)["up_proj"]]).to(dtype).unsqueeze(0) for e in experts)
+        writer.write_chunks(tensor.name, dtype, tensor.shape, chunks)
+    else:
+        writer.write_chunks(tensor.name, dtype, tensor.shape, (computed(e)["down_proj"].to(dtype).unsqueeze(0) for e in experts))
+
+
+def write_shared(tensor: MoeTensor, inputs: MixInputs, layer: int, writer: StreamingShardWriter, dtype: Any) -> None:
+    """The shared expert: the seed's gate/up (copied where verbatim) with down = 0, so it adds exactly nothing until trained."""
+    from moekit.io.floats import from_float32, to_float32
+
+    assert tensor.projection is not None
+    code = dtype_code(dtype)
+    name = inputs.adapter.dense_ffn_name(layer, tensor.projection)
+    if tensor.projection == "down_proj":
+        writer.write_array(tensor.name, code, np.zeros(tensor.shape, dtype=stored_dtype(code)))
+        return
+    part = verbatim_range(inputs.seed, name, code)
+    if part is not None:
+        writer.copy_ranges(tensor.name, code, tensor.shape, [part])
+    else:
+        source = inputs.seed.tensors[name]
+        values = inputs.seed.array_rows(name, 0, source.shape[0])
+        writer.write_array(tensor.name, code, from_float32(to_float32(values, source.dtype), code))
