@@ -1,7 +1,7 @@
 """Benchmark the data path: ``moekit prepare`` against ``datasets.map``, and what training pays per corpus size.
 
 Every figure is a whole process, timed from outside (start to exit) with its peak memory
-sampled every 50 ms over the whole process tree (psutil: the sum of PSS, so the pages forked
+sampled (bench/measure.py) over the whole process tree (psutil: the sum of PSS, so the pages forked
 tokenising workers share with their parent count once):
 
 * tokenisation: ``moekit prepare CORPUS --workers 2`` against the pipeline a user would write
