@@ -6,7 +6,9 @@ a second (it imports numpy and the tokenizers library only).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import signal
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -47,6 +49,7 @@ def encode_pieces(tokenizer: Any, pieces: list[tuple[str, bool]]) -> tuple[np.nd
 
 
 _WORKER: dict[str, Any] = {}
+_WORKER_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 class BackendCall:
@@ -59,19 +62,43 @@ class BackendCall:
         return {"input_ids": [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)]}
 
 
+@contextlib.contextmanager
+def worker_signals_blocked() -> Iterator[None]:
+    """Block SIGTERM and SIGINT in this thread while worker processes are forked.
+
+    A forked child runs the parent's Python signal handlers until its initialiser replaces them.
+    A SIGTERM from ``Pool.terminate`` in that window would raise the CLI's exception inside the
+    child, and in the few bytecodes between ``fork()`` and multiprocessing's ``try`` it escapes
+    into the parent's call stack: the child then goes on running the parent's program (seen
+    under load as a second process training, and "can only join a child process" at exit).
+    Children inherit the blocked mask; the pool's own threads, started here, keep it (Python
+    handles signals in the main thread only).
+    """
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def init_worker(tokenizer_json: str, eos: int | None) -> None:
     """Process initialiser: default signal handling, and this worker's tokenizer built from its JSON.
 
     A forked worker inherits the parent's Python signal handlers (the CLI turns SIGTERM into an
     exception); the pool stops its workers with SIGTERM, so they must simply die on it, and leave
-    Ctrl-C to the parent.
+    Ctrl-C to the parent. The parent forks them with both signals blocked
+    (:func:`worker_signals_blocked`), so one that arrives before this point waits, and is only
+    delivered here, under the default handling.
     """
-    import signal
-
     from tokenizers import Tokenizer
 
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _WORKER_SIGNALS)
 
     tokenizer = Tokenizer.from_str(tokenizer_json)
     tokenizer.no_truncation()

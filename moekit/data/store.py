@@ -43,6 +43,7 @@ from moekit.data.encode import (
     encode_pieces,
     init_worker,
     nonblank_pieces,
+    worker_signals_blocked,
 )
 from moekit.data.sources import (
     STORE_META_NAME,
@@ -101,7 +102,9 @@ def encoded_batches(
     # fork, as torch's DataLoader does on Linux: the workers touch no torch state, and build a
     # fresh tokenizer from its JSON (spawn would re-import the parent's main module)
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    with context.Pool(workers, initializer=init_worker, initargs=(backend.to_str(), tokenizer.eos_token_id)) as pool:
+    with worker_signals_blocked():
+        pool = context.Pool(workers, initializer=init_worker, initargs=(backend.to_str(), tokenizer.eos_token_id))
+    with pool:
         pending: collections.deque = collections.deque()
         for batch in batches:
             pending.append((pool.apply_async(encode_in_worker, (batch,)), sum(len(t) for t, _ in batch)))

@@ -142,3 +142,42 @@ def test_a_large_txt_document_is_read_in_pieces_with_the_same_ids(tokenizer, cor
     assert len(pieces) > 5 and [ends for _, ends in pieces].count(True) == 1
     store = prepare_store(tokenizer, [corpus["txt"]], tmp_path / "pieces", workers=2)
     assert store.read(0, store.num_tokens).tolist() == whole and store.num_documents == 1
+
+
+_BORN_BLOCKED: dict = {}
+
+
+def _record_then_init(tokenizer_json: str, eos: int | None) -> None:
+    import signal
+
+    from moekit.data.encode import init_worker
+
+    _BORN_BLOCKED["mask"] = signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the mask the worker was forked with
+    init_worker(tokenizer_json, eos)
+
+
+def _worker_signal_state() -> tuple[set, set, object]:
+    import signal
+
+    return _BORN_BLOCKED["mask"], signal.pthread_sigmask(signal.SIG_BLOCK, []), signal.getsignal(signal.SIGTERM)
+
+
+def test_tokeniser_workers_are_forked_with_sigterm_blocked(tmp_path):
+    """A SIGTERM reaching a forked worker before its initialiser must wait, not run the parent's handler (which
+    raises: the child would escape into the parent's program). After the initialiser it kills the worker."""
+    import multiprocessing
+    import signal
+
+    from moekit.data.encode import worker_signals_blocked
+    from moekit.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer(tmp_path)
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    with worker_signals_blocked():
+        pool = multiprocessing.get_context("fork").Pool(1, initializer=_record_then_init,
+                                                          initargs=(tokenizer.backend_tokenizer.to_str(), tokenizer.eos_token_id))
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before  # the parent's mask is restored
+    with pool:
+        born, after_init, handler = pool.apply(_worker_signal_state)
+    assert {signal.SIGTERM, signal.SIGINT} <= born
+    assert signal.SIGTERM not in after_init and handler == signal.SIG_DFL
