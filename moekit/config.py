@@ -28,7 +28,11 @@ class MixConfig(_Strict):
     seed: str = Field(description="the dense seed (directory or hub id)")
     run_dir: Path | None = Field(None, description="run directory to record the mix stage in")
     experts: list[tuple[str, Path]] = Field(default_factory=list, description="(name, directory) of each branch")
-    seed_expert: bool = Field(True, description="add the seed's FFN as a generalist expert (BTX)")
+    target: str | None = Field(None, description="MoE model_type to build (default: the dense family's default target)")
+    seed_as: Literal["routed", "shared", "none"] = Field(
+        "routed", description="the seed's FFN as a routed generalist expert (BTX), as the always-on shared expert, or left out"
+    )
+    split: int = Field(1, ge=1, le=64, description="cut each expert FFN into this many experts of 1/split the width (fine-grained)")
     upcycle: UpcycleSettings | None = None
     average: Literal["uniform", "weighted", "seed"] = "uniform"
     weights: list[float] | None = Field(None, description="branch weights for average=weighted")
@@ -59,6 +63,8 @@ class MixConfig(_Strict):
     def _consistent(self) -> MixConfig:
         """Refuse options that the chosen mode would silently ignore."""
         problems = []
+        if self.upcycle is not None and self.seed_as == "shared":
+            problems.append("seed_as shared needs branches (with upcycling every expert is already the seed's FFN)")
         if self.router != "centroid" and self.router_data:
             problems.append("router_data is only used with router=centroid")
         if self.router == "centroid" and self.router_std is not None:
@@ -151,11 +157,16 @@ class TuneConfig(_Strict):
     mixture: dict[str, float] = Field(default_factory=dict, description="domain -> share of the tune data (default equal)")
     train: Literal["all", "router", "router+attn", "all-but-experts"] = "all"
     balance: Literal["switch", "btx", "bias", "none"] = "switch"
-    aux_coef: float = Field(0.01, ge=0)
+    aux_coef: float | None = Field(None, ge=0, description="balancing loss coefficient (default 0.01; 0 with balance=bias)")
     z_coef: float = Field(0.0, ge=0, description="router z-loss coefficient (1e-3 when enabled)")
     balance_scope: Literal["micro", "global"] = "micro"
-    routing: Literal["topk", "switch", "soft"] = "topk"
-    capacity_factor: float = Field(1.5, gt=0, description="switch routing: expert capacity = tokens / E x this")
+    bias_rate: float = Field(1e-3, gt=0, le=1, description="balance=bias: update speed u of the selection bias")
+    bias_rule: Literal["sign", "proportional"] = Field("sign", description="balance=bias: u*sign(mean-c) (DeepSeek-V3) or u*(mean-c)/mean")
+    routing: Literal["topk", "switch", "soft", "noisy", "expert_choice", "hash", "sample_top1"] = "topk"
+    capacity_factor: float | None = Field(
+        None, gt=0, description="switch: capacity = tokens / E x this (default 1.5); expert_choice: tokens x top_k / E x this (default 1.0)"
+    )
+    temperature: tuple[float, float] = Field((1.0, 0.5), description="sample_top1: Gumbel temperature at the start and the end (linear)")
     val_fraction: float | None = Field(None, ge=0, lt=1, description="share of each domain's tokens held out (default: the recorded split, else 0.05)")
     text_field: str = "text"
     resume: bool = False
@@ -172,6 +183,17 @@ class TuneConfig(_Strict):
             raise ValueError("mixture shares must be non-negative with a positive sum")
         if self.balance_scope == "global" and self.balance != "switch":
             raise ValueError("balance_scope global changes the assignment counts of the switch loss; it has no effect with balance=" + self.balance)
+        if self.aux_coef is None:
+            self.aux_coef = 0.0 if self.balance == "bias" else 0.01
+        if self.capacity_factor is None:
+            self.capacity_factor = 1.0 if self.routing == "expert_choice" else 1.5
+        elif self.routing not in ("switch", "expert_choice"):
+            raise ValueError("capacity_factor only applies with routing switch or expert_choice")
+        if self.balance == "bias" and self.routing != "topk":
+            raise ValueError(f"balance bias moves the model's own top-k selection; routing {self.routing} replaces it while training. "
+                             "Use routing topk with balance bias")
+        if min(self.temperature) <= 0:
+            raise ValueError("temperature values must be positive")
         unused_val = sorted(set(self.val_data) - set(self.data))
         if unused_val:
             raise ValueError(f"val_data names {unused_val} without data for them; give --data for those domains too")

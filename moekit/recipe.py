@@ -57,7 +57,9 @@ class DomainSpec(_Strict):
 class MixStage(_Strict):
     """Options of ``mix`` (see ``moekit mix --help``)."""
 
-    seed_expert: bool = True
+    seed_as: Literal["routed", "shared", "none"] = "routed"
+    target: str | None = Field(None, description="MoE family to build (default: the seed family's)")
+    split: int = Field(1, ge=1, le=64, description="fine-grained experts: each expert FFN cut into this many")
     average: Literal["uniform", "weighted", "seed"] = "uniform"
     weights: list[float] | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -68,6 +70,17 @@ class MixStage(_Strict):
     random_seed: int = 0
     upcycle_experts: int | None = Field(None, ge=1, description="sparse upcycling baseline: this many copies of the seed FFN")
     drop_fraction: float = Field(0.0, ge=0, le=1, description="drop-upcycling share (with upcycle_experts)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_seed_expert(cls, data: Any) -> Any:
+        """Recipes written for moekit 0.1 say ``seed_expert: true/false``; that is ``seed_as: routed/none``."""
+        if isinstance(data, dict) and "seed_expert" in data:
+            data = dict(data)
+            old = "routed" if data.pop("seed_expert") else "none"
+            if data.setdefault("seed_as", old) != old:
+                raise ValueError(f"seed_expert contradicts seed_as {data['seed_as']}; give only seed_as")
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> MixStage:
@@ -84,11 +97,15 @@ class TuneStage(_Strict):
     """Options of ``tune`` (see ``moekit tune --help``)."""
 
     train: Literal["all", "router", "router+attn", "all-but-experts"] = "all"
-    balance: Literal["switch", "btx", "none"] = "switch"
-    aux_coef: float = Field(0.01, ge=0)
+    balance: Literal["switch", "btx", "bias", "none"] = "switch"
+    aux_coef: float | None = Field(None, ge=0, description="default 0.01; 0 with balance bias")
     z_coef: float = Field(0.0, ge=0)
     balance_scope: Literal["micro", "global"] = "micro"
-    routing: Literal["topk", "switch", "soft"] = "topk"
+    bias_rate: float = Field(1e-3, gt=0, le=1)
+    bias_rule: Literal["sign", "proportional"] = "sign"
+    routing: Literal["topk", "switch", "soft", "noisy", "expert_choice", "hash", "sample_top1"] = "topk"
+    capacity_factor: float | None = Field(None, gt=0)
+    temperature: tuple[float, float] = (1.0, 0.5)
     mixture: dict[str, float] = Field(default_factory=dict)
     loop: LoopSettings
 
@@ -134,7 +151,7 @@ class Recipe(_Strict):
         mixture = self.tune.mixture if self.tune else {}
         if mixture and set(mixture) != set(self.domains):
             raise ValueError(f"tune.mixture must give a share for every domain ({sorted(self.domains)}), got {sorted(mixture)}")
-        experts = self.mix.upcycle_experts or len(self.domains) + int(self.mix.seed_expert)
+        experts = self.mix.upcycle_experts or len(self.domains) + int(self.mix.seed_as == "routed")
         if self.mix.top_k > experts:
             raise ValueError(f"mix.top_k {self.mix.top_k} exceeds the {experts} experts this recipe makes")
         if self.mix.weights is not None and len(self.mix.weights) != len(self.domains):

@@ -31,6 +31,8 @@ def render_static(console: Any, static: dict[str, Any], detail: bool) -> None:
     console.print(line)
     if static.get("note"):
         console.print(f"[yellow]{static['note']}[/]")
+    if static.get("selection_bias"):
+        console.print(f"Selection bias (e_score_correction_bias, chooses experts but not their weights): |b| up to {static['selection_bias']['abs_max']:.4f}")
     layers = static.get("per_layer") or []
     if not layers:
         return
@@ -54,6 +56,12 @@ def render_routing(console: Any, routing: dict[str, Any], detail: bool) -> None:
     console.print(f"Routing over {seen}: "
                   f"load imbalance mean {summary['load_imbalance_mean']:.2f} / max {summary['load_imbalance_max']:.2f}, "
                   f"MaxVio mean {summary['maxvio_mean']:.2f}, router entropy {summary['router_entropy_mean']:.3f} of {summary['max_router_entropy']:.3f}")
+    if "changed_by_bias_mean" in summary:
+        console.print(f"The selection bias changed the experts of {summary['changed_by_bias_mean']:.1%} of tokens "
+                      "(against top-k of the unbiased scores), mean over layers.")
+    if "shared_output_share_mean" in summary:
+        console.print(f"The shared expert gives {summary['shared_output_share_mean']:.1%} of the MoE output "
+                      "(|shared| / (|shared| + |routed|) per token, mean over tokens and layers).")
     if summary["dead_experts_total"]:
         dead = "; ".join(f"layer {l['layer']}: {', '.join(names[e] for e in l['dead_expert_ids'])}" for l in routing["layers"] if l["dead_expert_ids"])
         console.print(f"[bold red]DEAD EXPERTS[/] (no token routed to them): {dead}")
@@ -62,12 +70,12 @@ def render_routing(console: Any, routing: dict[str, Any], detail: bool) -> None:
         table.add_column(column, justify="right")
     if detail:
         for name in names:
-            table.add_column(f"{name} %", justify="right")
+            table.add_column(f"{name} % (gate %)", justify="right")
     for layer in routing["layers"]:
         row = [str(layer["layer"]), f"{layer['load_imbalance']:.2f}", f"{layer['maxvio']:.2f}", f"{layer['cv']:.2f}",
                f"{layer['effective_experts']:.2f}", str(layer["dead_experts"]), f"{layer['router_entropy']:.3f}", f"{layer['router_z']:.2f}"]
-        if detail:
-            row += [f"{100 * v:.1f}" for v in layer["load_fraction"]]
+        if detail:  # selection share, and in brackets the share of gate weight the expert received
+            row += [f"{100 * v:.1f} ({100 * g:.1f})" for v, g in zip(layer["load_fraction"], layer.get("gate_fraction", layer["load_fraction"]))]
         table.add_row(*row)
     console.print(table)
     _render_domain_matrix(console, "domain x expert share (mean over layers)", routing["domain_matrix_mean"], names)

@@ -133,6 +133,9 @@ _THIRD_PARTY_MOE = {
     "qwen3_moe": dict(num_experts=3, moe_intermediate_size=64, norm_topk_prob=True),
     "olmoe": dict(num_experts=3, norm_topk_prob=True),
     "granitemoe": dict(num_local_experts=3),
+    # GLM-4.5 as released: the first layer dense, a shared expert, sigmoid scores with a selection bias
+    "glm4_moe": dict(n_routed_experts=3, n_shared_experts=1, moe_intermediate_size=64, first_k_dense_replace=1, norm_topk_prob=True,
+                     n_group=1, topk_group=1, num_nextn_predict_layers=0),
 }
 THIRD_PARTY_MOE_TYPES = tuple(_THIRD_PARTY_MOE)
 

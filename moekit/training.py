@@ -70,6 +70,7 @@ class LoopJob:
     compute_loss: LossFn = causal_lm_loss
     trainable: Callable[[str], bool] = lambda name: True
     on_step_end: Callable[[int, dict[str, Any]], None] | None = None
+    on_step_start: Callable[[int, int], None] | None = None  # (step, total steps), before the step's forward passes
     step_metrics: Callable[[], dict[str, Any]] | None = None  # called on every rank after each step
     fingerprint_extra: dict[str, Any] = field(default_factory=dict)  # caller options a resume must match
     eval_context: Callable[[], Any] = contextlib.nullcontext  # e.g. restore the model's own routing
@@ -168,10 +169,14 @@ def round_to_saved_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
     Training keeps fp32 master weights; the model is saved in ``dtype`` (often bf16). Rounding
     before the final evaluation makes the reported held-out loss that of the weights as saved
     (and the later cast to ``dtype`` exact). Works on plain, DDP and FSDP2 (DTensor) parameters.
+    Parameters the family keeps in fp32 (routers of GLM-4.5, ERNIE 4.5) are saved in fp32 and not rounded.
     """
+    from moekit.steps.model_io import kept_in_fp32
+
+    fp32 = kept_in_fp32(getattr(model, "module", model))
     with torch.no_grad():
-        for param in model.parameters():
-            if param.is_floating_point() and param.dtype != dtype:
+        for name, param in model.named_parameters():
+            if param.is_floating_point() and param.dtype != dtype and not fp32(name.removeprefix("module.")):
                 param.copy_(param.to(dtype))
 
 
@@ -271,6 +276,8 @@ def run_loop(job: LoopJob, engine: Engine) -> LoopResult:
             started = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, settings, steps)
+            if job.on_step_start is not None:
+                job.on_step_start(step, steps)
             loss_sum, extras = torch.zeros((), device=engine.device), {}
             for micro in range(settings.grad_accum):
                 ids = blocks.get(schedule.indices(step, micro, rank)).to(engine.device)

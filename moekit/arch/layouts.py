@@ -19,9 +19,12 @@ does not build (OLMoE, PhiMoE) are declared here as data.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from moekit.io.checkpoint import TensorInfo
+
+_LAYER_INDEX = re.compile(r"model\.layers\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,11 @@ class ExpertLayout:
         """The router weight [E, H] of ``layer``."""
         return self.router.format(layer=layer)
 
+    def moe_layers(self, tensors: dict[str, TensorInfo]) -> list[int]:
+        """The decoder layers that have this layout's router in ``tensors``, in order (dense layers have none)."""
+        layers = sorted({int(m.group(1)) for name in tensors if (m := _LAYER_INDEX.match(name))})
+        return [layer for layer in layers if self.router_name(layer) in tensors]
+
     def expert_tensor_names(self, layer: int, experts: int) -> list[str]:
         """Every tensor that holds expert weights in ``layer``."""
         if self.stacked is not None:
@@ -57,13 +65,17 @@ class MoeLayouts:
     layouts: tuple[ExpertLayout, ...]
 
     def detect(self, tensors: dict[str, TensorInfo]) -> ExpertLayout | None:
-        """The layout whose layer-0 router and experts are all present in ``tensors``, if any."""
+        """The layout whose router and experts are all present in ``tensors`` for the first MoE layer, if any.
+
+        The first MoE layer need not be layer 0: GLM-4.5 and DeepSeek-V3 keep their first
+        ``first_k_dense_replace`` layers dense.
+        """
         for layout in self.layouts:
-            names = [layout.router_name(0)]
-            experts = tensors.get(layout.router_name(0))
-            if experts is None:
+            layers = layout.moe_layers(tensors)
+            if not layers:
                 continue
-            names += layout.expert_tensor_names(0, experts.shape[0])
+            first = layers[0]
+            names = layout.expert_tensor_names(first, tensors[layout.router_name(first)].shape[0])
             if all(n in tensors for n in names):
                 return layout
         return None
@@ -96,3 +108,10 @@ READ_ONLY_LAYOUTS = (
     MoeLayouts("olmoe", (per_expert_layout("mlp", _QWEN_NAMES), fused_layout())),
     MoeLayouts("phimoe", (per_expert_layout("block_sparse_moe", _MIXTRAL_NAMES), fused_layout("mlp", "router.weight"))),
 )
+
+# How the routers of MoE families moekit reads but does not build turn logits into scores
+# (families not listed, and moekit's own targets other than those with ``scoring`` set, use softmax).
+READ_ONLY_SCORING = {"deepseek_v3": "sigmoid", "dots1": "sigmoid", "solar_open": "sigmoid", "glm4_moe_lite": "sigmoid"}
+
+# Read-only families whose routers carry a selection bias (e_score_correction_bias) at inference.
+READ_ONLY_SELECTION_BIAS = frozenset({"deepseek_v3", "dots1", "solar_open", "glm4_moe_lite"})

@@ -7,7 +7,7 @@ seed's gate/up projections and a zero down projection: its output is exactly zer
 """
 
 from moekit.arch import register
-from moekit.arch.base import ArchAdapter
+from moekit.arch.base import ArchAdapter, SharedExpertSpec
 
 QWEN2 = register(
     ArchAdapter(
@@ -21,7 +21,7 @@ QWEN2 = register(
         extra_config_keys=("use_sliding_window", "sliding_window", "max_window_layers", "layer_types"),
         fixed_config={"norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [], "qkv_bias": True},
         allowed_bias=(r"self_attn\.(q|k|v)_proj\.bias",),
-        shared_expert=True,
+        shared=SharedExpertSpec("shared_expert", gated=True, size_key="shared_expert_intermediate_size"),
         notes="Shared expert written with down_proj = 0 (exact at start, trainable); norm_topk_prob true.",
     )
 )

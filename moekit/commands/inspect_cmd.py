@@ -23,7 +23,7 @@ def inspect_command(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write PNG heatmaps and report.html to this directory."),
     detail: bool = typer.Option(False, "--detail", help="Show every layer and expert instead of a summary."),
     tokens: Optional[str] = typer.Option(None, "--tokens", help="Show DOMAIN's first block coloured by each token's top expert."),
-    tokens_layer: Optional[int] = typer.Option(None, "--tokens-layer", help="Layer for --tokens (default: the middle one)."),
+    tokens_layer: Optional[int] = typer.Option(None, "--tokens-layer", help="MoE layer for --tokens, counted over the layers that have a router (default: the middle one)."),
 ) -> None:
     """Show an MoE's experts and routers, and how it routes each domain's tokens.
 

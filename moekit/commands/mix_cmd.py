@@ -52,7 +52,10 @@ def mix_command(
     upcycle: Optional[str] = typer.Option(None, "--upcycle", help="Sparse upcycling: every expert is a copy of this seed's FFN."),
     experts: Optional[int] = typer.Option(None, "--experts", min=1, help="Number of experts with --upcycle (default 4)."),
     drop_fraction: Optional[float] = typer.Option(None, "--drop-fraction", min=0.0, max=1.0, help="Drop-upcycling: share of each expert's FFN units re-initialised (0.5 in the paper; default 0)."),
-    seed_expert: bool = typer.Option(True, "--seed-expert/--no-seed-expert", help="Add the seed's FFN as a generalist expert (BTX)."),
+    seed_as: Optional[str] = typer.Option(None, "--seed-as", help="The seed's FFN: routed (a generalist expert, BTX; default) | shared (the always-on shared expert; targets with one) | none."),
+    seed_expert: Optional[bool] = typer.Option(None, "--seed-expert/--no-seed-expert", hidden=True, help="Old spelling of --seed-as routed / --seed-as none."),
+    target: Optional[str] = typer.Option(None, "--target", help="MoE family to build (default: the seed family's; e.g. glm4_moe or ernie4_5_moe for a selection bias). See docs/formats.md."),
+    split: int = typer.Option(1, "--split", min=1, max=64, help="Fine-grained experts: cut each expert FFN into this many experts of 1/split the width (top-k scales with it)."),
     average: str = typer.Option("uniform", "--average", help="Non-FFN tensors: uniform | seed | weighted:W1,W2,... (branch order)."),
     dtype: str = typer.Option("auto", "--dtype", help="Output dtype: auto (the seed's) | float32 | bfloat16 | float16."),
     top_k: int = typer.Option(2, "--top-k", min=1, help="Experts per token."),
@@ -92,6 +95,7 @@ def mix_command(
     if sources != 1:
         raise InvalidOptionError("Give exactly one input: RUN_DIR, --expert DIR ..., or --upcycle SEED.", "See moekit mix --help.")
     mode, weights = _parse_average(average)
+    seed_role = _seed_role(seed_as, seed_expert)
     if run_dir is not None:
         seed, expert_list = experts_from_run_dir(run_dir)
         out = out or run_dir / "mixed"
@@ -99,20 +103,32 @@ def mix_command(
         seed, expert_list = upcycle, []
     else:
         expert_list = _parse_experts(expert)
-        if seed_model is None and seed_expert:
-            raise InvalidOptionError("--expert mode with the seed expert needs --seed-model SEED.", "Pass --seed-model, or --no-seed-expert.")
+        if seed_model is None and seed_role != "none":
+            raise InvalidOptionError(f"--expert mode with --seed-as {seed_role} needs --seed-model SEED.", "Pass --seed-model, or --seed-as none.")
         seed = seed_model or str(expert_list[0][1])
     if out is None:
         raise InvalidOptionError("No output directory.", "Pass --out DIR.")
     given = {k: v for k, v in dict(router_sharpness=router_sharpness, router_tokens=router_tokens, router_block_size=router_seq_len).items() if v is not None}
     cfg = MixConfig(
-        out=out, seed=seed, experts=expert_list, seed_expert=seed_expert, average=mode, weights=weights, dtype=dtype,
+        out=out, seed=seed, experts=expert_list, seed_as=seed_role, target=target, split=split, average=mode, weights=weights, dtype=dtype,
         top_k=top_k, router=router, router_std=router_std, router_data=parse_key_values(router_data, "--router-data"),
         expert_scale=expert_scale, random_seed=random_seed, shard_size=shard_size, force=force, run_dir=run_dir,
         upcycle=UpcycleSettings(num_experts=experts or 4, drop_fraction=drop_fraction or 0.0) if upcycle else None,
         **given,
     )
     _report(Console(), mix(cfg, show_progress=True))
+
+
+def _seed_role(seed_as: Optional[str], seed_expert: Optional[bool]) -> str:
+    """--seed-as, or its old spelling --seed-expert/--no-seed-expert; refuse a contradiction."""
+    from moekit.errors import InvalidOptionError
+
+    if seed_as is not None and seed_as not in ("routed", "shared", "none"):
+        raise InvalidOptionError(f"--seed-as {seed_as} is not understood.", "Use routed, shared or none.")
+    old = None if seed_expert is None else ("routed" if seed_expert else "none")
+    if seed_as is not None and old is not None and old != seed_as:
+        raise InvalidOptionError(f"--seed-as {seed_as} contradicts --{'' if seed_expert else 'no-'}seed-expert.", "Give only --seed-as.")
+    return seed_as or old or "routed"
 
 
 def _refuse_unused(options: dict[str, object], mode_on: bool, mode: str) -> None:
@@ -126,7 +142,7 @@ def _refuse_unused(options: dict[str, object], mode_on: bool, mode: str) -> None
 
 def _report(console: Console, result: MixResult) -> None:
     names = ", ".join(result.experts)
-    console.print(f"[green]Wrote[/] {result.moe_type} MoE with {len(result.experts)} experts ({names}) to {result.out}")
+    console.print(f"[green]Wrote[/] {result.moe_type} MoE with {len(result.experts)} routed experts ({names}) to {result.out}")
     shares = result.router_stats.get("init_in_domain_top1")
     if shares:
         listing = ", ".join(f"{d} {v:.0%}" for d, v in shares.items())

@@ -46,6 +46,21 @@ def _inputs(model: Path, data: dict[str, str], val_data: dict[str, str], out: Op
     return {"model": model, "data": given, "val_data": given_val, "out": out, "run_dir": None}
 
 
+def _parse_temperature(text: Optional[str]) -> tuple[float, float]:
+    """'1.0:0.5' -> (1.0, 0.5); '0.7' -> (0.7, 0.7); None -> the default schedule."""
+    from moekit.errors import InvalidOptionError
+
+    if text is None:
+        return (1.0, 0.5)
+    try:
+        parts = [float(p) for p in text.split(":")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2):
+        raise InvalidOptionError(f"--temperature '{text}' is not understood.", "Write START or START:END, e.g. 1.0:0.5.")
+    return (parts[0], parts[-1])
+
+
 @app.command("tune")
 @user_errors
 @with_loop_options
@@ -56,13 +71,16 @@ def tune_command(
     mix: Optional[str] = typer.Option(None, "--mix", help="Data mixture, e.g. code=0.4,math=0.3,general=0.3 (default: equal shares)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default with a run directory: RUN_DIR/tuned)."),
     train: str = typer.Option("all", "--train", help="What learns: all (BTX) | router | router+attn (routers and attention only) | all-but-experts (BTX's frozen-experts ablation: all but the routed experts)."),
-    balance: str = typer.Option("switch", "--balance", help="switch (Switch/HF aux loss) | btx (mean gate values) | bias (loss-free; needs a target with a selection bias) | none."),
-    aux_coef: float = typer.Option(0.01, "--aux-coef", help="Balancing loss coefficient."),
+    balance: str = typer.Option("switch", "--balance", help="switch (Switch/HF aux loss) | btx (mean gate values) | bias (loss-free, DeepSeek-V3: learns the selection bias of glm4_moe/ernie4_5_moe-style targets) | none."),
+    aux_coef: Optional[float] = typer.Option(None, "--aux-coef", help="Balancing loss coefficient (default 0.01; with --balance bias 0, and >0 adds DeepSeek-V3's sequence-wise loss)."),
+    bias_rate: Optional[float] = typer.Option(None, "--bias-rate", help="--balance bias: how far the bias moves per step, u (default 1e-3)."),
+    bias_rule: Optional[str] = typer.Option(None, "--bias-rule", help="--balance bias: sign (u*sign(mean-load), DeepSeek-V3) | proportional (u*(mean-load)/mean)."),
     z_loss: bool = typer.Option(False, "--z-loss", help="Add the router z-loss (coefficient --z-coef)."),
     z_coef: Optional[float] = typer.Option(None, "--z-coef", help="Router z-loss coefficient with --z-loss (default 1e-3)."),
     balance_scope: str = typer.Option("micro", "--balance-scope", help="micro (per micro-batch) | global (counts over the global batch, Qiu et al. 2025)."),
-    routing: str = typer.Option("topk", "--routing", help="Training-time routing: topk (the model's own) | switch (top-1, capacity) | soft (all experts)."),
-    capacity_factor: Optional[float] = typer.Option(None, "--capacity-factor", help="Switch routing: capacity = tokens / experts x this (default 1.5)."),
+    routing: str = typer.Option("topk", "--routing", help="Training-time routing (ablations; the saved model routes by its own rule): topk (the model's own) | switch (top-1, capacity) | soft (all experts) | noisy (Shazeer's noisy top-k) | expert_choice | hash (token-id hash) | sample_top1 (BTX's Gumbel top-1)."),
+    capacity_factor: Optional[float] = typer.Option(None, "--capacity-factor", help="switch: capacity = tokens / experts x this (default 1.5); expert_choice: tokens x top-k / experts x this (default 1.0)."),
+    temperature: Optional[str] = typer.Option(None, "--temperature", help="sample_top1: Gumbel temperature START[:END], linear over training (default 1.0:0.5)."),
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Share of each domain's tokens held out (default: the split the run recorded, else 0.05)."),
     text_field: str = typer.Option("text", "--text-field", help="Text field of .jsonl/.json/.parquet records."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint of an interrupted run."),
@@ -86,15 +104,20 @@ def tune_command(
 
     quiet_transformers()
 
-    if capacity_factor is not None and routing != "switch":
-        raise InvalidOptionError("--capacity-factor only applies with --routing switch.", "Remove it or add --routing switch.")
+    if capacity_factor is not None and routing not in ("switch", "expert_choice"):
+        raise InvalidOptionError("--capacity-factor only applies with --routing switch or expert_choice.", "Remove it or add --routing switch.")
+    if temperature is not None and routing != "sample_top1":
+        raise InvalidOptionError("--temperature only applies with --routing sample_top1.", "Remove it or add --routing sample_top1.")
+    if balance != "bias" and (bias_rate is not None or bias_rule is not None):
+        raise InvalidOptionError("--bias-rate and --bias-rule only apply with --balance bias.", "Remove them or add --balance bias.")
     if z_coef is not None and not z_loss:
         raise InvalidOptionError("--z-coef only applies with --z-loss.", "Add --z-loss.")
     inputs = _inputs(model, parse_key_values(data, "--data"), parse_key_values(val_data, "--val-data"), out)
     cfg = TuneConfig(
         **inputs,
         mixture=parse_mixture(mix), train=train, balance=balance, aux_coef=aux_coef, z_coef=(1e-3 if z_coef is None else z_coef) if z_loss else 0.0,
-        balance_scope=balance_scope, routing=routing, capacity_factor=1.5 if capacity_factor is None else capacity_factor, val_fraction=val_fraction,
+        balance_scope=balance_scope, routing=routing, capacity_factor=capacity_factor, val_fraction=val_fraction,
+        bias_rate=1e-3 if bias_rate is None else bias_rate, bias_rule=bias_rule or "sign", temperature=_parse_temperature(temperature),
         text_field=text_field, resume=resume, force=force, loop=loop,
     )
     result = tune(cfg)

@@ -15,6 +15,7 @@ and chunking keeps memory flat: a few MB per expert, whatever the expert size.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
@@ -25,13 +26,30 @@ from moekit.arch import layouts_for_moe
 from moekit.arch.layouts import ExpertLayout
 from moekit.io.checkpoint import Checkpoint, TensorInfo
 
-_EXPERT_KEYS = ("num_local_experts", "num_experts")
+_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+_TOP_K_KEYS = ("num_experts_per_tok", "moe_k")
 _GRAM_CHUNK_ELEMENTS = 1 << 20  # values per expert per Gram update (8 MB in float64)
+_SELECTION_BIAS = re.compile(r"^model\.layers\.(\d+)\..*e_score_correction_bias$")
 
 
 def num_experts_of(config: dict[str, Any]) -> int | None:
     """Experts per layer from a config (None for dense models)."""
     return next((int(config[k]) for k in _EXPERT_KEYS if config.get(k)), None)
+
+
+def top_k_of(config: dict[str, Any]) -> int:
+    """Experts per token from a config (1 when it does not say)."""
+    return next((int(config[k]) for k in _TOP_K_KEYS if config.get(k)), 1)
+
+
+def selection_biases(checkpoint: Checkpoint) -> dict[int, list[float]]:
+    """Each layer's selection bias (``e_score_correction_bias``: GLM-4.5, ERNIE 4.5, DeepSeek-V3...), by layer."""
+    found = {}
+    for name in checkpoint.tensors:
+        match = _SELECTION_BIAS.match(name)
+        if match:
+            found[int(match.group(1))] = [round(float(v), 6) for v in checkpoint.get(name).reshape(-1)]
+    return dict(sorted(found.items()))
 
 
 def _row_chunks(checkpoint: Checkpoint, info: TensorInfo) -> Iterator[torch.Tensor]:
@@ -112,15 +130,23 @@ def static_report(checkpoint: Checkpoint) -> dict[str, Any]:
     if experts is None:
         report["active_params"] = total
         return report
-    top_k = int(config.get("num_experts_per_tok", 1))
+    top_k = top_k_of(config)
     report.update(experts=experts, top_k=top_k)
+    biases = selection_biases(checkpoint)
+    if biases:  # chosen by score + bias, weighed by the score alone
+        report["selection_bias"] = {"per_layer": {str(k): v for k, v in biases.items()},
+                                    "abs_max": max(abs(x) for values in biases.values() for x in values)}
     known = layouts_for_moe(checkpoint.model_type)
     layout = known.detect(checkpoint.tensors) if known is not None else None
     if layout is None:
         why = "is not a family it knows" if known is None else "is stored under tensor names it does not know"
         report["note"] = f"per-layer router/expert statistics need a layout moekit knows; this {checkpoint.model_type} model {why}"
         return report
-    layers = [_layer_stats(checkpoint, layout, layer, experts) for layer in range(int(config["num_hidden_layers"]))]
+    moe_layers = layout.moe_layers(checkpoint.tensors)
+    layers = [_layer_stats(checkpoint, layout, layer, experts) for layer in moe_layers]
     inactive = sum((experts - top_k) * layer["expert_params"] for layer in layers)
     report.update(active_params=total - inactive, expert_layout=layout.name, per_layer=layers)
+    dense = sorted(set(range(int(config["num_hidden_layers"]))) - set(moe_layers))
+    if dense:  # e.g. GLM-4.5's first_k_dense_replace layers
+        report["dense_layers"] = dense
     return report

@@ -17,9 +17,38 @@ import math
 import torch
 
 
-def assignment_counts(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Top-k assignments per expert, as a float [E] vector."""
-    return torch.bincount(indices.reshape(-1), minlength=num_experts).float()
+def assignment_counts(indices: torch.Tensor, num_experts: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Top-k assignments per expert, as a float [E] vector (only the slots where ``mask`` is true, if given)."""
+    chosen = indices.reshape(-1) if mask is None else indices.reshape(-1)[mask.reshape(-1)]
+    return torch.bincount(chosen, minlength=num_experts).float()
+
+
+def router_scores(logits: torch.Tensor, scoring: str = "softmax") -> torch.Tensor:
+    """Per-token expert probabilities [N, E] from router logits, for the balancing losses.
+
+    ``softmax``: the softmax over experts. ``sigmoid`` (GLM-4.5, DeepSeek-V3): each expert's
+    sigmoid score, normalised to sum to one over experts (DeepSeek-V3's s').
+    """
+    if scoring == "sigmoid":
+        scores = logits.float().sigmoid()
+        return scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+    return logits.float().softmax(dim=-1)
+
+
+def sequence_loss(indices: torch.Tensor, scores: torch.Tensor, sequences: int) -> torch.Tensor:
+    """DeepSeek-V3's sequence-wise balance loss, ``sum_i f_i P_i`` per sequence, averaged over sequences.
+
+    ``indices`` [N, k] (N = sequences x T tokens, sequence-major), ``scores`` [N, E] normalised
+    scores. f_i = E / (k T) x (tokens of the sequence that select i); P_i = the mean score of i
+    over the sequence. 1.0 at perfect balance, like :func:`switch_loss`. It complements the
+    selection bias: it keeps any one sequence from piling onto few experts.
+    """
+    experts, k = scores.shape[-1], indices.shape[-1]
+    tokens = indices.shape[0] // sequences
+    chosen = torch.zeros(sequences, tokens, experts, device=scores.device).scatter_(2, indices.reshape(sequences, tokens, k), 1.0)
+    f = chosen.sum(dim=1) * (experts / (k * tokens))
+    p = scores.reshape(sequences, tokens, experts).mean(dim=1)
+    return (f.detach() * p).sum(dim=-1).mean()
 
 
 def switch_loss(counts: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
@@ -60,7 +89,7 @@ def load_metrics(counts: torch.Tensor) -> dict[str, float]:
     }
 
 
-def update_selection_bias(bias: torch.Tensor, counts: torch.Tensor, rate: float, proportional: bool = True) -> torch.Tensor:
+def update_selection_bias(bias: torch.Tensor, counts: torch.Tensor, rate: float, proportional: bool = False) -> torch.Tensor:
     """Loss-free balancing update (Wang et al. 2024; DeepSeek-V3) of a selection bias [E].
 
     Under-loaded experts (count below the mean) get a larger bias, over-loaded ones a smaller:

@@ -3,10 +3,10 @@
 Routers are found generically: every transformers MoE declares the module class whose output
 is recorded as ``router_logits``; those modules return ``(logits, top_k_weights, top_k_index)``
 and the model's own expert implementation consumes the last two, so moekit never reimplements
-expert compute. In ``topk`` mode the routers run unchanged and a forward hook only records
-their outputs. ``switch`` (top-1 with a capacity factor; overflow tokens get gate 0, i.e. skip
-the expert and keep the residual) and ``soft`` (every expert, softmax weights) replace the
-router's forward for training ablations; saved models keep their configured routing.
+expert compute. In ``topk`` mode the routers run unchanged (selection bias included) and a
+forward hook only records their outputs. The ablation modes of :mod:`moekit.routing.modes`
+replace the router's forward while training; evaluation and saved models keep the configured
+routing.
 
 Statistics cost one bincount per layer per micro-batch; the tensors that the balancing losses
 need (logits, weights) are the router's own outputs, kept for that micro-batch only.
@@ -15,28 +15,33 @@ need (logits, weights) are the router's own outputs, kept for that micro-batch o
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from moekit.errors import MoekitError
-from moekit.routing import balance
+from moekit.routing import balance, modes
+from moekit.routing.modes import RoutingMode
 
-RoutingMode = Literal["topk", "switch", "soft"]
+NOISE_PARAMETER = "moekit_noise_weight"  # noisy top-k's W_noise, registered on each router while tuning (never saved)
 
 
 @dataclass
 class LayerRecord:
-    """One router call: fp32 logits [N, E], gate weights [N, k], expert indices [N, k]."""
+    """One router call: fp32 logits [N, E], gate weights [N, s], expert indices [N, s], real slots [N, s] (None: all)."""
 
     logits: torch.Tensor
     weights: torch.Tensor
     indices: torch.Tensor
-    dropped: int = 0
+    mask: torch.Tensor | None = None
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def counts(self, num_experts: int) -> torch.Tensor:
+        """Assignments per expert [E] of this call."""
+        return balance.assignment_counts(self.indices, num_experts, self.mask)
 
 
 def find_routers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -52,19 +57,37 @@ def find_routers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     return routers
 
 
+@dataclass(frozen=True)
+class RoutingSettings:
+    """How routers route while training (ablation modes; ``topk`` is the model's own rule)."""
+
+    mode: RoutingMode = "topk"
+    capacity_factor: float = 1.5  # switch: capacity = tokens / E x this; expert_choice: x top_k
+    scoring: str = "softmax"  # the family's score function (moekit.arch.router_scoring)
+    temperature: tuple[float, float] = (1.0, 0.5)  # sample_top1: start and end temperature, linear over training
+
+
 class RoutingController:
     """Records every router call of a forward pass, optionally changing the routing rule."""
 
-    def __init__(self, model: torch.nn.Module, mode: RoutingMode = "topk", capacity_factor: float = 1.5) -> None:
+    def __init__(self, model: torch.nn.Module, mode: RoutingMode = "topk", capacity_factor: float = 1.5,
+                 settings: RoutingSettings | None = None) -> None:
+        self.settings = settings or RoutingSettings(mode, capacity_factor)
         self.routers = find_routers(model)
-        self.mode, self.capacity_factor = mode, capacity_factor
+        self.mode, self.capacity_factor = self.settings.mode, self.settings.capacity_factor
         self.num_experts = int(self.routers[0][1].weight.shape[0])
+        self.top_k = int(getattr(self.routers[0][1], "top_k", None) or getattr(model.config, "num_experts_per_tok", 1))
         self.records: list[LayerRecord | None] = [None] * len(self.routers)
+        self.token_ids: torch.Tensor | None = None  # hash routing: the ids of the batch being routed
+        self.progress = 0.0  # share of training done (sample_top1's temperature schedule)
         self._handles = []
         for layer, (_, router) in enumerate(self.routers):
-            if mode == "topk":
+            if self.mode == "topk":
                 self._handles.append(router.register_forward_hook(self._recording_hook(layer)))
             else:
+                if self.mode == "noisy":
+                    noise = torch.zeros_like(router.weight, dtype=torch.float32)  # Shazeer et al.: W_noise starts at zero
+                    router.register_parameter(NOISE_PARAMETER, torch.nn.Parameter(noise))
                 router.forward = self._replacement(layer, router)  # instance attribute shadows the class method
 
     def _recording_hook(self, layer: int) -> Any:
@@ -74,22 +97,36 @@ class RoutingController:
 
         return hook
 
+    def temperature(self) -> float:
+        """sample_top1's current temperature (linear from start to end over training)."""
+        start, end = self.settings.temperature
+        return start + (end - start) * min(1.0, max(0.0, self.progress))
+
+    def _route(self, logits: torch.Tensor, hidden: torch.Tensor, router: torch.nn.Module) -> modes.Routed:
+        settings = self.settings
+        scale = float(getattr(router, "routed_scaling_factor", 1.0) or 1.0)
+        if self.mode == "soft":
+            return modes.soft(logits, settings.scoring)
+        if self.mode == "switch":
+            return modes.switch(logits, settings.scoring, settings.capacity_factor)
+        if self.mode == "noisy":
+            noise_logits = F.linear(hidden.float(), getattr(router, NOISE_PARAMETER).float())
+            return modes.noisy_top_k(logits, noise_logits, self.top_k, settings.scoring, scale)
+        if self.mode == "expert_choice":
+            return modes.expert_choice(logits, settings.scoring, self.top_k, settings.capacity_factor, scale)
+        if self.mode == "hash":
+            if self.token_ids is None or self.token_ids.numel() != logits.shape[0]:
+                raise RuntimeError("hash routing needs the token ids of the batch (set controller.token_ids)")
+            return modes.hashed(self.token_ids.to(logits.device), self.num_experts, self.top_k, scale)
+        return modes.sample_top1(logits, self.temperature(), scale)
+
     def _replacement(self, layer: int, router: torch.nn.Module) -> Any:
         def forward(hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             hidden = hidden_states.reshape(-1, router.weight.shape[1])
-            logits = F.linear(hidden, router.weight).float()  # router math in fp32
-            probs = logits.softmax(dim=-1)
-            if self.mode == "soft":
-                indices = torch.arange(self.num_experts, device=hidden.device).expand(hidden.shape[0], -1)
-                weights, dropped = probs, 0
-            else:  # switch: top-1, gate = raw probability (so the router gets gradients), capacity drop
-                weights, indices = probs.max(dim=-1, keepdim=True)
-                capacity = math.ceil(hidden.shape[0] / self.num_experts * self.capacity_factor)
-                position = F.one_hot(indices[:, 0], self.num_experts).cumsum(dim=0).gather(1, indices)
-                keep = position <= capacity
-                weights, dropped = weights * keep, int((~keep).sum())
-            self.records[layer] = LayerRecord(logits, weights, indices, dropped)
-            return logits.to(hidden.dtype), weights.to(hidden.dtype), indices
+            logits = F.linear(hidden.float(), router.weight.float())  # router math in fp32
+            routed = self._route(logits, hidden, router)
+            self.records[layer] = LayerRecord(logits, routed.weights, routed.indices, routed.mask, routed.stats)
+            return logits.to(hidden.dtype), routed.weights.to(hidden.dtype), routed.indices
 
         return forward
 
@@ -105,7 +142,25 @@ class RoutingController:
 
     def counts(self) -> torch.Tensor:
         """Assignment counts of the last forward pass, [layers, E]."""
-        return torch.stack([balance.assignment_counts(r.indices, self.num_experts) for r in self.collected()])
+        return torch.stack([r.counts(self.num_experts) for r in self.collected()])
+
+    @contextlib.contextmanager
+    def counting(self) -> Iterator[torch.Tensor]:
+        """Accumulate the assignment counts [layers, E] of every forward pass inside the block (e.g. an evaluation)."""
+        total = torch.zeros(len(self.routers), self.num_experts)
+
+        def adder(layer: int) -> Any:
+            def hook(_module: torch.nn.Module, _inputs: Any, output: tuple[torch.Tensor, ...]) -> None:
+                total[layer] += balance.assignment_counts(output[2], self.num_experts).cpu()
+
+            return hook
+
+        handles = [router.register_forward_hook(adder(i)) for i, (_, router) in enumerate(self.routers)]
+        try:
+            yield total
+        finally:
+            for handle in handles:
+                handle.remove()
 
     @contextlib.contextmanager
     def native_routing(self) -> Iterator[None]:
@@ -122,8 +177,15 @@ class RoutingController:
                     router.forward = replaced[id(router)]
 
     def remove(self) -> None:
-        """Detach hooks and restore the routers' own forward methods."""
+        """Detach hooks, restore the routers' own forward methods and drop training-only parameters."""
         for handle in self._handles:
             handle.remove()
         for _, router in self.routers:
             router.__dict__.pop("forward", None)
+            if NOISE_PARAMETER in router._parameters:
+                del router._parameters[NOISE_PARAMETER]
+
+
+def is_training_only(name: str) -> bool:
+    """Whether a state-dict key is a parameter moekit adds for training only (never saved with the model)."""
+    return name.endswith(f".{NOISE_PARAMETER}")

@@ -10,14 +10,14 @@ from moekit.io.checkpoint import Checkpoint
 from moekit.io.files import tokenizer_fingerprint
 
 
-def open_dense_model(path: Path, need_tokenizer: bool = True) -> tuple[Checkpoint, ArchAdapter]:
+def open_dense_model(path: Path, need_tokenizer: bool = True, target: str | None = None) -> tuple[Checkpoint, ArchAdapter]:
     """Open a dense HF model directory, check it is complete and mixable, return it and its adapter.
 
     Checks: config.json, readable safetensors headers for every shard, a tokenizer (if
-    ``need_tokenizer``), a supported family, and no features the MoE target lacks.
+    ``need_tokenizer``), a supported family and ``target``, and no features the MoE target lacks.
     """
     checkpoint = Checkpoint(path)
-    adapter = get_adapter(checkpoint.model_type)
+    adapter = get_adapter(checkpoint.model_type, target)
     checkpoint.apply_views(adapter.dense_views(checkpoint.config, checkpoint.tensors))
     adapter.check_dense(checkpoint.config, list(checkpoint.tensors))
     if need_tokenizer and not tokenizer_fingerprint(checkpoint.path):

@@ -29,6 +29,8 @@ def expert_names_from_provenance(model_dir: Path) -> list[str] | None:
     record = yaml.safe_load(path.read_text()) or {}
     while isinstance(record, dict) and "experts" not in record and isinstance(record.get("input"), dict):
         record = record["input"]  # a tuned model's provenance wraps its input's
+    if isinstance(record, dict) and isinstance(record.get("expert_names"), list):
+        return [str(n) for n in record["expert_names"]]  # one per routed expert (e.g. code.0, code.1 under --split)
     experts = record.get("experts") if isinstance(record, dict) else None
     return [e["name"] for e in experts] if isinstance(experts, list) and all(isinstance(e, dict) for e in experts) else None
 

@@ -32,11 +32,18 @@ from moekit.io.writer import PlannedTensor, StreamingShardWriter, parse_size
 from moekit.manifest import StageRecord, updating_manifest
 from moekit.progress import progress_bar
 from moekit.steps.mix_experts import write_experts, write_shared
-from moekit.steps.mix_inputs import MixInputs, open_mix_inputs, redundant_tied_copies
+from moekit.steps.mix_inputs import (
+    TIED_HEAD,
+    MixInputs,
+    open_mix_inputs,
+    redundant_tied_copies,
+)
 from moekit.steps.mix_output import build_moe_config, write_model_card, write_provenance
+from moekit.steps.mix_plan import BlockPlan, plan_block
 from moekit.steps.mix_tensors import (
     CHUNK_ELEMENTS,
     average_rows,
+    chunk_of,
     expert_ffn,
     random_router,
     seed_from,
@@ -57,54 +64,72 @@ class MixResult:
     router_stats: dict[str, Any] = field(default_factory=dict)
 
 
-def _split_tensor_names(inputs: MixInputs) -> tuple[list[str], dict[int, list[str]]]:
-    """Global tensor names, and per layer the non-FFN tensor names (all sorted)."""
-    globals_, per_layer = [], {}
+def _split_tensor_names(inputs: MixInputs) -> tuple[dict[str, str], dict[int, list[str]]]:
+    """Global tensors (output name -> source name), and per layer the non-FFN tensor names (all sorted).
+
+    A tied seed stores no LM head and neither does its MoE, unless the target's readers need an
+    explicit one (``untied_head``): then the averaged embedding is written as ``lm_head.weight``.
+    """
+    globals_, per_layer = {}, {}
     skipped = redundant_tied_copies(inputs.seed.config, inputs.seed.tensors)  # a tied output stores no LM head
     for name in sorted(set(inputs.seed.tensors) - skipped):
         match = LAYER_TENSOR.match(name)
         if match is None:
-            globals_.append(name)
+            globals_[name] = name
         elif not inputs.adapter.is_ffn_tensor(match.group(2)):
             per_layer.setdefault(int(match.group(1)), []).append(name)
+    if inputs.adapter.untied_head and TIED_HEAD not in globals_:
+        globals_[TIED_HEAD] = inputs.adapter.embed_name
     return globals_, per_layer
 
 
-def _ffn_shapes(inputs: MixInputs, layer: int) -> dict[str, tuple[int, ...]]:
-    return {p: inputs.seed.tensors[inputs.adapter.dense_ffn_name(layer, p)].shape for p in DENSE_FFN_PROJECTIONS}
+def block_plan(inputs: MixInputs, cfg: MixConfig) -> BlockPlan:
+    """The MoE block every layer gets (experts, widths, shared expert, scales)."""
+    intermediate = inputs.seed.tensors[inputs.adapter.dense_ffn_name(0, "gate_proj")].shape[0]
+    return plan_block(cfg, inputs.adapter, len(inputs.experts), intermediate)
 
 
-def _moe_block(inputs: MixInputs, layer: int) -> list[MoeTensor]:
+def _moe_block(inputs: MixInputs, layer: int, plan: BlockPlan) -> list[MoeTensor]:
     hidden = inputs.seed.config["hidden_size"]
-    return inputs.adapter.moe_block_tensors(layer, len(inputs.experts), _ffn_shapes(inputs, layer), hidden)
+    dense = {p: inputs.seed.tensors[inputs.adapter.dense_ffn_name(layer, p)].shape for p in DENSE_FFN_PROJECTIONS}
+    width = plan.expert_size
+    experts = {"gate_proj": (width, dense["gate_proj"][1]), "up_proj": (width, dense["up_proj"][1]), "down_proj": (dense["down_proj"][0], width)}
+    shared = dense if plan.shared_size is not None else None
+    return inputs.adapter.moe_block_tensors(layer, plan.experts, experts, hidden, shared)
 
 
-def _plan(inputs: MixInputs, dtype: str) -> list[PlannedTensor]:
+def _plan(inputs: MixInputs, dtype: str, plan: BlockPlan) -> list[PlannedTensor]:
     """Every output tensor, in the order ``mix`` produces them."""
     seed = inputs.seed
     globals_, per_layer = _split_tensor_names(inputs)
-    plan = [PlannedTensor(n, dtype, seed.tensors[n].shape) for n in globals_]
+    planned = [PlannedTensor(n, dtype, seed.tensors[source].shape) for n, source in globals_.items()]
     for layer in range(seed.config["num_hidden_layers"]):
-        plan += [PlannedTensor(n, dtype, seed.tensors[n].shape) for n in per_layer.get(layer, [])]
-        plan += [PlannedTensor(t.name, dtype, t.shape) for t in _moe_block(inputs, layer)]
-    return plan
+        planned += [PlannedTensor(n, dtype, seed.tensors[n].shape) for n in per_layer.get(layer, [])]
+        planned += [PlannedTensor(t.name, t.dtype or dtype, t.shape) for t in _moe_block(inputs, layer, plan)]
+    return planned
 
 
-def _layer_router(layer: int, inputs: MixInputs, cfg: MixConfig, kept: dict[str, Any] | None, centroid: Any) -> Any:
-    """The new router of ``layer`` (fp32): centroid from calibration data (torch), or small random (numpy)."""
+def _layer_router(layer: int, inputs: MixInputs, cfg: MixConfig, plan: BlockPlan, kept: dict[str, Any] | None, centroid: Any) -> Any:
+    """The new router of ``layer`` (fp32): centroid from calibration data (torch), or small random (numpy).
+
+    One row per source FFN, repeated for each of its ``--split`` chunks (they are chosen together).
+    """
     if centroid is not None and kept is not None:
         import torch
 
         for proj in DENSE_FFN_PROJECTIONS:  # the averaged dense FFN, for the calibration pass only
             name = inputs.adapter.dense_ffn_name(layer, proj)
             kept[name] = torch.from_numpy(np.concatenate(list(average_rows(inputs.average, name, _CHUNK_ELEMENTS))))
-        return centroid.router_for_layer(layer, kept).numpy()
-    std = cfg.router_std or float(inputs.seed.config.get("initializer_range", 0.02))
-    return random_router(len(inputs.experts), inputs.seed.config["hidden_size"], std, seed_from(cfg.random_seed, layer, -1))
+        rows = centroid.router_for_layer(layer, kept).numpy()
+    else:
+        std = cfg.router_std or float(inputs.seed.config.get("initializer_range", 0.02))
+        rows = random_router(len(inputs.experts), inputs.seed.config["hidden_size"], std, seed_from(cfg.random_seed, layer, -1))
+    return np.repeat(rows, plan.split, axis=0) if plan.split > 1 else rows
 
 
 def _mix_layer(
-    layer: int, inputs: MixInputs, cfg: MixConfig, writer: StreamingShardWriter, code: str, names: list[str], centroid: Any,
+    layer: int, inputs: MixInputs, cfg: MixConfig, plan: BlockPlan, writer: StreamingShardWriter, code: str, names: list[str],
+    centroid: Any,
 ) -> None:
     """Write one layer: averaged tensors, then the MoE block tensor by tensor."""
     kept: dict[str, Any] | None = {} if centroid is not None else None
@@ -113,20 +138,24 @@ def _mix_layer(
     cache: dict[int, dict[str, Any]] = {}
 
     def ffn_of(expert: int) -> dict[str, Any]:
-        if expert not in cache:  # keep only the current expert: memory stays at one expert
+        source, chunk = plan.source_of(expert)
+        if source not in cache:  # keep only the current source FFN: memory stays at one expert
             cache.clear()
-            cache[expert] = expert_ffn(inputs, cfg, layer, expert)
-        return cache[expert]
+            cache[source] = expert_ffn(inputs, cfg, layer, source, plan.down_scale)
+        return chunk_of(cache[source], chunk, plan.split)
 
-    for tensor in _moe_block(inputs, layer):
+    for tensor in _moe_block(inputs, layer, plan):
         if tensor.role == "router":
-            router = _layer_router(layer, inputs, cfg, kept, centroid)
-            writer.write_array(tensor.name, code, from_float32(router, code))
+            router = _layer_router(layer, inputs, cfg, plan, kept, centroid)
+            code_here = tensor.dtype or code
+            writer.write_array(tensor.name, code_here, from_float32(router, code_here))
             kept = None
+        elif tensor.role == "selection_bias":  # no preference until tune --balance bias learns one
+            writer.write_array(tensor.name, "F32", np.zeros(tensor.shape, dtype=np.float32))
         elif tensor.role in ("expert", "fused_gate_up", "fused_down"):
-            write_experts(tensor, inputs, cfg, layer, writer, code, ffn_of)
+            write_experts(tensor, inputs, cfg, plan, layer, writer, code, ffn_of)
         elif tensor.role == "shared":
-            write_shared(tensor, inputs, layer, writer, code)
+            write_shared(tensor, inputs, layer, writer, code, plan.shared_down_scale)
         elif tensor.role == "shared_gate":  # sigmoid(0) = 0.5 until trained
             writer.write_array(tensor.name, code, np.zeros(tensor.shape, dtype=stored_dtype(code)))
         else:
@@ -143,7 +172,8 @@ def mix(cfg: MixConfig, show_progress: bool = False) -> MixResult:
     inputs = open_mix_inputs(cfg)
     code = resolve_dtype(cfg.dtype, inputs)
     max_shard = parse_size(cfg.shard_size)
-    config_json = build_moe_config(inputs.seed.path, inputs.adapter, len(inputs.experts), cfg.top_k, code)
+    block = block_plan(inputs, cfg)
+    config_json = build_moe_config(inputs.seed.path, inputs.adapter, block, code)
     centroid = None
     if cfg.router == "centroid":
         from moekit.steps.mix_router import (
@@ -151,7 +181,7 @@ def mix(cfg: MixConfig, show_progress: bool = False) -> MixResult:
         )
 
         centroid = prepare_centroid_init(cfg, inputs)
-    plan = _plan(inputs, code)
+    plan = _plan(inputs, code, block)
     check_output_dir(cfg.out, cfg.force)  # writable, and replaceable: before the free-space check and any work
     check_free_space(cfg.out, sum(t.nbytes for t in plan))
     globals_, per_layer = _split_tensor_names(inputs)
@@ -159,15 +189,15 @@ def mix(cfg: MixConfig, show_progress: bool = False) -> MixResult:
     with atomic_output_dir(cfg.out, force=cfg.force) as tmp:
         writer = StreamingShardWriter(tmp, plan, max_shard)
         try:
-            for name in globals_:
+            for name, source in globals_.items():
                 needed = centroid is not None and name == inputs.adapter.embed_name
                 kept: dict[str, Any] | None = {} if needed else None
-                write_average(writer, inputs, name, code, kept, _CHUNK_ELEMENTS)
+                write_average(writer, inputs, source, code, kept, _CHUNK_ELEMENTS, out_name=name)
                 if centroid is not None and kept is not None:
-                    centroid.see_embedding(kept[name])
+                    centroid.see_embedding(kept[source])
             with progress_bar("mixing layers", num_layers, show_progress) as advance:
                 for layer in range(num_layers):
-                    _mix_layer(layer, inputs, cfg, writer, code, per_layer.get(layer, []), centroid)
+                    _mix_layer(layer, inputs, cfg, block, writer, code, per_layer.get(layer, []), centroid)
                     advance()
             writer.close()
         except BaseException:
@@ -175,9 +205,9 @@ def mix(cfg: MixConfig, show_progress: bool = False) -> MixResult:
             raise
         finally:
             inputs.close()
-        _write_metadata(tmp, cfg, inputs, config_json, code, centroid)
+        _write_metadata(tmp, cfg, inputs, block, config_json, code, centroid)
     stats = centroid.summary() if centroid else {}
-    result = MixResult(Path(cfg.out), [e.name for e in inputs.experts], inputs.adapter.moe_type, len(plan), stats)
+    result = MixResult(Path(cfg.out), expert_names(inputs, block), inputs.adapter.moe_type, len(plan), stats)
     if cfg.run_dir is not None:
         _record_stage(cfg.run_dir, cfg, result)
     return result
@@ -189,12 +219,20 @@ def _record_stage(run_dir: Path, cfg: MixConfig, result: MixResult) -> None:
         manifest.stages.append(StageRecord(stage="mix", params=params, outputs={"out": str(result.out), "experts": result.experts}))
 
 
-def _write_metadata(tmp: Path, cfg: MixConfig, inputs: MixInputs, config_json: dict, dtype: str, centroid: Any) -> None:
+def expert_names(inputs: MixInputs, plan: BlockPlan) -> list[str]:
+    """The routed experts' names in output order: the source's name, plus ``.N`` (the chunk) under ``--split``."""
+    if plan.split == 1:
+        return [e.name for e in inputs.experts]
+    return [f"{e.name}.{c}" for e in inputs.experts for c in range(plan.split)]
+
+
+def _write_metadata(tmp: Path, cfg: MixConfig, inputs: MixInputs, plan: BlockPlan, config_json: dict, dtype: str, centroid: Any) -> None:
     import json
 
     (tmp / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     copy_tokenizer_and_generation_files(inputs.seed.path, tmp)
-    router: dict[str, Any] = {"init": cfg.router, "top_k": cfg.top_k}
+    router: dict[str, Any] = {"init": cfg.router, "top_k": plan.top_k, "scoring": inputs.adapter.scoring,
+                              "selection_bias": inputs.adapter.selection_bias is not None}
     if cfg.router == "random":
         router["std"] = cfg.router_std or float(inputs.seed.config.get("initializer_range", 0.02))
     if centroid is not None:
@@ -205,10 +243,14 @@ def _write_metadata(tmp: Path, cfg: MixConfig, inputs: MixInputs, config_json: d
         "seed": str(cfg.seed),
         "target": inputs.adapter.moe_type,
         "experts": [{"name": e.name, "kind": e.kind, "source": str(e.checkpoint.path)} for e in inputs.experts],
+        "expert_names": expert_names(inputs, plan),
+        "split": plan.split,
+        "shared_expert": None if plan.shared_size is None else ("seed" if plan.seed_shared else "zero-output"),
+        "scales": {"routed_config": plan.config_scale, "routed_down": plan.down_scale, "shared_down": plan.shared_down_scale},
         "average": cfg.average if not cfg.upcycle else "seed",
         "average_weights": [round(w, 6) for _, w in inputs.average],
         "dtype": dtype_name(dtype),
-        "top_k": cfg.top_k,
+        "top_k": plan.top_k,
         "router": router,
         "upcycle": cfg.upcycle.model_dump() if cfg.upcycle else None,
         "expert_scale": cfg.expert_scale,

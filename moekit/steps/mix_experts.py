@@ -15,20 +15,23 @@ from typing import Any
 
 import numpy as np
 
-from moekit.arch.base import MoeTensor
+from moekit.arch.base import MoeTensor, row_slice
 from moekit.config import MixConfig
 from moekit.errors import NonFiniteError
 from moekit.io.checkpoint import Checkpoint, dtype_code, finite_on_disk
 from moekit.io.floats import stored_dtype
 from moekit.io.writer import StreamingShardWriter
 from moekit.steps.mix_inputs import MixInputs
+from moekit.steps.mix_plan import BlockPlan
 
 Range = tuple[Path, int, int]
 
 
-def verbatim_range(checkpoint: Checkpoint, name: str, dtype: Any) -> Range | None:
-    """The byte range of ``name`` when it goes to the output as stored (same dtype), after a NaN/inf check."""
+def verbatim_range(checkpoint: Checkpoint, name: str, dtype: Any, rows: tuple[int, int] | None = None) -> Range | None:
+    """The byte range of ``name`` (or of its ``rows`` (start, count)) when it goes out as stored (same dtype), after a NaN/inf check."""
     info = checkpoint.tensors[name]
+    if rows is not None:
+        info = row_slice(info, *rows)
     if info.dtype != dtype_code(dtype):
         return None
     path = checkpoint.path / info.shard
@@ -40,26 +43,35 @@ def verbatim_range(checkpoint: Checkpoint, name: str, dtype: Any) -> Range | Non
     return path, info.offset, info.nbytes
 
 
-def expert_range(inputs: MixInputs, cfg: MixConfig, layer: int, expert: int, projection: str, dtype: Any) -> Range | None:
-    """Where expert ``expert``'s ``projection`` of ``layer`` can be copied from unchanged, or None if it is transformed."""
-    if (cfg.upcycle is not None and cfg.upcycle.drop_fraction > 0) or (projection == "down_proj" and cfg.expert_scale != 1.0):
+def expert_range(
+    inputs: MixInputs, cfg: MixConfig, plan: BlockPlan, layer: int, expert: int, projection: str, dtype: Any,
+) -> Range | None:
+    """Where routed expert ``expert``'s ``projection`` of ``layer`` can be copied from unchanged, or None if it is computed.
+
+    Under ``--split`` a chunk's gate/up rows are contiguous on disk (copied); its down columns are not.
+    """
+    if cfg.upcycle is not None and cfg.upcycle.drop_fraction > 0:
         return None
-    return verbatim_range(inputs.experts[expert].checkpoint, inputs.adapter.dense_ffn_name(layer, projection), dtype)
+    if projection == "down_proj" and (plan.down_scale != 1.0 or plan.split > 1):
+        return None
+    source, chunk = plan.source_of(expert)
+    rows = (chunk * plan.expert_size, plan.expert_size) if plan.split > 1 else None
+    return verbatim_range(inputs.experts[source].checkpoint, inputs.adapter.dense_ffn_name(layer, projection), dtype, rows)
 
 
 def write_experts(
-    tensor: MoeTensor, inputs: MixInputs, cfg: MixConfig, layer: int, writer: StreamingShardWriter, dtype: Any,
+    tensor: MoeTensor, inputs: MixInputs, cfg: MixConfig, plan: BlockPlan, layer: int, writer: StreamingShardWriter, dtype: Any,
     computed: Callable[[int], dict[str, Any]],
 ) -> None:
     """Write an ``expert``, ``fused_gate_up`` or ``fused_down`` tensor: copied where every part is verbatim, else computed."""
-    experts = range(len(inputs.experts))
+    experts = range(plan.experts)
     if tensor.role == "expert":
         assert tensor.expert is not None and tensor.projection is not None
-        parts = [expert_range(inputs, cfg, layer, tensor.expert, tensor.projection, dtype)]
+        parts = [expert_range(inputs, cfg, plan, layer, tensor.expert, tensor.projection, dtype)]
     elif tensor.role == "fused_gate_up":  # each expert's gate rows, then its up rows
-        parts = [expert_range(inputs, cfg, layer, e, p, dtype) for e in experts for p in ("gate_proj", "up_proj")]
+        parts = [expert_range(inputs, cfg, plan, layer, e, p, dtype) for e in experts for p in ("gate_proj", "up_proj")]
     else:  # fused_down: each expert's down projection in turn
-        parts = [expert_range(inputs, cfg, layer, e, "down_proj", dtype) for e in experts]
+        parts = [expert_range(inputs, cfg, plan, layer, e, "down_proj", dtype) for e in experts]
     if all(part is not None for part in parts):
         writer.copy_ranges(tensor.name, dtype, tensor.shape, [p for p in parts if p is not None])
         return
@@ -78,20 +90,33 @@ def write_experts(
         writer.write_chunks(tensor.name, dtype, tensor.shape, (computed(e)["down_proj"].to(dtype).unsqueeze(0) for e in experts))
 
 
-def write_shared(tensor: MoeTensor, inputs: MixInputs, layer: int, writer: StreamingShardWriter, dtype: Any) -> None:
-    """The shared expert: the seed's gate/up (copied where verbatim) with down = 0, so it adds exactly nothing until trained."""
-    from moekit.io.floats import from_float32, to_float32
+def write_shared(tensor: MoeTensor, inputs: MixInputs, layer: int, writer: StreamingShardWriter, dtype: Any, down_scale: float) -> None:
+    """The shared expert: the seed's FFN (copied where verbatim), its down projection times ``down_scale``.
+
+    ``down_scale`` 0 writes down = 0, so the shared expert adds exactly nothing until trained;
+    with ``--seed-as shared`` it is the factor that keeps the identical-branches invariant.
+    """
+    from moekit.io.floats import finite, from_float32, to_float32
 
     assert tensor.projection is not None
     code = dtype_code(dtype)
     name = inputs.adapter.dense_ffn_name(layer, tensor.projection)
-    if tensor.projection == "down_proj":
+    scale = down_scale if tensor.projection == "down_proj" else 1.0
+    if scale == 0.0:
         writer.write_array(tensor.name, code, np.zeros(tensor.shape, dtype=stored_dtype(code)))
         return
-    part = verbatim_range(inputs.seed, name, code)
+    part = verbatim_range(inputs.seed, name, code) if scale == 1.0 else None
     if part is not None:
         writer.copy_ranges(tensor.name, code, tensor.shape, [part])
-    else:
-        source = inputs.seed.tensors[name]
-        values = inputs.seed.array_rows(name, 0, source.shape[0])
-        writer.write_array(tensor.name, code, from_float32(to_float32(values, source.dtype), code))
+        return
+    source = inputs.seed.tensors[name]
+    raw = inputs.seed.array_rows(name, 0, source.shape[0])
+    if not finite(raw, source.dtype):
+        raise NonFiniteError(
+            f"Tensor {name} of {inputs.seed.path} holds NaN or infinite values; a model mixed from it would be broken.",
+            "That model is damaged: restore it, or use another seed.",
+        )
+    values = to_float32(raw, source.dtype)
+    if scale != 1.0:
+        values = values * np.float32(scale)  # halving is exact in every float format
+    writer.write_array(tensor.name, code, from_float32(values, code))

@@ -139,7 +139,8 @@ def _average_weights(cfg: MixConfig, count: int) -> list[float]:
 
 def open_mix_inputs(cfg: MixConfig) -> MixInputs:
     """Open and check the seed and branches (or the upcycling seed); decide expert order and averaging."""
-    seed, adapter = open_dense_model(resolve_model_dir(cfg.seed))
+    seed, adapter = open_dense_model(resolve_model_dir(cfg.seed), target=cfg.target)
+    check_seed_as(cfg, adapter)
     check_output_apart(cfg.out, [seed.path, *(p for _, p in cfg.experts)], cfg.run_dir)
     if cfg.upcycle is not None:
         if cfg.experts:
@@ -149,13 +150,13 @@ def open_mix_inputs(cfg: MixConfig) -> MixInputs:
     else:
         if not cfg.experts:
             raise InvalidOptionError("No experts to mix.", "Pass a run directory, --expert DIR ..., or --upcycle SEED.")
-        branches = [(name, open_dense_model(Path(path))[0]) for name, path in cfg.experts]
+        branches = [(name, open_dense_model(Path(path), target=cfg.target)[0]) for name, path in cfg.experts]
         names = [n for n, _ in branches]
-        if len(set(names)) != len(names) or (cfg.seed_expert and "seed" in names):
+        if len(set(names)) != len(names) or (cfg.seed_as == "routed" and "seed" in names):
             raise InvalidOptionError(f"Expert names must be unique (got {', '.join(names)}).", "Name them with --expert NAME=DIR.")
         check_compatible(seed, branches)
         experts = [ExpertSource(n, c, "branch") for n, c in branches]
-        if cfg.seed_expert:
+        if cfg.seed_as == "routed":
             experts.append(ExpertSource("seed", seed, "seed"))
         weights = _average_weights(cfg, len(branches))
         average = [(seed, 1.0)] if cfg.average == "seed" else [(c, w) for (_, c), w in zip(branches, weights)]
@@ -165,3 +166,23 @@ def open_mix_inputs(cfg: MixConfig) -> MixInputs:
             f"Use --top-k {len(experts)} or less, or add experts.",
         )
     return MixInputs(seed, adapter, experts, average)
+
+
+def check_seed_as(cfg: MixConfig, adapter: ArchAdapter) -> None:
+    """Refuse ``--seed-as shared`` for a target without shared experts, naming the targets that have them."""
+    if cfg.seed_as != "shared" or adapter.shared is not None:
+        return
+    from moekit.arch import supported_targets
+
+    with_shared = sorted({t for targets in supported_targets().values() for t in targets if _has_shared(t)})
+    raise InvalidOptionError(
+        f"--seed-as shared needs a target with a shared expert; {adapter.moe_type} has none.",
+        f"Use --target with one of {', '.join(with_shared)} (where the seed's family allows it), or --seed-as routed.",
+    )
+
+
+def _has_shared(moe_type: str) -> bool:
+    from moekit.arch import adapter_for_moe
+
+    adapter = adapter_for_moe(moe_type)
+    return adapter is not None and adapter.shared is not None

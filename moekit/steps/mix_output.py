@@ -17,6 +17,7 @@ from moekit.io.config_json import (
     with_rope_parameters,
 )
 from moekit.manifest import now_iso
+from moekit.steps.mix_plan import BlockPlan
 
 
 def _json_is_complete(dense: dict[str, Any], adapter: ArchAdapter) -> bool:
@@ -25,7 +26,7 @@ def _json_is_complete(dense: dict[str, Any], adapter: ArchAdapter) -> bool:
     return all(key in dense for key in needed)
 
 
-def build_moe_config(seed_dir: Path, adapter: ArchAdapter, num_experts: int, top_k: int, dtype: Any, exact: bool = False) -> dict[str, Any]:
+def build_moe_config(seed_dir: Path, adapter: ArchAdapter, plan: BlockPlan, dtype: Any, exact: bool = False) -> dict[str, Any]:
     """The MoE's portable config.json dict, built from the seed's config.
 
     When the seed's config.json holds every value the MoE copies (configs written by
@@ -37,13 +38,17 @@ def build_moe_config(seed_dir: Path, adapter: ArchAdapter, num_experts: int, top
     expert-count key the family's readers use, and head_dim as an integer.
     """
     dense = with_rope_parameters(load_config_json(seed_dir))
+
+    def kwargs_for(config: dict[str, Any]) -> dict[str, Any]:
+        return adapter.moe_config_kwargs(config, plan.experts, plan.top_k, plan.expert_size, plan.shared_size, plan.config_scale)
+
     if not exact and _json_is_complete(dense, adapter):
-        data = {**adapter.moe_config_kwargs(dense, num_experts, top_k), "model_type": adapter.moe_type,
+        data = {**kwargs_for(dense), "model_type": adapter.moe_type,
                 "architectures": [adapter.moe_architecture], "dtype": dtype_name(dtype)}
         return portable_config(data)
     from transformers import CONFIG_MAPPING, AutoConfig
 
-    kwargs = adapter.moe_config_kwargs(AutoConfig.from_pretrained(seed_dir).to_dict(), num_experts, top_k)
+    kwargs = kwargs_for(AutoConfig.from_pretrained(seed_dir).to_dict())
     moe = CONFIG_MAPPING[adapter.moe_type](**kwargs)
     moe.architectures = [adapter.moe_architecture]
     data = moe.to_dict()

@@ -74,28 +74,33 @@ def average_rows(sources: list[tuple[Checkpoint, float]], name: str, chunk_eleme
 
 
 def write_average(
-    writer: StreamingShardWriter, inputs: MixInputs, name: str, code: str, keep: dict[str, Any] | None, chunk_elements: int = CHUNK_ELEMENTS,
+    writer: StreamingShardWriter, inputs: MixInputs, name: str, code: str, keep: dict[str, Any] | None,
+    chunk_elements: int = CHUNK_ELEMENTS, out_name: str | None = None,
 ) -> None:
-    """Average tensor ``name`` into the writer, chunk by chunk; with ``keep``, also store it whole (fp32 torch).
+    """Average tensor ``name`` into the writer (as ``out_name``, default the same), chunk by chunk.
 
-    A single source with weight 1 (upcycling, ``--average seed``) goes out bit for bit: copied
-    file to file when the dtype stays, else converted.
+    With ``keep``, also store it whole (fp32 torch, in the dense model's row order). A single
+    source with weight 1 (upcycling, ``--average seed``) goes out bit for bit: copied file to file
+    when the dtype stays, else converted. Rows the target orders differently (the adapter's
+    ``dense_row_order``) are reordered, which needs the whole (small, attention) tensor at once.
     """
     shape = inputs.seed.tensors[name].shape
-    if keep is None and len(inputs.average) == 1 and inputs.average[0][1] == 1.0:
+    out_name = out_name or name
+    order = inputs.adapter.dense_row_order(name, inputs.seed.config)
+    if keep is None and order is None and len(inputs.average) == 1 and inputs.average[0][1] == 1.0:
         part = verbatim_range(inputs.average[0][0], name, code)
         if part is not None:
-            writer.copy_ranges(name, code, shape, [part])
+            writer.copy_ranges(out_name, code, shape, [part])
             return
     parts: list[np.ndarray] = []
 
     def stored_chunks() -> Iterator[np.ndarray]:
-        for chunk in average_rows(inputs.average, name, chunk_elements):
+        for chunk in average_rows(inputs.average, name, chunk_elements if order is None else math.prod(shape)):
             if keep is not None:
                 parts.append(chunk)
-            yield from_float32(chunk, code)
+            yield from_float32(chunk if order is None else chunk[order], code)
 
-    writer.write_chunks(name, code, shape, stored_chunks())
+    writer.write_chunks(out_name, code, shape, stored_chunks())
     if keep is not None:
         import torch
 
@@ -109,12 +114,22 @@ def random_router(num_experts: int, hidden: int, std: float, seed: int) -> np.nd
     return (np.random.default_rng(seed).standard_normal((num_experts, hidden), dtype=np.float32) * np.float32(std)).astype(np.float32)
 
 
-def expert_ffn(inputs: MixInputs, cfg: MixConfig, layer: int, expert: int) -> dict[str, Any]:
-    """One expert's gate/up/down weights as torch tensors: the source FFN, with drop-upcycling and output scaling.
+def chunk_of(ffn: dict[str, Any], chunk: int, chunks: int) -> dict[str, Any]:
+    """Chunk ``chunk`` of ``chunks`` of an FFN: gate/up rows and down columns of one 1/chunks slice of the units."""
+    if chunks == 1:
+        return ffn
+    width = ffn["gate_proj"].shape[0] // chunks
+    units = slice(chunk * width, (chunk + 1) * width)
+    return {"gate_proj": ffn["gate_proj"][units], "up_proj": ffn["up_proj"][units], "down_proj": ffn["down_proj"][:, units].contiguous()}
+
+
+def expert_ffn(inputs: MixInputs, cfg: MixConfig, layer: int, expert: int, down_scale: float = 1.0) -> dict[str, Any]:
+    """One source expert's gate/up/down weights as torch tensors: the source FFN, with drop-upcycling and output scaling.
 
     The computed path (experts that are not copied file to file). Unmodified tensors keep their
     stored dtype; modified ones are fp32. Randomness is seeded per (random seed, layer, expert),
-    so recomputing an expert gives the same tensors.
+    so recomputing an expert gives the same tensors. ``down_scale`` multiplies the down
+    projection (``--expert-scale``, and the scales of ``moekit.steps.mix_plan``).
     """
     import torch
 
@@ -138,6 +153,6 @@ def expert_ffn(inputs: MixInputs, cfg: MixConfig, layer: int, expert: int) -> di
             shape[dim] = len(chosen)
             fresh = torch.randn(shape, generator=generator) * weight.std() + weight.mean()
             ffn[proj] = weight.index_copy(dim, chosen, fresh)
-    if cfg.expert_scale != 1.0:
-        ffn["down_proj"] = ffn["down_proj"].to(torch.float32) * cfg.expert_scale  # output is linear in down_proj
+    if down_scale != 1.0:
+        ffn["down_proj"] = ffn["down_proj"].to(torch.float32) * down_scale  # output is linear in down_proj
     return ffn

@@ -11,6 +11,8 @@ Three things real checkpoints need that a plain ``save_pretrained(state_dict=...
   with defaults does not double memory.
 - **The hub layout, always.** A model read from a fused-expert checkpoint is written back
   per expert (the layout every reader loads).
+- **fp32 where the family keeps it.** Routers and selection biases that transformers keeps in
+  fp32 in memory (``_keep_in_fp32_modules_strict``: GLM-4.5, ERNIE 4.5) are saved in fp32.
 - **Rounding is measured.** Casting fp32 training weights back to bf16/fp16 can round small
   updates away; the share of weights that came out bit-identical to the input is reported.
 """
@@ -54,18 +56,26 @@ def tied_copies(model: torch.nn.Module) -> set[str]:
     return set(tied)
 
 
+def kept_in_fp32(model: torch.nn.Module) -> Callable[[str], bool]:
+    """Whether a parameter name is one the model keeps in fp32 whatever its dtype (transformers' ``_keep_in_fp32_modules_strict``)."""
+    patterns = tuple(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    return lambda name: any(pattern in name for pattern in patterns)
+
+
 def saved_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The tensors to save: tied copies dropped, floating tensors cast to ``dtype`` on the CPU.
+    """The tensors to save: tied copies dropped, floating tensors cast to ``dtype`` on the CPU (fp32-kept ones stay fp32).
 
     ``state_dict`` is emptied as it is converted, so a gathered (FSDP) copy of the weights is
     released tensor by tensor instead of living next to its converted copy.
     """
     dropped = tied_copies(model)
+    fp32 = kept_in_fp32(model)
     state = {}
     for name in list(state_dict):
         tensor = state_dict.pop(name).detach()
         if name not in dropped:
-            state[name] = tensor.to("cpu", dtype) if tensor.is_floating_point() else tensor.cpu()
+            target = torch.float32 if fp32(name) and tensor.dtype == torch.float32 else dtype
+            state[name] = tensor.to("cpu", target) if tensor.is_floating_point() else tensor.cpu()
     broken = next((name for name, tensor in state.items() if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())), None)
     if broken is not None:
         raise NonFiniteError(

@@ -196,7 +196,7 @@ class RecipeRun:
         upcycle = self.recipe.mix.upcycle_experts
         fingerprint = _hash(self.fingerprints.get("train") if not upcycle else self.fingerprints["seed"], self.recipe.mix.model_dump(mode="json"))
         if upcycle:  # the baseline: copies of the seed FFN, no branches
-            options.update(average="uniform", weights=None, router="random", seed_expert=True)
+            options.update(average="uniform", weights=None, router="random", seed_as="routed")
             cfg = MixConfig(out=self.run_dir / "mixed", seed=str(self.seed_dir()), run_dir=self.run_dir, force=True,
                             upcycle={"num_experts": upcycle, "drop_fraction": self.recipe.mix.drop_fraction},
                             **{k: v for k, v in options.items() if k not in ("average", "weights", "router_sharpness", "router_tokens")})
@@ -222,7 +222,8 @@ class RecipeRun:
         fingerprint = _hash(self.fingerprints["mix"], spec.model_dump(mode="json"), self._data_print(self.data))
         cfg = TuneConfig(model=self.run_dir / "mixed", out=self.run_dir / "tuned", run_dir=self.run_dir, data=self.data, val_data=self.val_data,
                          mixture=spec.mixture, train=spec.train, balance=spec.balance, aux_coef=spec.aux_coef, z_coef=spec.z_coef,
-                         balance_scope=spec.balance_scope, routing=spec.routing, val_fraction=self.recipe.val_fraction,
+                         balance_scope=spec.balance_scope, routing=spec.routing, capacity_factor=spec.capacity_factor,
+                         bias_rate=spec.bias_rate, bias_rule=spec.bias_rule, temperature=spec.temperature, val_fraction=self.recipe.val_fraction,
                          text_field=self.recipe.text_field, resume=True, force=True, loop=spec.loop)
         def work() -> None:
             claim_work_dir(self.run_dir / "tune", fingerprint)

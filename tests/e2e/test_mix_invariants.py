@@ -104,7 +104,7 @@ def test_weighted_and_seed_averaging(make_seed, tmp_path):
 def test_no_seed_expert_and_bf16_output(make_seed, tmp_path):
     seed = make_seed("llama")
     run = branch(str(seed), tmp_path / "run", ["a", "b"])
-    cfg = MixConfig(out=tmp_path / "moe", seed=str(seed), experts=list(run.branches.items()), seed_expert=False, dtype="bfloat16")
+    cfg = MixConfig(out=tmp_path / "moe", seed=str(seed), experts=list(run.branches.items()), seed_as="none", dtype="bfloat16")
     out = mix(cfg).out
     moe, info = load(out)
     assert_clean_load(info)

@@ -109,3 +109,14 @@ def test_tune_loss_ignores_the_models_own_router_aux_loss(moes):
     with torch.no_grad():
         total, _ = objective(model, ids)
     torch.testing.assert_close(total, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_dense_first_layers_are_reported_as_such(moes, data, tmp_path):
+    """GLM-4.5 keeps its first ``first_k_dense_replace`` layers dense: the statistics and routing name the real decoder layers."""
+    static = static_report(Checkpoint(moes[("glm4_moe", False)]))
+    assert static["dense_layers"] == [0] and [layer["layer"] for layer in static["per_layer"]] == [1]
+    assert static["selection_bias"]["per_layer"] == {"1": [0.0, 0.0, 0.0]}
+    out = tmp_path / "r.json"
+    assert cli("inspect", moes[("glm4_moe", True)], *_data_args(data), "--seq-len", "32", "--max-tokens", "256", "--json", out).exit_code == 0
+    routing = json.loads(out.read_text())["routing"]
+    assert [layer["layer"] for layer in routing["layers"]] == [1] and "shared_output_share" in routing["layers"][0]
