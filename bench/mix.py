@@ -5,7 +5,7 @@ Builds three distinct random bf16 Llama checkpoints (default: hidden 1024, FFN 4
 best of ``--repeats``, each as a whole process followed by ``sync``:
 
 * ``cp -r`` of the three inputs: the I/O floor;
-* ``moekit mix --expert a=.. --expert b=.. --expert c=.. --seed-model a --no-seed-expert``
+* ``moekit mix --expert a=.. --expert b=.. --expert c=.. --seed-model a --seed-as none``
   (a 3-expert top-2 Mixtral, random router);
 * ``mergekit-moe`` on the same inputs (gate_mode random), when ``--mergekit`` is given: it is
   installed into its own venv under the work directory on first use (needs PyPI).
@@ -99,7 +99,7 @@ def main() -> None:
         inputs = [work / name for name in ("a", "b", "c")]
         size = sum(build_checkpoint(p, i + 1, args.layers, args.hidden, args.intermediate, args.vocab) for i, p in enumerate(inputs))
         moekit = [sys.executable, "-m", "moekit", "mix", *(f"--expert={p.name}={p}" for p in inputs), "--seed-model", str(inputs[0]),
-                  "--no-seed-expert", "--out", str(work / "moe"), "--force"]
+                  "--seed-as", "none", "--out", str(work / "moe"), "--force"]
         sides = {
             "cp -r": synced(["cp", "-r", *map(str, inputs), str(work / "copy")], f"rm -rf '{work / 'copy'}' && mkdir '{work / 'copy'}' && "),
             "moekit mix": synced(moekit),
