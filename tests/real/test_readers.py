@@ -36,12 +36,12 @@ TEXT = "def f(x):\n    return x + 1\nThe answer is 42."
 READER_SCRIPT = Path(__file__).with_name("reader_load.py")
 
 
-def _moe_from(seed: Path, out: Path) -> Path:
+def _moe_from(seed: Path, out: Path, **options) -> Path:
     """A 3-expert top-2 MoE of two perturbed branches of ``seed`` and the seed expert."""
     run = branch(str(seed), out.parent / f"{out.name}-run", ["code", "math"])
     for i, path in enumerate(run.branches.values()):
         perturb_model(path, seed=i + 1, scale=0.02)
-    return mix(MixConfig(out=out, seed=str(seed), experts=list(run.branches.items()))).out
+    return mix(MixConfig(out=out, seed=str(seed), experts=list(run.branches.items()), **options)).out
 
 
 def _trained_outputs(root: Path) -> dict[str, Path]:
@@ -57,6 +57,14 @@ def _trained_outputs(root: Path) -> dict[str, Path]:
     return {"llama-trained-branch": root / "run" / "branches" / "code", "mixtral-tuned": root / "run" / "tuned"}
 
 
+EXTRA_TARGETS = {  # family -> (target, seed_as) built besides the default target
+    "llama": [("glm4_moe", "routed"), ("ernie4_5_moe", "shared")],
+    "qwen2": [("glm4_moe", "shared")],
+    "qwen3": [("glm4_moe", "routed")],
+}
+EXTRA_NAMES = [f"{family}-{target}-{seed_as}" for family, pairs in EXTRA_TARGETS.items() for target, seed_as in pairs]
+
+
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("outputs")
@@ -64,6 +72,8 @@ def outputs(tmp_path_factory) -> dict[str, Path]:
     for family in FAMILIES:
         seed = build_tiny_model(root / f"{family}-seed", family, dtype=torch.bfloat16, tie_word_embeddings=True, **FAMILY_OVERRIDES.get(family, {}))
         made[f"{family}-moe"] = _moe_from(seed, root / f"{family}-moe")
+        for target, seed_as in EXTRA_TARGETS.get(family, []):  # the bias-bearing targets, routed and shared seed
+            made[f"{family}-{target}-{seed_as}"] = _moe_from(seed, root / f"{family}-{target}-{seed_as}", target=target, seed_as=seed_as)
     made.update(_trained_outputs(root))
     return made
 
@@ -87,7 +97,7 @@ def reader_results(outputs, tmp_path_factory) -> dict[str, dict]:
     return {job["name"]: result for job, result in zip(jobs, results["models"], strict=True)}
 
 
-@pytest.mark.parametrize("name", [f"{f}-moe" for f in FAMILIES] + ["llama-trained-branch", "mixtral-tuned"])
+@pytest.mark.parametrize("name", [f"{f}-moe" for f in FAMILIES] + EXTRA_NAMES + ["llama-trained-branch", "mixtral-tuned"])
 def test_transformers_4_57_loads_the_output(name, outputs, reader_results):
     result = reader_results[name]
     assert "error" not in result, result.get("error")
