@@ -62,14 +62,17 @@ class BlockSchedule:
     def _permutation(self, epoch: int) -> torch.Tensor:
         if epoch != self._epoch:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._epoch, self._perm = epoch, torch.randperm(self.num_blocks, generator=generator)
+            # int32 halves the one array that grows with the corpus (4 bytes per block); torch draws the
+            # same permutation for either dtype, so runs and checkpoints from int64 versions resume alike
+            dtype = torch.int32 if self.num_blocks < 2**31 else torch.int64
+            self._epoch, self._perm = epoch, torch.randperm(self.num_blocks, generator=generator, dtype=dtype)
         return self._perm
 
     def indices(self, step: int, micro_index: int, rank: int) -> torch.Tensor:
         """Block indices of micro-batch ``micro_index`` of ``rank`` at ``step``."""
         start = step * self.global_batch + (micro_index * self.world + rank) * self.micro
         positions = range(start, start + self.micro)
-        return torch.stack([self._permutation(p // self.num_blocks)[p % self.num_blocks] for p in positions])
+        return torch.stack([self._permutation(p // self.num_blocks)[p % self.num_blocks] for p in positions]).long()
 
 
 class MetricsLogger:

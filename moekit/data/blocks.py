@@ -172,7 +172,8 @@ class MixtureBlocks:
             if wanted == 0:  # a zero share (or one too small to round to a block) leaves the domain out
                 continue
             passes = -(-wanted // len(source))
-            order = torch.cat([torch.randperm(len(source), generator=generator) for _ in range(passes)])[:wanted]
+            dtype = torch.int32 if len(source) < 2**31 else torch.int64  # 4 bytes per block; the same draw as int64
+            order = torch.cat([torch.randperm(len(source), generator=generator, dtype=dtype) for _ in range(passes)])[:wanted]
             domains.append(torch.full((wanted,), index, dtype=torch.int16))
             blocks.append(order)
         self.domain_of = torch.cat(domains)
