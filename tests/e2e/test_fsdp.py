@@ -104,6 +104,23 @@ def test_router_only_tune_under_fsdp_equals_one_process(runs):
     assert changed and all(n.endswith("block_sparse_moe.gate.weight") for n in changed)
 
 
+def test_bias_balancing_under_fsdp_equals_one_process(runs):
+    """The selection bias (a DTensor shard under FSDP2) moves by the same global counts as in one process."""
+    for name in ("one", "two"):
+        cli("train", runs / name, "--data", f"code={runs / 'code.txt'}", "--data", f"math={runs / 'math.txt'}", "--max-steps", "1",
+            "--batch-size", "4", *LOOP)
+        cli("mix", runs / name, "--target", "glm4_moe")
+    tune = ["--train", "router", "--balance", "bias", "--bias-rate", "0.01", "--max-steps", "4", "--lr", "1e-2", "--seq-len", "32",
+            "--eval-every", "0", "--eval-blocks", "2"]
+    _run(1, "tune", runs / "one", *tune, "--batch-size", "4")
+    _run(2, "tune", runs / "two", *tune, "--batch-size", "2", "--shard", "fsdp")
+    one, two = Checkpoint(runs / "one" / "tuned"), Checkpoint(runs / "two" / "tuned")
+    biases = [n for n in one.tensors if n.endswith("e_score_correction_bias")]
+    assert biases and all(float(one.get(n).abs().max()) > 0 for n in biases)  # the bias moved
+    assert all(torch.equal(one.get(n), two.get(n)) for n in biases)  # sign steps of the same global counts: exactly equal
+    assert _max_difference(runs / "one" / "tuned", runs / "two" / "tuned") < 1e-5
+
+
 def _interrupt_after_checkpoint(processes: int, run: Path, args: list, extra: list) -> None:
     """Start training, and SIGKILL it (every process) once the step-20 checkpoint is complete."""
     process = _launch(processes, "train", run, *args, *extra)
