@@ -97,7 +97,7 @@ def test_killed_mix_leaves_nothing_after_the_next_run(sig, tmp_path):
     assert (tmp_path / "moe" / "config.json").is_file()
 
 
-@pytest.mark.parametrize("command", ["train", "tune"])
+@pytest.mark.parametrize("command", [pytest.param("train", marks=pytest.mark.slow), "tune"])  # train: also test_demo's kill-in-train
 def test_sigkill_then_resume(command, run):
     data = ["--data", f"code={run.parent / 'code.txt'}", "--data", f"math={run.parent / 'math.txt'}"]
     if command == "tune":

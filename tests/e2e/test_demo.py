@@ -82,6 +82,7 @@ def test_average_is_the_mean_of_the_branches(tmp_path):
         assert torch.allclose(averaged.get(name).float(), mean, atol=1e-6), name
 
 
+@pytest.mark.slow
 def test_changed_train_options_retrain_from_the_seed(tmp_path):
     """Re-running with other train options must equal a fresh run with them, not train further."""
     stages = "stages=[seed,branch,train]"

@@ -133,7 +133,7 @@ def _interrupt_after_checkpoint(processes: int, run: Path, args: list, extra: li
     assert checkpoint.is_file(), "the run ended before its step-20 checkpoint"
 
 
-@pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
+@pytest.mark.parametrize("first,then", [(2, 1), pytest.param(1, 2, marks=pytest.mark.slow)])  # 1 -> 2 with -m slow (30 s)
 def test_resume_across_world_sizes(first, then, runs):
     """A checkpoint written by N processes resumes on M and ends where an uninterrupted run ends."""
     args = ["--data", f"code={runs / 'code.txt'}", "--branch", "code", "--max-steps", "60", "--save-every", "20", *LOOP]

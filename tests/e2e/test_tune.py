@@ -167,6 +167,7 @@ def test_tune_resume_after_a_crash(mixed, tmp_path, monkeypatch):
         assert torch.allclose(a.get(name), b.get(name), atol=1e-6), name
 
 
+@pytest.mark.slow  # global balancing across processes is also covered, under FSDP2, by test_fsdp
 def test_two_processes_match_one_with_global_balancing(mixed, tmp_path):
     common = [*map(str, _data_args(mixed)), "--max-steps", "4", "--balance-scope", "global", "--seq-len", "32", "--lr", "3e-3", "--eval-every", "0"]
     one = cli("tune", mixed, *common, "--batch-size", "4", "--out", tmp_path / "one")

@@ -109,7 +109,7 @@ def test_block_views_and_mixtures_read_only_what_they_return(tokenizer, corpus, 
 
 def test_killed_prepare_leaves_no_half_store_and_a_rerun_finishes(tmp_path):
     big = tmp_path / "big.txt"
-    big.write_text(domain_corpus("code", 120_000))  # ~6 MB: seconds of tokenising
+    big.write_text(domain_corpus("code", 40_000))  # ~2 MB: enough to kill prepare before it finishes
     seed = tmp_path / "tok"
     build_tokenizer(seed)
     out = tmp_path / "store"
