@@ -103,6 +103,12 @@ def stores_selection_bias(moe_type: str) -> bool:
     return moe_type in READ_ONLY_SELECTION_BIAS
 
 
+def shared_expert_modules() -> frozenset[str]:
+    """The module names a shared expert has inside an MoE block, over every target (``shared_expert``, ``shared_experts``)."""
+    _load_all()
+    return frozenset(a.shared.module for targets in _REGISTRY.values() for a in targets.values() if a.shared is not None)
+
+
 def selection_bias_targets() -> dict[str, list[str]]:
     """moekit's targets whose routers store a selection bias, each with the dense families it builds from."""
     _load_all()
@@ -116,6 +122,6 @@ def selection_bias_targets() -> dict[str, list[str]]:
 
 __all__ = [
     "ArchAdapter", "MoeLayouts", "adapter_for_moe", "get_adapter", "layouts_for_moe", "register", "router_scoring",
-    "selection_bias_targets", "stores_selection_bias",
+    "selection_bias_targets", "shared_expert_modules", "stores_selection_bias",
     "supported_families", "supported_targets",
 ]

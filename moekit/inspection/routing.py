@@ -134,21 +134,21 @@ def _decoder_layer(router_name: str, fallback: int) -> int:
     return int(found.group(1)) if found else fallback
 
 
-_SHARED_MODULES = ("shared_expert", "shared_experts")
-
-
 def _shared_expert_hooks(model: torch.nn.Module, controller: RoutingController, tally: RoutingTally) -> list[Any]:
     """Hooks that split each MoE block's output into its routed part (the ``experts`` module's output) and the rest.
 
     The rest is the shared expert's contribution, after its gate where it has one (Qwen2-MoE).
     Blocks without a shared expert get no hooks.
     """
+    from moekit.arch import shared_expert_modules
+
+    shared_names = shared_expert_modules()
     modules = dict(model.named_modules())
     handles = []
     for layer, (name, _) in enumerate(controller.routers):
         block = modules.get(name.rpartition(".")[0])
         experts = getattr(block, "experts", None)
-        if block is None or experts is None or not any(getattr(block, n, None) is not None for n in _SHARED_MODULES):
+        if block is None or experts is None or not any(getattr(block, n, None) is not None for n in shared_names):
             continue
         routed: dict[str, torch.Tensor] = {}
 

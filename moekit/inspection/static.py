@@ -25,11 +25,12 @@ import torch
 from moekit.arch import layouts_for_moe
 from moekit.arch.layouts import ExpertLayout
 from moekit.io.checkpoint import Checkpoint, TensorInfo
+from moekit.routing.bias import BIAS_NAME
 
 _EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 _TOP_K_KEYS = ("num_experts_per_tok", "moe_k")
 _GRAM_CHUNK_ELEMENTS = 1 << 20  # values per expert per Gram update (8 MB in float64)
-_SELECTION_BIAS = re.compile(r"^model\.layers\.(\d+)\..*e_score_correction_bias$")
+_SELECTION_BIAS = re.compile(rf"^model\.layers\.(\d+)\..*{re.escape(BIAS_NAME)}$")
 
 
 def num_experts_of(config: dict[str, Any]) -> int | None:

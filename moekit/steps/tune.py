@@ -30,6 +30,7 @@ from moekit.data.blocks import MixtureBlocks
 from moekit.data.domains import domains_data, record_heldout
 from moekit.distributed import Engine
 from moekit.errors import InvalidOptionError, UnsupportedArchitectureError
+from moekit.inspection.static import top_k_of
 from moekit.io.atomic import check_output_apart, check_output_dir
 from moekit.io.config_json import dtype_name
 from moekit.io.loading import load_causal_lm
@@ -138,7 +139,7 @@ def check_routing_mode(cfg: TuneConfig) -> None:
 def inference_routing(model_dir: Path) -> str:
     """How the saved model routes at inference, in words (its config's own rule; tune never changes it)."""
     config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
-    k = config.get("num_experts_per_tok") or config.get("moe_k") or "k"
+    k = top_k_of(config)
     scoring = router_scoring(str(config.get("model_type", "")))
     rule = f"top-{k} of the router's {'sigmoid scores' if scoring == 'sigmoid' else 'softmax'}"
     if stores_selection_bias(str(config.get("model_type", ""))):
