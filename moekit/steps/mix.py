@@ -31,7 +31,7 @@ from moekit.io.floats import CODES, from_float32, stored_dtype
 from moekit.io.writer import PlannedTensor, StreamingShardWriter, parse_size
 from moekit.manifest import StageRecord, updating_manifest
 from moekit.progress import progress_bar
-from moekit.steps.mix_experts import write_experts, write_shared
+from moekit.steps.mix_experts import background_scans, write_experts, write_shared
 from moekit.steps.mix_inputs import (
     TIED_HEAD,
     MixInputs,
@@ -186,7 +186,7 @@ def mix(cfg: MixConfig, show_progress: bool = False) -> MixResult:
     check_free_space(cfg.out, sum(t.nbytes for t in plan))
     globals_, per_layer = _split_tensor_names(inputs)
     num_layers = inputs.seed.config["num_hidden_layers"]
-    with atomic_output_dir(cfg.out, force=cfg.force) as tmp:
+    with atomic_output_dir(cfg.out, force=cfg.force) as tmp, background_scans() as scans:
         writer = StreamingShardWriter(tmp, plan, max_shard)
         try:
             for name, source in globals_.items():
@@ -199,6 +199,7 @@ def mix(cfg: MixConfig, show_progress: bool = False) -> MixResult:
                 for layer in range(num_layers):
                     _mix_layer(layer, inputs, cfg, block, writer, code, per_layer.get(layer, []), centroid)
                     advance()
+            scans.finish()  # every verbatim copy checked for NaN/inf before the output is published
             writer.close()
         except BaseException:
             writer.abort()

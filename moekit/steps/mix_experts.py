@@ -9,7 +9,9 @@ or cast to another dtype, are computed and written as tensors.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -27,19 +29,79 @@ from moekit.steps.mix_plan import BlockPlan
 Range = tuple[Path, int, int]
 
 
+def _non_finite(name: str, checkpoint: Checkpoint) -> NonFiniteError:
+    return NonFiniteError(
+        f"Tensor {name} of {checkpoint.path} holds NaN or infinite values; a model mixed from it would be broken.",
+        "That model is damaged (a diverged training run?): retrain it with a lower --lr, or leave it out.",
+    )
+
+
+class FiniteScans:
+    """NaN/inf scans of verbatim-copied tensors, run on a second thread while the copies go on.
+
+    The scan of a memory map (numpy, GIL released) overlaps the in-kernel copies and the averaging
+    of the main thread. ``finish`` waits for every scan and raises for the first damaged tensor;
+    ``mix`` calls it before the output directory is published, so a damaged input still leaves
+    nothing on disk.
+    """
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moekit-scan")
+        self._pending: list[tuple[Any, str, Checkpoint]] = []
+
+    def submit(self, path: Path, info: Any, name: str, checkpoint: Checkpoint) -> None:
+        """Queue the scan of one stored tensor."""
+        self._pending.append((self._pool.submit(finite_on_disk, path, info), name, checkpoint))
+
+    def finish(self) -> None:
+        """Wait for every scan; NonFiniteError naming the first tensor that holds NaN or inf."""
+        try:
+            for future, name, checkpoint in self._pending:
+                if not future.result():
+                    raise _non_finite(name, checkpoint)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the scan thread (pending scans are dropped)."""
+        for future, _, _ in self._pending:
+            future.cancel()
+        self._pool.shutdown(wait=True)
+
+
+_SCANS: ContextVar[FiniteScans | None] = ContextVar("moekit_finite_scans", default=None)
+
+
+@contextlib.contextmanager
+def background_scans() -> Iterator[FiniteScans]:
+    """While open, verbatim ranges are scanned on a second thread; call ``finish()`` on it before publishing."""
+    scans = FiniteScans()
+    token = _SCANS.set(scans)
+    try:
+        yield scans
+    finally:
+        _SCANS.reset(token)
+        scans.close()
+
+
 def verbatim_range(checkpoint: Checkpoint, name: str, dtype: Any, rows: tuple[int, int] | None = None) -> Range | None:
-    """The byte range of ``name`` (or of its ``rows`` (start, count)) when it goes out as stored (same dtype), after a NaN/inf check."""
+    """The byte range of ``name`` (or of its ``rows`` (start, count)) when it goes out as stored (same dtype), NaN/inf-checked.
+
+    Inside :func:`background_scans` the check is queued on the scan thread; otherwise it runs here.
+    """
     info = checkpoint.tensors[name]
     if rows is not None:
         info = row_slice(info, *rows)
     if info.dtype != dtype_code(dtype):
         return None
     path = checkpoint.path / info.shard
-    if not finite_on_disk(path, info):
-        raise NonFiniteError(
-            f"Tensor {name} of {checkpoint.path} holds NaN or infinite values; a model mixed from it would be broken.",
-            "That model is damaged (a diverged training run?): retrain it with a lower --lr, or leave it out.",
-        )
+    scans = _SCANS.get()
+    if scans is not None:
+        scans.submit(path, info, name, checkpoint)
+    elif not finite_on_disk(path, info):
+        raise _non_finite(name, checkpoint)
     return path, info.offset, info.nbytes
 
 
