@@ -36,6 +36,11 @@ class MixConfig(_Strict):
     upcycle: UpcycleSettings | None = None
     average: Literal["uniform", "weighted", "seed"] = "uniform"
     weights: list[float] | None = Field(None, description="branch weights for average=weighted")
+    merge: Literal["mean", "task-arithmetic", "ties", "dare"] = Field(
+        "mean", description="how the averaged tensors are merged: the mean of the branches, or the seed plus merged deltas"
+    )
+    merge_density: float = Field(1.0, gt=0.0, le=1.0, description="ties/dare: share of each branch's delta kept")
+    merge_scale: float = Field(1.0, gt=0.0, le=10.0, description="task-arithmetic/ties/dare: multiplies the merged delta")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     top_k: int = Field(2, ge=1)
     router: Literal["random", "centroid"] = "random"
@@ -73,6 +78,12 @@ class MixConfig(_Strict):
             problems.append("average/weights do not apply to upcycling (there is one source)")
         if self.average != "weighted" and self.weights is not None:
             problems.append("weights are only used with average=weighted")
+        if self.merge != "mean" and (self.upcycle is not None or self.average == "seed"):
+            problems.append(f"merge {self.merge} combines the branches' deltas; it needs branches and average uniform or weighted")
+        if self.merge == "mean" and (self.merge_density != 1.0 or self.merge_scale != 1.0):
+            problems.append("merge_density and merge_scale apply to merge task-arithmetic, ties or dare, not mean")
+        if self.merge == "task-arithmetic" and self.merge_density != 1.0:
+            problems.append("merge_density applies to ties and dare (task-arithmetic keeps every delta value)")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -142,6 +153,9 @@ class TrainConfig(_Strict):
     val_data: dict[str, list[str]] = Field(default_factory=dict, description="branch -> validation data specs")
     val_fraction: float | None = Field(None, ge=0, lt=1, description="share of each domain's tokens held out (default: the recorded split, else 0.05)")
     text_field: str = "text"
+    train: Literal["all", "ffn", "ffn+norms"] = Field(
+        "all", description="what learns: everything, only the FFNs (the rest stays the seed's, FlexOlmo-style), or FFNs and norms"
+    )
     resume: bool = False
     loop: LoopSettings
 
@@ -171,6 +185,7 @@ class TuneConfig(_Strict):
     text_field: str = "text"
     resume: bool = False
     force: bool = False
+    stage: str = Field("tune", description="the run-manifest stage name (baselines tune under their own)")
     loop: LoopSettings
 
     @model_validator(mode="after")

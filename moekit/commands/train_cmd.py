@@ -43,6 +43,7 @@ def train_command(
     val_data: list[str] = typer.Option([], "--val-data", help="[BRANCH=]PATH held-out data (default: the last --val-fraction of the training data)."),
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Share of each domain's tokens held out (default: the split the run recorded, else 0.05)."),
     text_field: str = typer.Option("text", "--text-field", help="Text field of .jsonl/.json/.parquet records."),
+    train_params: str = typer.Option("all", "--train", help="What learns: all | ffn (only the FFNs: attention, norms and embeddings stay the seed's, so mix averages nothing that diverged) | ffn+norms."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint of an interrupted run."),
     loop: Any = None,  # a LoopSettings, built by with_loop_options from the shared loop options
 ) -> None:
@@ -52,6 +53,7 @@ def train_command(
     Examples:
       moekit train run --branch code --data code.jsonl --max-steps 1000
       moekit train run --data code=code/ --data math=math.parquet --max-tokens 50000000
+      moekit train run --branch code --train ffn --max-steps 1000   # experts stay compatible (FlexOlmo-style)
       accelerate launch --num_processes 8 -m moekit train run --branch code --max-steps 1000
     """
     from rich.console import Console
@@ -68,7 +70,7 @@ def train_command(
     cfg = TrainConfig(
         run_dir=run_dir, branches=branch, data=parse_branch_data(data, branch, known, "--data"),
         val_data=parse_branch_data(val_data, branch, known, "--val-data"), val_fraction=val_fraction,
-        text_field=text_field, resume=resume, loop=loop,
+        text_field=text_field, train=train_params, resume=resume, loop=loop,
     )
     results = train(cfg)
     if not is_main_process():

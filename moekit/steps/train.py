@@ -10,12 +10,16 @@ seed by hard links are never written into.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from moekit.arch import get_adapter
+from moekit.arch.base import LAYER_TENSOR
+from moekit.compute import training_flops
 from moekit.config import TrainConfig
 from moekit.data.domains import DomainData, domains_data, record_heldout
 from moekit.data.sources import absolute_spec
@@ -44,6 +48,28 @@ class BranchTrainResult:
     unchanged_share: float | None = None  # share of weights bit-identical to the branch's input after saving
 
 
+
+
+def branch_trainable(model_type: str, what: str) -> Callable[[str], bool]:
+    """Which parameters of a dense branch learn, by name, for ``train --train``.
+
+    ``ffn``: only the FFN tensors (the family adapter says which they are); attention, norms and
+    embeddings stay the seed's bit for bit, so ``mix`` averages nothing that diverged and each
+    branch is reproduced exactly when routed to its own expert (FlexOlmo's way of keeping experts
+    compatible). ``ffn+norms`` also trains the layer norms outside attention.
+    """
+    if what == "all":
+        return lambda name: True
+    adapter = get_adapter(model_type)
+
+    def chosen(name: str) -> bool:
+        match = LAYER_TENSOR.match(name)
+        if match and adapter.is_ffn_tensor(match.group(2)):
+            return True
+        module = name.split(".")[-2] if name.count(".") else ""
+        return what == "ffn+norms" and "norm" in module and ".self_attn." not in name
+
+    return chosen
 
 
 def register_data(manifest: RunManifest, cfg: TrainConfig) -> None:
@@ -91,7 +117,8 @@ def _finished_earlier(manifest: RunManifest, name: str, cfg: TrainConfig) -> boo
 
 
 def _stage_params(manifest: RunManifest, name: str, cfg: TrainConfig) -> dict[str, Any]:
-    return {"branch": name, "data": manifest.branches[name].data, **cfg.loop.model_dump(mode="json")}
+    params = {"branch": name, "data": manifest.branches[name].data, **cfg.loop.model_dump(mode="json")}
+    return params if cfg.train == "all" else {**params, "train": cfg.train}  # older records (all) stay comparable
 
 
 def _selected_branches(manifest: RunManifest, cfg: TrainConfig) -> list[str]:
@@ -141,14 +168,16 @@ def _train_branches(cfg: TrainConfig, manifest: RunManifest, names: list[str], e
         torch.manual_seed(cfg.loop.seed)
         model = load_causal_lm(branch_dir, torch.float32)
         dtype = resolve_save_dtype(cfg.loop.save_dtype, branch_dir)
-        job = LoopJob(model, domains[name].train, eval_sets, cfg.loop, work_dir, cfg.resume, f"train {name}", show_progress, save_dtype=dtype)
+        job = LoopJob(model, domains[name].train, eval_sets, cfg.loop, work_dir, cfg.resume, f"train {name}", show_progress, save_dtype=dtype,
+                      trainable=branch_trainable(model.config.model_type, cfg.train), fingerprint_extra={"train": cfg.train} if cfg.train != "all" else {})
         result = run_loop(job, engine)
         saved = None
         if engine.is_main_process:
             assert result.state_dict is not None
             saved = write_trained_model(branch_dir, branch_dir, model, result.state_dict, dtype, [work_dir / "metrics.jsonl"])
             shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)
-            outputs = {"steps": result.steps, "tokens": result.tokens, "loss": result.last_row.get("loss"), "eval_loss": result.eval,
+            flops = training_flops(branch_dir, result.tokens, cfg.loop.seq_len)
+            outputs = {"steps": result.steps, "tokens": result.tokens, "flops": flops, "loss": result.last_row.get("loss"), "eval_loss": result.eval,
                        "saved_dtype": dtype_name(dtype), "unchanged_share": saved.unchanged_share}
             with updating_manifest(cfg.run_dir) as fresh:
                 fresh.stages.append(StageRecord(stage="train", params=_stage_params(manifest, name, cfg), outputs=outputs))
