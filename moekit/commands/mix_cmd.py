@@ -57,6 +57,9 @@ def mix_command(
     target: Optional[str] = typer.Option(None, "--target", help="MoE family to build (default: the seed family's; e.g. glm4_moe or ernie4_5_moe for a selection bias). See docs/formats.md."),
     split: int = typer.Option(1, "--split", min=1, max=64, help="Fine-grained experts: cut each expert FFN into this many experts of 1/split the width (top-k scales with it)."),
     average: str = typer.Option("uniform", "--average", help="Non-FFN tensors: uniform | seed | weighted:W1,W2,... (branch order)."),
+    merge: str = typer.Option("mean", "--merge", help="How the averaged tensors combine: mean (BTX) | task-arithmetic | ties | dare (seed + merged deltas of the branches)."),
+    merge_density: Optional[float] = typer.Option(None, "--merge-density", help="ties/dare: share of each branch's delta kept, in (0, 1] (default 1)."),
+    merge_scale: Optional[float] = typer.Option(None, "--merge-scale", help="task-arithmetic/ties/dare: multiplies the merged delta (default 1: the mean of the deltas)."),
     dtype: str = typer.Option("auto", "--dtype", help="Output dtype: auto (the seed's) | float32 | bfloat16 | float16."),
     top_k: int = typer.Option(2, "--top-k", min=1, help="Experts per token."),
     router: str = typer.Option("random", "--router", help="Router init: random (small std) | centroid (data-aware)."),
@@ -108,9 +111,10 @@ def mix_command(
         seed = seed_model or str(expert_list[0][1])
     if out is None:
         raise InvalidOptionError("No output directory.", "Pass --out DIR.")
-    given = {k: v for k, v in dict(router_sharpness=router_sharpness, router_tokens=router_tokens, router_block_size=router_seq_len).items() if v is not None}
+    given = {k: v for k, v in dict(router_sharpness=router_sharpness, router_tokens=router_tokens, router_block_size=router_seq_len,
+                                    merge_density=merge_density, merge_scale=merge_scale).items() if v is not None}
     cfg = MixConfig(
-        out=out, seed=seed, experts=expert_list, seed_as=seed_role, target=target, split=split, average=mode, weights=weights, dtype=dtype,
+        out=out, seed=seed, experts=expert_list, seed_as=seed_role, target=target, split=split, average=mode, weights=weights, merge=merge, dtype=dtype,
         top_k=top_k, router=router, router_std=router_std, router_data=parse_key_values(router_data, "--router-data"),
         expert_scale=expert_scale, random_seed=random_seed, shard_size=shard_size, force=force, run_dir=run_dir,
         upcycle=UpcycleSettings(num_experts=experts or 4, drop_fraction=drop_fraction or 0.0) if upcycle else None,

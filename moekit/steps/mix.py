@@ -250,6 +250,7 @@ def _write_metadata(tmp: Path, cfg: MixConfig, inputs: MixInputs, plan: BlockPla
         "scales": {"routed_config": plan.config_scale, "routed_down": plan.down_scale, "shared_down": plan.shared_down_scale},
         "average": cfg.average if not cfg.upcycle else "seed",
         "average_weights": [round(w, 6) for _, w in inputs.average],
+        "merge": {"method": cfg.merge, "density": cfg.merge_density, "scale": cfg.merge_scale},
         "dtype": dtype_name(dtype),
         "top_k": plan.top_k,
         "router": router,

@@ -19,6 +19,7 @@ from moekit.io.config_json import with_rope_parameters
 from moekit.io.files import tokenizer_fingerprint
 from moekit.io.source import resolve_model_dir
 from moekit.steps.inputs import open_dense_model
+from moekit.steps.mix_merge import MergeSpec
 
 # Config keys that may differ between a seed and its trained branches without changing the
 # architecture (bookkeeping written by save_pretrained or trainers).
@@ -42,6 +43,7 @@ class MixInputs:
     adapter: ArchAdapter
     experts: list[ExpertSource]
     average: list[tuple[Checkpoint, float]]
+    merge: MergeSpec = MergeSpec()
 
     def close(self) -> None:
         """Close every input's open shard files."""
@@ -165,7 +167,8 @@ def open_mix_inputs(cfg: MixConfig) -> MixInputs:
             f"{len(experts)} expert(s) cannot serve top-{cfg.top_k} routing.",
             f"Use --top-k {len(experts)} or less, or add experts.",
         )
-    return MixInputs(seed, adapter, experts, average)
+    merge = MergeSpec(cfg.merge, cfg.merge_density, cfg.merge_scale, cfg.random_seed)
+    return MixInputs(seed, adapter, experts, average, merge)
 
 
 def check_seed_as(cfg: MixConfig, adapter: ArchAdapter) -> None:

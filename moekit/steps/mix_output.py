@@ -88,7 +88,7 @@ from the dense {adapter.dense_type} model `{record['seed']}`.
 |---|---|---|---|
 {rows}
 
-- Attention, norms, embeddings and LM head: `{record['average']}` average of the branches (fp32, cast to {record['dtype']}).
+- Attention, norms, embeddings and LM head: {_merge_words(record)} (fp32, cast to {record['dtype']}).
 - Routing: top-{record['top_k']} of {len(record['experts'])} experts; router initialised `{routing['init']}`.
   The router is new: fine-tune the model (router first) before judging it.{init_stats}
 - {adapter.notes}
@@ -105,3 +105,12 @@ Weights use the per-expert tensor names that transformers, vLLM and llama.cpp's 
 Full provenance: `moekit.yaml`.
 """
     (out_dir / "README.md").write_text(card, encoding="utf-8")
+
+
+def _merge_words(record: dict[str, Any]) -> str:
+    """How the shared tensors were merged, in words, for the model card."""
+    merge = record.get("merge") or {"method": "mean"}
+    if merge["method"] == "mean":
+        return f"`{record['average']}` average of the branches"
+    knobs = f"scale {merge['scale']}" + (f", density {merge['density']}" if merge["method"] != "task-arithmetic" else "")
+    return f"the seed plus the branches' deltas merged by `{merge['method']}` ({knobs})"

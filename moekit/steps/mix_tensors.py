@@ -26,6 +26,7 @@ from moekit.io.floats import finite, from_float32, to_float32
 from moekit.io.writer import StreamingShardWriter
 from moekit.steps.mix_experts import verbatim_range
 from moekit.steps.mix_inputs import MixInputs
+from moekit.steps.mix_merge import MergeSpec, merge_chunk
 
 CHUNK_ELEMENTS = 4 << 20  # values per averaging chunk (16 MB in fp32): bounds peak memory
 
@@ -45,22 +46,47 @@ def checked(values: np.ndarray, code: str, name: str, checkpoint: Checkpoint) ->
     return values
 
 
-def average_rows(sources: list[tuple[Checkpoint, float]], name: str, chunk_elements: int = CHUNK_ELEMENTS) -> Iterator[np.ndarray]:
-    """Yield the weighted mean of tensor ``name`` over ``sources`` as float32 row chunks of about ``chunk_elements`` values.
+def _identical(raw: list[tuple[np.ndarray, str]]) -> bool:
+    """Whether every source chunk holds the same stored values (first row first: distinct inputs differ at once)."""
+    (first, code), *others = raw
+    return all(c == code and np.array_equal(a[:1], first[:1]) and np.array_equal(a, first) for a, c in others)
 
-    Equal weights are applied once, to the sum (for two sources (a + b) / 2 exactly).
+
+def average_rows(
+    sources: list[tuple[Checkpoint, float]], name: str, chunk_elements: int = CHUNK_ELEMENTS,
+    merge: MergeSpec | None = None, seed: Checkpoint | None = None,
+) -> Iterator[np.ndarray]:
+    """Yield the merge of tensor ``name`` over ``sources`` as float32 row chunks of about ``chunk_elements`` values.
+
+    The plain weighted mean unless ``merge`` says otherwise (``moekit.steps.mix_merge``; those
+    methods read the ``seed``'s tensor too). Equal weights are applied once, to the sum (for two
+    sources (a + b) / 2 exactly). Chunks that are the same in every source (tensors that no branch
+    trained, e.g. after ``train --train ffn``) are returned as they are, whatever the method:
+    the merge of identical values is that value, exactly.
     """
     shape = sources[0][0].tensors[name].shape
     rows = shape[0] if shape else 1
     step = max(1, chunk_elements // max(1, math.prod(shape[1:])))
     (first, first_weight), *others = sources
     uniform = all(weight == first_weight for _, weight in others)
-    for start in range(0, rows, step):
+    for index, start in enumerate(range(0, rows, step)):
         stop = min(rows, start + step)
-        total: np.ndarray | None = None
-        for checkpoint, weight in sources:
+        raw = []
+        for checkpoint, _ in sources:
             code = checkpoint.tensors[name].dtype
-            values = to_float32(checked(checkpoint.array_rows(name, start, stop), code, name, checkpoint), code)
+            raw.append((checked(checkpoint.array_rows(name, start, stop), code, name, checkpoint), code))
+        if len(raw) > 1 and _identical(raw):
+            yield to_float32(*raw[0])
+            continue
+        if merge is not None and merge.uses_seed:
+            assert seed is not None
+            code = seed.tensors[name].dtype
+            base = to_float32(checked(seed.array_rows(name, start, stop), code, name, seed), code)
+            yield merge_chunk(base, [to_float32(*r) for r in raw], [w for _, w in sources], merge, name, index)
+            continue
+        total: np.ndarray | None = None
+        for (values_raw, code), (_, weight) in zip(raw, sources):
+            values = to_float32(values_raw, code)
             if not uniform:
                 values *= np.float32(weight)
             if total is None:
@@ -95,7 +121,7 @@ def write_average(
     parts: list[np.ndarray] = []
 
     def stored_chunks() -> Iterator[np.ndarray]:
-        for chunk in average_rows(inputs.average, name, chunk_elements if order is None else math.prod(shape)):
+        for chunk in average_rows(inputs.average, name, chunk_elements if order is None else math.prod(shape), inputs.merge, inputs.seed):
             if keep is not None:
                 parts.append(chunk)
             yield from_float32(chunk if order is None else chunk[order], code)
