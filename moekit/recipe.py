@@ -18,7 +18,7 @@ from moekit.config import LoopSettings
 from moekit.errors import MoekitError
 
 RECIPE_VERSION = 1
-STAGES = ("seed", "branch", "train", "mix", "average", "tune", "eval", "inspect")
+STAGES = ("seed", "branch", "train", "mix", "average", "tune", "dense", "upcycle", "eval", "inspect")
 
 
 class RecipeError(MoekitError):
@@ -47,6 +47,16 @@ class SeedSpec(_Strict):
         return self
 
 
+class BranchTrainStage(LoopSettings):
+    """Options of ``train`` (the branches): the loop settings, and what learns."""
+
+    train: Literal["all", "ffn", "ffn+norms"] = Field("all", description="all, or only the FFNs (attention and embeddings stay the seed's)")
+
+    def loop(self) -> LoopSettings:
+        """The loop settings alone."""
+        return LoopSettings.model_validate(self.model_dump(exclude={"train"}))
+
+
 class DomainSpec(_Strict):
     """One domain: its training data and optional held-out data."""
 
@@ -62,6 +72,9 @@ class MixStage(_Strict):
     split: int = Field(1, ge=1, le=64, description="fine-grained experts: each expert FFN cut into this many")
     average: Literal["uniform", "weighted", "seed"] = "uniform"
     weights: list[float] | None = None
+    merge: Literal["mean", "task-arithmetic", "ties", "dare"] = "mean"
+    merge_density: float = Field(1.0, gt=0, le=1)
+    merge_scale: float = Field(1.0, gt=0, le=10)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     top_k: int = Field(2, ge=1)
     router: Literal["random", "centroid"] = "centroid"
@@ -84,8 +97,8 @@ class MixStage(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> MixStage:
-        if self.upcycle_experts is not None and (self.router != "random" or self.average != "uniform" or self.weights):
-            raise ValueError("with upcycle_experts, use router: random and no average/weights (the experts are copies of one FFN)")
+        if self.upcycle_experts is not None and (self.router != "random" or self.average != "uniform" or self.weights or self.merge != "mean"):
+            raise ValueError("with upcycle_experts, use router: random and no average/weights/merge (the experts are copies of one FFN)")
         if self.upcycle_experts is None and self.drop_fraction:
             raise ValueError("drop_fraction only applies with upcycle_experts")
         if (self.weights is not None) != (self.average == "weighted"):
@@ -134,11 +147,13 @@ class Recipe(_Strict):
     domains: dict[str, DomainSpec] = Field(min_length=1)
     val_fraction: float = Field(0.05, ge=0, lt=1)
     text_field: str = "text"
-    train: LoopSettings | None = None
+    train: BranchTrainStage | None = None
     mix: MixStage = Field(default_factory=MixStage)
     tune: TuneStage | None = None
     eval: EvalStage = Field(default_factory=EvalStage)
-    stages: list[Literal["seed", "branch", "train", "mix", "average", "tune", "eval", "inspect"]] = Field(default_factory=lambda: list(STAGES))
+    stages: list[Literal["seed", "branch", "train", "mix", "average", "tune", "dense", "upcycle", "eval", "inspect"]] = Field(
+        default_factory=lambda: list(STAGES), description="dense and upcycle are the equal-compute baselines (they need train and tune)"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:

@@ -183,18 +183,30 @@ router entropy {summary['router_entropy_mean']:.3f} of {summary['max_router_entr
 
 
 def render_eval_table(console: Any, report: dict[str, Any]) -> None:
-    """Held-out loss (perplexity) per model and domain, best per column marked."""
+    """Held-out loss (perplexity) per model and domain, best per column marked, and each row's training compute."""
     from rich.table import Table
+
+    from moekit.compute import format_flops
 
     table = Table(title="held-out loss (perplexity); * = best")
     table.add_column("model")
     columns = [*report["domains"], "average"]
     for column in columns:
         table.add_column(column, justify="right")
+    compute = report.get("compute") or {}
+    if compute:
+        table.add_column("train tokens", justify="right")
+        table.add_column("train FLOPs", justify="right")
     for label, scores in report["results"].items():
         cells = [f"{scores[c]['loss']:.3f} ({scores[c]['perplexity']:.1f}){' *' if report['best'][c] == label else ''}" for c in columns]
+        if compute:
+            spent = compute.get(label)
+            cells += [f"{spent['tokens']:,}", format_flops(spent["flops"])] if spent else ["", ""]
         table.add_row(label, *cells)
     console.print(table)
+    if compute:
+        console.print("train tokens / FLOPs: training beyond the seed (model FLOPs, moekit.compute); dense is matched on "
+                      "tokens and upcycled on FLOPs to tuned (branches + tune).")
     if not report.get("same_tokenizer", True):
         console.print("[yellow]The models use different tokenizers: losses per token are not directly comparable across them.[/]")
 

@@ -3,8 +3,9 @@
 Each model is evaluated with its own tokenizer (blocks are shared between models whose
 tokenizers are identical). Loss is the mean next-token cross-entropy over every predicted token
 of the blocks; perplexity is exp(loss). A run directory expands to its seed, branches, averaged
-(uniform weight average of the branches), mixed and tuned models, and without --data its branches' held-out splits are used (the same blocks that
-``train`` evaluates on).
+(uniform weight average of the branches), mixed and tuned models and the equal-compute baselines
+(dense, upcycled) where they exist; without --data its branches' recorded held-out splits are
+used, and the report gives each row's training compute (tokens, model FLOPs) beyond the seed.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from moekit.io.loading import load_causal_lm
 from moekit.io.source import resolve_model_dir
 from moekit.manifest import MANIFEST_NAME, load_manifest
 from moekit.progress import progress_bar
+from moekit.steps.baselines import DENSE_DIR, UPCYCLED_DIR, run_compute
 from moekit.steps.inputs import check_context_length, check_model_dir
 
 
@@ -40,7 +42,7 @@ def expand_models(models: list[str]) -> dict[str, Path]:
             manifest = load_manifest(path)
             labelled["seed"] = Path(manifest.seed.path)
             labelled.update({f"branch {n}": manifest.branch_dir(path, n) for n in manifest.branches})
-            labelled.update({name: path / name for name in ("averaged", "mixed", "tuned") if (path / name / "config.json").is_file()})
+            labelled.update({name: path / name for name in ("averaged", "mixed", "tuned", DENSE_DIR, UPCYCLED_DIR) if (path / name / "config.json").is_file()})
         else:
             directory = resolve_model_dir(spec)
             label = directory.name if directory.name not in labelled else f"{directory.parent.name}/{directory.name}"
@@ -91,8 +93,13 @@ def evaluate_models(cfg: EvalConfig, show_progress: bool = True) -> dict[str, An
         scores["average"] = {"loss": sum(scores[d]["loss"] for d in domains) / len(domains)}
         scores["average"]["perplexity"] = perplexity(scores["average"]["loss"])
     best = {d: min(results, key=lambda m: results[m][d]["loss"]) for d in [*domains, "average"]}
-    return {"models": {label: str(path) for label, path in models.items()}, "domains": domains, "results": results, "best": best,
-            "same_tokenizer": len(blocks_by_tokenizer) == 1}
+    report = {"models": {label: str(path) for label, path in models.items()}, "domains": domains, "results": results, "best": best,
+              "same_tokenizer": len(blocks_by_tokenizer) == 1}
+    runs = [Path(m) for m in cfg.models if Path(m).is_dir() and is_run_dir(Path(m))]
+    if len(runs) == 1:  # the training compute of each row of a run (what the baselines are matched on)
+        spent = run_compute(runs[0])
+        report["compute"] = {label: spent[label].as_dict() for label in results if label in spent}
+    return report
 
 
 def _evaluate_one(directory: Path, blocks: dict[str, torch.Tensor], cfg: EvalConfig, label: str, show_progress: bool) -> dict[str, dict[str, float]]:

@@ -176,9 +176,10 @@ class RecipeRun:
             return
         for domain in self.recipe.domains:
             data = {domain: self.data[domain]}
-            fingerprint = _hash(self.fingerprints["branch"], self._data_print(data), self.recipe.train.model_dump(mode="json"), self.recipe.val_fraction)
+            fingerprint = _hash(self.fingerprints["branch"], self._data_print(data), self._train_options(), self.recipe.val_fraction)
             cfg = TrainConfig(run_dir=self.run_dir, branches=[domain], data=data, val_data={k: v for k, v in self.val_data.items() if k == domain},
-                              val_fraction=self.recipe.val_fraction, text_field=self.recipe.text_field, resume=True, loop=self.recipe.train)
+                              val_fraction=self.recipe.val_fraction, text_field=self.recipe.text_field, resume=True,
+                              train=self.recipe.train.train, loop=self.recipe.train.loop())
 
             def work(cfg: TrainConfig = cfg, domain: str = domain, fingerprint: str = fingerprint) -> None:
                 trained_before = any(s.stage == "train" and s.params.get("branch") == domain for s in load_manifest(self.run_dir).stages)
@@ -188,6 +189,11 @@ class RecipeRun:
 
             self._stage(f"train:{domain}", self.run_dir / "branches" / domain, fingerprint, work)
         self.fingerprints["train"] = _hash(*(self.fingerprints[f"train:{d}"] for d in self.recipe.domains))
+
+    def _train_options(self) -> dict[str, Any]:
+        """The train section as fingerprinted (``train: all``, the default, left out so older runs keep their fingerprints)."""
+        assert self.recipe.train is not None
+        return self.recipe.train.model_dump(mode="json", exclude={"train"} if self.recipe.train.train == "all" else set())
 
     def stage_mix(self) -> None:
         from moekit.steps.mix import mix
@@ -231,13 +237,70 @@ class RecipeRun:
 
         self._stage("tune", self.run_dir / "tuned", fingerprint, work)
 
+    def _baseline_missing(self, stage: str) -> bool:
+        """Log and return True when the recipe has no BTX budget for ``stage`` to match (no train or no tune)."""
+        missing = [name for name in ("train", "tune") if getattr(self.recipe, name) is None or name not in self.recipe.stages]
+        if stage == "upcycle" and self.recipe.mix.upcycle_experts:
+            missing = ["branches (this recipe's mix is already upcycling)"]
+        if missing and stage in self.recipe.stages:
+            self.log(f"[dim]{stage}: skipped: the equal-compute baseline needs {' and '.join(missing)}[/]")
+            self.outcome.stages[stage] = "skipped (nothing to match)"
+        return bool(missing)
+
+    def stage_dense(self) -> None:
+        """The data-matched dense baseline: the seed trained on all domains for the branches' + tune's tokens."""
+        from moekit.steps.baselines import DENSE_DIR, train_dense_baseline
+
+        if self._baseline_missing("dense"):
+            return
+        assert self.recipe.train is not None
+        fingerprint = _hash(self.fingerprints.get("train"), self.fingerprints.get("tune"), self.recipe.train.loop().model_dump(mode="json"))
+
+        def work() -> None:
+            claim_work_dir(self.run_dir / "baseline-dense", fingerprint)
+            train_dense_baseline(self.run_dir, self.recipe.train.loop(), self.recipe.text_field, self.show_progress)  # type: ignore[union-attr]
+
+        self._stage("dense", self.run_dir / DENSE_DIR, fingerprint, work)
+
+    def stage_upcycle(self) -> None:
+        """Sparse upcycling with BTX's experts and top-k, tuned for the FLOPs of the branches + tune."""
+        import shutil
+
+        from moekit.steps.baselines import UPCYCLE_STAGE, UPCYCLED_DIR, upcycle_budget_tokens, with_token_budget
+        from moekit.steps.mix import mix
+        from moekit.steps.tune import tune
+
+        if self._baseline_missing("upcycle"):
+            return
+        spec, options = self.recipe.tune, self.recipe.mix
+        assert spec is not None
+        experts = len(self.recipe.domains) + int(options.seed_as == "routed")
+        fingerprint = _hash(self.fingerprints.get("tune"), self.fingerprints.get("train"), options.model_dump(mode="json"), spec.model_dump(mode="json"))
+        init = self.run_dir / ".upcycle-init"
+
+        def work() -> None:
+            claim_work_dir(self.run_dir / UPCYCLE_STAGE.replace(":", "-"), fingerprint)
+            if not (init / "config.json").is_file():
+                mix(MixConfig(out=init, seed=str(self.seed_dir()), upcycle={"num_experts": experts}, top_k=options.top_k,
+                              target=options.target, dtype=options.dtype, random_seed=options.random_seed, force=True), self.show_progress)
+            tokens = upcycle_budget_tokens(init, self.run_dir, spec.loop.seq_len)
+            cfg = TuneConfig(model=init, out=self.run_dir / UPCYCLED_DIR, run_dir=self.run_dir, data=self.data, val_data=self.val_data,
+                             mixture=spec.mixture, train="all", balance=spec.balance, aux_coef=spec.aux_coef, z_coef=spec.z_coef,
+                             balance_scope=spec.balance_scope, bias_rate=spec.bias_rate, bias_rule=spec.bias_rule,
+                             text_field=self.recipe.text_field, resume=True, force=True, stage=UPCYCLE_STAGE,
+                             loop=with_token_budget(spec.loop, tokens))
+            tune(cfg, self.show_progress)
+            shutil.rmtree(init, ignore_errors=True)
+
+        self._stage("upcycle", self.run_dir / UPCYCLED_DIR, fingerprint, work)
+
     def _eval_seq_len(self) -> int:
         return self.recipe.eval.seq_len or (self.recipe.train.seq_len if self.recipe.train else 512)
 
     def stage_eval(self) -> None:
         from moekit.steps.evaluate import evaluate_models
 
-        upstream = [self.fingerprints.get(s, "") for s in ("branch", "train", "mix", "average", "tune")]
+        upstream = [self.fingerprints.get(s, "") for s in ("branch", "train", "mix", "average", "tune", "dense", "upcycle")]
         fingerprint = _hash(*upstream, self.recipe.eval.model_dump(mode="json"))
         out = self.run_dir / "eval.json"
 
@@ -306,6 +369,6 @@ def run_recipe(recipe: Recipe, show_progress: bool = True, log: Callable[[str], 
     runner.workdir.mkdir(parents=True, exist_ok=True)
     (runner.workdir / WORKDIR_MARKER).write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     for stage in (runner.stage_seed, runner.stage_branch, runner.stage_train, runner.stage_mix, runner.stage_average,
-                  runner.stage_tune, runner.stage_eval, runner.stage_inspect):
+                  runner.stage_tune, runner.stage_dense, runner.stage_upcycle, runner.stage_eval, runner.stage_inspect):
         stage()
     return runner.outcome

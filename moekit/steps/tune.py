@@ -25,6 +25,7 @@ import torch
 import yaml
 
 from moekit.arch import router_scoring, selection_bias_targets, stores_selection_bias
+from moekit.compute import training_flops
 from moekit.config import TuneConfig
 from moekit.data.blocks import MixtureBlocks
 from moekit.data.domains import domains_data, record_heldout
@@ -60,7 +61,7 @@ class TuneResult:
 
 def work_dir_for(cfg: TuneConfig) -> Path:
     """Where checkpoints and metrics live while tuning: RUN_DIR/tune, or OUT.work next to OUT."""
-    return cfg.run_dir / "tune" if cfg.run_dir is not None else cfg.out.parent / f"{cfg.out.name}.work"
+    return cfg.run_dir / cfg.stage.replace(":", "-") if cfg.run_dir is not None else cfg.out.parent / f"{cfg.out.name}.work"
 
 
 def is_routed_expert(name: str) -> bool:
@@ -256,7 +257,7 @@ def _tune(cfg: TuneConfig, engine: Engine, show_progress: bool) -> TuneResult:
         controller.progress = step / max(1, steps - 1)  # sample_top1's temperature schedule
 
     job = LoopJob(
-        model, pool, eval_sets, cfg.loop, work_dir, cfg.resume, "tune", show_progress,
+        model, pool, eval_sets, cfg.loop, work_dir, cfg.resume, cfg.stage, show_progress,
         compute_loss=objective, trainable=trainable_predicate(cfg, controller, frozen), step_metrics=objective.step_metrics,
         fingerprint_extra={"tune": options}, eval_context=evaluation_routing, save_dtype=save_dtype, on_step_start=on_step_start,
     )
@@ -272,9 +273,10 @@ def _tune(cfg: TuneConfig, engine: Engine, show_progress: bool) -> TuneResult:
         shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)
         if cfg.run_dir is not None:
             with updating_manifest(cfg.run_dir) as manifest:
-                params = cfg.model_dump(mode="json", exclude={"force", "resume", "run_dir"})
-                outputs = {"out": str(cfg.out), "eval_loss": result.eval, "saved_dtype": dtype_name(save_dtype), "unchanged_share": saved.unchanged_share}
-                manifest.stages.append(StageRecord(stage="tune", params=params, outputs=outputs))
+                params = cfg.model_dump(mode="json", exclude={"force", "resume", "run_dir", "stage"})
+                flops = training_flops(cfg.model, result.tokens, cfg.loop.seq_len)
+                outputs = {"out": str(cfg.out), "tokens": result.tokens, "flops": flops, "eval_loss": result.eval, "saved_dtype": dtype_name(save_dtype), "unchanged_share": saved.unchanged_share}
+                manifest.stages.append(StageRecord(stage=cfg.stage, params=params, outputs=outputs))
     engine.wait_for_everyone()
     return TuneResult(cfg.out, result.steps, result.resumed_from, result.last_row, result.eval, dtype_name(save_dtype),
                       saved.unchanged_share if saved else None, routing)
