@@ -279,7 +279,8 @@ class RecipeRun:
         init = self.run_dir / ".upcycle-init"
 
         def work() -> None:
-            claim_work_dir(self.run_dir / UPCYCLE_STAGE.replace(":", "-"), fingerprint)
+            if claim_work_dir(self.run_dir / UPCYCLE_STAGE.replace(":", "-"), fingerprint):
+                shutil.rmtree(init, ignore_errors=True)  # made with other options: start again from the seed
             if not (init / "config.json").is_file():
                 mix(MixConfig(out=init, seed=str(self.seed_dir()), upcycle={"num_experts": experts}, top_k=options.top_k,
                               target=options.target, dtype=options.dtype, random_seed=options.random_seed, force=True), self.show_progress)
