@@ -44,7 +44,8 @@ def _pydoc_topics() -> Iterator[str]:
         yield topics[name]
 
 
-def _arithmetic(count: int = 60_000, seed: int = 0) -> Iterator[str]:
+def arithmetic_lines(count: int = 60_000, seed: int = 0) -> Iterator[str]:
+    """The ``arithmetic`` domain's lines (the demo trains on the default stream; ``moekit.tasks`` draws held-out problems from another)."""
     rng = random.Random(seed)
     names = ("Ann", "Bob", "Chen", "Dana", "Eli", "Fay", "Gus", "Hana")
     items = ("apples", "books", "coins", "pens", "stamps", "marbles")
@@ -74,7 +75,7 @@ def _synthetic(domain: str) -> Iterator[str]:
 _SOURCES = {
     "python-stdlib": _stdlib_files,
     "pydoc-topics": _pydoc_topics,
-    "arithmetic": lambda: (line for line in _arithmetic()),
+    "arithmetic": lambda: arithmetic_lines(),
     "code-lines": lambda: _synthetic("code"),
     "math-lines": lambda: _synthetic("math"),
     "prose-lines": lambda: _synthetic("prose"),

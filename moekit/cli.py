@@ -157,6 +157,7 @@ def build_app() -> typer.Typer:
         branch_cmd,
         demo_cmd,
         eval_cmd,
+        generate_cmd,
         inspect_cmd,
         mix_cmd,
         prepare_cmd,

@@ -271,8 +271,34 @@ class EvalConfig(_Strict):
     max_tokens: int = Field(65536, ge=1, description="tokens per domain")
     text_field: str = "text"
     json_path: Path | None = None
+    task: Literal["arithmetic"] | None = Field(None, description="score a generation task (exact match) instead of held-out loss")
+    problems: int = Field(200, ge=1, description="problems of the task")
+    max_new_tokens: int = Field(8, ge=1, description="tokens generated per problem")
+    scmoe: bool = Field(False, description="with a task: also score MoE models with SCMoE decoding")
+    scmoe_beta: float = Field(0.5, ge=0)
+    scmoe_alpha: float = Field(0.1, gt=0, le=1)
+    scmoe_rank: int = Field(2, ge=2)
 
     @field_validator("json_path")
     @classmethod
     def _json_file(cls, value: Path | None) -> Path | None:
         return _check_json_path(value)
+
+
+class GenerateConfig(_Strict):
+    """What ``generate`` needs: the model, decoding options, and SCMoE's settings."""
+
+    model: str
+    max_new_tokens: int = Field(128, ge=1)
+    raw: bool = Field(False, description="feed the prompt as it is, without the tokenizer's chat template")
+    sample: bool = Field(False, description="sample instead of greedy decoding")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="sample from the k most likely tokens (0: all)")
+    random_seed: int = 0
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    routing_layer: int | None = Field(None, ge=0, description="MoE layer whose top expert is shown (None: the majority over layers)")
+    scmoe: bool = Field(False, description="self-contrast decoding (SCMoE)")
+    scmoe_beta: float = Field(0.5, ge=0)
+    scmoe_alpha: float = Field(0.1, gt=0, le=1)
+    scmoe_rank: int = Field(2, ge=2, description="the weak pass routes each token to its expert of this rank only")

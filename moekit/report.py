@@ -108,11 +108,34 @@ def render_tokens(console: Any, routing: dict[str, Any], domain: str, layer: int
     text = Text()
     for piece, expert in zip(sample["text"], sample["top1_expert"]):
         text.append(piece, style=_COLOURS[expert % len(_COLOURS)])
+    where = f"layer {layer}" if layer is not None else "the middle layer"
+    console.print(f"[bold]{domain}[/], top-1 expert per token at {where}:  ", _legend(names))
+    console.print(text)
+
+
+def _legend(names: list[str]) -> Any:
+    """The expert names, each in its colour."""
+    from rich.text import Text
+
     legend = Text("  ".join(f"{n}" for n in names))
     for i, name in enumerate(names):
         legend.stylize(_COLOURS[i % len(_COLOURS)], sum(len(n) + 2 for n in names[:i]), sum(len(n) + 2 for n in names[:i]) + len(name))
-    where = f"layer {layer}" if layer is not None else "the middle layer"
-    console.print(f"[bold]{domain}[/], top-1 expert per token at {where}:  ", legend)
+    return legend
+
+
+def render_generation_routing(console: Any, generation: Any, layer: int | None) -> None:
+    """The generated text with each token coloured by its top expert (in ``layer``, or the majority over layers)."""
+    from rich.text import Text
+
+    if not generation.expert_names:
+        console.print("(a dense model: no routing to show)")
+        return
+    text = Text()
+    for token in generation.tokens:
+        expert = token.top_expert(layer)
+        text.append(token.text, style=_COLOURS[expert % len(_COLOURS)] if expert is not None else "")
+    where = f"layer {layer}" if layer is not None else f"the majority over {generation.moe_layers} MoE layers"
+    console.print(f"top expert per generated token ({where}):  ", _legend(generation.expert_names))
     console.print(text)
 
 
@@ -219,3 +242,22 @@ def render_run_outcome(console: Any, outcome: Any) -> None:
     if outcome.routing and outcome.routing.get("routing"):
         render_routing(console, outcome.routing["routing"], detail=False)
         console.print(f"Routing plots and report: {outcome.workdir / 'run' / 'inspect' / 'report.html'}")
+
+
+def render_task_table(console: Any, report: dict[str, Any]) -> None:
+    """Exact-match accuracy per model on a generation task: greedy, and with SCMoE where it was scored."""
+    from rich.table import Table
+
+    with_scmoe = report.get("scmoe") is not None
+    table = Table(title=f"{report['task']}: exact-match accuracy on {report['problems']} held-out problems")
+    table.add_column("model")
+    table.add_column("greedy", justify="right")
+    if with_scmoe:
+        settings = report["scmoe"]
+        table.add_column(f"SCMoE (beta {settings['beta']}, alpha {settings['alpha']}, rank {settings['rank']})", justify="right")
+    for label, scores in report["results"].items():
+        cells = [f"{scores['greedy']:.1%}"]
+        if with_scmoe:
+            cells.append(f"{scores['scmoe']:.1%}" if scores["scmoe"] is not None else "-")
+        table.add_row(label, *cells)
+    console.print(table)

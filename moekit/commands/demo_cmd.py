@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
 from moekit.cli import app, user_errors
+
+
+# A prompt per demo domain for the generation samples (the tiny demo's domains have the same names).
+DEMO_PROMPTS = {"code": "def ", "prose": "The ", "math": "Ann has 12 pens and gets 30 more. How many pens does Ann have?"}
 
 
 def packaged_recipe(name: str) -> Path:
@@ -43,3 +47,26 @@ def demo_command(
     console = Console()
     console.print(f"moekit demo ({name}): work directory {workdir}")
     render_run_outcome(console, run_recipe(recipe, log=console.print))
+    show_generations(console, workdir / "run", problems=40 if tiny else 200)
+
+
+def show_generations(console: Any, run_dir: Path, problems: int) -> None:
+    """The tuned MoE's continuation of a prompt per domain, coloured by expert, and the arithmetic accuracy of seed / tuned / tuned+SCMoE."""
+    from moekit.config import EvalConfig, GenerateConfig
+    from moekit.manifest import load_manifest
+    from moekit.report import render_generation_routing, render_task_table
+    from moekit.steps.evaluate_task import evaluate_task
+    from moekit.steps.generate import Generator
+
+    tuned = run_dir / "tuned"
+    if not (tuned / "config.json").is_file():
+        return
+    generator = Generator(GenerateConfig(model=str(tuned), raw=True, max_new_tokens=24))
+    for domain in load_manifest(run_dir).branches:
+        if domain in DEMO_PROMPTS:
+            generation = generator.generate(DEMO_PROMPTS[domain])
+            console.print(f"[bold]{domain}[/] prompt {DEMO_PROMPTS[domain]!r} ->", repr(generation.text))
+            render_generation_routing(console, generation, None)
+    seed = load_manifest(run_dir).seed.path
+    report = evaluate_task(EvalConfig(models=[seed, str(tuned)], task="arithmetic", problems=problems, scmoe=True), show_progress=False)
+    render_task_table(console, report)
