@@ -27,9 +27,9 @@ def demo_command(
     force: bool = typer.Option(False, "--force", help="Delete the work directory first and start from scratch."),
     overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...", help="Recipe overrides, e.g. train.max_steps=50."),
 ) -> None:
-    """Run BTX end to end on a laptop CPU with no downloads (about 15 minutes; --tiny: seconds).
+    """Run BTX end to end on a laptop CPU with no downloads (about 30 minutes; --tiny: seconds).
 
-    Pretrains a small seed on Python stdlib code, pydoc's English reference text and generated arithmetic, branches it into those domains, trains each branch, mixes them with the seed as a generalist expert, tunes the MoE, then compares every model and shows the routing. Re-running skips finished stages.
+    Pretrains a small seed on Python stdlib code, pydoc's English reference text and generated arithmetic, branches it into those domains, trains each branch, mixes them with the seed as a generalist expert, tunes the MoE, builds the dense and upcycling baselines at equal compute, then compares every model, shows the routing, a generation per domain and the arithmetic accuracy (greedy and SCMoE). Re-running skips finished stages.
     """
     from rich.console import Console
 
