@@ -37,6 +37,7 @@ VARIANTS: dict[str, list[str]] = {
     "tune-router": ["tune.train=router"],  # only the routers learn in tune (BTX's cheapest ablation)
     "tune-frozen-experts": ["tune.train=all-but-experts"],  # the paper's variant: experts keep their branch weights
     "low-lr": ["train.lr=3.0e-4", "tune.loop.lr=1.5e-4"],  # gentler continued training of a converged seed (baselines get it too)
+    "low-lr+tune-router": ["train.lr=3.0e-4", "tune.loop.lr=1.5e-4", "tune.train=router"],
     "tune-lr1e-3": ["tune.loop.lr=1.0e-3"],
 }
 VARIANT_STAGES = "stages=[branch, train, mix, tune, eval]"

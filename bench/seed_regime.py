@@ -35,26 +35,33 @@ def run_point(workdir: Path, steps: int, overrides: list[str]) -> dict:
 
 
 def plot(points: list[dict], path: Path) -> None:
-    """Average held-out loss against seed pretraining tokens, one line per model."""
+    """Left: average held-out loss against seed pretraining tokens. Right: each model minus the dense baseline."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for row, style in zip(ROWS, ("k:", "C7--", "C0-o", "C1-s", "C2-^")):
-        xs = [p["tokens"] for p in points if row in p["losses"]]
-        ax.plot(xs, [p["losses"][row] for p in points if row in p["losses"]], style, label={"tuned": "BTX tuned", "dense": "dense (data-matched)",
-                "upcycled": "upcycled (FLOP-matched)", "mixed": "BTX mixed, before tune"}.get(row, row))
-    ax.set_xscale("log")
-    ax.set_xlabel("seed pretraining tokens")
-    ax.set_ylabel("average held-out loss (3 domains)")
-    ax.set_title("BTX vs equal-compute baselines as the seed trains longer")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    labels = {"tuned": "BTX tuned", "dense": "dense (data-matched)", "upcycled": "upcycled (FLOP-matched)", "mixed": "BTX mixed, before tune"}
+    styles = dict(zip(ROWS, ("k:", "C7--", "C0-o", "C1-s", "C2-^")))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.0))
+    for row in ROWS:
+        shown = [p for p in points if row in p["losses"]]
+        xs = [p["tokens"] for p in shown]
+        left.plot(xs, [p["losses"][row] for p in shown], styles[row], label=labels.get(row, row))
+        right.plot(xs, [p["losses"][row] - p["losses"]["dense"] for p in shown], styles[row], label=labels.get(row, row))
+    right.axhline(0.0, color="C1", linewidth=0.8)
+    for ax, ylabel, title in ((left, "average held-out loss (3 domains)", "held-out loss"),
+                              (right, "loss minus the dense baseline's", "against the dense baseline (below 0: better)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("seed pretraining tokens")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    left.legend()
+    fig.suptitle("BTX vs its equal-compute baselines as the seed trains longer (recipes/seed-regime.yaml)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -63,8 +70,12 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True, help="directory for the runs (kept: re-running skips finished stages)")
     parser.add_argument("--steps", default="100,400,1600,6400", help="seed pretraining lengths in steps, comma-separated")
     parser.add_argument("--plot", type=Path, default=None, help="write the curve to this PNG")
+    parser.add_argument("--points", type=Path, default=None, help="redraw from a points.json an earlier run wrote (nothing is run)")
     parser.add_argument("overrides", nargs="*", help="extra recipe overrides, e.g. train.train=ffn")
     args = parser.parse_args()
+    if args.points is not None:
+        plot(json.loads(args.points.read_text()), args.plot or args.points.with_suffix(".png"))
+        return
     import yaml
 
     pretrain = yaml.safe_load(RECIPE.read_text())["seed"]["pretrain"]
@@ -82,6 +93,7 @@ def main() -> None:
         margin = losses["tuned"] - min(losses["dense"], losses["upcycled"])
         print(f"{point['steps']:>10} {point['tokens']:>12,}" + "".join(f"{losses.get(r, float('nan')):>10.3f}" for r in ROWS) + f"{margin:>+22.3f}")
     print(json.dumps(points))
+    (args.work / "points.json").write_text(json.dumps(points))
     if args.plot:
         plot(points, args.plot)
         print(f"wrote {args.plot}")

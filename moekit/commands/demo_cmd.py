@@ -9,7 +9,6 @@ import typer
 
 from moekit.cli import app, user_errors
 
-
 # A prompt per demo domain for the generation samples (the tiny demo's domains have the same names).
 DEMO_PROMPTS = {"code": "def ", "prose": "The ", "math": "Ann has 12 pens and gets 30 more. How many pens does Ann have?"}
 

@@ -36,6 +36,11 @@ def test_tiny_demo_through_the_console_script(tmp_path):
     for domain in report["domains"]:  # each branch is the best branch on its own domain
         branches = {d: report["results"][f"branch {d}"][domain]["loss"] for d in report["domains"]}
         assert min(branches, key=branches.get) == domain
+    shown = first.stdout.replace("\n", " ")
+    for domain in report["domains"]:  # a generation per domain with its routing, then the arithmetic accuracy
+        assert f"{domain} prompt" in shown
+    assert "top expert per generated token" in shown
+    assert "exact-match" in shown and "SCMoE" in shown
     second = subprocess.run([MOEKIT, "demo", "--tiny", "--out", str(tmp_path / "demo")], capture_output=True, text=True, env=env, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     summary = next(line for line in second.stdout.replace("\n", " ").split("stages: ")[1:])
