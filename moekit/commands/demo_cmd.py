@@ -10,7 +10,9 @@ import typer
 from moekit.cli import app, user_errors
 
 # A prompt per demo domain for the generation samples (the tiny demo's domains have the same names).
-DEMO_PROMPTS = {"code": "def ", "prose": "The ", "math": "Ann has 12 pens and gets 30 more. How many pens does Ann have?"}
+# Prompts end at a word, not a space: a byte-level BPE attaches the space to the next word.
+DEMO_PROMPTS = {"code": "import os\nimport sys\n\ndef", "prose": "The return statement",
+                "math": "Ann has 12 pens and gets 30 more. How many pens does Ann have?"}
 
 
 def packaged_recipe(name: str) -> Path:
