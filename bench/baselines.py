@@ -38,6 +38,8 @@ VARIANTS: dict[str, list[str]] = {
     "tune-frozen-experts": ["tune.train=all-but-experts"],  # the paper's variant: experts keep their branch weights
     "low-lr": ["train.lr=3.0e-4", "tune.loop.lr=1.5e-4"],  # gentler continued training of a converged seed (baselines get it too)
     "low-lr+tune-router": ["train.lr=3.0e-4", "tune.loop.lr=1.5e-4", "tune.train=router"],
+    "tune-third": ["tune.loop.max_steps=20", "tune.loop.warmup_steps=2"],  # a third of the tune (baselines matched to the smaller budget)
+    "branches-2x": ["train.max_steps=120", "train.warmup_steps=12"],  # twice the branch training: more drift, more specialisation
     "tune-lr1e-3": ["tune.loop.lr=1.0e-3"],
 }
 VARIANT_STAGES = "stages=[branch, train, mix, tune, eval]"
