@@ -47,6 +47,7 @@ def generate_command(
 
     from moekit.config import GenerateConfig
     from moekit.errors import InputNotFoundError, InvalidOptionError
+    from moekit.io.atomic import write_text_atomic
     from moekit.progress import quiet_transformers
     from moekit.report import render_generation_routing
     from moekit.steps.generate import Generator
@@ -60,6 +61,8 @@ def generate_command(
         prompt = prompt_file.read_text()
     elif prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read().removesuffix("\n")  # the newline echo and editors end a piped prompt with
+    if json_path not in (None, "-") and Path(json_path).is_dir():
+        raise InvalidOptionError(f"--json {json_path} is a directory.", f"Give a file path such as {Path(json_path) / 'generation.json'}, or - for stdout.")
     if json_path is not None and prompt is None:
         raise InvalidOptionError("--json needs a prompt (--prompt, --prompt-file or stdin); interactive use prints text.", "Give --prompt.")
     cfg = GenerateConfig(model=model, max_new_tokens=max_new_tokens, raw=raw, sample=sample, temperature=temperature, top_p=top_p,
@@ -88,7 +91,7 @@ def generate_command(
                 print(record)
             else:
                 Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-                Path(json_path).write_text(record)
+                write_text_atomic(Path(json_path), record)
                 console.print(f"wrote {json_path}")
         return
     console.print(f"[dim]{model}: type a prompt and Enter; Ctrl-D ends.[/]")

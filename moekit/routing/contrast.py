@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from moekit.errors import InvalidOptionError
-from moekit.routing.control import find_routers
+from moekit.routing.control import find_routers, router_top_k
 
 DEFAULT_BETA, DEFAULT_ALPHA, DEFAULT_RANK = 0.5, 0.1, 2  # the authors' settings for Mixtral (top-2)
 
@@ -43,15 +43,10 @@ def contrast_logits(strong: torch.Tensor, weak: torch.Tensor, beta: float, alpha
     return torch.where(plausible, (1.0 + beta) * strong - beta * weak, torch.full_like(strong, -math.inf))
 
 
-def model_top_k(model: torch.nn.Module, router: torch.nn.Module) -> int:
-    """How many experts the model routes each token to."""
-    return int(getattr(router, "top_k", None) or getattr(model.config, "num_experts_per_tok", 1))
-
-
 def check_contrast_applies(model: torch.nn.Module, rank: int) -> None:
     """Refuse SCMoE where it does not apply: a dense model, or a rank beyond the experts a token is routed to."""
     routers = find_routers(model)  # MoekitError for a dense model
-    top_k = model_top_k(model, routers[0][1])
+    top_k = router_top_k(model, routers[0][1])
     if rank < 2:
         raise InvalidOptionError(f"--scmoe-rank {rank}: the weak routing must use a lower-ranked expert than the strong one.",
                                  "Use a rank of 2 or more (2 is the authors' choice for top-2 models).")

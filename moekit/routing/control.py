@@ -57,6 +57,11 @@ def find_routers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     return routers
 
 
+def router_top_k(model: torch.nn.Module, router: torch.nn.Module) -> int:
+    """How many experts ``router`` sends each token to (its own ``top_k``, else the config's)."""
+    return int(getattr(router, "top_k", None) or getattr(model.config, "num_experts_per_tok", 1))
+
+
 @dataclass(frozen=True)
 class RoutingSettings:
     """How routers route while training (ablation modes; ``topk`` is the model's own rule)."""
@@ -76,7 +81,7 @@ class RoutingController:
         self.routers = find_routers(model)
         self.mode, self.capacity_factor = self.settings.mode, self.settings.capacity_factor
         self.num_experts = int(self.routers[0][1].weight.shape[0])
-        self.top_k = int(getattr(self.routers[0][1], "top_k", None) or getattr(model.config, "num_experts_per_tok", 1))
+        self.top_k = router_top_k(model, self.routers[0][1])
         self.records: list[LayerRecord | None] = [None] * len(self.routers)
         self.token_ids: torch.Tensor | None = None  # hash routing: the ids of the batch being routed
         self.progress = 0.0  # share of training done (sample_top1's temperature schedule)
