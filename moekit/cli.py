@@ -161,6 +161,7 @@ def build_app() -> typer.Typer:
         inspect_cmd,
         mix_cmd,
         prepare_cmd,
+        report_cmd,
         run_cmd,
         train_cmd,
         tune_cmd,

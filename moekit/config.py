@@ -144,6 +144,31 @@ class LoopSettings(_Strict):
         return self
 
 
+class GrowConfig(_Strict):
+    """Everything ``mix --add-expert`` needs: a built MoE, one more dense branch, and calibration data."""
+
+    into: Path = Field(description="the moekit MoE to grow (mixed or tuned)")
+    name: str = Field(min_length=1, description="the new expert's (and domain's) name")
+    branch: Path = Field(description="the dense branch whose FFN becomes the new expert")
+    out: Path
+    run_dir: Path | None = Field(None, description="run directory to record the stage in (and take calibration data from)")
+    router_data: dict[str, str] = Field(
+        default_factory=dict, description="domain -> data path: the new domain's, and at least one existing domain's"
+    )
+    router_tokens: int = Field(8192, ge=16, description="calibration tokens per domain")
+    router_block_size: int = Field(256, ge=8, description="calibration sequence length")
+    shard_size: str = "2GB"
+    force: bool = False
+
+    @field_validator("shard_size")
+    @classmethod
+    def _valid_size(cls, value: str) -> str:
+        from moekit.io.writer import parse_size
+
+        parse_size(value)
+        return value
+
+
 class TrainConfig(_Strict):
     """What ``train`` needs: the run, which branches, their data, and the loop settings."""
 

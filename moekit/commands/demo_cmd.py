@@ -30,7 +30,7 @@ def demo_command(
 ) -> None:
     """Run BTX end to end on a laptop CPU with no downloads (about 30 minutes; --tiny: seconds).
 
-    Pretrains a small seed on Python stdlib code, pydoc's English reference text and generated arithmetic, branches it into those domains, trains each branch, mixes them with the seed as a generalist expert, tunes the MoE, builds the dense and upcycling baselines at equal compute, then compares every model, shows the routing, a generation per domain and the arithmetic accuracy (greedy and SCMoE). Re-running skips finished stages.
+    Pretrains a small seed on Python stdlib code, pydoc's English reference text and generated arithmetic, branches it into those domains, trains each branch, mixes them with the seed as a generalist expert, tunes the MoE, builds the dense and upcycling baselines at equal compute, then compares every model, shows the routing, a generation per domain and the arithmetic accuracy (greedy and SCMoE), and writes an HTML report (RUN/report.html). Re-running skips finished stages.
     """
     from rich.console import Console
 
@@ -49,6 +49,18 @@ def demo_command(
     console.print(f"moekit demo ({name}): work directory {workdir}")
     render_run_outcome(console, run_recipe(recipe, log=console.print))
     show_generations(console, workdir / "run", problems=40 if tiny else 200)
+    write_demo_report(console, workdir / "run")
+
+
+def write_demo_report(console: Any, run_dir: Path) -> Path:
+    """The run's HTML report (moekit report), with the demo's prompts for the generation samples."""
+    from moekit.manifest import load_manifest
+    from moekit.run_report import gather_run, write_report
+
+    prompts = {d: DEMO_PROMPTS[d] for d in load_manifest(run_dir).branches if d in DEMO_PROMPTS}
+    path = write_report(gather_run(run_dir, prompts or None), run_dir / "report.html")
+    console.print(f"[green]Report:[/] {path} (open it in a browser)")
+    return path
 
 
 def show_generations(console: Any, run_dir: Path, problems: int) -> None:

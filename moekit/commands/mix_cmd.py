@@ -72,6 +72,8 @@ def mix_command(
     random_seed: int = typer.Option(0, "--random-seed", help="Seed for router and drop-upcycling randomness."),
     shard_size: str = typer.Option("2GB", "--shard-size", help="Maximum size of one safetensors shard."),
     force: bool = typer.Option(False, "--force", help="Replace the output directory if it exists and is not empty."),
+    add_expert: Optional[str] = typer.Option(None, "--add-expert", help="NAME[=DIR]: grow a built MoE (--into) by the FFN of one more dense branch of its seed (with RUN_DIR: the run's branch NAME)."),
+    into: Optional[Path] = typer.Option(None, "--into", help="With --add-expert: the moekit MoE to grow (default with RUN_DIR: RUN_DIR/tuned, else RUN_DIR/mixed)."),
 ) -> None:
     """Merge dense branches into one Hugging Face MoE (experts = branch FFNs, the rest averaged).
 
@@ -80,6 +82,9 @@ def mix_command(
       moekit mix RUN_DIR [--out DIR]                 branches of a run directory
       moekit mix --expert code=DIR --expert math=DIR --seed-model SEED --out DIR
       moekit mix --upcycle SEED --experts 4 --out DIR   sparse upcycling baseline
+    Growing a built MoE by one expert (old tensors kept byte for byte, one router row added):
+      moekit mix RUN_DIR --add-expert law            (branch law of the run, into RUN_DIR/tuned, out RUN_DIR/grown)
+      moekit mix --add-expert law=DIR --into MOE --out DIR --router-data law=law.jsonl --router-data code=code.jsonl
     """
     from rich.console import Console
 
@@ -88,6 +93,16 @@ def mix_command(
     from moekit.steps.mix import mix
     from moekit.steps.mix_inputs import experts_from_run_dir
 
+    if add_expert is not None or into is not None:
+        mixing = dict(expert=expert or None, seed_model=seed_model, upcycle=upcycle, experts=experts, drop_fraction=drop_fraction,
+                      seed_as=seed_as, seed_expert=seed_expert, target=target, merge_density=merge_density, merge_scale=merge_scale,
+                      router_std=router_std, router_sharpness=router_sharpness, split=None if split == 1 else split,
+                      average=None if average == "uniform" else average, merge=None if merge == "mean" else merge,
+                      dtype=None if dtype == "auto" else dtype, top_k=None if top_k == 2 else top_k,
+                      router=None if router == "random" else router, expert_scale=None if expert_scale == 1.0 else expert_scale,
+                      random_seed=None if random_seed == 0 else random_seed)
+        _grow(run_dir, add_expert, into, out, mixing, router_data, router_tokens, router_seq_len, shard_size, force)
+        return
     if router == "zeros":
         raise InvalidOptionError(_ZEROS_REFUSAL, "Use --router random (small std) or --router centroid.")
     _refuse_unused({"--experts": experts, "--drop-fraction": drop_fraction}, upcycle is not None, "--upcycle")
@@ -121,6 +136,50 @@ def mix_command(
         **given,
     )
     _report(Console(), mix(cfg, show_progress=True))
+
+
+def _grow(run_dir: Optional[Path], add_expert: Optional[str], into: Optional[Path], out: Optional[Path], mixing: dict[str, object],
+          router_data: list[str], router_tokens: Optional[int], router_seq_len: Optional[int], shard_size: str, force: bool) -> None:
+    """``mix --add-expert``: resolve NAME[=DIR], --into and --out (from RUN_DIR where given) and grow the MoE."""
+    from rich.console import Console
+
+    from moekit.config import GrowConfig
+    from moekit.errors import InvalidOptionError
+    from moekit.manifest import load_manifest
+    from moekit.steps.grow import add_expert as grow
+
+    given = [f"--{k.replace('_', '-')}" for k, v in mixing.items() if v is not None]
+    if given:
+        raise InvalidOptionError(f"{', '.join(given)} do(es) not apply with --add-expert: the MoE keeps its experts, top-k, dtype and averaged tensors.",
+                                 f"Remove {', '.join(given)}.")
+    if add_expert is None:
+        raise InvalidOptionError("--into only applies with --add-expert.", "Add --add-expert NAME[=DIR], or remove --into.")
+    name, sep, path = add_expert.partition("=")
+    if run_dir is not None:
+        manifest = load_manifest(run_dir)
+        if not sep and name not in manifest.branches:
+            raise InvalidOptionError(f"{run_dir} has no branch '{name}' (branches: {', '.join(manifest.branches)}).",
+                                     f"Add it first: moekit branch {manifest.seed.path} {run_dir} --domain {name} --add, then train it.")
+        branch_dir = Path(path) if sep else manifest.branch_dir(run_dir, name)
+        into = into or (run_dir / "tuned" if (run_dir / "tuned" / "config.json").is_file() else run_dir / "mixed")
+        out = out or run_dir / "grown"
+    elif not sep or into is None or out is None:
+        raise InvalidOptionError("--add-expert without a run directory needs NAME=DIR, --into MOE and --out DIR.",
+                                 "E.g. moekit mix --add-expert law=branches/law --into tuned --out grown --router-data law=law.jsonl --router-data code=code.jsonl")
+    else:
+        branch_dir = Path(path)
+    extra = {k: v for k, v in dict(router_tokens=router_tokens, router_block_size=router_seq_len).items() if v is not None}
+    cfg = GrowConfig(into=into, name=name, branch=branch_dir, out=out, run_dir=run_dir, router_data=parse_key_values(router_data, "--router-data"),
+                     shard_size=shard_size, force=force, **extra)
+    result = grow(cfg, show_progress=True)
+    console = Console()
+    console.print(f"[green]Wrote[/] {result.moe_type} MoE with {len(result.experts)} routed experts ({', '.join(result.experts)}) to {result.out}")
+    console.print(f"New router rows: {result.router_stats['init_new_domain_top_k']:.0%} of {name} tokens and "
+                  f"{result.router_stats['init_old_domains_top_k']:.0%} of the other domains' tokens have expert '{name}' in their top-k.")
+    for note in result.notes:
+        console.print(f"[yellow]Note:[/] {note}")
+    console.print("Every old tensor is kept byte for byte. Tune the router next, e.g. moekit tune "
+                  f"{result.out} --train router{'' if run_dir else ' --data ' + name + '=PATH --out DIR'}.")
 
 
 def _seed_role(seed_as: Optional[str], seed_expert: Optional[bool]) -> str:

@@ -41,6 +41,14 @@ def _inputs(model: Path, data: dict[str, str], val_data: dict[str, str], out: Op
         remembered_val = {name: record.val_data for name, record in branches.items() if record.val_data and record.data}
         return {"model": model / "mixed", "data": {**remembered, **given}, "val_data": {**remembered_val, **given_val},
                 "out": out or model / "tuned", "run_dir": model}
+    run_dir = model.absolute().parent
+    if model.name not in ("mixed", "tuned") and (run_dir / "branches").is_dir() and (run_dir / MANIFEST_NAME).is_file():
+        # a model a run made besides its own mixed one (mix --add-expert's RUN_DIR/grown): the run's data, its own stage
+        branches = load_manifest(run_dir).branches
+        remembered = {name: record.data for name, record in branches.items() if record.data} if not given else {}
+        remembered_val = {name: record.val_data for name, record in branches.items() if record.val_data and record.data} if not given else {}
+        return {"model": model, "data": {**remembered, **given}, "val_data": {**remembered_val, **given_val},
+                "out": out or run_dir / f"{model.name}-tuned", "run_dir": run_dir, "stage": f"tune:{model.name}"}
     if out is None:
         raise InvalidOptionError("No output directory.", "Pass --out DIR (or give a run directory, whose default is RUN_DIR/tuned).")
     return {"model": model, "data": given, "val_data": given_val, "out": out, "run_dir": None}
@@ -93,6 +101,7 @@ def tune_command(
     Examples:
       moekit tune run --max-steps 1000                       (run dir: its mixed model and branch data)
       moekit tune run/mixed --data code=code.jsonl --data math=math.jsonl --train router --max-steps 200 --out tuned
+      moekit tune run/grown --train router --max-steps 200   (a model of a run, e.g. mix --add-expert's: the run's data, out run/grown-tuned)
     """
     from rich.console import Console
 

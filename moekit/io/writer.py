@@ -152,6 +152,29 @@ class StreamingShardWriter:
             raise ValueError(f"{name}: copied {written} bytes, planned {planned.nbytes}")
         self._position += 1
 
+    def write_parts(self, name: str, dtype: Any, shape: tuple[int, ...], parts: Iterable[Any]) -> None:
+        """Append the next planned tensor from consecutive parts: byte ranges ``(file, offset, nbytes)`` copied
+        file to file, and chunks (numpy arrays of the stored dtype or torch tensors) written from memory.
+
+        ``mix --add-expert`` grows stacked tensors this way: the old experts' bytes are copied, the new
+        expert's rows are appended.
+        """
+        planned = self._next(name, dtype, shape)
+        assert self._handle is not None
+        written = 0
+        for part in parts:
+            if isinstance(part, tuple):
+                path, offset, nbytes = part
+                copy_range(path, offset, nbytes, self._handle)
+                written += nbytes
+            else:
+                data = _chunk_bytes(part, planned.code, name)
+                _write_all(self._handle, memoryview(data))
+                written += len(data)
+        if written != planned.nbytes:
+            raise ValueError(f"{name}: wrote {written} bytes, planned {planned.nbytes}")
+        self._position += 1
+
     def _start_shard(self, shard_index: int) -> None:
         if self._handle is not None:
             self._handle.close()

@@ -71,13 +71,23 @@ def run_compute(run_dir: Path) -> dict[str, Compute]:
     seed = Path(manifest.seed.path)
     result = {"seed": Compute()}
     branches = Compute()
+    mix = _last(manifest, "mix")
+    mixed = set(mix.outputs.get("experts") or []) if mix is not None else set(manifest.branches)
     for name in manifest.branches:
         spent = _record_compute(_last(manifest, "train", name), seed)
         result[f"branch {name}"] = spent
-        branches = branches + spent
+        if name in mixed or not mixed & set(manifest.branches):  # a branch added later is not in the mixed model
+            branches = branches + spent
     result["averaged"] = result["mixed"] = branches
     tune = _last(manifest, "tune")
     result["tuned"] = branches + _record_compute(tune, run_dir / "mixed")
+    for record in manifest.stages:  # mix --add-expert: the MoE grown from plus the new branch; then its own tune
+        if record.stage == "add-expert":
+            grown = Path(str(record.outputs["out"])).name
+            into = Path(str(record.params.get("into", ""))).name
+            added = result.get(f"branch {record.params.get('name')}", Compute())
+            result[grown] = result.get(into, Compute()) + added
+            result[f"{grown}-tuned"] = result[grown] + _record_compute(_last(manifest, f"tune:{grown}"), run_dir / grown)
     result[DENSE_DIR] = _record_compute(_last(manifest, DENSE_STAGE), seed)
     result[UPCYCLED_DIR] = _record_compute(_last(manifest, UPCYCLE_STAGE), run_dir / UPCYCLED_DIR)
     return result

@@ -85,7 +85,7 @@ def branch(seed: str, run_dir: Path, domains: list[str], copy: bool = False, for
     run_dir = Path(run_dir).absolute()
     check_output_apart(run_dir, [seed_dir])  # --force must never delete the seed with the old run
     checkpoint, weights, extras = _seed_files(seed_dir)
-    seed_hash = sha256_files(weights + [seed_dir / n for n in extras])
+    seed_sha256 = sha256_files(weights + [seed_dir / n for n in extras])
     modes: set[str] = set()
     with atomic_output_dir(run_dir, force=force) as tmp:
         for name in domains:
@@ -94,12 +94,55 @@ def branch(seed: str, run_dir: Path, domains: list[str], copy: bool = False, for
             modes |= _clone_seed(seed_dir, weights, extras, target, copy)
         link_mode = "copy" if "copy" in modes else ("hardlink" if "hardlink" in modes else "reflink")
         manifest = RunManifest(
-            seed=SeedRecord(source=str(seed), path=str(seed_dir), sha256=seed_hash, model_type=checkpoint.model_type),
+            seed=SeedRecord(source=str(seed), path=str(seed_dir), sha256=seed_sha256, model_type=checkpoint.model_type),
             branches={n: BranchRecord(path=f"branches/{n}", link_mode=link_mode) for n in domains},
             stages=[StageRecord(stage="branch", params={"domains": domains, "copy": copy})],
         )
         save_manifest(tmp, manifest)
-    return BranchResult(run_dir, {n: run_dir / "branches" / n for n in domains}, link_mode, seed_hash)
+    return BranchResult(run_dir, {n: run_dir / "branches" / n for n in domains}, link_mode, seed_sha256)
+
+
+def seed_hash(seed_dir: Path) -> str:
+    """The hash ``branch`` records for a seed: its weight files, config.json and tokenizer/generation files."""
+    _, weights, extras = _seed_files(seed_dir)
+    return sha256_files(weights + [seed_dir / n for n in extras])
+
+
+def add_branches(seed: str, run_dir: Path, domains: list[str], copy: bool = False) -> BranchResult:
+    """Add branches for new ``domains`` to an existing run (``branch --add``): the seed must be the run's own.
+
+    Each new branch directory is built aside and renamed into place; the manifest is updated last.
+    """
+    from moekit.errors import IncompatibleModelsError
+    from moekit.manifest import load_manifest, updating_manifest
+
+    validate_branch_names(domains)
+    run_dir = Path(run_dir).absolute()
+    manifest = load_manifest(run_dir)
+    taken = [d for d in domains if d in manifest.branches]
+    if taken:
+        raise InvalidOptionError(f"The run already has branch(es) {', '.join(taken)}.", "Choose new domain names (or leave out --add to start a new run).")
+    seed_dir = resolve_model_dir(seed)
+    _, weights, extras = _seed_files(seed_dir)
+    digest = sha256_files(weights + [seed_dir / n for n in extras])
+    if digest != manifest.seed.sha256:
+        raise IncompatibleModelsError(
+            f"{seed} is not the seed of {run_dir} (its files hash to {digest[:12]}, the run's seed {manifest.seed.path} to {manifest.seed.sha256[:12]}).",
+            f"Branch from the run's own seed: moekit branch {manifest.seed.path} {run_dir} --domain NAME --add.",
+        )
+    modes: set[str] = set()
+    created = {}
+    for name in domains:
+        target = run_dir / "branches" / name
+        with atomic_output_dir(target) as tmp:
+            modes |= _clone_seed(seed_dir, weights, extras, tmp, copy)
+        created[name] = target
+    link_mode = "copy" if "copy" in modes else ("hardlink" if "hardlink" in modes else "reflink")
+    with updating_manifest(run_dir) as current:
+        for name in domains:
+            current.branches[name] = BranchRecord(path=f"branches/{name}", link_mode=link_mode)
+        current.stages.append(StageRecord(stage="branch", params={"domains": domains, "copy": copy, "add": True}))
+    return BranchResult(run_dir, created, link_mode, digest)
 
 
 def relink_branch(run_dir: Path, name: str) -> None:

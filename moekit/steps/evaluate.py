@@ -43,6 +43,7 @@ def expand_models(models: list[str]) -> dict[str, Path]:
             labelled["seed"] = Path(manifest.seed.path)
             labelled.update({f"branch {n}": manifest.branch_dir(path, n) for n in manifest.branches})
             labelled.update({name: path / name for name in ("averaged", "mixed", "tuned", DENSE_DIR, UPCYCLED_DIR) if (path / name / "config.json").is_file()})
+            labelled.update({d.name: d for d in grown_models(path, manifest) if d.name not in labelled})
         else:
             directory = resolve_model_dir(spec)
             label = directory.name if directory.name not in labelled else f"{directory.parent.name}/{directory.name}"
@@ -51,6 +52,17 @@ def expand_models(models: list[str]) -> dict[str, Path]:
                 label, count = f"{base} ({count})", count + 1
             labelled[label] = directory
     return labelled
+
+
+def grown_models(run_dir: Path, manifest: Any) -> list[Path]:
+    """Models a run made beyond mix/tune/baselines: ``mix --add-expert`` outputs and their tunes, in stage order."""
+    found = []
+    for record in manifest.stages:
+        if record.stage == "add-expert" or (record.stage.startswith("tune:") and record.stage[5:] in {p.name for p in found}):
+            out = Path(str(record.outputs.get("out", "")))
+            if out.name and (run_dir / out.name / "config.json").is_file() and run_dir / out.name not in found:
+                found.append(run_dir / out.name)
+    return found
 
 
 def _run_dir_heldout(cfg: EvalConfig, tokenizer: Any) -> dict[str, torch.Tensor]:

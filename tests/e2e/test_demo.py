@@ -14,6 +14,7 @@ from moekit.io.checkpoint import Checkpoint
 from moekit.manifest import load_manifest
 from moekit.recipe import load_recipe
 from moekit.steps.run import run_recipe
+from tests.e2e import browser
 
 MOEKIT = shutil.which("moekit", path=str(Path(sys.executable).parent)) or "moekit"
 TINY = Path(__file__).parents[2] / "moekit" / "recipes" / "demo-tiny.yaml"
@@ -41,10 +42,34 @@ def test_tiny_demo_through_the_console_script(tmp_path):
         assert f"{domain} prompt" in shown
     assert "top expert per generated token" in shown
     assert "exact-match" in shown and "SCMoE" in shown
+    check_report(run / "report.html", shown, tmp_path)
     second = subprocess.run([MOEKIT, "demo", "--tiny", "--out", str(tmp_path / "demo")], capture_output=True, text=True, env=env, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     summary = next(line for line in second.stdout.replace("\n", " ").split("stages: ")[1:])
     assert " ran" not in summary.split("held-out")[0], summary  # every stage skipped
+
+
+SECTIONS = ["stages", "curves", "evaluation", "routing", "tokens", "generations"]
+
+
+def check_report(page: Path, shown: str, work: Path) -> None:
+    """The demo's HTML report: every section with its content, and (with chromium) every image rendered."""
+    assert f"Report: {page}" in shown.replace("\n", " ") or str(page) in shown
+    text = page.read_text(encoding="utf-8")
+    for section in SECTIONS:
+        assert f'<section id="{section}">' in text, section
+    assert 'class="note"' not in text  # nothing missing: eval, routing and generations are all there
+    assert "&#9733;" in text  # the best model per domain is marked
+    assert text.count("data:image/png;base64,") >= 6  # curves, bars, 5 heatmaps
+    assert "src=\"http" not in text and "href=\"http" not in text  # self-contained
+    for domain in ("code", "math", "prose"):
+        assert f"<h3>{domain}</h3>" in text
+    if browser.chromium_or_none() is None:
+        return
+    images, sections, shot = browser.render(page, work)
+    assert sections == SECTIONS
+    assert len(images) >= 6 and "broken" not in images, images
+    assert shot.is_file() and shot.stat().st_size > 50_000
 
 
 def test_a_run_killed_in_train_resumes_to_the_same_result(tmp_path, monkeypatch):

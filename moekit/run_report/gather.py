@@ -1,0 +1,116 @@
+"""What a run's report shows, collected from the run directory (and a few fresh generations)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moekit.manifest import RunManifest, load_manifest
+
+EVAL_FILE = "eval.json"  # written by the recipe's eval stage and by `moekit eval RUN_DIR`
+ROUTING_FILE = Path("inspect") / "routing.json"  # written by the recipe's inspect stage
+
+
+@dataclass
+class RunReport:
+    """Everything on the page. Optional parts are None (or empty) where the run has not made them yet."""
+
+    run_dir: Path
+    manifest: RunManifest
+    models: dict[str, Path]  # eval's row labels -> directories
+    curves: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # label -> metrics.jsonl rows
+    evaluation: dict[str, Any] | None = None
+    routing: dict[str, Any] | None = None  # inspect's "routing" report, with "model"
+    routing_model: str | None = None
+    generations: list[dict[str, Any]] = field(default_factory=list)  # {domain, model, prompt, tokens: [{text, expert}], experts}
+    missing: list[str] = field(default_factory=list)  # what the run lacks, with the command that makes it
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl (unreadable lines skipped: a run killed mid-write leaves a partial last line)."""
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
+
+
+def _json_or_none(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def default_prompts(run_dir: Path, manifest: RunManifest, words: int = 8) -> dict[str, str]:
+    """A prompt per trained domain: the first words of its data (its held-out file where it has one)."""
+    from moekit.data.sources import iter_spec_documents
+
+    prompts = {}
+    for name, record in manifest.branches.items():
+        specs = record.val_data or record.data
+        if not specs:
+            continue
+        try:
+            text = next((t for t in iter_spec_documents(specs[0], "text") if t.strip()), "")
+        except Exception:  # noqa: BLE001 - a prompt is a nicety; unreadable data only drops it
+            continue
+        prompts[name] = " ".join(text.split()[:words])
+    return prompts
+
+
+def generate_samples(model_dir: Path, prompts: dict[str, str], max_new_tokens: int) -> list[dict[str, Any]]:
+    """Greedy continuations of each prompt by ``model_dir``, with each token's top expert (majority over layers)."""
+    from moekit.config import GenerateConfig
+    from moekit.steps.generate import Generator
+
+    generator = Generator(GenerateConfig(model=str(model_dir), raw=True, max_new_tokens=max_new_tokens))
+    samples = []
+    for domain, prompt in prompts.items():
+        generation = generator.generate(prompt)
+        record = generation.as_dict()
+        samples.append({"domain": domain, "model": model_dir.name, "prompt": prompt, "experts": record["experts"],
+                        "tokens": [{"text": t["text"], "expert": t["expert"]} for t in record["tokens"]]})
+    return samples
+
+
+def best_moe(models: dict[str, Path]) -> Path | None:
+    """The model whose generations the page shows: the tuned MoE, else the mixed one."""
+    for label in ("tuned", "mixed"):
+        if label in models:
+            return models[label]
+    return None
+
+
+def gather_run(run_dir: Path, prompts: dict[str, str] | None = None, generations: bool = True, max_new_tokens: int = 24) -> RunReport:
+    """Collect a run's report; ``prompts`` (domain -> text) default to the start of each domain's data."""
+    from moekit.steps.evaluate import expand_models
+
+    run_dir = Path(run_dir)
+    manifest = load_manifest(run_dir)
+    models = expand_models([str(run_dir)])
+    report = RunReport(run_dir, manifest, models)
+    for label, directory in models.items():
+        metrics = directory / "metrics.jsonl"
+        if metrics.is_file():
+            report.curves[label] = read_metrics(metrics)
+    report.evaluation = _json_or_none(run_dir / EVAL_FILE)
+    if report.evaluation is None:
+        report.missing.append(f"No evaluation yet: moekit eval {run_dir} (it writes {run_dir / EVAL_FILE}).")
+    inspected = _json_or_none(run_dir / ROUTING_FILE)
+    if inspected is not None and inspected.get("routing"):
+        report.routing, report.routing_model = inspected["routing"], str(inspected.get("model", ""))
+    else:
+        report.missing.append(f"No routing inspection yet: moekit inspect {run_dir}/tuned --data DOMAIN=PATH ... --json {run_dir / ROUTING_FILE}.")
+    moe = best_moe(models)
+    if generations and moe is not None:
+        report.generations = generate_samples(moe, prompts or default_prompts(run_dir, manifest), max_new_tokens)
+    elif moe is None:
+        report.missing.append(f"No MoE yet: moekit mix {run_dir}.")
+    return report

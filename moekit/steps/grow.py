@@ -1,0 +1,436 @@
+"""``moekit mix --add-expert``: grow a built moekit MoE by one expert, the FFN of a new dense branch.
+
+BTX's experts are independent: a new domain can be branched from the same seed later, trained on
+its own, and joined to the MoE without touching what the MoE already learned (FlexOlmo,
+Branch-Train-Stitch). So every tensor of the MoE goes out byte for byte as it is (copied file to
+file), except three kinds that gain one expert:
+
+* routers [E, H] -> [E+1, H]: the old rows' bytes, then the new row (``moekit.steps.grow_router``:
+  the centroid method against the existing rows, on calibration data run through the MoE);
+* selection biases [E] -> [E+1]: the new expert gets the mean of the old biases (neither favoured
+  nor held back relative to the average expert);
+* stacked expert tensors [E, ...] -> [E+1, ...]: the old bytes, then the new expert's.
+
+In per-expert layouts the new expert's tensors are new names; the branch's FFN goes in as stored
+(copied file to file when the dtypes agree), its down projection times the MoE's routed-expert
+scale so that it is on the same footing as the experts beside it. The config gains one expert
+(top-k unchanged); provenance and model card record the added expert. The branch must come from
+the MoE's seed (checked on the run manifests' seed records where both exist) and match its
+shapes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from moekit.arch import adapter_for_moe
+from moekit.arch.base import DENSE_FFN_PROJECTIONS, LAYER_TENSOR, ArchAdapter
+from moekit.config import GrowConfig
+from moekit.errors import IncompatibleModelsError, InvalidOptionError
+from moekit.io.atomic import atomic_output_dir, check_free_space, check_output_apart, check_output_dir
+from moekit.io.checkpoint import Checkpoint
+from moekit.io.config_json import dtype_name
+from moekit.io.files import copy_tokenizer_and_generation_files
+from moekit.io.floats import from_float32, to_float32
+from moekit.io.writer import PlannedTensor, StreamingShardWriter, parse_size
+from moekit.manifest import MANIFEST_NAME, StageRecord, load_manifest, now_iso, updating_manifest
+from moekit.progress import progress_bar
+from moekit.steps.inputs import open_dense_model
+
+Part = Any  # a byte range (path, offset, nbytes) or an array of the stored dtype
+
+
+@dataclass
+class GrowInputs:
+    """The opened MoE and branch, and what the MoE's provenance says about it."""
+
+    moe: Checkpoint
+    branch: Checkpoint
+    adapter: ArchAdapter
+    record: dict[str, Any]  # the MoE's whole provenance
+    model_record: dict[str, Any]  # the record that names its experts (mix's, or an earlier add-expert's)
+    experts: int
+    layers: list[int]
+    down_scale: float
+    notes: list[str] = field(default_factory=list)
+
+    def close(self) -> None:
+        """Close the input files."""
+        self.moe.close()
+        self.branch.close()
+
+
+@dataclass
+class GrowResult:
+    """What ``mix --add-expert`` wrote."""
+
+    out: Path
+    experts: list[str]
+    moe_type: str
+    router_stats: dict[str, Any]
+    notes: list[str]
+
+
+def model_record(record: Any) -> dict[str, Any] | None:
+    """The provenance record that names the model's experts (a tuned model's wraps its input's)."""
+    while isinstance(record, dict) and "expert_names" not in record and isinstance(record.get("input"), dict):
+        record = record["input"]
+    return record if isinstance(record, dict) and isinstance(record.get("expert_names"), list) else None
+
+
+def _read_provenance(moe_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    path = moe_dir / "moekit.yaml"
+    try:
+        record = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        record = None
+    found = model_record(record)
+    if found is None or not isinstance(record, dict):
+        raise InvalidOptionError(
+            f"{moe_dir} has no moekit provenance (moekit.yaml naming its experts), so its seed and experts cannot be checked.",
+            "--add-expert grows MoEs that `moekit mix` (and tune) wrote; mix other MoEs anew from their branches.",
+        )
+    return record, found
+
+
+def _run_seed(model_dir: Path) -> tuple[str, str] | None:
+    """(seed path, seed hash) from the run manifest of a branch directory (RUN_DIR/branches/NAME), if it has one."""
+    run_dir = model_dir.absolute().parent.parent
+    if not (run_dir / MANIFEST_NAME).is_file():
+        return None
+    manifest = load_manifest(run_dir)
+    if not any(manifest.branch_dir(run_dir, n).resolve() == model_dir.resolve() for n in manifest.branches):
+        return None
+    return manifest.seed.path, manifest.seed.sha256
+
+
+def _check_seed(record: dict[str, Any], branch_dir: Path, moe_dir: Path, notes: list[str]) -> None:
+    """Refuse a branch whose run names another seed than the MoE's; note where it cannot be checked."""
+    moe_seed = str(record.get("seed") or "")
+    branch_seed = _run_seed(branch_dir)
+    if branch_seed is None or not moe_seed:
+        notes.append("The branch's seed could not be checked (it is not a branch of a run directory): only the shapes were.")
+        return
+    seed_path, seed_hash = branch_seed
+    if Path(seed_path).resolve() == Path(moe_seed).resolve():
+        return
+    moe_run_seed = _run_seed_by_path(moe_seed)
+    if moe_run_seed is not None and moe_run_seed == seed_hash:
+        return
+    raise IncompatibleModelsError(
+        f"The branch {branch_dir} was branched from the seed {seed_path}, but {moe_dir} was mixed from {moe_seed}.",
+        "Branch the new domain from the MoE's seed (moekit branch SEED RUN_DIR --domain NAME --add), then train it.",
+    )
+
+
+def _run_seed_by_path(seed: str) -> str | None:
+    """The hash of a seed directory's files as ``moekit branch`` computes it (None if it is gone)."""
+    from moekit.steps.branch import seed_hash
+
+    path = Path(seed)
+    return seed_hash(path) if path.is_dir() else None
+
+
+def _moe_layers(moe: Checkpoint, adapter: ArchAdapter) -> list[int]:
+    layouts = adapter.layouts()
+    layout = layouts.detect(moe.tensors)
+    if layout is None or layout != layouts.layouts[0]:
+        raise InvalidOptionError(
+            f"{moe.path} is not stored in the layout moekit writes (per-expert tensors), so experts cannot be appended in place.",
+            "Re-save it with save_pretrained() (transformers' default layout), or grow the MoE moekit wrote.",
+        )
+    return layout.moe_layers(moe.tensors)
+
+
+def _check_shapes(inputs_moe: Checkpoint, branch: Checkpoint, adapter: ArchAdapter, layers: list[int], experts: int) -> None:
+    """The branch must be the MoE's dense family with the same non-FFN tensors and expert-sized FFNs."""
+    problems = []
+    for name, info in inputs_moe.tensors.items():
+        match = LAYER_TENSOR.match(name)
+        if match is not None and (adapter.moe_block + ".") in match.group(2):
+            continue
+        if name in branch.tensors and branch.tensors[name].shape != info.shape:
+            problems.append(f"{name}: MoE {info.shape}, branch {branch.tensors[name].shape}")
+        elif name not in branch.tensors and name != "lm_head.weight":
+            problems.append(f"{name} is missing from the branch")
+    for layer in layers:
+        for projection in DENSE_FFN_PROJECTIONS:
+            expected = _expert_shape(inputs_moe, adapter, layer, projection, experts)
+            dense = adapter.dense_ffn_name(layer, projection)
+            got = branch.tensors[dense].shape if dense in branch.tensors else None
+            if got != expected:
+                problems.append(f"{dense}: {got}, the MoE's experts have {expected}")
+    if problems:
+        listing = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
+        raise IncompatibleModelsError(
+            f"The branch {branch.path} does not fit the MoE {inputs_moe.path}: {listing}.",
+            "The new expert must be a branch of the MoE's own seed (same family and sizes).",
+        )
+
+
+def _expert_shape(moe: Checkpoint, adapter: ArchAdapter, layer: int, projection: str, experts: int) -> tuple[int, ...]:
+    """One expert's ``projection`` shape in the MoE (from the first expert, or a stacked tensor)."""
+    if adapter.fused_experts is not None:
+        gate_up, down = (f"model.layers.{layer}.{adapter.moe_block}.{n}" for n in adapter.fused_experts)
+        if projection == "down_proj":
+            return tuple(moe.tensors[down].shape[1:])
+        _, rows, hidden = moe.tensors[gate_up].shape
+        return (rows // 2, hidden)
+    return tuple(moe.tensors[adapter.expert_name(layer, 0, projection)].shape)
+
+
+def open_grow_inputs(cfg: GrowConfig) -> GrowInputs:
+    """Open and check the MoE and the branch; raise a user error naming what does not fit."""
+    moe = Checkpoint(Path(cfg.into))
+    adapter = adapter_for_moe(moe.model_type)
+    if adapter is None:
+        raise InvalidOptionError(f"{cfg.into} is a {moe.model_type or 'unknown'} model, not an MoE moekit builds.", "Give the MoE that `moekit mix` (or tune) wrote.")
+    record, found = _read_provenance(Path(cfg.into))
+    if int(found.get("split") or 1) != 1:
+        raise InvalidOptionError(
+            f"{cfg.into} was mixed with --split {found['split']}: each source FFN is several experts sharing a router row.",
+            "Add experts to MoEs mixed without --split.",
+        )
+    names = [str(n) for n in found["expert_names"]]
+    if cfg.name in names:
+        raise InvalidOptionError(f"The MoE already has an expert named '{cfg.name}' ({', '.join(names)}).", "Name the new expert differently.")
+    branch, branch_adapter = open_dense_model(Path(cfg.branch), target=moe.model_type)
+    if branch_adapter.moe_type != adapter.moe_type:
+        raise IncompatibleModelsError(f"The branch {cfg.branch} ({branch.model_type}) cannot join a {moe.model_type} MoE.", "Use a branch of the MoE's seed.")
+    experts = int(moe.config[adapter.num_experts_keys[0]])
+    if experts != len(names):
+        raise InvalidOptionError(f"{cfg.into}: config.json has {experts} experts, its moekit.yaml names {len(names)}.", "The provenance does not belong to these weights; re-mix the MoE.")
+    layers = _moe_layers(moe, adapter)
+    _check_shapes(moe, branch, adapter, layers, experts)
+    notes: list[str] = []
+    _check_seed(found, Path(cfg.branch), Path(cfg.into), notes)
+    down_scale = float((found.get("scales") or {}).get("routed_down", 1.0))
+    return GrowInputs(moe, branch, adapter, record, found, experts, layers, down_scale, notes)
+
+
+def _grown_shape(name: str, shape: tuple[int, ...], inputs: GrowInputs) -> tuple[int, ...]:
+    """The output shape of an MoE tensor: one expert more where the tensor is indexed by expert."""
+    if name in _by_expert(inputs):
+        if len(shape) == 2 and shape[0] == 1 and inputs.adapter.selection_bias_rows and name.endswith(str(inputs.adapter.selection_bias)):
+            return (1, shape[1] + 1)
+        return (shape[0] + 1, *shape[1:])
+    return shape
+
+
+def _by_expert(inputs: GrowInputs) -> dict[str, tuple[int, str]]:
+    """MoE tensors indexed by expert along their first (or, for [1, E] biases, second) dim: name -> (layer, role)."""
+    adapter, found = inputs.adapter, {}
+    for layer in inputs.layers:
+        found[adapter.router_name(layer)] = (layer, "router")
+        bias = adapter.selection_bias_name(layer)
+        if bias is not None:
+            found[bias] = (layer, "selection_bias")
+        if adapter.fused_experts is not None:
+            gate_up, down = (f"model.layers.{layer}.{adapter.moe_block}.{n}" for n in adapter.fused_experts)
+            found[gate_up] = (layer, "fused_gate_up")
+            found[down] = (layer, "fused_down")
+    return found
+
+
+def _stored_order(checkpoint: Checkpoint) -> list[str]:
+    """Tensor names in file order: the copy reads each shard front to back."""
+    return sorted(checkpoint.tensors, key=lambda n: (checkpoint.tensors[n].shard, checkpoint.tensors[n].offset))
+
+
+def _new_expert_names(inputs: GrowInputs, layer: int) -> dict[str, str]:
+    """Per-expert layouts: the new expert's tensor names by dense projection."""
+    return {p: inputs.adapter.expert_name(layer, inputs.experts, p) for p in DENSE_FFN_PROJECTIONS}
+
+
+def plan_grown(inputs: GrowInputs) -> list[PlannedTensor]:
+    """Every output tensor in write order: the MoE's (in file order, grown where indexed by expert), then the new expert's."""
+    moe = inputs.moe
+    planned = [PlannedTensor(n, moe.tensors[n].dtype, _grown_shape(n, moe.tensors[n].shape, inputs)) for n in _stored_order(moe)]
+    if inputs.adapter.fused_experts is None:
+        for layer in inputs.layers:
+            for projection, name in _new_expert_names(inputs, layer).items():
+                code = moe.tensors[inputs.adapter.expert_name(layer, 0, projection)].dtype
+                planned.append(PlannedTensor(name, code, inputs.branch.tensors[inputs.adapter.dense_ffn_name(layer, projection)].shape))
+    return planned
+
+
+def _new_ffn_part(inputs: GrowInputs, layer: int, projection: str, code: str) -> Part:
+    """The branch's ``projection`` of ``layer`` for the new expert: a byte range where it goes out as stored, else an array."""
+    from moekit.errors import NonFiniteError
+    from moekit.io.floats import finite
+    from moekit.steps.mix_experts import verbatim_range
+
+    name = inputs.adapter.dense_ffn_name(layer, projection)
+    scale = inputs.down_scale if projection == "down_proj" else 1.0
+    if scale == 1.0:
+        part = verbatim_range(inputs.branch, name, code)
+        if part is not None:
+            return part
+    info = inputs.branch.tensors[name]
+    raw = inputs.branch.array_rows(name, 0, info.shape[0])
+    if not finite(raw, info.dtype):
+        raise NonFiniteError(
+            f"Tensor {name} of {inputs.branch.path} holds NaN or infinite values; the grown MoE would be broken.",
+            "That branch is damaged (a diverged training run?): retrain it with a lower --lr.",
+        )
+    values = to_float32(raw, info.dtype)
+    if scale != 1.0:
+        values = values * np.float32(scale)
+    return from_float32(values, code)
+
+
+def _moe_range(inputs: GrowInputs, name: str) -> tuple[Path, int, int]:
+    info = inputs.moe.tensors[name]
+    return inputs.moe.path / info.shard, info.offset, info.nbytes
+
+
+def _write_grown(inputs: GrowInputs, writer: StreamingShardWriter, planned: PlannedTensor, rows: np.ndarray) -> None:
+    """Write one of the MoE's tensors: copied as stored, or grown by the new expert's part."""
+    role = _by_expert(inputs).get(planned.name)
+    if role is None:
+        writer.copy_ranges(planned.name, planned.code, planned.shape, [_moe_range(inputs, planned.name)])
+        return
+    layer, kind = role
+    info = inputs.moe.tensors[planned.name]
+    if kind == "router":  # the old rows' bytes, then the new row in the router's stored dtype
+        old = inputs.moe.array_rows(planned.name, 0, info.shape[0])
+        new = from_float32(rows[inputs.layers.index(layer)][None, :], info.dtype)
+        writer.write_array(planned.name, info.dtype, np.concatenate([old, new]))
+    elif kind == "selection_bias":
+        old = to_float32(inputs.moe.array_rows(planned.name, 0, info.shape[0]), info.dtype)
+        grown = np.concatenate([old, np.full(old.shape[:-1] + (1,), old.mean(), dtype=np.float32)], axis=-1)
+        writer.write_array(planned.name, info.dtype, from_float32(grown, info.dtype))
+    elif kind == "fused_gate_up":  # [E+1, 2I, H]: each expert's gate rows, then its up rows
+        parts = [_new_ffn_part(inputs, layer, p, info.dtype) for p in ("gate_proj", "up_proj")]
+        writer.write_parts(planned.name, info.dtype, planned.shape, [_moe_range(inputs, planned.name), *parts])
+    else:  # fused_down [E+1, H, I]
+        writer.write_parts(planned.name, info.dtype, planned.shape, [_moe_range(inputs, planned.name), _new_ffn_part(inputs, layer, "down_proj", info.dtype)])
+
+
+def grown_config(inputs: GrowInputs) -> dict[str, Any]:
+    """The MoE's config.json with one expert more (every expert-count key the family's readers use)."""
+    config = json.loads((inputs.moe.path / "config.json").read_text(encoding="utf-8"))
+    for key in inputs.adapter.num_experts_keys:
+        config[key] = inputs.experts + 1
+    return config
+
+
+def calibration_blocks(cfg: GrowConfig, tokenizer: Any) -> dict[str, Any]:
+    """Token blocks per domain: --router-data, else the run's branch data; the new domain's and at least one other."""
+    from moekit.data import evaluation_blocks
+
+    specs: dict[str, list[str]] = {d: [p] for d, p in cfg.router_data.items()}
+    if not specs and cfg.run_dir is not None:
+        specs = {n: r.data for n, r in load_manifest(cfg.run_dir).branches.items() if r.data}
+    if cfg.name not in specs:
+        raise InvalidOptionError(
+            f"The new expert's router row needs calibration data of its domain '{cfg.name}'.",
+            f"Pass --router-data {cfg.name}=PATH (or train the branch in the run directory, whose data is then used).",
+        )
+    if len(specs) < 2:
+        raise InvalidOptionError(
+            "The new router row is placed against the existing experts, which needs data of at least one existing domain too.",
+            "Add --router-data NAME=PATH for a domain the MoE already serves.",
+        )
+    return {d: evaluation_blocks(tokenizer, s, cfg.router_block_size, cfg.router_tokens) for d, s in specs.items()}
+
+
+def _router_rows(cfg: GrowConfig, inputs: GrowInputs) -> Any:
+    from transformers import AutoTokenizer
+
+    from moekit.steps.grow_router import added_router_rows
+
+    blocks = calibration_blocks(cfg, AutoTokenizer.from_pretrained(inputs.moe.path))
+    biases = None
+    if inputs.adapter.selection_bias is not None:
+        biases = [to_float32(inputs.moe.array_rows(n, 0, inputs.moe.tensors[n].shape[0]), "F32").reshape(-1)
+                  for n in (inputs.adapter.selection_bias_name(layer) for layer in inputs.layers) if n is not None]
+    top_k = int(inputs.moe.config.get(inputs.adapter.top_k_key) or 1)
+    return added_router_rows(inputs.moe.path, cfg.name, blocks, inputs.adapter.scoring, top_k, biases)
+
+
+def add_expert(cfg: GrowConfig, show_progress: bool = False) -> GrowResult:
+    """Write the MoE at ``cfg.into`` grown by the FFN of ``cfg.branch`` as expert ``cfg.name`` to ``cfg.out``."""
+    from moekit.steps.mix_experts import background_scans
+
+    inputs = open_grow_inputs(cfg)
+    try:
+        check_output_apart(cfg.out, [inputs.moe.path, inputs.branch.path], cfg.run_dir)
+        check_output_dir(cfg.out, cfg.force)
+        added = _router_rows(cfg, inputs)
+        planned = plan_grown(inputs)
+        check_free_space(cfg.out, sum(t.nbytes for t in planned))
+        names = [*[str(n) for n in inputs.model_record["expert_names"]], cfg.name]
+        with atomic_output_dir(cfg.out, force=cfg.force) as tmp, background_scans() as scans:
+            writer = StreamingShardWriter(tmp, planned, parse_size(cfg.shard_size))
+            try:
+                moe_tensors = len(inputs.moe.tensors)
+                with progress_bar("adding the expert", len(planned), show_progress) as advance:
+                    for index, tensor in enumerate(planned):
+                        if index < moe_tensors:
+                            _write_grown(inputs, writer, tensor, added.rows)
+                        else:
+                            layer, projection = _new_tensor_origin(inputs, tensor.name)
+                            writer.write_parts(tensor.name, tensor.code, tensor.shape, [_new_ffn_part(inputs, layer, projection, tensor.code)])
+                        advance()
+                scans.finish()
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+            _write_metadata(tmp, cfg, inputs, names, added.summary())
+    finally:
+        inputs.close()
+    result = GrowResult(Path(cfg.out), names, inputs.adapter.moe_type, added.summary(), inputs.notes)
+    if cfg.run_dir is not None:
+        with updating_manifest(cfg.run_dir) as manifest:
+            params = cfg.model_dump(mode="json", exclude={"force", "run_dir"})
+            manifest.stages.append(StageRecord(stage="add-expert", params=params, outputs={"out": str(result.out), "experts": names}))
+    return result
+
+
+def _new_tensor_origin(inputs: GrowInputs, name: str) -> tuple[int, str]:
+    for layer in inputs.layers:
+        for projection, new_name in _new_expert_names(inputs, layer).items():
+            if new_name == name:
+                return layer, projection
+    raise ValueError(f"{name} is not a tensor of the new expert")
+
+
+def _write_metadata(tmp: Path, cfg: GrowConfig, inputs: GrowInputs, names: list[str], router: dict[str, Any]) -> None:
+    from moekit import __version__
+    from moekit.steps.mix_output import write_model_card
+
+    config = grown_config(inputs)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    copy_tokenizer_and_generation_files(inputs.moe.path, tmp)
+    found = inputs.model_record
+    experts = [*(found.get("experts") or []), {"name": cfg.name, "kind": "branch", "source": str(Path(cfg.branch).absolute())}]
+    record = {
+        "moekit_version": __version__, "created": now_iso(), "stage": "add-expert", "mode": found.get("mode", "btx"),
+        "seed": found.get("seed"), "target": inputs.adapter.moe_type, "experts": experts, "expert_names": names,
+        "added": {"name": cfg.name, "source": str(Path(cfg.branch).absolute()), "into": str(Path(cfg.into).absolute()),
+                  "expert_index": inputs.experts, "down_scale": inputs.down_scale},
+        "split": 1, "shared_expert": found.get("shared_expert"), "scales": found.get("scales"),
+        "average": found.get("average", "uniform"), "merge": found.get("merge"), "dtype": dtype_name(inputs.moe.dtype_code()),
+        "top_k": int(inputs.moe.config.get(inputs.adapter.top_k_key) or 1),
+        "router": {"init": "centroid against the existing rows (new row only)", "top_k": found.get("router", {}).get("top_k"),
+                   "scoring": inputs.adapter.scoring, **router},
+        "input": inputs.record,
+    }
+    (tmp / "moekit.yaml").write_text(yaml.safe_dump(record, sort_keys=False), encoding="utf-8")
+    write_model_card(tmp, record, inputs.adapter, Path(cfg.out).name)
+    with open(tmp / "README.md", "a", encoding="utf-8") as card:
+        card.write(
+            f"\n## Grown\n\nExpert {inputs.experts} (`{cfg.name}`) was added by `moekit mix --add-expert` to `{cfg.into}`: every "
+            f"tensor of that MoE is kept byte for byte; routers gained one row (the centroid method against the existing rows: "
+            f"at the start {router['init_new_domain_top_k']:.0%} of {cfg.name} tokens and {router['init_old_domains_top_k']:.0%} "
+            f"of the other domains' tokens have it in their top-{record['top_k']}). Tune the router (`moekit tune --train router`) "
+            "before judging it.\n"
+        )
