@@ -59,7 +59,7 @@ def write_demo_report(console: Any, run_dir: Path) -> Path:
 
     prompts = {d: DEMO_PROMPTS[d] for d in load_manifest(run_dir).branches if d in DEMO_PROMPTS}
     path = write_report(gather_run(run_dir, prompts or None), run_dir / "report.html")
-    console.print(f"[green]Report:[/] {path} (open it in a browser)")
+    console.print(f"[green]Report:[/] {path} (open it in a browser)", soft_wrap=True)  # a path must stay copyable
     return path
 
 

@@ -38,5 +38,5 @@ def report_command(
     write_report(report, target)
     console = Console()
     for note in report.missing:
-        console.print(f"[yellow]Note:[/] {note}")
-    console.print(f"[green]Wrote[/] {target}")
+        console.print(f"[yellow]Note:[/] {note}", soft_wrap=True)
+    console.print(f"[green]Wrote[/] {target}", soft_wrap=True)

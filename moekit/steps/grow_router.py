@@ -59,7 +59,7 @@ def _router_inputs(model: torch.nn.Module, routers: list[tuple[str, torch.nn.Mod
     def hook(layer: int) -> Any:
         def capture(_module: torch.nn.Module, args: tuple[Any, ...]) -> None:
             hidden = args[0]
-            visit(layer, hidden.reshape(-1, hidden.shape[-1]).float())
+            visit(layer, hidden.reshape(-1, hidden.shape[-1]).float().cpu())
 
         return capture
 
@@ -67,7 +67,7 @@ def _router_inputs(model: torch.nn.Module, routers: list[tuple[str, torch.nn.Mod
     try:
         with torch.no_grad():
             for start in range(0, blocks.shape[0], _BATCH):
-                model(input_ids=blocks[start:start + _BATCH])
+                model(input_ids=blocks[start:start + _BATCH].to(model.device))
     finally:
         for handle in handles:
             handle.remove()
@@ -141,6 +141,16 @@ def _choose_row(base: np.ndarray, projections: np.ndarray, common: np.ndarray | 
     return best[1], best[2], best[3], best[4], best[5]
 
 
+def _load_for_calibration(moe_dir: Path) -> torch.nn.Module:
+    """The MoE for the calibration forwards: fp32 on a CPU; on GPUs in bf16, spread over them (and the CPU) by
+    accelerate's device map, so an MoE larger than one GPU still runs. Router inputs are taken in fp32 either way."""
+    from transformers import AutoModelForCausalLM
+
+    if torch.cuda.is_available():
+        return AutoModelForCausalLM.from_pretrained(moe_dir, dtype=torch.bfloat16, device_map="auto").eval()
+    return AutoModelForCausalLM.from_pretrained(moe_dir, dtype=torch.float32).eval()
+
+
 def _fit_row(start: torch.Tensor, x: np.ndarray, threshold: np.ndarray, is_new: np.ndarray, steps: int = 60) -> tuple[np.ndarray, float, float]:
     """Refine the centroid row by a weighted logistic fit of "the new expert is in the top-k" (old rows fixed): (row, TPR, FPR)."""
     inputs, limit = torch.from_numpy(x).float(), torch.from_numpy(threshold).float()
@@ -170,19 +180,16 @@ def added_router_rows(
 
     ``biases``: each layer's selection bias [E] (sigmoid-scoring families), or None.
     """
-    from transformers import AutoModelForCausalLM
-
     from moekit.routing.control import find_routers
 
-    model = AutoModelForCausalLM.from_pretrained(moe_dir, dtype=torch.float32)
-    model.eval()
+    model = _load_for_calibration(moe_dir)
     routers = find_routers(model)
     means = _domain_means(model, routers, blocks)
     old_domains = [d for d in blocks if d != new_domain]
     directions = [_candidate_directions(means, new_domain, old_domains, layer) for layer in range(len(routers))]
     centres = [torch.stack([means[d][layer] for d in blocks]).mean(0) for layer in range(len(routers))]
     centres = [c / c.norm().clamp_min(1e-12) for c in centres]
-    weights = [module.weight.detach().float() for _, module in routers]
+    weights = [module.weight.detach().float().cpu() for _, module in routers]
     gathered: list[dict[str, list[np.ndarray]]] = [{"logits": [], "projection": [], "common": [], "x": [], "is_new": []} for _ in routers]
     for domain, domain_blocks in blocks.items():
         stride = max(1, -(-domain_blocks.numel() // _FIT_TOKENS))  # the row is chosen on at most _FIT_TOKENS tokens per domain

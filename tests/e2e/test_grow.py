@@ -10,10 +10,12 @@ import torch
 import torch.nn.functional as F
 import yaml
 from torch.overrides import TorchFunctionMode
+from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 from moekit.cli import build_app
 from moekit.config import GrowConfig, MixConfig
+from moekit.data import load_token_blocks
 from moekit.io.checkpoint import Checkpoint
 from moekit.routing.control import find_routers
 from moekit.steps.branch import add_branches, branch
@@ -65,9 +67,6 @@ def test_grown_moe_keeps_the_old_one(make_seed, tmp_path, family, target, dtype)
     seed = make_seed(family, dtype=torch.bfloat16) if dtype == "bfloat16" else make_seed(family)
     data = _data(tmp_path)
     run = branch(str(seed), tmp_path / "run", ["code", "math"])
-    from moekit.data import load_token_blocks
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(seed)
     for domain, path in run.branches.items():
         _train_branch(path, load_token_blocks(tokenizer, data[domain], 32), steps=3)
@@ -150,6 +149,7 @@ def test_grow_a_run_through_the_cli(make_seed, tmp_path):
         ["branch", str(seed), str(run), "--domain", "code", "--domain", "math"],
         ["train", str(run), "--data", f"code={data['code']}", "--data", f"math={data['math']}", *loop],
         ["mix", str(run)],
+        ["tune", str(run), *loop],
         ["branch", str(seed), str(run), "--domain", "prose", "--add"],
         ["train", str(run), "--branch", "prose", "--data", f"prose={data['prose']}", *loop],
         ["mix", str(run), "--add-expert", "prose", "--router-tokens", "512", "--router-seq-len", "32"],
@@ -160,12 +160,25 @@ def test_grow_a_run_through_the_cli(make_seed, tmp_path):
         result = runner.invoke(build_app(), args)
         assert result.exit_code == 0, (args, result.output)
     assert (run / "grown-tuned" / "config.json").is_file()
+    record = yaml.safe_load((run / "grown" / "moekit.yaml").read_text())
+    assert record["added"]["into"] == str((run / "tuned").absolute())  # a tuned MoE is grown by default
+    assert record["input"]["tune"]["stage"] == "tune" and record["input"]["input"]["stage"] == "mix"
+    tuned, grown = Checkpoint(run / "tuned"), Checkpoint(run / "grown")
+    assert all(_bytes(grown, n) == _bytes(tuned, n) for n, i in tuned.tensors.items() if grown.tensors[n].shape == i.shape)
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["domains"] == ["code", "math", "prose"]
-    assert {"mixed", "grown", "grown-tuned"} <= set(report["results"])
+    assert {"mixed", "tuned", "grown", "grown-tuned"} <= set(report["results"])
+    assert json.loads((run / "eval.json").read_text())["domains"] == ["code", "math", "prose"]  # recorded for moekit report
     from moekit.manifest import load_manifest
 
     stages = [s.stage for s in load_manifest(run).stages]
     assert "add-expert" in stages and "tune:grown" in stages
     compute = report.get("compute", {})
-    assert compute["grown"]["tokens"] > compute["mixed"]["tokens"]
+    assert compute["grown"]["tokens"] == compute["tuned"]["tokens"] + compute["branch prose"]["tokens"]
+    assert compute["tuned"]["tokens"] == compute["mixed"]["tokens"] + 3 * 4 * 32  # the prose branch is not in the mixed model
+    assert compute["grown-tuned"]["tokens"] == compute["grown"]["tokens"] + 3 * 4 * 32
+    page = tmp_path / "report.html"
+    result = runner.invoke(build_app(), ["report", str(run), "--out", str(page), "--max-new-tokens", "4"])
+    assert result.exit_code == 0, result.output
+    text = page.read_text()
+    assert "grown-tuned" in text and "<h3>prose</h3>" in text and "moekit inspect" in text  # no inspect yet: the note says how

@@ -1,7 +1,8 @@
 """The whole BTX pipeline on a real pretrained model: SmolLM2-135M-Instruct (bf16, tied, 3 shards).
 
 branch -> (identical mix: greedy text equals the seed's) -> train -> mix (centroid router) ->
-tune -> eval -> inspect, through the real CLI, with every output checked for loading info,
+tune -> eval -> inspect -> a third domain added (branch --add, train, mix --add-expert, router
+tune) -> eval -> report, through the real CLI, with every output checked for loading info,
 dtypes, the tie and the parameter count. Budgets are tiny (2 steps of 32-token blocks): the
 point is the checkpoint path on real weights, not the learning.
 """
@@ -42,11 +43,12 @@ def data(tmp_path_factory) -> dict[str, Path]:
     """Small real text: Python standard library code and pydoc's English reference text."""
     root = tmp_path_factory.mktemp("data")
     files = {}
-    for domain, name in (("code", "python-stdlib"), ("prose", "pydoc-topics")):
+    for domain, name in (("code", "python-stdlib"), ("prose", "pydoc-topics"), ("math", "arithmetic")):
         source = materialize(name, root / "builtin")
         files[domain] = root / f"{domain}.txt"
         with open(source, encoding="utf-8") as handle:
-            text = "".join(json.loads(next(handle))["text"] for _ in range(3))
+            records = 3 if domain != "math" else 2000  # arithmetic records are one line each
+            text = "\n".join(json.loads(next(handle))["text"] for _ in range(records))
         files[domain].write_text(text[:20000], encoding="utf-8")
     return files
 
@@ -73,13 +75,13 @@ def test_btx_pipeline_on_smollm2(seed, data, tmp_path):
     assert_portable_checkpoint(tmp_path / "identical", torch.bfloat16, tied=True, reference_tokenizer=seed)
     assert _greedy(tmp_path / "identical", seed) == _greedy(seed, seed)
 
-    data_args = [a for d, p in data.items() for a in ("--data", f"{d}={p}")]
+    data_args = [a for d, p in data.items() if d != "math" for a in ("--data", f"{d}={p}")]
     cli("train", run, *data_args, *LOOP, "--lr", "1e-3")
     for name in ("code", "prose"):
         assert_portable_checkpoint(run / "branches" / name, torch.bfloat16, tied=True, reference_tokenizer=seed)
         assert set(Checkpoint(run / "branches" / name).tensors) == set(Checkpoint(seed).tensors)
 
-    router_data = [a for d, p in data.items() for a in ("--router-data", f"{d}={p}")]
+    router_data = [a for d, p in data.items() if d != "math" for a in ("--router-data", f"{d}={p}")]
     cli("mix", run, "--router", "centroid", *router_data, "--router-tokens", "256", "--router-seq-len", "32")
     assert_portable_checkpoint(run / "mixed", torch.bfloat16, tied=True, reference_tokenizer=seed)
 
@@ -100,3 +102,25 @@ def test_btx_pipeline_on_smollm2(seed, data, tmp_path):
     results = json.loads(evaluation.read_text())["results"]
     assert {"seed", "branch code", "branch prose", "mixed", "tuned"} <= set(results)
     assert all(math.isfinite(scores["average"]["loss"]) for scores in results.values())
+
+    # grow the tuned MoE by a third domain: every old tensor byte for byte, still a portable checkpoint
+    cli("branch", seed, run, "--domain", "math", "--add")
+    cli("train", run, "--branch", "math", "--data", f"math={data['math']}", *LOOP, "--lr", "1e-3")
+    cli("mix", run, "--add-expert", "math", "--router-tokens", "256", "--router-seq-len", "32")
+    grown = run / "grown"
+    assert_portable_checkpoint(grown, torch.bfloat16, tied=True, reference_tokenizer=seed)
+    old, new = Checkpoint(tuned), Checkpoint(grown)
+    for name, info in old.tensors.items():
+        stored = new.tensors[name]
+        if stored.shape == info.shape:
+            assert new.array_rows(name, 0, info.shape[0]).tobytes() == old.array_rows(name, 0, info.shape[0]).tobytes(), name
+        else:
+            assert stored.shape == (info.shape[0] + 1, *info.shape[1:]), name
+    assert json.loads((grown / "config.json").read_text())["num_local_experts"] == experts + 1
+    cli("tune", grown, "--train", "router", *LOOP)
+    cli("eval", run, "--seq-len", "32", "--max-tokens", "64")
+    recorded = json.loads((run / "eval.json").read_text())
+    assert recorded["domains"] == ["code", "prose", "math"] and {"grown", "grown-tuned"} <= set(recorded["results"])
+    cli("report", run, "--max-new-tokens", "4")
+    page = (run / "report.html").read_text()
+    assert all(f'<section id="{s}">' in page for s in ("stages", "curves", "evaluation", "routing", "tokens", "generations"))
