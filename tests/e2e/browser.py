@@ -40,6 +40,7 @@ def chromium() -> str:
 def render(page: Path, work: Path) -> tuple[list[str], list[str], Path]:
     """(image sizes or 'broken', section ids, screenshot path) of ``page`` as chromium renders it."""
     browser = chromium()
+    page, work = page.absolute(), work.absolute()
     probe = work / "probed.html"
     probe.write_text(page.read_text(encoding="utf-8").replace("</body>", _PROBE + "</body>"), encoding="utf-8")
     flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--virtual-time-budget=10000",
