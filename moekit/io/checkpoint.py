@@ -138,17 +138,15 @@ def finite_on_disk(path: Path, info: TensorInfo) -> bool:
     A memory map read in chunks with an integer mask on the exponent bits: no tensor is built,
     so data that mix copies file to file is checked at memory speed (and integer tensors pass).
     """
+    from moekit.io.floats import finite_bits
+
     if info.dtype not in _NONFINITE_MASKS or info.nbytes == 0:
         return True
-    kind, mask = _NONFINITE_MASKS[info.dtype]
+    kind, _ = _NONFINITE_MASKS[info.dtype]
     count = info.nbytes // np.dtype(kind).itemsize
     values = np.memmap(path, dtype=np.dtype(kind).newbyteorder("<"), mode="r", offset=info.offset, shape=(count,))
     try:
-        for start in range(0, count, _SCAN_ELEMENTS):
-            chunk = values[start:start + _SCAN_ELEMENTS]
-            if np.any((chunk & kind(mask)) == kind(mask)):
-                return False
-        return True
+        return all(finite_bits(values[start:start + _SCAN_ELEMENTS], info.dtype) for start in range(0, count, _SCAN_ELEMENTS))
     finally:
         del values
 

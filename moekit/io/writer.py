@@ -19,7 +19,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
@@ -62,10 +62,14 @@ class _Shard:
 def plan_shards(tensors: list[PlannedTensor], max_shard_bytes: int) -> list[_Shard]:
     """Group tensors, in order, into shards of at most ``max_shard_bytes`` (one tensor may exceed it)."""
     shards: list[_Shard] = [_Shard("")]
+    filled = 0  # bytes in the last shard (kept as a running sum: summing the shard per tensor is quadratic)
     for tensor in tensors:
-        if shards[-1].tensors and shards[-1].nbytes + tensor.nbytes > max_shard_bytes:
+        size = tensor.nbytes
+        if shards[-1].tensors and filled + size > max_shard_bytes:
             shards.append(_Shard(""))
+            filled = 0
         shards[-1].tensors.append(tensor)
+        filled += size
     count = len(shards)
     for i, shard in enumerate(shards):
         shard.filename = "model.safetensors" if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
@@ -88,9 +92,17 @@ def _header_bytes(tensors: list[PlannedTensor]) -> bytes:
 
 
 class StreamingShardWriter:
-    """Write planned tensors, in plan order, into sharded safetensors files in ``out_dir``."""
+    """Write planned tensors, in plan order, into sharded safetensors files in ``out_dir``.
 
-    def __init__(self, out_dir: Path, tensors: list[PlannedTensor], max_shard_bytes: int) -> None:
+    Every tensor's place in its file is known from the plan, so bytes are written at their
+    offset (``pwrite``), not appended. That lets byte-range copies (``copy_ranges``) run on a
+    background thread (``copy_workers=1``) while the caller computes the next tensors: the
+    in-kernel copies of verbatim experts overlap the averaging of shared tensors. ``close``
+    waits for every copy and raises the first failure; calls are still checked against the plan
+    in order.
+    """
+
+    def __init__(self, out_dir: Path, tensors: list[PlannedTensor], max_shard_bytes: int, copy_workers: int = 0) -> None:
         names = [t.name for t in tensors]
         if len(set(names)) != len(names):
             raise ValueError("duplicate tensor names in the output plan")
@@ -98,8 +110,16 @@ class StreamingShardWriter:
         self.shards = plan_shards(tensors, max_shard_bytes)
         self._queue = [(shard_index, t) for shard_index, s in enumerate(self.shards) for t in s.tensors]
         self._position = 0
-        self._handle: BinaryIO | None = None
+        self._fds: list[int] = []
+        self._fd = -1
+        self._offset = 0  # where the next tensor's bytes go in the open shard
         self._open_shard = -1
+        self._pool: Any = None
+        self._copies: list[Any] = []
+        if copy_workers > 0:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=copy_workers, thread_name_prefix="moekit-copy")
 
     def write(self, name: str, tensor: Any) -> None:
         """Append the next planned tensor (a torch tensor); its name, dtype and shape must match the plan."""
@@ -118,6 +138,22 @@ class StreamingShardWriter:
             self._start_shard(shard_index)
         return planned
 
+    def _put(self, data: memoryview) -> int:
+        """Write ``data`` at the current offset; return its length."""
+        _pwrite_all(self._fd, data, self._offset)
+        self._offset += len(data)
+        return len(data)
+
+    def _copy(self, ranges: list[tuple[Path, int, int]]) -> int:
+        """Copy byte ranges to the current offset (on the copy thread when there is one); return their length."""
+        total = sum(nbytes for _, _, nbytes in ranges)
+        if self._pool is not None:
+            self._copies.append(self._pool.submit(copy_ranges_at, ranges, self._fd, self._offset))
+        else:
+            copy_ranges_at(ranges, self._fd, self._offset)
+        self._offset += total
+        return total
+
     def write_chunks(self, name: str, dtype: Any, shape: tuple[int, ...], chunks: Iterable[Any]) -> None:
         """Append the next planned tensor given as consecutive row chunks (dim-0 slices).
 
@@ -125,12 +161,7 @@ class StreamingShardWriter:
         raw uint16). Lets callers stream a large tensor (an embedding) without holding all of it.
         """
         planned = self._next(name, dtype, shape)
-        assert self._handle is not None
-        written = 0
-        for chunk in chunks:
-            data = _chunk_bytes(chunk, planned.code, name)
-            _write_all(self._handle, memoryview(data))
-            written += len(data)
+        written = sum(self._put(memoryview(_chunk_bytes(chunk, planned.code, name))) for chunk in chunks)
         if written != planned.nbytes:
             raise ValueError(f"{name}: wrote {written} bytes, planned {planned.nbytes}")
         self._position += 1
@@ -138,16 +169,12 @@ class StreamingShardWriter:
     def copy_ranges(self, name: str, dtype: Any, shape: tuple[int, ...], ranges: Iterable[tuple[Path, int, int]]) -> None:
         """Append the next planned tensor as byte ranges ``(file, offset, nbytes)`` copied from input files.
 
-        The bytes go file to file in the kernel (``os.copy_file_range``; ``os.sendfile`` or a
-        plain read/write where that is missing or refuses), never through Python buffers: the
-        path for expert tensors that mix copies unchanged.
+        The bytes go file to file in the kernel (``os.copy_file_range``; a plain positioned
+        read/write where that is missing or refuses), never through Python buffers: the path for
+        expert tensors that mix copies unchanged.
         """
         planned = self._next(name, dtype, shape)
-        assert self._handle is not None
-        written = 0
-        for path, offset, nbytes in ranges:
-            copy_range(path, offset, nbytes, self._handle)
-            written += nbytes
+        written = self._copy(list(ranges))
         if written != planned.nbytes:
             raise ValueError(f"{name}: copied {written} bytes, planned {planned.nbytes}")
         self._position += 1
@@ -160,38 +187,52 @@ class StreamingShardWriter:
         expert's rows are appended.
         """
         planned = self._next(name, dtype, shape)
-        assert self._handle is not None
         written = 0
         for part in parts:
             if isinstance(part, tuple):
-                path, offset, nbytes = part
-                copy_range(path, offset, nbytes, self._handle)
-                written += nbytes
+                written += self._copy([part])
             else:
-                data = _chunk_bytes(part, planned.code, name)
-                _write_all(self._handle, memoryview(data))
-                written += len(data)
+                written += self._put(memoryview(_chunk_bytes(part, planned.code, name)))
         if written != planned.nbytes:
             raise ValueError(f"{name}: wrote {written} bytes, planned {planned.nbytes}")
         self._position += 1
 
     def _start_shard(self, shard_index: int) -> None:
-        if self._handle is not None:
-            self._handle.close()
         shard = self.shards[shard_index]
-        # unbuffered: tensor data goes in large writes and in-kernel copies, both at the file's position
-        self._handle = open(self.out_dir / shard.filename, "wb", buffering=0)
-        _write_all(self._handle, memoryview(_header_bytes(shard.tensors)))
+        self._fd = os.open(self.out_dir / shard.filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._fds.append(self._fd)  # kept open until close: copies into it may still be running
+        self._offset = 0
+        self._put(memoryview(_header_bytes(shard.tensors)))
         self._open_shard = shard_index
 
+    def _finish_copies(self) -> None:
+        """Wait for every background copy; raise the first failure."""
+        copies, self._copies = self._copies, []
+        try:
+            for future in copies:
+                future.result()
+        finally:
+            for future in copies:
+                future.cancel()
+
+    def _close_files(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
     def close(self) -> None:
-        """Finish the last shard and write the index; every planned tensor must have been written."""
+        """Finish every shard and write the index; every planned tensor must have been written."""
         if self._position != len(self._queue):
             missing = self._queue[self._position][1].name
+            self.abort()
             raise ValueError(f"writer closed before all tensors were written (next: {missing})")
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+        try:
+            self._finish_copies()
+        finally:
+            self._close_files()
         if len(self.shards) > 1:
             index = {
                 "metadata": {"total_size": sum(s.nbytes for s in self.shards)},
@@ -200,10 +241,11 @@ class StreamingShardWriter:
             (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
     def abort(self) -> None:
-        """Close any open file without finishing (the atomic output dir removes the rest)."""
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+        """Stop pending copies and close the files without finishing (the atomic output dir removes the rest)."""
+        for future in self._copies:
+            future.cancel()
+        self._copies = []
+        self._close_files()
 
 
 _COPY_BLOCK = 64 << 20
@@ -222,53 +264,48 @@ def _chunk_bytes(chunk: Any, code: str, name: str) -> np.ndarray:
     return chunk.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
-def _write_all(handle: BinaryIO, data: memoryview) -> None:
-    """Write every byte (an unbuffered write may write fewer than asked)."""
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """Write every byte of ``data`` at ``offset`` of ``fd`` (a write may write fewer than asked)."""
     data = data.cast("B")
     while len(data):
-        data = data[handle.write(data):]
+        done = os.pwrite(fd, data, offset)
+        data, offset = data[done:], offset + done
 
 
-def copy_range(path: Path, offset: int, nbytes: int, out: BinaryIO) -> None:
-    """Copy ``nbytes`` at ``offset`` of ``path`` to the current position of ``out`` (flushed, unbuffered use)."""
-    with open(path, "rb") as source:
-        src, dst = source.fileno(), out.fileno()
-        position, left = offset, nbytes
-        for copy in (_copy_file_range, _sendfile):
-            while left > 0:
-                done = copy(src, dst, position, min(left, _COPY_BLOCK))
-                if done <= 0:
-                    break  # unsupported here (cross-filesystem, old kernel): next method
-                position, left = position + done, left - done
-            if left == 0:
-                return
-        source.seek(position)
+def copy_ranges_at(ranges: list[tuple[Path, int, int]], fd: int, offset: int) -> None:
+    """Copy each ``(path, position, nbytes)`` range, one after the other, to ``offset`` of ``fd``."""
+    for path, position, nbytes in ranges:
+        copy_range_at(path, position, nbytes, fd, offset)
+        offset += nbytes
+
+
+def copy_range_at(path: Path, position: int, nbytes: int, fd: int, offset: int) -> None:
+    """Copy ``nbytes`` at ``position`` of ``path`` to ``offset`` of ``fd``: in the kernel where it can, else read and write."""
+    source = os.open(path, os.O_RDONLY)
+    try:
+        left = nbytes
         while left > 0:
-            data = source.read(min(left, _COPY_BLOCK))
+            done = _copy_file_range(source, fd, position, offset, min(left, _COPY_BLOCK))
+            if done <= 0:
+                break  # unsupported here (cross-filesystem, old kernel): plain reads and writes
+            position, offset, left = position + done, offset + done, left - done
+        while left > 0:
+            data = os.pread(source, min(left, _COPY_BLOCK), position)
             if not data:
                 raise OSError(f"{path} ended {left} bytes early")
-            _write_all(out, memoryview(data))
-            left -= len(data)
+            _pwrite_all(fd, memoryview(data), offset)
+            position, offset, left = position + len(data), offset + len(data), left - len(data)
+    finally:
+        os.close(source)
 
 
-def _copy_file_range(src: int, dst: int, position: int, count: int) -> int:
+def _copy_file_range(src: int, dst: int, position: int, offset: int, count: int) -> int:
     if not hasattr(os, "copy_file_range"):
         return 0
     try:
-        return os.copy_file_range(src, dst, count, position)  # writes at (and advances) dst's position
+        return os.copy_file_range(src, dst, count, position, offset)  # both positions explicit: no file offset moves
     except OSError as exc:
         if exc.errno in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF):
-            return 0
-        raise
-
-
-def _sendfile(src: int, dst: int, position: int, count: int) -> int:
-    if not hasattr(os, "sendfile"):
-        return 0
-    try:
-        return os.sendfile(dst, src, position, count)
-    except OSError as exc:
-        if exc.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
             return 0
         raise
 

@@ -368,7 +368,7 @@ def add_expert(cfg: GrowConfig, show_progress: bool = False) -> GrowResult:
         check_free_space(cfg.out, sum(t.nbytes for t in planned))
         names = [*[str(n) for n in inputs.model_record["expert_names"]], cfg.name]
         with atomic_output_dir(cfg.out, force=cfg.force) as tmp, background_scans() as scans:
-            writer = StreamingShardWriter(tmp, planned, parse_size(cfg.shard_size))
+            writer = StreamingShardWriter(tmp, planned, parse_size(cfg.shard_size), copy_workers=1)
             try:
                 moe_tensors = len(inputs.moe.tensors)
                 with progress_bar("adding the expert", len(planned), show_progress) as advance:

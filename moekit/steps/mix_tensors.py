@@ -36,14 +36,14 @@ def seed_from(*keys: int) -> int:
     return int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:8], "little") >> 1
 
 
-def checked(values: np.ndarray, code: str, name: str, checkpoint: Checkpoint) -> np.ndarray:
-    """``values`` itself; NonFiniteError if they hold NaN or infinite values (mix never writes those)."""
+def checked(values: np.ndarray, code: str, name: str, checkpoint: Checkpoint) -> tuple[np.ndarray, str]:
+    """``(values, code)``; NonFiniteError if the values hold NaN or infinity (mix never writes those)."""
     if not finite(values, code):
         raise NonFiniteError(
             f"Tensor {name} of {checkpoint.path} holds NaN or infinite values; a model mixed from it would be broken.",
             "That model is damaged (a diverged training run?): retrain it with a lower --lr, or leave it out.",
         )
-    return values
+    return values, code
 
 
 def _identical(raw: list[tuple[np.ndarray, str]]) -> bool:
@@ -71,17 +71,15 @@ def average_rows(
     uniform = all(weight == first_weight for _, weight in others)
     for index, start in enumerate(range(0, rows, step)):
         stop = min(rows, start + step)
-        raw = []
-        for checkpoint, _ in sources:
-            code = checkpoint.tensors[name].dtype
-            raw.append((checked(checkpoint.array_rows(name, start, stop), code, name, checkpoint), code))
+        raw = [(checkpoint.array_rows(name, start, stop), checkpoint.tensors[name].dtype) for checkpoint, _ in sources]
         if len(raw) > 1 and _identical(raw):
-            yield to_float32(*raw[0])
+            yield to_float32(*checked(*raw[0], name, first))
             continue
         if merge is not None and merge.uses_seed:
+            raw = [checked(values, code, name, checkpoint) for (values, code), (checkpoint, _) in zip(raw, sources)]
             assert seed is not None
             code = seed.tensors[name].dtype
-            base = to_float32(checked(seed.array_rows(name, start, stop), code, name, seed), code)
+            base = to_float32(*checked(seed.array_rows(name, start, stop), code, name, seed))
             yield merge_chunk(base, [to_float32(*r) for r in raw], [w for _, w in sources], merge, name, index)
             continue
         total: np.ndarray | None = None
@@ -96,6 +94,11 @@ def average_rows(
         assert total is not None
         if uniform and first_weight != 1.0:
             total *= np.float32(first_weight)
+        if not finite(total, "F32"):  # NaN and inf propagate into the sum: only then look for the damaged input
+            for (values, code), (checkpoint, _) in zip(raw, sources):
+                checked(values, code, name, checkpoint)
+            raise NonFiniteError(f"The mean of {name} overflows float32 (its inputs are finite but huge).",
+                                 "The inputs hold values near the float32 limit: they are damaged; check them.")
         yield total
 
 
