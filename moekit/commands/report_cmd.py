@@ -18,12 +18,13 @@ def report_command(
     prompt: list[str] = typer.Option([], "--prompt", help="DOMAIN=TEXT prompt for the generation samples; repeat (default: the start of each domain's data)."),
     generate: bool = typer.Option(True, "--generate/--no-generate", help="Generate a short sample per domain with the tuned (else mixed) MoE."),
     max_new_tokens: int = typer.Option(24, "--max-new-tokens", min=1, max=512, help="Length of each generation sample."),
+    inspect: bool = typer.Option(True, "--inspect/--no-inspect", help="Inspect the MoE's routing on the run's data where the run has no (current) inspection; recorded in RUN_DIR/inspect/."),
 ) -> None:
     """Write one self-contained HTML page for a run: stages and provenance, training curves, the eval table and chart, routing heatmaps, token-level routing and generations.
 
     \b
     It shows what the run recorded: eval.json (moekit eval RUN_DIR, or the recipe's eval stage), inspect/routing.json
-    (the recipe's inspect stage, or moekit inspect ... --json RUN_DIR/inspect/routing.json) and every model's metrics.jsonl.
+    (the recipe's inspect stage; made here when missing or older than the tuned MoE) and every model's metrics.jsonl.
     Example: moekit report demo-out/run   (then open demo-out/run/report.html)
     """
     from rich.console import Console
@@ -34,7 +35,7 @@ def report_command(
     quiet_transformers()
     target = out or run_dir / "report.html"
     prompts = parse_key_values(prompt, "--prompt") or None
-    report = gather_run(run_dir, prompts, generations=generate, max_new_tokens=max_new_tokens)
+    report = gather_run(run_dir, prompts, generations=generate, max_new_tokens=max_new_tokens, inspect=inspect)
     write_report(report, target)
     console = Console()
     for note in report.missing:

@@ -88,8 +88,40 @@ def best_moe(models: dict[str, Path]) -> Path | None:
     return None
 
 
-def gather_run(run_dir: Path, prompts: dict[str, str] | None = None, generations: bool = True, max_new_tokens: int = 24) -> RunReport:
-    """Collect a run's report; ``prompts`` (domain -> text) default to the start of each domain's data."""
+def _stale(path: Path, inspected: dict[str, Any] | None, moe: Path) -> bool:
+    """Whether the recorded inspection is missing, of another model, or older than the model's weights."""
+    if inspected is None or not inspected.get("routing"):
+        return True
+    if Path(str(inspected.get("model", ""))).resolve() != moe.resolve():
+        return True
+    return path.stat().st_mtime < (moe / "config.json").stat().st_mtime
+
+
+def inspect_run(run_dir: Path, manifest: RunManifest, moe: Path) -> dict[str, Any] | None:
+    """Inspect ``moe``'s routing on the run's domain data (as a recipe's inspect stage does) and record it; None without data."""
+    from moekit.config import InspectConfig
+    from moekit.steps.inspect import inspect_routing, inspect_static, write_outputs
+
+    data = {name: (record.val_data or record.data)[:1] for name, record in manifest.branches.items() if record.data}
+    if not data:
+        return None
+    trained = [s.params.get("seq_len") for s in manifest.stages if s.stage in ("train", "tune") and isinstance(s.params.get("seq_len"), int)]
+    out = run_dir / ROUTING_FILE.parent
+    cfg = InspectConfig(model=str(moe), data=data, seq_len=trained[-1] if trained else 256, max_tokens=16384,
+                        json_path=out / ROUTING_FILE.name, plot_dir=out)
+    model_dir, static = inspect_static(str(moe))
+    report = {"model": str(model_dir), "static": static, "routing": inspect_routing(cfg, model_dir, static, show_progress=False)}
+    write_outputs(cfg, report)
+    return report
+
+
+def gather_run(run_dir: Path, prompts: dict[str, str] | None = None, generations: bool = True, max_new_tokens: int = 24,
+               inspect: bool = True) -> RunReport:
+    """Collect a run's report; ``prompts`` (domain -> text) default to the start of each domain's data.
+
+    With ``inspect``, routing is inspected (and recorded in ``RUN_DIR/inspect/routing.json``) where the
+    run has no inspection of its tuned (else mixed) MoE, or one older than that model.
+    """
     from moekit.steps.evaluate import expand_models
 
     run_dir = Path(run_dir)
@@ -103,12 +135,14 @@ def gather_run(run_dir: Path, prompts: dict[str, str] | None = None, generations
     report.evaluation = _json_or_none(run_dir / EVAL_FILE)
     if report.evaluation is None:
         report.missing.append(f"No evaluation yet: moekit eval {run_dir} (it writes {run_dir / EVAL_FILE}).")
+    moe = best_moe(models)
     inspected = _json_or_none(run_dir / ROUTING_FILE)
+    if inspect and moe is not None and _stale(run_dir / ROUTING_FILE, inspected, moe):
+        inspected = inspect_run(run_dir, manifest, moe) or inspected
     if inspected is not None and inspected.get("routing"):
         report.routing, report.routing_model = inspected["routing"], str(inspected.get("model", ""))
     else:
         report.missing.append(f"No routing inspection yet: moekit inspect {run_dir}/tuned --data DOMAIN=PATH ... --json {run_dir / ROUTING_FILE}.")
-    moe = best_moe(models)
     if generations and moe is not None:
         report.generations = generate_samples(moe, prompts or default_prompts(run_dir, manifest), max_new_tokens)
     elif moe is None:

@@ -181,4 +181,6 @@ def test_grow_a_run_through_the_cli(make_seed, tmp_path):
     result = runner.invoke(build_app(), ["report", str(run), "--out", str(page), "--max-new-tokens", "4"])
     assert result.exit_code == 0, result.output
     text = page.read_text()
-    assert "grown-tuned" in text and "<h3>prose</h3>" in text and "moekit inspect" in text  # no inspect yet: the note says how
+    assert "grown-tuned" in text and "<h3>prose</h3>" in text
+    assert 'class="note"' not in text and (run / "inspect" / "routing.json").is_file()  # routing inspected here, on the run's data
+    assert text.count("data:image/png") >= 6
