@@ -262,27 +262,11 @@ def plan_grown(inputs: GrowInputs) -> list[PlannedTensor]:
 
 def _new_ffn_part(inputs: GrowInputs, layer: int, projection: str, code: str) -> Part:
     """The branch's ``projection`` of ``layer`` for the new expert: a byte range where it goes out as stored, else an array."""
-    from moekit.errors import NonFiniteError
-    from moekit.io.floats import finite
-    from moekit.steps.mix_experts import verbatim_range
+    from moekit.steps.mix_experts import scaled_part
 
-    name = inputs.adapter.dense_ffn_name(layer, projection)
     scale = inputs.down_scale if projection == "down_proj" else 1.0
-    if scale == 1.0:
-        part = verbatim_range(inputs.branch, name, code)
-        if part is not None:
-            return part
-    info = inputs.branch.tensors[name]
-    raw = inputs.branch.array_rows(name, 0, info.shape[0])
-    if not finite(raw, info.dtype):
-        raise NonFiniteError(
-            f"Tensor {name} of {inputs.branch.path} holds NaN or infinite values; the grown MoE would be broken.",
-            "That branch is damaged (a diverged training run?): retrain it with a lower --lr.",
-        )
-    values = to_float32(raw, info.dtype)
-    if scale != 1.0:
-        values = values * np.float32(scale)
-    return from_float32(values, code)
+    return scaled_part(inputs.branch, inputs.adapter.dense_ffn_name(layer, projection), code, scale,
+                       "That branch is damaged (a diverged training run?): retrain it with a lower --lr.")
 
 
 def _moe_range(inputs: GrowInputs, name: str) -> tuple[Path, int, int]:

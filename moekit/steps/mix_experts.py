@@ -158,8 +158,6 @@ def write_shared(tensor: MoeTensor, inputs: MixInputs, layer: int, writer: Strea
     ``down_scale`` 0 writes down = 0, so the shared expert adds exactly nothing until trained;
     with ``--seed-as shared`` it is the factor that keeps the identical-branches invariant.
     """
-    from moekit.io.floats import finite, from_float32, to_float32
-
     assert tensor.projection is not None
     code = dtype_code(dtype)
     name = inputs.adapter.dense_ffn_name(layer, tensor.projection)
@@ -167,18 +165,23 @@ def write_shared(tensor: MoeTensor, inputs: MixInputs, layer: int, writer: Strea
     if scale == 0.0:
         writer.write_array(tensor.name, code, np.zeros(tensor.shape, dtype=stored_dtype(code)))
         return
-    part = verbatim_range(inputs.seed, name, code) if scale == 1.0 else None
+    part = scaled_part(inputs.seed, name, code, scale, "That model is damaged: restore it, or use another seed.")
+    writer.write_parts(tensor.name, code, tensor.shape, [part])
+
+
+def scaled_part(checkpoint: Checkpoint, name: str, code: str, scale: float, fix: str) -> Any:
+    """Tensor ``name`` of ``checkpoint`` in dtype ``code`` times ``scale``: its byte range where it goes out as
+    stored (scale 1, same dtype; NaN/inf-checked as :func:`verbatim_range` does), else a checked, scaled array."""
+    from moekit.io.floats import finite, from_float32, to_float32
+
+    part = verbatim_range(checkpoint, name, code) if scale == 1.0 else None
     if part is not None:
-        writer.copy_ranges(tensor.name, code, tensor.shape, [part])
-        return
-    source = inputs.seed.tensors[name]
-    raw = inputs.seed.array_rows(name, 0, source.shape[0])
+        return part
+    source = checkpoint.tensors[name]
+    raw = checkpoint.array_rows(name, 0, source.shape[0])
     if not finite(raw, source.dtype):
-        raise NonFiniteError(
-            f"Tensor {name} of {inputs.seed.path} holds NaN or infinite values; a model mixed from it would be broken.",
-            "That model is damaged: restore it, or use another seed.",
-        )
+        raise NonFiniteError(f"Tensor {name} of {checkpoint.path} holds NaN or infinite values; a model mixed from it would be broken.", fix)
     values = to_float32(raw, source.dtype)
     if scale != 1.0:
         values = values * np.float32(scale)  # halving is exact in every float format
-    writer.write_array(tensor.name, code, from_float32(values, code))
+    return from_float32(values, code)
