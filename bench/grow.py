@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--seed-steps", type=int, default=400)
     parser.add_argument("--router-steps", type=int, default=40)
     parser.add_argument("--router-lr", type=float, default=2e-3)
+    parser.add_argument("--train", choices=("router", "new-expert+router"), default="router", help="what the tune of the grown MoE trains")
     parser.add_argument("--router-data", choices=("all", "new"), default="all", help="router tune data: the run's three domains, or prose only")
     args = parser.parse_args()
     from moekit.builtin_data import materialize
@@ -70,7 +71,7 @@ def main() -> None:
     data = ["--data", f"prose={prose}"] if args.router_data == "new" else []
     tune_loop = ["--seq-len", "128", "--batch-size", "16", "--lr", str(args.router_lr), "--warmup-steps", "4", "--eval-every", str(args.router_steps),
                  "--eval-blocks", "8", "--save-every", str(args.router_steps)]
-    moekit("tune", str(run / "grown"), "--train", "router", "--max-steps", str(args.router_steps), "--force", *data, *tune_loop)
+    moekit("tune", str(run / "grown"), "--train", args.train, "--max-steps", str(args.router_steps), "--force", *data, *tune_loop)
     moekit("eval", str(run), "--max-tokens", "16384", "--batch-size", "16", "--json", str(args.work / "eval.json"))
     report = json.loads((args.work / "eval.json").read_text())
     results = report["results"]
@@ -81,7 +82,7 @@ def main() -> None:
     for domain in report["domains"]:
         old, new, tuned = (results[m][domain]["loss"] for m in ("tuned", "grown", "grown-tuned"))
         print(f"{domain:8} {old:12.4f} {new:9.4f} {tuned:12.4f} {100 * (tuned - old) / old:+7.2f}%")
-    print(f"(router tune on {'the three domains' if args.router_data == 'all' else 'prose only'}, {args.router_steps} steps at lr {args.router_lr}; "
+    print(f"(--train {args.train} on {'the three domains' if args.router_data == 'all' else 'prose only'}, {args.router_steps} steps at lr {args.router_lr}; "
           f"wall {time.perf_counter() - started:.0f} s)")
 
 

@@ -194,7 +194,7 @@ class TuneConfig(_Strict):
     data: dict[str, list[str]] = Field(description="domain -> data specs")
     val_data: dict[str, list[str]] = Field(default_factory=dict)
     mixture: dict[str, float] = Field(default_factory=dict, description="domain -> share of the tune data (default equal)")
-    train: Literal["all", "router", "router+attn", "all-but-experts"] = "all"
+    train: Literal["all", "router", "router+attn", "all-but-experts", "new-expert+router"] = "all"
     balance: Literal["switch", "btx", "bias", "none"] = "switch"
     aux_coef: float | None = Field(None, ge=0, description="balancing loss coefficient (default 0.01; 0 with balance=bias)")
     z_coef: float = Field(0.0, ge=0, description="router z-loss coefficient (1e-3 when enabled)")

@@ -109,7 +109,7 @@ class MixStage(_Strict):
 class TuneStage(_Strict):
     """Options of ``tune`` (see ``moekit tune --help``)."""
 
-    train: Literal["all", "router", "router+attn", "all-but-experts"] = "all"
+    train: Literal["all", "router", "router+attn", "all-but-experts", "new-expert+router"] = "all"
     balance: Literal["switch", "btx", "bias", "none"] = "switch"
     aux_coef: float | None = Field(None, ge=0, description="default 0.01; 0 with balance bias")
     z_coef: float = Field(0.0, ge=0)

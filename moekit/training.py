@@ -75,6 +75,7 @@ class LoopJob:
     fingerprint_extra: dict[str, Any] = field(default_factory=dict)  # caller options a resume must match
     eval_context: Callable[[], Any] = contextlib.nullcontext  # e.g. restore the model's own routing
     save_dtype: torch.dtype | None = None  # weights are rounded to this before the final evaluation
+    no_decay: Callable[[str], bool] = lambda name: False  # parameters (by name) that weight decay must not touch
 
     def __post_init__(self) -> None:
         if isinstance(self.train_blocks, torch.Tensor):  # small in-memory data (tests, benchmarks)
@@ -121,12 +122,14 @@ def select_trainable(model: torch.nn.Module, trainable: Callable[[str], bool]) -
         raise MoekitError("Nothing to train: no parameter is selected as trainable.")
 
 
-def _optimizer(model: torch.nn.Module, settings: LoopSettings) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; no weight decay on vectors (norms, biases), as usual for transformers."""
+def _optimizer(model: torch.nn.Module, settings: LoopSettings, undecayed: frozenset[int] = frozenset()) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; no weight decay on vectors (norms, biases), as usual for transformers,
+    nor on the parameters whose ids are in ``undecayed``."""
     from torch.distributed.tensor import DTensor
 
     params = [p for p in model.parameters() if p.requires_grad]
-    decay, no_decay = [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
+    decay = [p for p in params if p.ndim >= 2 and id(p) not in undecayed]
+    no_decay = [p for p in params if p.ndim < 2 or id(p) in undecayed]
     groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     betas = (settings.adam_beta1, settings.adam_beta2)
     if not any(isinstance(p, DTensor) for p in params):
@@ -262,8 +265,9 @@ def run_loop(job: LoopJob, engine: Engine) -> LoopResult:
         enable()
         job.model.config.use_cache = False  # restored below, so the saved config is unchanged
     select_trainable(job.model, job.trainable)
+    undecayed = frozenset(id(p) for n, p in job.model.named_parameters() if job.no_decay(n))
     model = engine.prepare(job.model)
-    optimizer = _optimizer(model, settings)  # after sharding: it holds the sharded parameters
+    optimizer = _optimizer(model, settings, undecayed)  # after sharding: it holds the sharded parameters
     fingerprint = {**_fingerprint(settings, blocks, world, engine.precision), **job.fingerprint_extra}
     start_step, tokens = _resume_point(job, engine, model, optimizer, fingerprint)
     schedule = BlockSchedule(len(blocks), settings.batch_size, settings.grad_accum, world, settings.seed)

@@ -78,7 +78,7 @@ def tune_command(
     val_data: list[str] = typer.Option([], "--val-data", help="DOMAIN=PATH held-out data (default: the last --val-fraction of the data)."),
     mix: Optional[str] = typer.Option(None, "--mix", help="Data mixture, e.g. code=0.4,math=0.3,general=0.3 (default: equal shares)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default with a run directory: RUN_DIR/tuned)."),
-    train: str = typer.Option("all", "--train", help="What learns: all (BTX) | router | router+attn (routers and attention only) | all-but-experts (BTX's frozen-experts ablation: all but the routed experts)."),
+    train: str = typer.Option("all", "--train", help="What learns: all (BTX) | router | router+attn (routers and attention only) | all-but-experts (BTX's frozen-experts ablation: all but the routed experts) | new-expert+router (after mix --add-expert: the routers and the added expert only)."),
     balance: str = typer.Option("switch", "--balance", help="switch (Switch/HF aux loss) | btx (mean gate values) | bias (loss-free, DeepSeek-V3: learns the selection bias of glm4_moe/ernie4_5_moe-style targets) | none."),
     aux_coef: Optional[float] = typer.Option(None, "--aux-coef", help="Balancing loss coefficient (default 0.01; with --balance bias 0, and >0 adds DeepSeek-V3's sequence-wise loss)."),
     bias_rate: Optional[float] = typer.Option(None, "--bias-rate", help="--balance bias: how far the bias moves per step, u (default 1e-3)."),

@@ -70,13 +70,14 @@ def is_routed_expert(name: str) -> bool:
     return ".experts." in f"{name}."
 
 
-def trainable_predicate(cfg: TuneConfig, controller: RoutingController, frozen: set[str] = frozenset()) -> Any:
+def trainable_predicate(cfg: TuneConfig, controller: RoutingController, frozen: set[str] = frozenset(), new_expert: Any = None) -> Any:
     """Which parameters learn, by name (never those in ``frozen``, e.g. the selection biases).
 
     ``all`` (BTX); ``router``; ``router+attn`` (routers and attention only: embeddings, norms,
     LM head, experts and any shared expert stay frozen); ``all-but-experts`` (BTX's "frozen
-    experts" ablation: everything but the routed experts learns). Noisy top-k's noise weights
-    belong to the routers.
+    experts" ablation: everything but the routed experts learns); ``new-expert+router`` (the
+    routers and the expert ``mix --add-expert`` added, by ``new_expert``). Noisy top-k's noise
+    weights belong to the routers.
     """
     router_prefixes = tuple(f"{name}." for name, _ in controller.routers)
     if cfg.train == "all":
@@ -85,6 +86,8 @@ def trainable_predicate(cfg: TuneConfig, controller: RoutingController, frozen: 
         chosen = lambda name: name.startswith(router_prefixes)  # noqa: E731
     elif cfg.train == "all-but-experts":
         chosen = lambda name: not is_routed_expert(name)  # noqa: E731
+    elif cfg.train == "new-expert+router":  # the routers and the expert mix --add-expert added (moekit.steps.tune_new_expert)
+        chosen = lambda name: name.startswith(router_prefixes) or new_expert(name)  # noqa: E731
     else:
         chosen = lambda name: name.startswith(router_prefixes) or ".self_attn." in name  # noqa: E731
     return lambda name: name not in frozen and chosen(name)
@@ -245,6 +248,11 @@ def _tune(cfg: TuneConfig, engine: Engine, show_progress: bool) -> TuneResult:
     options["mixture"] = {d: ratios[d] / sum(ratios.values()) for d in sorted(ratios)}  # as shares, however written
     heldout: dict[str, Any] = {}
     frozen = set(bias.names) if bias is not None else set()
+    new_expert, no_decay = None, (lambda name: False)
+    if cfg.train == "new-expert+router":
+        from moekit.steps.tune_new_expert import added_expert_index, new_expert_only
+
+        new_expert, no_decay, _ = new_expert_only(model, added_expert_index(cfg.model), cfg.loop.shard)
 
     @contextlib.contextmanager
     def evaluation_routing() -> Iterator[None]:
@@ -258,7 +266,8 @@ def _tune(cfg: TuneConfig, engine: Engine, show_progress: bool) -> TuneResult:
 
     job = LoopJob(
         model, pool, eval_sets, cfg.loop, work_dir, cfg.resume, cfg.stage, show_progress,
-        compute_loss=objective, trainable=trainable_predicate(cfg, controller, frozen), step_metrics=objective.step_metrics,
+        compute_loss=objective, trainable=trainable_predicate(cfg, controller, frozen, new_expert), step_metrics=objective.step_metrics,
+        no_decay=no_decay,
         fingerprint_extra={"tune": options}, eval_context=evaluation_routing, save_dtype=save_dtype, on_step_start=on_step_start,
     )
     result = run_loop(job, engine)

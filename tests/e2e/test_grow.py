@@ -184,3 +184,26 @@ def test_grow_a_run_through_the_cli(make_seed, tmp_path):
     assert "grown-tuned" in text and "<h3>prose</h3>" in text
     assert 'class="note"' not in text and (run / "inspect" / "routing.json").is_file()  # routing inspected here, on the run's data
     assert text.count("data:image/png") >= 6
+
+
+def test_tune_new_expert_and_router_only(make_seed, tmp_path):
+    """--train new-expert+router: the added expert and the routers learn; every other expert stays bit for bit."""
+    seed = make_seed("llama")
+    data = _data(tmp_path)
+    run = branch(str(seed), tmp_path / "run", ["code", "math"])
+    mixed = mix(MixConfig(out=tmp_path / "run" / "mixed", seed=str(seed), experts=list(run.branches.items()), run_dir=run.run_dir)).out
+    add_branches(str(seed), run.run_dir, ["prose"])
+    grown = add_expert(GrowConfig(into=mixed, name="prose", branch=run.run_dir / "branches" / "prose", out=tmp_path / "grown",
+                                  router_data=data, router_tokens=256, router_block_size=32)).out
+    loop = ["--seq-len", "32", "--batch-size", "4", "--max-steps", "3", "--eval-every", "0", "--lr", "1e-2", "--weight-decay", "0.1"]
+    result = runner.invoke(build_app(), ["tune", str(grown), "--train", "new-expert+router", "--data", f"prose={data['prose']}",
+                                         "--out", str(tmp_path / "tuned"), *loop])
+    assert result.exit_code == 0, result.output
+    before, after = Checkpoint(grown), Checkpoint(tmp_path / "tuned")
+    changed = {n for n in before.tensors if _bytes(before, n) != _bytes(after, n)}
+    layers = before.config["num_hidden_layers"]
+    assert len(changed) == layers * 4  # per layer: the router and the new expert's three projections
+    assert all(".gate." in n or ".experts.3." in n for n in changed), sorted(changed)
+    refused = runner.invoke(build_app(), ["tune", str(mixed), "--train", "new-expert+router", "--data", f"prose={data['prose']}",
+                                          "--out", str(tmp_path / "t2"), *loop])
+    assert refused.exit_code != 0 and "mix --add-expert" in refused.output and not (tmp_path / "t2").exists()
