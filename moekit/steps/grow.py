@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,21 @@ class GrowInputs:
         """Close the input files."""
         self.moe.close()
         self.branch.close()
+
+    @cached_property
+    def by_expert(self) -> dict[str, tuple[int, str]]:
+        """MoE tensors indexed by expert along their first (or, for [1, E] biases, second) dim: name -> (layer, role)."""
+        adapter, found = self.adapter, {}
+        for layer in self.layers:
+            found[adapter.router_name(layer)] = (layer, "router")
+            bias = adapter.selection_bias_name(layer)
+            if bias is not None:
+                found[bias] = (layer, "selection_bias")
+            if adapter.fused_experts is not None:
+                gate_up, down = (f"model.layers.{layer}.{adapter.moe_block}.{n}" for n in adapter.fused_experts)
+                found[gate_up] = (layer, "fused_gate_up")
+                found[down] = (layer, "fused_down")
+        return found
 
 
 @dataclass
@@ -216,26 +232,11 @@ def open_grow_inputs(cfg: GrowConfig) -> GrowInputs:
 
 def _grown_shape(name: str, shape: tuple[int, ...], inputs: GrowInputs) -> tuple[int, ...]:
     """The output shape of an MoE tensor: one expert more where the tensor is indexed by expert."""
-    if name in _by_expert(inputs):
+    if name in inputs.by_expert:
         if len(shape) == 2 and shape[0] == 1 and inputs.adapter.selection_bias_rows and name.endswith(str(inputs.adapter.selection_bias)):
             return (1, shape[1] + 1)
         return (shape[0] + 1, *shape[1:])
     return shape
-
-
-def _by_expert(inputs: GrowInputs) -> dict[str, tuple[int, str]]:
-    """MoE tensors indexed by expert along their first (or, for [1, E] biases, second) dim: name -> (layer, role)."""
-    adapter, found = inputs.adapter, {}
-    for layer in inputs.layers:
-        found[adapter.router_name(layer)] = (layer, "router")
-        bias = adapter.selection_bias_name(layer)
-        if bias is not None:
-            found[bias] = (layer, "selection_bias")
-        if adapter.fused_experts is not None:
-            gate_up, down = (f"model.layers.{layer}.{adapter.moe_block}.{n}" for n in adapter.fused_experts)
-            found[gate_up] = (layer, "fused_gate_up")
-            found[down] = (layer, "fused_down")
-    return found
 
 
 def _stored_order(checkpoint: Checkpoint) -> list[str]:
@@ -276,7 +277,7 @@ def _moe_range(inputs: GrowInputs, name: str) -> tuple[Path, int, int]:
 
 def _write_grown(inputs: GrowInputs, writer: StreamingShardWriter, planned: PlannedTensor, rows: np.ndarray) -> None:
     """Write one of the MoE's tensors: copied as stored, or grown by the new expert's part."""
-    role = _by_expert(inputs).get(planned.name)
+    role = inputs.by_expert.get(planned.name)
     if role is None:
         writer.copy_ranges(planned.name, planned.code, planned.shape, [_moe_range(inputs, planned.name)])
         return
