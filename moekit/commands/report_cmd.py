@@ -33,7 +33,15 @@ def report_command(
     from moekit.run_report import gather_run, write_report
 
     quiet_transformers()
+    from moekit.manifest import load_manifest
+
+    load_manifest(run_dir)  # a clear error for what is not a run, before anything is created
     target = out or run_dir / "report.html"
+    if target.is_dir():
+        from moekit.errors import InvalidOptionError
+
+        raise InvalidOptionError(f"--out {target} is a directory.", "Give a file name, e.g. --out report.html.")
+    target.parent.mkdir(parents=True, exist_ok=True)  # before minutes of inspection and generation, not after
     prompts = parse_key_values(prompt, "--prompt") or None
     report = gather_run(run_dir, prompts, generations=generate, max_new_tokens=max_new_tokens, inspect=inspect)
     write_report(report, target)

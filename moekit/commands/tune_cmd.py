@@ -43,7 +43,8 @@ def _inputs(model: Path, data: dict[str, str], val_data: dict[str, str], out: Op
                 "out": out or model / "tuned", "run_dir": model}
     run_dir = model.absolute().parent
     if model.name not in ("mixed", "tuned") and (run_dir / "branches").is_dir() and (run_dir / MANIFEST_NAME).is_file():
-        # a model a run made besides its own mixed one (mix --add-expert's RUN_DIR/grown): the run's data, its own stage
+        # a model a run made besides its own mixed one (mix --add-expert's RUN_DIR/grown): the run's data unless --data
+        # is given (as for `tune RUN_DIR`, whose recorded held-out splits are kept: a different split is refused)
         branches = load_manifest(run_dir).branches
         remembered = {name: record.data for name, record in branches.items() if record.data} if not given else {}
         remembered_val = {name: record.val_data for name, record in branches.items() if record.val_data and record.data} if not given else {}

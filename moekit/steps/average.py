@@ -35,6 +35,9 @@ def average_models(models: list[Path], out: Path, force: bool = False, shard_siz
             for tensor in plan:
                 writer.write_chunks(tensor.name, code, tensor.shape, (from_float32(chunk, code) for chunk in average_rows(sources, tensor.name)))
             writer.close()
+        except BaseException:
+            writer.abort()  # the shard files are closed; the atomic output dir removes them
+            raise
         finally:
             for checkpoint in checkpoints:
                 checkpoint.close()

@@ -130,18 +130,25 @@ def add_branches(seed: str, run_dir: Path, domains: list[str], copy: bool = Fals
             f"{seed} is not the seed of {run_dir} (its files hash to {digest[:12]}, the run's seed {manifest.seed.path} to {manifest.seed.sha256[:12]}).",
             f"Branch from the run's own seed: moekit branch {manifest.seed.path} {run_dir} --domain NAME --add.",
         )
+    import shutil
+
     modes: set[str] = set()
-    created = {}
-    for name in domains:
-        target = run_dir / "branches" / name
-        with atomic_output_dir(target) as tmp:
-            modes |= _clone_seed(seed_dir, weights, extras, tmp, copy)
-        created[name] = target
-    link_mode = "copy" if "copy" in modes else ("hardlink" if "hardlink" in modes else "reflink")
-    with updating_manifest(run_dir) as current:
+    created: dict[str, Path] = {}
+    try:
         for name in domains:
-            current.branches[name] = BranchRecord(path=f"branches/{name}", link_mode=link_mode)
-        current.stages.append(StageRecord(stage="branch", params={"domains": domains, "copy": copy, "add": True}))
+            target = run_dir / "branches" / name
+            with atomic_output_dir(target) as tmp:
+                modes |= _clone_seed(seed_dir, weights, extras, tmp, copy)
+            created[name] = target
+        link_mode = "copy" if "copy" in modes else ("hardlink" if "hardlink" in modes else "reflink")
+        with updating_manifest(run_dir) as current:
+            for name in domains:
+                current.branches[name] = BranchRecord(path=f"branches/{name}", link_mode=link_mode)
+            current.stages.append(StageRecord(stage="branch", params={"domains": domains, "copy": copy, "add": True}))
+    except BaseException:
+        for path in created.values():  # all or nothing: a rerun must not find half the branches on disk
+            shutil.rmtree(path, ignore_errors=True)
+        raise
     return BranchResult(run_dir, created, link_mode, digest)
 
 

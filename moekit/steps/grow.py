@@ -137,7 +137,10 @@ def _check_seed(record: dict[str, Any], branch_dir: Path, moe_dir: Path, notes: 
     if Path(seed_path).resolve() == Path(moe_seed).resolve():
         return
     moe_run_seed = _run_seed_by_path(moe_seed)
-    if moe_run_seed is not None and moe_run_seed == seed_hash:
+    if moe_run_seed is None:
+        notes.append(f"The MoE's seed {moe_seed} is not found here, so the branch's seed could not be compared with it: only the shapes were.")
+        return
+    if moe_run_seed == seed_hash:
         return
     raise IncompatibleModelsError(
         f"The branch {branch_dir} was branched from the seed {seed_path}, but {moe_dir} was mixed from {moe_seed}.",
@@ -146,11 +149,20 @@ def _check_seed(record: dict[str, Any], branch_dir: Path, moe_dir: Path, notes: 
 
 
 def _run_seed_by_path(seed: str) -> str | None:
-    """The hash of a seed directory's files as ``moekit branch`` computes it (None if it is gone)."""
+    """The hash of a seed's files as ``moekit branch`` computes it: a directory, or a hub id in the local
+    cache (None if it cannot be found here)."""
+    from moekit.errors import MoekitError
     from moekit.steps.branch import seed_hash
 
     path = Path(seed)
-    return seed_hash(path) if path.is_dir() else None
+    if not path.is_dir():
+        try:
+            from moekit.io.source import resolve_model_dir
+
+            path = resolve_model_dir(seed)
+        except (MoekitError, OSError):
+            return None
+    return seed_hash(path)
 
 
 def _moe_layers(moe: Checkpoint, adapter: ArchAdapter) -> list[int]:
@@ -334,7 +346,7 @@ def _router_rows(cfg: GrowConfig, inputs: GrowInputs) -> Any:
     blocks = calibration_blocks(cfg, AutoTokenizer.from_pretrained(inputs.moe.path))
     biases = None
     if inputs.adapter.selection_bias is not None:
-        biases = [to_float32(inputs.moe.array_rows(n, 0, inputs.moe.tensors[n].shape[0]), "F32").reshape(-1)
+        biases = [to_float32(inputs.moe.array_rows(n, 0, inputs.moe.tensors[n].shape[0]), inputs.moe.tensors[n].dtype).reshape(-1)
                   for n in (inputs.adapter.selection_bias_name(layer) for layer in inputs.layers) if n is not None]
     top_k = int(inputs.moe.config.get(inputs.adapter.top_k_key) or 1)
     return added_router_rows(inputs.moe.path, cfg.name, blocks, inputs.adapter.scoring, top_k, biases)

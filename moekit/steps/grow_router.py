@@ -222,6 +222,8 @@ def added_router_rows(
         c, a, b, tpr, fpr = _choose_row(base, projection, common if offsets else None, threshold, is_new)
         start = weights[layer].mean(0) + a * directions[layer][c] - (b if offsets else 0.0) * centres[layer]
         row, tpr, fpr = _fit_row(start, np.concatenate(store["x"]), threshold, is_new)
+        if not np.isfinite(row).all():  # a fit on extreme activations diverged: keep the centroid start (always finite)
+            row = start.numpy()
         result.rows[layer] = row
         result.new_top_k.append(tpr)
         result.old_top_k.append(fpr)

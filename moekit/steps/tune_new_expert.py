@@ -4,8 +4,8 @@ transformers 5 keeps a layer's routed experts in stacked parameters ([E, 2I, H] 
 [E, H, I] down), so "one expert" is one slice of each. Those parameters train with a gradient
 hook that zeroes every other expert's slice; AdamW then leaves those slices exactly as they were
 (zero gradient: zero first and second moments, zero update), provided weight decay does not
-touch them, so the stacked parameters are kept out of weight decay (the router and the new
-expert train without it). Per-expert parameters (``experts.<i>.``) train only for the new index.
+touch them, so the stacked parameters are kept out of weight decay (the new expert trains
+without it; the routers decay as usual). Per-expert parameters (``experts.<i>.``) train only for the new index.
 FSDP2 shards the stacked parameters along the expert axis, so this mode runs unsharded (DDP).
 """
 
@@ -59,9 +59,10 @@ def new_expert_only(model: torch.nn.Module, index: int, shard: str) -> tuple[Cal
             if param.shape[0] <= index:
                 raise InvalidOptionError(f"{name} holds {param.shape[0]} experts; the added expert is number {index}.",
                                          "The provenance does not match the weights: grow the MoE again.")
-            mask = torch.zeros(param.shape[0], *([1] * (param.ndim - 1)), dtype=param.dtype)
-            mask[index] = 1
-            handles.append(param.register_hook(lambda grad, mask=mask: grad * mask.to(grad.device, grad.dtype)))
+            keep = torch.zeros(param.shape[0], *([1] * (param.ndim - 1)), dtype=torch.bool)
+            keep[index] = True
+            # where, not a product: an inf gradient times 0 would be NaN in the frozen slices
+            handles.append(param.register_hook(lambda grad, keep=keep: torch.where(keep.to(grad.device), grad, torch.zeros((), dtype=grad.dtype, device=grad.device))))
 
     def trainable(name: str) -> bool:
         match = _PER_EXPERT.search(f"{name}.")

@@ -26,3 +26,13 @@ def test_report_refuses_what_is_not_a_run(tmp_path):
     assert result.exit_code == 2
     assert "not a moekit run directory" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "nothing").exists()
+
+
+def test_report_out_into_a_new_directory(make_seed, tmp_path):
+    run = branch(str(make_seed("llama")), tmp_path / "run", ["code"]).run_dir
+    page = tmp_path / "new" / "deeper" / "page.html"
+    result = runner.invoke(build_app(), ["report", str(run), "--out", str(page)])
+    assert result.exit_code == 0, result.output
+    assert page.is_file()
+    refused = runner.invoke(build_app(), ["report", str(run), "--out", str(tmp_path)])
+    assert refused.exit_code == 2 and "is a directory" in refused.output
