@@ -101,11 +101,9 @@ def model_record(record: Any) -> dict[str, Any] | None:
 
 
 def _read_provenance(moe_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    path = moe_dir / "moekit.yaml"
-    try:
-        record = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        record = None
+    from moekit.steps.mix_output import read_provenance
+
+    record = read_provenance(moe_dir)
     found = model_record(record)
     if found is None or not isinstance(record, dict):
         raise InvalidOptionError(

@@ -63,6 +63,16 @@ def write_provenance(out_dir: Path, record: dict[str, Any]) -> None:
     (out_dir / "moekit.yaml").write_text(yaml.safe_dump(full, sort_keys=False), encoding="utf-8")
 
 
+def read_provenance(model_dir: Path) -> Any:
+    """A model directory's ``moekit.yaml`` (mix's record, or tune's/add-expert's wrapping it), or None when
+    there is none or it cannot be read: provenance informs, it never blocks a model from loading."""
+    path = Path(model_dir) / "moekit.yaml"
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+
+
 def write_model_card(out_dir: Path, record: dict[str, Any], adapter: ArchAdapter, name: str) -> None:
     """Write a README.md model card into ``out_dir`` for the model that will be called ``name``."""
     rows = "\n".join(f"| {i} | {e['name']} | {e['kind']} | `{e['source']}` |" for i, e in enumerate(record["experts"]))

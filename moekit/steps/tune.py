@@ -41,6 +41,7 @@ from moekit.routing.bias import SelectionBias, find_selection_biases
 from moekit.routing.control import RoutingController, RoutingSettings, is_training_only
 from moekit.routing.objective import BalancedObjective, BalanceSettings, all_reduce_sum
 from moekit.steps.inputs import check_context_length, check_model_dir
+from moekit.steps.mix_output import read_provenance
 from moekit.steps.model_io import resolve_save_dtype, write_trained_model
 from moekit.training import LoopJob, make_loop_engine, run_loop
 
@@ -109,19 +110,11 @@ def selection_bias(model: torch.nn.Module, controller: RoutingController, cfg: T
 
 def mixed_split(model_dir: Path) -> int:
     """The ``mix --split`` the MoE was built with (1 when unknown)."""
-    record = _provenance(model_dir)
+    record = read_provenance(model_dir)
     while isinstance(record, dict) and "split" not in record and isinstance(record.get("input"), dict):
         record = record["input"]
     split = record.get("split") if isinstance(record, dict) else None
     return split if isinstance(split, int) and split > 0 else 1
-
-
-def _provenance(model_dir: Path) -> Any:
-    path = Path(model_dir) / "moekit.yaml"
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return None  # provenance is informative only
 
 
 def check_routing_mode(cfg: TuneConfig) -> None:
@@ -191,11 +184,7 @@ def tune_inputs(cfg: TuneConfig) -> list[Path]:
     ``--out --force`` replaces the output; none of these may be, contain or lie inside it.
     """
     inputs = [Path(cfg.model)]
-    provenance = Path(cfg.model) / "moekit.yaml"
-    try:
-        record = yaml.safe_load(provenance.read_text(encoding="utf-8")) if provenance.is_file() else None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        record = None  # provenance is informative only; an unreadable one names no inputs
+    record = read_provenance(cfg.model)  # an unreadable one names no inputs
     while isinstance(record, dict) and "seed" not in record and isinstance(record.get("input"), dict):
         record = record["input"]  # a tuned model's provenance wraps its input's
     if isinstance(record, dict):

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import yaml
 
 from moekit.errors import InvalidOptionError
 
@@ -25,11 +24,9 @@ _PER_EXPERT = re.compile(r"\.experts\.(\d+)\.")
 
 def added_expert_index(model_dir: Path) -> int:
     """The index of the expert ``mix --add-expert`` added (from the MoE's provenance); InvalidOptionError if none was."""
-    path = Path(model_dir) / "moekit.yaml"
-    try:
-        record = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        record = None
+    from moekit.steps.mix_output import read_provenance
+
+    record = read_provenance(model_dir)
     while isinstance(record, dict) and "added" not in record and isinstance(record.get("input"), dict):
         record = record["input"]  # a tuned grown model wraps the grown one's record
     added = record.get("added") if isinstance(record, dict) else None

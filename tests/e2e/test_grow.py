@@ -44,7 +44,7 @@ class _NewExpertNeverChosen(TorchFunctionMode):
 
 
 def _router_weights(model: torch.nn.Module) -> list[torch.Tensor]:
-    return [getattr(m, "weight", None) if hasattr(m, "weight") else m.layer.weight for _, m in find_routers(model)]
+    return [module.weight for _, module in find_routers(model)]  # every target's router holds its [E, H] weight
 
 
 def _data(tmp_path: Path) -> dict[str, str]:
