@@ -51,7 +51,7 @@ def bench_moekit(seed: Path, blocks: torch.Tensor, args: argparse.Namespace, wor
     from transformers import AutoModelForCausalLM
 
     from moekit.config import LoopSettings
-    from moekit.training import LoopJob, make_loop_engine, run_loop
+    from moekit.train.loop import LoopJob, make_loop_engine, run_loop
 
     stamps: list[float] = []
     settings = LoopSettings(seq_len=args.seq_len, batch_size=args.batch_size, max_steps=args.steps, lr=1e-3, save_every=0, eval_every=0, precision="fp32")
@@ -102,7 +102,7 @@ def bench_gpu(model_dir: Path, blocks: torch.Tensor, args: argparse.Namespace, w
     from transformers import AutoModelForCausalLM
 
     from moekit.config import LoopSettings
-    from moekit.training import LoopJob, make_loop_engine, run_loop
+    from moekit.train.loop import LoopJob, make_loop_engine, run_loop
 
     stamps: list[float] = []
     settings = LoopSettings(seq_len=args.seq_len, batch_size=args.batch_size, max_steps=args.steps, lr=1e-4, save_every=0, eval_every=0,

@@ -66,7 +66,7 @@ def bench_moekit(moe: Path, blocks: torch.Tensor, args: argparse.Namespace, work
     from moekit.config import LoopSettings
     from moekit.routing.control import RoutingController
     from moekit.routing.objective import BalancedObjective, BalanceSettings
-    from moekit.training import LoopJob, causal_lm_loss, make_loop_engine, run_loop
+    from moekit.train.loop import LoopJob, causal_lm_loss, make_loop_engine, run_loop
 
     model = AutoModelForCausalLM.from_pretrained(moe, dtype=torch.float32)
     settings = LoopSettings(seq_len=args.seq_len, batch_size=args.batch_size, max_steps=args.steps, save_every=0, eval_every=0, precision="fp32")

@@ -1,172 +1,64 @@
-"""The ``moekit`` command line: a thin Typer layer over the step functions in ``moekit.steps``.
+"""The ``moekit`` command line: the command table.
 
-Each command parses options, builds the step's config, calls the step and renders the result.
-Heavy libraries (torch, transformers) are imported inside the commands, so ``moekit --help``
-answers instantly. A :class:`~moekit.errors.MoekitError` becomes a red one-paragraph message on
-stderr and exit code 2; nothing a user typed wrong ever ends in a traceback.
+Each command is a plain function in ``moekit.commands`` (Typer reads its signature: options,
+defaults, help); this table names it and wraps it in ``user_errors``, the one boundary where a
+:class:`~moekit.errors.MoekitError` becomes a clear message and an exit code. Registration is
+explicit: importing a command module registers nothing. A new command is one function in
+``moekit/commands/NAME_cmd.py`` and one row below. Heavy libraries (torch, transformers) are
+imported inside the commands, so ``moekit --help`` answers instantly.
 """
 
 from __future__ import annotations
 
-import functools
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import typer
 
-app = typer.Typer(
-    name="moekit",
-    help="Build Mixture-of-Experts models from dense Hugging Face checkpoints (Branch-Train-MiX).\n\n"
-    "Pipeline: branch -> train each branch -> mix -> tune, then inspect and eval; `moekit run` drives it from a recipe, `moekit demo` shows it on a CPU.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
+from moekit.commands import (
+    branch_cmd,
+    demo_cmd,
+    eval_cmd,
+    generate_cmd,
+    inspect_cmd,
+    mix_cmd,
+    prepare_cmd,
+    report_cmd,
+    run_cmd,
+    train_cmd,
+    tune_cmd,
+)
+from moekit.commands.common import user_errors
+
+HELP = (
+    "Build Mixture-of-Experts models from dense Hugging Face checkpoints (Branch-Train-MiX).\n\n"
+    "Pipeline: branch -> train each branch -> mix -> tune, then inspect and eval; "
+    "`moekit run` drives it from a recipe, `moekit demo` shows it on a CPU."
 )
 
-
-def _print_error(message: str, hint: str = "") -> None:
-    from rich.console import Console
-    from rich.markup import escape
-
-    console = Console(stderr=True, highlight=False)
-    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)  # paths may contain [ ]
-    if hint:
-        console.print(f"[yellow]fix:[/] {escape(hint)}", soft_wrap=True)
-
-
-_DISK_FULL_TEXTS = ("No space left on device", "StorageFull", "Disk quota exceeded", "file write failed")
-
-
-def environment_failure(exc: BaseException) -> tuple[str, str] | None:
-    """(message, fix) for a failure of the machine rather than of moekit: full disk, read-only or forbidden path.
-
-    torch and safetensors wrap a full disk in their own exception types, so the exception chain
-    and the message text are both searched.
-    """
-    import errno
-
-    chain: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and current not in chain:
-        chain.append(current)
-        current = current.__cause__ or current.__context__
-    for item in chain:
-        where = f" ({item.filename})" if isinstance(item, OSError) and item.filename else ""
-        code = item.errno if isinstance(item, OSError) else None
-        if code in (errno.ENOSPC, errno.EDQUOT) or any(t in str(item) for t in _DISK_FULL_TEXTS):
-            return (f"The disk is full: writing failed{where}.",
-                    "Free space on that disk, or write outputs elsewhere (--out). Unfinished outputs were removed; "
-                    "train/tune checkpoints written before are kept for --resume.")
-        if code == errno.EROFS:
-            return f"A read-only file system refused a write{where}.", "Write outputs to a writable location."
-        if code in (errno.EACCES, errno.EPERM):
-            return f"Permission denied{where}.", "Use paths you can read and write, or fix their permissions."
-    return None
-
-
-def _describe(error: dict[str, Any]) -> str:
-    """One pydantic error as 'field: message' (or just the message for whole-config checks)."""
-    message = str(error["msg"]).removeprefix("Value error, ")
-    where = ".".join(map(str, error["loc"]))
-    return f"{where}: {message}" if where else message
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (what job schedulers send before killing a job), handled exactly like Ctrl-C."""
-
-
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise Terminated()
-
-
-def _handle_sigterm() -> Any:
-    """Turn SIGTERM into :class:`Terminated`, so temporary outputs are cleaned up as on Ctrl-C; return the old handler."""
-    import signal
-    import threading
-
-    if threading.current_thread() is threading.main_thread():
-        return signal.signal(signal.SIGTERM, _raise_terminated)
-    return None
-
-
-def _restore_sigterm(previous: Any) -> None:
-    import signal
-
-    if previous is not None:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn MoekitError (and invalid option values) into a clear message and exit code 2.
-
-    Ctrl-C and SIGTERM end the command with the same "interrupted" message (exit 130 and 143);
-    a full disk, a read-only file system or a permission error gets a message too (exit 1).
-    """
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from pydantic import ValidationError
-
-        from moekit.errors import MoekitError
-
-        previous = _handle_sigterm()
-        try:
-            return func(*args, **kwargs)
-        except MoekitError as exc:
-            _print_error(exc.message, exc.hint)
-            raise typer.Exit(exc.exit_code)
-        except ValidationError as exc:
-            problems = "; ".join(_describe(e) for e in exc.errors())
-            _print_error(f"Invalid option value: {problems}.", "See --help for the allowed values.")
-            raise typer.Exit(2)
-        except Exception as exc:  # only machine failures are turned into messages; anything else is a bug: traceback
-            failure = environment_failure(exc)
-            if failure is None:
-                raise
-            _print_error(*failure)
-            raise typer.Exit(1)
-        except KeyboardInterrupt as exc:
-            how = "Terminated (SIGTERM)" if isinstance(exc, Terminated) else "Interrupted"
-            _print_error(f"{how}. Unfinished outputs were discarded; checkpoints already written by train or tune are kept for --resume.")
-            raise typer.Exit(143 if isinstance(exc, Terminated) else 130)
-        finally:
-            _restore_sigterm(previous)  # a command run in-process (tests, notebooks) leaves the handler as it was
-
-    return wrapper
-
-
-def parse_key_values(items: list[str], option: str) -> dict[str, str]:
-    """Parse repeated NAME=VALUE options into a dict; raise InvalidOptionError on bad items."""
-    from moekit.errors import InvalidOptionError
-
-    result: dict[str, str] = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name or not value:
-            raise InvalidOptionError(f"{option} expects NAME=PATH, got '{item}'.", f"Write e.g. {option} code=data/code.jsonl.")
-        if name in result:
-            raise InvalidOptionError(f"{option} names '{name}' twice.", "Give each name once.")
-        result[name] = value
-    return result
+# (name, function), in the order `moekit --help` lists them.
+COMMANDS: list[tuple[str, Callable[..., Any]]] = [
+    ("branch", branch_cmd.branch_command),
+    ("demo", demo_cmd.demo_command),
+    ("eval", eval_cmd.eval_command),
+    ("generate", generate_cmd.generate_command),
+    ("inspect", inspect_cmd.inspect_command),
+    ("mix", mix_cmd.mix_command),
+    ("prepare", prepare_cmd.prepare_command),
+    ("report", report_cmd.report_command),
+    ("validate", run_cmd.validate_command),
+    ("run", run_cmd.run_command),
+    ("train", train_cmd.train_command),
+    ("tune", tune_cmd.tune_command),
+]
 
 
 def build_app() -> typer.Typer:
-    """The Typer app with every command registered (importing a command module registers it)."""
-    from moekit.commands import (  # noqa: F401
-        branch_cmd,
-        demo_cmd,
-        eval_cmd,
-        generate_cmd,
-        inspect_cmd,
-        mix_cmd,
-        prepare_cmd,
-        report_cmd,
-        run_cmd,
-        train_cmd,
-        tune_cmd,
-    )
-
+    """The Typer app with every command of :data:`COMMANDS` registered behind ``user_errors``."""
+    app = typer.Typer(name="moekit", help=HELP, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+    for name, command in COMMANDS:
+        app.command(name)(user_errors(command))
     return app
 
 
@@ -178,4 +70,4 @@ def main() -> None:
 if __name__ == "__main__":
     sys.exit(main())
 
-__all__ = ["app", "build_app", "main", "parse_key_values", "user_errors"]
+__all__ = ["COMMANDS", "build_app", "main"]

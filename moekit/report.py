@@ -209,7 +209,7 @@ def render_eval_table(console: Any, report: dict[str, Any]) -> None:
     """Held-out loss (perplexity) per model and domain, best per column marked, and each row's training compute."""
     from rich.table import Table
 
-    from moekit.compute import format_flops
+    from moekit.train.compute import format_flops
 
     table = Table(title="held-out loss (perplexity); * = best")
     table.add_column("model")
@@ -228,7 +228,7 @@ def render_eval_table(console: Any, report: dict[str, Any]) -> None:
         table.add_row(label, *cells)
     console.print(table)
     if compute:
-        console.print("train tokens / FLOPs: training beyond the seed (model FLOPs, moekit.compute); dense is matched on "
+        console.print("train tokens / FLOPs: training beyond the seed (model FLOPs, moekit.train.compute); dense is matched on "
                       "tokens and upcycled on FLOPs to tuned (branches + tune).")
     if not report.get("same_tokenizer", True):
         console.print("[yellow]The models use different tokenizers: losses per token are not directly comparable across them.[/]")

@@ -1,1 +1,1 @@
-"""CLI command modules; each registers one command on ``moekit.cli.app`` when imported."""
+"""The command functions `moekit.cli` registers: Typer only (parse options, build a config, call one step, render)."""

@@ -6,11 +6,7 @@ from pathlib import Path
 
 import typer
 
-from moekit.cli import app, user_errors
 
-
-@app.command("branch")
-@user_errors
 def branch_command(
     seed: str = typer.Argument(..., metavar="SEED", help="Dense seed model: a local Hugging Face directory or a hub id."),
     run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="Run directory to create (holds moekit.yaml and branches/)."),

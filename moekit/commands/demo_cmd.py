@@ -7,8 +7,6 @@ from typing import Any, Optional
 
 import typer
 
-from moekit.cli import app, user_errors
-
 # A prompt per demo domain for the generation samples (the tiny demo's domains have the same names).
 # Prompts end at a word, not a space: a byte-level BPE attaches the space to the next word.
 DEMO_PROMPTS = {"code": "import os\nimport sys\n\ndef", "prose": "The return statement",
@@ -20,8 +18,6 @@ def packaged_recipe(name: str) -> Path:
     return Path(__file__).resolve().parent.parent / "recipes" / f"{name}.yaml"
 
 
-@app.command("demo")
-@user_errors
 def demo_command(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Work directory (default: demo-out, or demo-tiny-out with --tiny)."),
     tiny: bool = typer.Option(False, "--tiny", help="A seconds-long version on a random tiny model (for tests)."),

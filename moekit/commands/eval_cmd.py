@@ -8,11 +8,9 @@ from typing import Optional
 
 import typer
 
-from moekit.cli import app, parse_key_values, user_errors
+from moekit.commands.common import parse_key_values
 
 
-@app.command("eval")
-@user_errors
 def eval_command(
     models: list[str] = typer.Argument(..., metavar="MODEL...", help="Model directories (or hub ids); a run directory adds its seed, branches, mixed and tuned models."),
     data: list[str] = typer.Option([], "--data", help="DOMAIN=PATH held-out data; repeat (default with a run directory: its branches' held-out splits)."),

@@ -9,11 +9,7 @@ from typing import Any, Optional
 
 import typer
 
-from moekit.cli import app, user_errors
 
-
-@app.command("generate")
-@user_errors
 def generate_command(
     model: str = typer.Argument(..., help="Model directory (or hub id): an MoE moekit wrote, any MoE it can read, or a dense model."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="The prompt (default: read from --prompt-file, or from stdin, or ask interactively)."),

@@ -7,11 +7,9 @@ from typing import Optional
 
 import typer
 
-from moekit.cli import app, parse_key_values, user_errors
+from moekit.commands.common import parse_key_values
 
 
-@app.command("inspect")
-@user_errors
 def inspect_command(
     model: str = typer.Argument(..., metavar="MODEL", help="A Hugging Face model directory (or hub id); MoE or dense."),
     data: list[str] = typer.Option([], "--data", help="DOMAIN=PATH data to route; repeat. Without it: static statistics only."),

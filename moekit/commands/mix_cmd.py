@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from moekit.cli import app, parse_key_values, user_errors
+from moekit.commands.common import parse_key_values
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -42,8 +42,6 @@ def _parse_experts(items: list[str]) -> list[tuple[str, Path]]:
     return experts
 
 
-@app.command("mix")
-@user_errors
 def mix_command(
     run_dir: Optional[Path] = typer.Argument(None, metavar="RUN_DIR", help="Run directory made by `moekit branch` (experts = its branches)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default with RUN_DIR: RUN_DIR/mixed)."),

@@ -7,11 +7,7 @@ from typing import Optional
 
 import typer
 
-from moekit.cli import app, user_errors
 
-
-@app.command("prepare")
-@user_errors
 def prepare_command(
     data: list[str] = typer.Argument(..., metavar="DATA...", help="Text data: files (.txt/.jsonl/.json/.parquet), directories, globs or hf:NAME specs, read in order."),
     tokenizer: str = typer.Option(..., "--tokenizer", help="Model (directory or hub id) whose tokenizer to use: the seed."),

@@ -7,11 +7,9 @@ from typing import Optional
 
 import typer
 
-from moekit.cli import app, parse_key_values, user_errors
+from moekit.commands.common import parse_key_values
 
 
-@app.command("report")
-@user_errors
 def report_command(
     run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="Run directory (from `moekit branch` or `moekit run`)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file to write (default: RUN_DIR/report.html)."),

@@ -6,11 +6,7 @@ from pathlib import Path
 
 import typer
 
-from moekit.cli import app, user_errors
 
-
-@app.command("validate")
-@user_errors
 def validate_command(
     recipe: Path = typer.Argument(..., metavar="RECIPE", help="A recipe YAML file."),
     overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...", help="Overrides by dotted path, e.g. train.max_steps=200."),
@@ -24,8 +20,6 @@ def validate_command(
     Console().print(f"[green]{recipe} is valid[/]: recipe '{loaded.name}', domains {', '.join(loaded.domains)}, stages {', '.join(loaded.stages)}; workdir {loaded.workdir}")
 
 
-@app.command("run")
-@user_errors
 def run_command(
     recipe: Path = typer.Argument(..., metavar="RECIPE", help="A recipe YAML file (see recipes/)."),
     overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...", help="Overrides by dotted path, e.g. train.max_steps=200 workdir=out."),

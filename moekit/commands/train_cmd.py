@@ -7,7 +7,6 @@ from typing import Any, Optional
 
 import typer
 
-from moekit.cli import app, user_errors
 from moekit.commands.loop_options import saved_weights_note, with_loop_options
 
 
@@ -33,8 +32,6 @@ def parse_branch_data(items: list[str], branches: list[str], known: list[str], o
     return result
 
 
-@app.command("train")
-@user_errors
 @with_loop_options
 def train_command(
     run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="Run directory made by `moekit branch`."),
@@ -62,7 +59,7 @@ def train_command(
     from moekit.manifest import load_manifest
     from moekit.progress import quiet_transformers
     from moekit.steps.train import train
-    from moekit.training import is_main_process
+    from moekit.train.loop import is_main_process
 
     quiet_transformers()
 

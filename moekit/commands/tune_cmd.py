@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import typer
 
-from moekit.cli import app, parse_key_values, user_errors
+from moekit.commands.common import parse_key_values
 from moekit.commands.loop_options import saved_weights_note, with_loop_options
 
 
@@ -70,8 +70,6 @@ def _parse_temperature(text: Optional[str]) -> tuple[float, float]:
     return (parts[0], parts[-1])
 
 
-@app.command("tune")
-@user_errors
 @with_loop_options
 def tune_command(
     model: Path = typer.Argument(..., metavar="MODEL", help="The MoE from `moekit mix`, or a run directory (uses RUN_DIR/mixed and the branches' data)."),
@@ -110,7 +108,7 @@ def tune_command(
     from moekit.errors import InvalidOptionError
     from moekit.progress import quiet_transformers
     from moekit.steps.tune import tune
-    from moekit.training import is_main_process
+    from moekit.train.loop import is_main_process
 
     quiet_transformers()
 

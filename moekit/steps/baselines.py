@@ -4,7 +4,7 @@
   branches and the tune together (the paper's data-matched dense model). Written to RUN_DIR/dense.
 - ``upcycle``: sparse upcycling (Komatsuzaki et al. 2023): an MoE with BTX's expert count and
   top-k whose experts all start as the seed's FFN, trained on the domain mixture for as many
-  model FLOPs as the branches and the tune together (``moekit.compute``). Written to RUN_DIR/upcycled.
+  model FLOPs as the branches and the tune together (``moekit.train.compute``). Written to RUN_DIR/upcycled.
 
 Both read each domain's recorded held-out split, so they are never trained on an eval token, and
 record their tokens and FLOPs in the run manifest (``baseline:dense``, ``baseline:upcycle``) beside
@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from moekit.compute import model_compute, training_flops
+from moekit.train.compute import model_compute, training_flops
 from moekit.config import LoopSettings
 from moekit.errors import MoekitError
 from moekit.manifest import RunManifest, StageRecord, load_manifest, updating_manifest
@@ -123,8 +123,8 @@ def train_dense_baseline(run_dir: Path, loop: LoopSettings, text_field: str = "t
     from moekit.data.blocks import MixtureBlocks
     from moekit.data.domains import domains_data
     from moekit.io.loading import load_causal_lm
-    from moekit.steps.model_io import resolve_save_dtype, write_trained_model
-    from moekit.training import LoopJob, make_loop_engine, run_loop
+    from moekit.train.saving import resolve_save_dtype, write_trained_model
+    from moekit.train.loop import LoopJob, make_loop_engine, run_loop
 
     manifest = load_manifest(run_dir)
     budget = btx_budget(run_dir)

@@ -19,7 +19,7 @@ from moekit.config import EvalConfig
 from moekit.data.domains import recorded_heldout
 from moekit.data.tokens import evaluation_blocks, tokenizer_fingerprint_of
 from moekit.errors import InvalidOptionError
-from moekit.evaluation import block_losses, perplexity
+from moekit.train.evaluation import block_losses, perplexity
 from moekit.io.loading import load_causal_lm
 from moekit.io.source import resolve_model_dir
 from moekit.manifest import MANIFEST_NAME, load_manifest

@@ -25,11 +25,11 @@ import torch
 import yaml
 
 from moekit.arch import router_scoring, selection_bias_targets, stores_selection_bias
-from moekit.compute import training_flops
+from moekit.train.compute import training_flops
 from moekit.config import TuneConfig
 from moekit.data.blocks import MixtureBlocks
 from moekit.data.domains import domains_data, record_heldout
-from moekit.distributed import Engine
+from moekit.train.engine import Engine
 from moekit.errors import InvalidOptionError, UnsupportedArchitectureError
 from moekit.inspection.static import top_k_of
 from moekit.io.atomic import check_output_apart, check_output_dir
@@ -42,8 +42,8 @@ from moekit.routing.control import RoutingController, RoutingSettings, is_traini
 from moekit.routing.objective import BalancedObjective, BalanceSettings, all_reduce_sum
 from moekit.steps.inputs import check_context_length, check_model_dir
 from moekit.steps.mix_output import read_provenance
-from moekit.steps.model_io import resolve_save_dtype, write_trained_model
-from moekit.training import LoopJob, make_loop_engine, run_loop
+from moekit.train.saving import resolve_save_dtype, write_trained_model
+from moekit.train.loop import LoopJob, make_loop_engine, run_loop
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from moekit.arch import get_adapter
 from moekit.arch.base import LAYER_TENSOR
 from moekit.cli import build_app
-from moekit.compute import model_compute
+from moekit.train.compute import model_compute
 from moekit.io.checkpoint import Checkpoint
 from moekit.manifest import load_manifest
 from moekit.routing.control import find_routers

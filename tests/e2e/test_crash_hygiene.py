@@ -16,7 +16,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from moekit.cli import build_app, environment_failure
+from moekit.cli import build_app
+from moekit.commands.common import environment_failure
 from moekit.io.atomic import remove_stale_temporaries
 from moekit.io.checkpoint import Checkpoint
 from moekit.tiny import build_tiny_model, domain_corpus

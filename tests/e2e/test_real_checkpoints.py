@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from moekit.cli import build_app
 from moekit.config import MixConfig, UpcycleSettings
 from moekit.data.domains import recorded_heldout
-from moekit.evaluation import block_losses
+from moekit.train.evaluation import block_losses
 from moekit.inspection.static import static_report
 from moekit.io.checkpoint import Checkpoint
 from moekit.manifest import load_manifest

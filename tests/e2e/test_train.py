@@ -19,7 +19,7 @@ from moekit.io.files import sha256_files
 from moekit.manifest import load_manifest
 from moekit.steps.branch import branch
 from moekit.tiny import domain_corpus
-from moekit.training import LoopJob, make_loop_engine, run_loop
+from moekit.train.loop import LoopJob, make_loop_engine, run_loop
 from tests.conftest import assert_clean_load, load
 
 TRAIN = ["--seq-len", "32", "--batch-size", "4", "--lr", "3e-3", "--eval-every", "5", "--eval-blocks", "4"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from moekit.config import LoopSettings
-from moekit.train_state import BlockSchedule, learning_rate, total_steps
+from moekit.train.schedule import BlockSchedule, learning_rate, total_steps
 
 
 def test_warmup_then_cosine_to_the_floor():

@@ -150,3 +150,18 @@ def write_trained_model(
         share = unchanged_share(source_dir, tmp)
         count = len(Checkpoint(tmp).tensors)
     return SavedModel(dtype, count, share)
+
+
+def round_to_saved_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Round every floating parameter to ``dtype`` and back, in place.
+
+    Training keeps fp32 master weights; the model is saved in ``dtype`` (often bf16). Rounding
+    before the final evaluation makes the reported held-out loss that of the weights as saved
+    (and the later cast to ``dtype`` exact). Works on plain, DDP and FSDP2 (DTensor) parameters.
+    Parameters the family keeps in fp32 (routers of GLM-4.5, ERNIE 4.5) are saved in fp32 and not rounded.
+    """
+    fp32 = kept_in_fp32(getattr(model, "module", model))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.is_floating_point() and param.dtype != dtype and not fp32(name.removeprefix("module.")):
+                param.copy_(param.to(dtype))
