@@ -89,7 +89,7 @@ def mix_command(
     from moekit.config import MixConfig, UpcycleSettings
     from moekit.errors import InvalidOptionError
     from moekit.steps.mix import mix
-    from moekit.steps.mix_inputs import experts_from_run_dir
+    from moekit.steps.mix.inputs import experts_from_run_dir
 
     if add_expert is not None or into is not None:
         mixing = dict(expert=expert or None, seed_model=seed_model, upcycle=upcycle, experts=experts, drop_fraction=drop_fraction,
@@ -144,7 +144,7 @@ def _grow(run_dir: Optional[Path], add_expert: Optional[str], into: Optional[Pat
     from moekit.config import GrowConfig
     from moekit.errors import InvalidOptionError
     from moekit.manifest import load_manifest
-    from moekit.steps.grow import add_expert as grow
+    from moekit.steps.mix.grow import add_expert as grow
 
     given = [f"--{k.replace('_', '-')}" for k, v in mixing.items() if v is not None]
     if given:

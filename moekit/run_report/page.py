@@ -65,12 +65,9 @@ def _stages(report: RunReport) -> str:
 
 
 def _experts_of(path: Path) -> str:
-    from moekit.steps.inspect import expert_names_from_provenance
+    from moekit.provenance import expert_names
 
-    try:
-        names = expert_names_from_provenance(path)
-    except Exception:  # noqa: BLE001 - an unreadable provenance only leaves the cell empty
-        names = None
+    names = expert_names(path)  # an unreadable provenance only leaves the cell empty
     return ", ".join(names) if names else "dense"
 
 

@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from moekit.train.compute import model_compute, training_flops
 from moekit.config import LoopSettings
 from moekit.errors import MoekitError
 from moekit.manifest import RunManifest, StageRecord, load_manifest, updating_manifest
+from moekit.train.compute import model_compute, training_flops
 
 DENSE_STAGE, UPCYCLE_STAGE = "baseline:dense", "baseline:upcycle"
 DENSE_DIR, UPCYCLED_DIR = "dense", "upcycled"
@@ -123,8 +123,8 @@ def train_dense_baseline(run_dir: Path, loop: LoopSettings, text_field: str = "t
     from moekit.data.blocks import MixtureBlocks
     from moekit.data.domains import domains_data
     from moekit.io.loading import load_causal_lm
-    from moekit.train.saving import resolve_save_dtype, write_trained_model
     from moekit.train.loop import LoopJob, make_loop_engine, run_loop
+    from moekit.train.saving import resolve_save_dtype, write_trained_model
 
     manifest = load_manifest(run_dir)
     budget = btx_budget(run_dir)

@@ -30,7 +30,7 @@ from moekit.manifest import (
     StageRecord,
     save_manifest,
 )
-from moekit.steps.inputs import open_dense_model
+from moekit.models import open_dense_model
 
 _BRANCH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 RESERVED_NAMES = {"seed", "mixed", "tuned"}

@@ -19,13 +19,13 @@ from moekit.config import EvalConfig
 from moekit.data.domains import recorded_heldout
 from moekit.data.tokens import evaluation_blocks, tokenizer_fingerprint_of
 from moekit.errors import InvalidOptionError
-from moekit.train.evaluation import block_losses, perplexity
 from moekit.io.loading import load_causal_lm
 from moekit.io.source import resolve_model_dir
 from moekit.manifest import MANIFEST_NAME, load_manifest
+from moekit.models import check_context_length, check_model_dir
 from moekit.progress import progress_bar
 from moekit.steps.baselines import DENSE_DIR, UPCYCLED_DIR, run_compute
-from moekit.steps.inputs import check_context_length, check_model_dir
+from moekit.train.evaluation import block_losses, perplexity
 
 
 def is_run_dir(path: Path) -> bool:

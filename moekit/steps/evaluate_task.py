@@ -13,9 +13,9 @@ import torch
 from moekit.config import EvalConfig
 from moekit.errors import MoekitError
 from moekit.io.loading import load_causal_lm
+from moekit.models import check_model_dir
 from moekit.progress import progress_bar
 from moekit.steps.evaluate import expand_models
-from moekit.steps.inputs import check_model_dir
 from moekit.tasks import exact_match_accuracy, task_problems
 
 

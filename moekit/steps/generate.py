@@ -21,8 +21,8 @@ from moekit.config import GenerateConfig
 from moekit.errors import InvalidOptionError
 from moekit.io.loading import load_causal_lm
 from moekit.io.source import resolve_model_dir
-from moekit.steps.inputs import check_model_dir
-from moekit.steps.inspect import expert_names_from_provenance
+from moekit.models import check_model_dir
+from moekit.provenance import expert_names
 
 
 @dataclass
@@ -93,7 +93,7 @@ class Generator:
             from moekit.routing.contrast import check_contrast_applies
 
             check_contrast_applies(self.model, cfg.scmoe_rank)
-        self.expert_names = (expert_names_from_provenance(self.model_dir) or
+        self.expert_names = (expert_names(self.model_dir) or
                              [f"expert{i}" for i in range(int(self.routers[0].weight.shape[0]))]) if self.routers else None
 
     def prompt_ids(self, prompt: str) -> torch.Tensor:

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from moekit.config import InspectConfig
 from moekit.data import evaluation_blocks
@@ -17,22 +16,9 @@ from moekit.inspection.static import static_report
 from moekit.io.checkpoint import Checkpoint
 from moekit.io.loading import load_causal_lm
 from moekit.io.source import resolve_model_dir
+from moekit.models import check_context_length
 from moekit.progress import progress_bar
-from moekit.steps.inputs import check_context_length
-
-
-def expert_names_from_provenance(model_dir: Path) -> list[str] | None:
-    """Expert names from the moekit.yaml that mix (or tune) wrote next to the weights."""
-    path = model_dir / "moekit.yaml"
-    if not path.is_file():
-        return None
-    record = yaml.safe_load(path.read_text()) or {}
-    while isinstance(record, dict) and "experts" not in record and isinstance(record.get("input"), dict):
-        record = record["input"]  # a tuned model's provenance wraps its input's
-    if isinstance(record, dict) and isinstance(record.get("expert_names"), list):
-        return [str(n) for n in record["expert_names"]]  # one per routed expert (e.g. code.0, code.1 under --split)
-    experts = record.get("experts") if isinstance(record, dict) else None
-    return [e["name"] for e in experts] if isinstance(experts, list) and all(isinstance(e, dict) for e in experts) else None
+from moekit.provenance import expert_names
 
 
 def inspect_static(model: str) -> tuple[Path, dict[str, Any]]:
@@ -58,7 +44,7 @@ def inspect_routing(cfg: InspectConfig, model_dir: Path, static: dict[str, Any],
     model = load_causal_lm(model_dir, dtype).to(device)
     with progress_bar("routing blocks", sum(len(b) for b in blocks.values()), show_progress) as advance:
         tally = collect_routing(model, blocks, cfg.batch_size, advance, cfg.tokens_layer)
-    report = routing_report(tally, expert_names_from_provenance(model_dir))
+    report = routing_report(tally, expert_names(model_dir))
     report["samples"] = {d: {**s, "text": [tokenizer.decode([i]) for i in s["ids"]]} for d, s in report["samples"].items()}
     return report
 

@@ -138,7 +138,7 @@ class RecipeRun:
                 shutil.rmtree(out)
             build_tiny_model(out, "llama")
         else:
-            from moekit.seeding import build_pretrained_seed
+            from moekit.steps.seed import build_pretrained_seed
 
             assert spec.pretrain is not None
             build_pretrained_seed(out, pretrain_data, spec.pretrain, spec.size, val_fraction=self.recipe.val_fraction, show_progress=self.show_progress)
@@ -213,7 +213,7 @@ class RecipeRun:
         self._stage("mix", self.run_dir / "mixed", fingerprint, lambda: None if mix(cfg, self.show_progress) else None)
 
     def stage_average(self) -> None:
-        from moekit.steps.average import average_models
+        from moekit.steps.mix.average import average_models
 
         branches = [self.run_dir / "branches" / d for d in self.recipe.domains]
         self._stage("average", self.run_dir / "averaged", _hash(self.fingerprints["train"]),

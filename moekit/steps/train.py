@@ -19,18 +19,18 @@ import torch
 
 from moekit.arch import get_adapter
 from moekit.arch.base import LAYER_TENSOR
-from moekit.train.compute import training_flops
 from moekit.config import TrainConfig
 from moekit.data.domains import DomainData, domains_data, record_heldout
 from moekit.data.sources import absolute_spec
-from moekit.train.engine import Engine
 from moekit.errors import DataError, InvalidOptionError
 from moekit.io.config_json import dtype_name
 from moekit.io.loading import load_causal_lm
 from moekit.manifest import RunManifest, StageRecord, load_manifest, updating_manifest
-from moekit.steps.inputs import check_context_length, check_model_dir
-from moekit.train.saving import resolve_save_dtype, write_trained_model
+from moekit.models import check_context_length, check_model_dir
+from moekit.train.compute import training_flops
+from moekit.train.engine import Engine
 from moekit.train.loop import LoopJob, make_loop_engine, run_loop
+from moekit.train.saving import resolve_save_dtype, write_trained_model
 
 
 @dataclass

@@ -22,28 +22,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from moekit.arch import router_scoring, selection_bias_targets, stores_selection_bias
-from moekit.train.compute import training_flops
 from moekit.config import TuneConfig
 from moekit.data.blocks import MixtureBlocks
 from moekit.data.domains import domains_data, record_heldout
-from moekit.train.engine import Engine
 from moekit.errors import InvalidOptionError, UnsupportedArchitectureError
 from moekit.inspection.static import top_k_of
 from moekit.io.atomic import check_output_apart, check_output_dir
 from moekit.io.config_json import dtype_name
 from moekit.io.loading import load_causal_lm
 from moekit.manifest import StageRecord, load_manifest, now_iso, updating_manifest
+from moekit.models import check_context_length, check_model_dir
+from moekit.provenance import origin, read_provenance, recorded, write_provenance
 from moekit.routing import balance as balance_metrics
 from moekit.routing.bias import SelectionBias, find_selection_biases
 from moekit.routing.control import RoutingController, RoutingSettings, is_training_only
 from moekit.routing.objective import BalancedObjective, BalanceSettings, all_reduce_sum
-from moekit.steps.inputs import check_context_length, check_model_dir
-from moekit.steps.mix_output import read_provenance
-from moekit.train.saving import resolve_save_dtype, write_trained_model
+from moekit.train.compute import training_flops
+from moekit.train.engine import Engine
 from moekit.train.loop import LoopJob, make_loop_engine, run_loop
+from moekit.train.saving import resolve_save_dtype, write_trained_model
 
 
 @dataclass
@@ -110,10 +109,7 @@ def selection_bias(model: torch.nn.Module, controller: RoutingController, cfg: T
 
 def mixed_split(model_dir: Path) -> int:
     """The ``mix --split`` the MoE was built with (1 when unknown)."""
-    record = read_provenance(model_dir)
-    while isinstance(record, dict) and "split" not in record and isinstance(record.get("input"), dict):
-        record = record["input"]
-    split = record.get("split") if isinstance(record, dict) else None
+    split = recorded(model_dir, "split")
     return split if isinstance(split, int) and split > 0 else 1
 
 
@@ -160,9 +156,7 @@ def _add_provenance(model_dir: Path, cfg: TuneConfig, result_row: dict[str, Any]
             "routing": cfg.routing, "inference_routing": inference_routing(cfg.model),
             "loop": cfg.loop.model_dump(mode="json"), "final": result_row, "heldout_routing": heldout,
         }
-        previous = model_dir / "moekit.yaml"
-        history = yaml.safe_load(previous.read_text()) if previous.is_file() else None
-        (tmp / "moekit.yaml").write_text(yaml.safe_dump({"tune": record, "input": history}, sort_keys=False))
+        write_provenance(tmp, {"tune": record}, read_provenance(model_dir))
         card = (model_dir / "README.md").read_text() if (model_dir / "README.md").is_file() else f"# {cfg.out.name}\n"
         budget = f"{cfg.loop.max_steps} steps" if cfg.loop.max_steps else f"{cfg.loop.max_tokens:,} tokens"
         balancing = "no balancing loss" if cfg.balance == "none" else f"{cfg.balance} balancing (coefficient {cfg.aux_coef}, {cfg.balance_scope} scope)"
@@ -184,9 +178,7 @@ def tune_inputs(cfg: TuneConfig) -> list[Path]:
     ``--out --force`` replaces the output; none of these may be, contain or lie inside it.
     """
     inputs = [Path(cfg.model)]
-    record = read_provenance(cfg.model)  # an unreadable one names no inputs
-    while isinstance(record, dict) and "seed" not in record and isinstance(record.get("input"), dict):
-        record = record["input"]  # a tuned model's provenance wraps its input's
+    record = origin(read_provenance(cfg.model), "seed")  # an unreadable one names no inputs
     if isinstance(record, dict):
         inputs += [Path(str(record["seed"]))] if record.get("seed") else []
         inputs += [Path(str(e["source"])) for e in record.get("experts") or [] if isinstance(e, dict) and e.get("source")]

@@ -24,12 +24,9 @@ _PER_EXPERT = re.compile(r"\.experts\.(\d+)\.")
 
 def added_expert_index(model_dir: Path) -> int:
     """The index of the expert ``mix --add-expert`` added (from the MoE's provenance); InvalidOptionError if none was."""
-    from moekit.steps.mix_output import read_provenance
+    from moekit.provenance import recorded
 
-    record = read_provenance(model_dir)
-    while isinstance(record, dict) and "added" not in record and isinstance(record.get("input"), dict):
-        record = record["input"]  # a tuned grown model wraps the grown one's record
-    added = record.get("added") if isinstance(record, dict) else None
+    added = recorded(model_dir, "added")  # a tuned grown model's provenance wraps the grown one's
     if not isinstance(added, dict) or not isinstance(added.get("expert_index"), int):
         raise InvalidOptionError(
             f"--train new-expert+router trains the expert that `mix --add-expert` added, and {model_dir} has none.",

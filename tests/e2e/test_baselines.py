@@ -12,13 +12,13 @@ from typer.testing import CliRunner
 from moekit.arch import get_adapter
 from moekit.arch.base import LAYER_TENSOR
 from moekit.cli import build_app
-from moekit.train.compute import model_compute
 from moekit.io.checkpoint import Checkpoint
 from moekit.manifest import load_manifest
 from moekit.routing.control import find_routers
 from moekit.steps.baselines import run_compute
 from moekit.steps.branch import branch
 from moekit.tiny import domain_corpus
+from moekit.train.compute import model_compute
 from tests.conftest import load
 
 TRAIN = ["--seq-len", "32", "--batch-size", "4", "--lr", "3e-3", "--eval-every", "0", "--eval-blocks", "2"]

@@ -19,8 +19,8 @@ from moekit.data import load_token_blocks
 from moekit.io.checkpoint import Checkpoint
 from moekit.routing.control import find_routers
 from moekit.steps.branch import add_branches, branch
-from moekit.steps.grow import add_expert
 from moekit.steps.mix import mix
+from moekit.steps.mix.grow import add_expert
 from moekit.tiny import domain_corpus
 from tests.conftest import assert_clean_load, load
 from tests.e2e.test_centroid_router import _train_branch

@@ -9,8 +9,8 @@ from moekit.arch import get_adapter
 from moekit.config import MixConfig
 from moekit.io.checkpoint import Checkpoint
 from moekit.io.writer import StreamingShardWriter
+from moekit.models import open_dense_model
 from moekit.steps.branch import branch
-from moekit.steps.inputs import open_dense_model
 from moekit.steps.mix import mix
 from moekit.tiny import perturb_model
 from tests.conftest import FAMILIES

@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from moekit.arch import get_adapter
 from moekit.config import MixConfig, UpcycleSettings
 from moekit.io.checkpoint import Checkpoint
+from moekit.models import open_dense_model
 from moekit.steps.branch import branch
-from moekit.steps.inputs import open_dense_model
 from moekit.steps.mix import mix
 from moekit.tiny import perturb_model
 from tests.conftest import FAMILIES, assert_clean_load, load
@@ -196,7 +196,7 @@ def test_centroid_init_runs_for_every_family(family, make_seed, tmp_path):
 
 
 def test_chunked_averaging_is_bit_exact(make_seed, tmp_path, monkeypatch):
-    import moekit.steps.mix as mix_module
+    import moekit.steps.mix.build as mix_module
 
     seed = make_seed("llama")
     run = branch(str(seed), tmp_path / "run", ["a", "b"])

@@ -18,7 +18,6 @@ from typer.testing import CliRunner
 from moekit.cli import build_app
 from moekit.config import MixConfig, UpcycleSettings
 from moekit.data.domains import recorded_heldout
-from moekit.train.evaluation import block_losses
 from moekit.inspection.static import static_report
 from moekit.io.checkpoint import Checkpoint
 from moekit.manifest import load_manifest
@@ -26,6 +25,7 @@ from moekit.progress import PlainProgress
 from moekit.steps.branch import branch
 from moekit.steps.mix import mix
 from moekit.tiny import build_tiny_model, domain_corpus
+from moekit.train.evaluation import block_losses
 from tests.formats import stored_float_dtypes
 
 LOOP = ["--seq-len", "32", "--batch-size", "2", "--eval-every", "0", "--eval-blocks", "4", "--save-every", "0"]

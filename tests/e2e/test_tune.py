@@ -20,8 +20,8 @@ from moekit.routing.objective import BalancedObjective, BalanceSettings
 from moekit.steps.branch import branch
 from moekit.steps.mix import mix
 from moekit.tiny import domain_corpus, perturb_model
-from moekit.train.schedule import BlockSchedule
 from moekit.train.loop import LoopJob, make_loop_engine, run_loop
+from moekit.train.schedule import BlockSchedule
 from tests.conftest import assert_clean_load, load
 
 LOOP = ["--seq-len", "32", "--batch-size", "4", "--lr", "3e-3", "--eval-every", "0", "--eval-blocks", "2"]

@@ -10,8 +10,8 @@ from transformers import AutoConfig
 
 from moekit.arch import get_adapter
 from moekit.config import MixConfig
-from moekit.steps.mix_output import _json_is_complete, build_moe_config
-from moekit.steps.mix_plan import plan_block
+from moekit.steps.mix.output import _json_is_complete, build_moe_config
+from moekit.steps.mix.plan import plan_block
 from tests.conftest import FAMILY_TARGETS
 
 IGNORED = {"transformers_version", "_name_or_path", "dtype", "torch_dtype"}

@@ -16,10 +16,10 @@ import torch
 from moekit.config import MixConfig
 from moekit.data import load_token_blocks
 from moekit.errors import InvalidOptionError
+from moekit.models import check_context_length
 from moekit.routing.calibration import LayerwiseCalibrator
 from moekit.routing.init import centroid_router
-from moekit.steps.inputs import check_context_length
-from moekit.steps.mix_inputs import MixInputs
+from moekit.steps.mix.inputs import MixInputs
 
 _MAX_SCALE_TOKENS = 8192  # calibration tokens used to pick the router scale (subsampled)
 

@@ -59,8 +59,8 @@ def build_pretrained_seed(
     """Train a tokenizer and pretrain a small Llama on an equal mix of ``specs``; write it to ``out``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from moekit.train.saving import write_trained_model
     from moekit.train.loop import LoopJob, make_loop_engine, run_loop
+    from moekit.train.saving import write_trained_model
 
     work = out.parent / f"{out.name}.work"
     work.mkdir(parents=True, exist_ok=True)

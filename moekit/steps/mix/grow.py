@@ -5,7 +5,7 @@ its own, and joined to the MoE without touching what the MoE already learned (Fl
 Branch-Train-Stitch). So every tensor of the MoE goes out byte for byte as it is (copied file to
 file), except three kinds that gain one expert:
 
-* routers [E, H] -> [E+1, H]: the old rows' bytes, then the new row (``moekit.steps.grow_router``:
+* routers [E, H] -> [E+1, H]: the old rows' bytes, then the new row (``moekit.steps.mix.grow_router``:
   the centroid method against the existing rows, on calibration data run through the MoE);
 * selection biases [E] -> [E+1]: the new expert gets the mean of the old biases (neither favoured
   nor held back relative to the average expert);
@@ -22,64 +22,27 @@ shapes.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
-from functools import cached_property
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from moekit.arch import adapter_for_moe
-from moekit.arch.base import DENSE_FFN_PROJECTIONS, LAYER_TENSOR, ArchAdapter
+from moekit.arch.base import DENSE_FFN_PROJECTIONS
 from moekit.config import GrowConfig
-from moekit.errors import IncompatibleModelsError, InvalidOptionError
+from moekit.errors import InvalidOptionError
 from moekit.io.atomic import atomic_output_dir, check_free_space, check_output_apart, check_output_dir
 from moekit.io.checkpoint import Checkpoint
 from moekit.io.config_json import dtype_name
 from moekit.io.files import copy_tokenizer_and_generation_files
 from moekit.io.floats import from_float32, to_float32
 from moekit.io.writer import PlannedTensor, StreamingShardWriter, parse_size
-from moekit.manifest import MANIFEST_NAME, StageRecord, load_manifest, now_iso, updating_manifest
+from moekit.manifest import StageRecord, load_manifest, updating_manifest
 from moekit.progress import progress_bar
-from moekit.steps.inputs import open_dense_model
+from moekit.provenance import write_provenance
+from moekit.steps.mix.grow_inputs import GrowInputs, open_grow_inputs
 
 Part = Any  # a byte range (path, offset, nbytes) or an array of the stored dtype
-
-
-@dataclass
-class GrowInputs:
-    """The opened MoE and branch, and what the MoE's provenance says about it."""
-
-    moe: Checkpoint
-    branch: Checkpoint
-    adapter: ArchAdapter
-    record: dict[str, Any]  # the MoE's whole provenance
-    model_record: dict[str, Any]  # the record that names its experts (mix's, or an earlier add-expert's)
-    experts: int
-    layers: list[int]
-    down_scale: float
-    notes: list[str] = field(default_factory=list)
-
-    def close(self) -> None:
-        """Close the input files."""
-        self.moe.close()
-        self.branch.close()
-
-    @cached_property
-    def by_expert(self) -> dict[str, tuple[int, str]]:
-        """MoE tensors indexed by expert along their first (or, for [1, E] biases, second) dim: name -> (layer, role)."""
-        adapter, found = self.adapter, {}
-        for layer in self.layers:
-            found[adapter.router_name(layer)] = (layer, "router")
-            bias = adapter.selection_bias_name(layer)
-            if bias is not None:
-                found[bias] = (layer, "selection_bias")
-            if adapter.fused_experts is not None:
-                gate_up, down = (f"model.layers.{layer}.{adapter.moe_block}.{n}" for n in adapter.fused_experts)
-                found[gate_up] = (layer, "fused_gate_up")
-                found[down] = (layer, "fused_down")
-        return found
 
 
 @dataclass
@@ -91,153 +54,6 @@ class GrowResult:
     moe_type: str
     router_stats: dict[str, Any]
     notes: list[str]
-
-
-def model_record(record: Any) -> dict[str, Any] | None:
-    """The provenance record that names the model's experts (a tuned model's wraps its input's)."""
-    while isinstance(record, dict) and "expert_names" not in record and isinstance(record.get("input"), dict):
-        record = record["input"]
-    return record if isinstance(record, dict) and isinstance(record.get("expert_names"), list) else None
-
-
-def _read_provenance(moe_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    from moekit.steps.mix_output import read_provenance
-
-    record = read_provenance(moe_dir)
-    found = model_record(record)
-    if found is None or not isinstance(record, dict):
-        raise InvalidOptionError(
-            f"{moe_dir} has no moekit provenance (moekit.yaml naming its experts), so its seed and experts cannot be checked.",
-            "--add-expert grows MoEs that `moekit mix` (and tune) wrote; mix other MoEs anew from their branches.",
-        )
-    return record, found
-
-
-def _run_seed(model_dir: Path) -> tuple[str, str] | None:
-    """(seed path, seed hash) from the run manifest of a branch directory (RUN_DIR/branches/NAME), if it has one."""
-    run_dir = model_dir.absolute().parent.parent
-    if not (run_dir / MANIFEST_NAME).is_file():
-        return None
-    manifest = load_manifest(run_dir)
-    if not any(manifest.branch_dir(run_dir, n).resolve() == model_dir.resolve() for n in manifest.branches):
-        return None
-    return manifest.seed.path, manifest.seed.sha256
-
-
-def _check_seed(record: dict[str, Any], branch_dir: Path, moe_dir: Path, notes: list[str]) -> None:
-    """Refuse a branch whose run names another seed than the MoE's; note where it cannot be checked."""
-    moe_seed = str(record.get("seed") or "")
-    branch_seed = _run_seed(branch_dir)
-    if branch_seed is None or not moe_seed:
-        notes.append("The branch's seed could not be checked (it is not a branch of a run directory): only the shapes were.")
-        return
-    seed_path, seed_hash = branch_seed
-    if Path(seed_path).resolve() == Path(moe_seed).resolve():
-        return
-    moe_run_seed = _run_seed_by_path(moe_seed)
-    if moe_run_seed is None:
-        notes.append(f"The MoE's seed {moe_seed} is not found here, so the branch's seed could not be compared with it: only the shapes were.")
-        return
-    if moe_run_seed == seed_hash:
-        return
-    raise IncompatibleModelsError(
-        f"The branch {branch_dir} was branched from the seed {seed_path}, but {moe_dir} was mixed from {moe_seed}.",
-        "Branch the new domain from the MoE's seed (moekit branch SEED RUN_DIR --domain NAME --add), then train it.",
-    )
-
-
-def _run_seed_by_path(seed: str) -> str | None:
-    """The hash of a seed's files as ``moekit branch`` computes it: a directory, or a hub id in the local
-    cache (None if it cannot be found here)."""
-    from moekit.errors import MoekitError
-    from moekit.steps.branch import seed_hash
-
-    path = Path(seed)
-    if not path.is_dir():
-        try:
-            from moekit.io.source import resolve_model_dir
-
-            path = resolve_model_dir(seed)
-        except (MoekitError, OSError):
-            return None
-    return seed_hash(path)
-
-
-def _moe_layers(moe: Checkpoint, adapter: ArchAdapter) -> list[int]:
-    layouts = adapter.layouts()
-    layout = layouts.detect(moe.tensors)
-    if layout is None or layout != layouts.layouts[0]:
-        raise InvalidOptionError(
-            f"{moe.path} is not stored in the layout moekit writes (per-expert tensors), so experts cannot be appended in place.",
-            "Re-save it with save_pretrained() (transformers' default layout), or grow the MoE moekit wrote.",
-        )
-    return layout.moe_layers(moe.tensors)
-
-
-def _check_shapes(inputs_moe: Checkpoint, branch: Checkpoint, adapter: ArchAdapter, layers: list[int], experts: int) -> None:
-    """The branch must be the MoE's dense family with the same non-FFN tensors and expert-sized FFNs."""
-    problems = []
-    for name, info in inputs_moe.tensors.items():
-        match = LAYER_TENSOR.match(name)
-        if match is not None and (adapter.moe_block + ".") in match.group(2):
-            continue
-        if name in branch.tensors and branch.tensors[name].shape != info.shape:
-            problems.append(f"{name}: MoE {info.shape}, branch {branch.tensors[name].shape}")
-        elif name not in branch.tensors and name != "lm_head.weight":
-            problems.append(f"{name} is missing from the branch")
-    for layer in layers:
-        for projection in DENSE_FFN_PROJECTIONS:
-            expected = _expert_shape(inputs_moe, adapter, layer, projection, experts)
-            dense = adapter.dense_ffn_name(layer, projection)
-            got = branch.tensors[dense].shape if dense in branch.tensors else None
-            if got != expected:
-                problems.append(f"{dense}: {got}, the MoE's experts have {expected}")
-    if problems:
-        listing = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
-        raise IncompatibleModelsError(
-            f"The branch {branch.path} does not fit the MoE {inputs_moe.path}: {listing}.",
-            "The new expert must be a branch of the MoE's own seed (same family and sizes).",
-        )
-
-
-def _expert_shape(moe: Checkpoint, adapter: ArchAdapter, layer: int, projection: str, experts: int) -> tuple[int, ...]:
-    """One expert's ``projection`` shape in the MoE (from the first expert, or a stacked tensor)."""
-    if adapter.fused_experts is not None:
-        gate_up, down = (f"model.layers.{layer}.{adapter.moe_block}.{n}" for n in adapter.fused_experts)
-        if projection == "down_proj":
-            return tuple(moe.tensors[down].shape[1:])
-        _, rows, hidden = moe.tensors[gate_up].shape
-        return (rows // 2, hidden)
-    return tuple(moe.tensors[adapter.expert_name(layer, 0, projection)].shape)
-
-
-def open_grow_inputs(cfg: GrowConfig) -> GrowInputs:
-    """Open and check the MoE and the branch; raise a user error naming what does not fit."""
-    moe = Checkpoint(Path(cfg.into))
-    adapter = adapter_for_moe(moe.model_type)
-    if adapter is None:
-        raise InvalidOptionError(f"{cfg.into} is a {moe.model_type or 'unknown'} model, not an MoE moekit builds.", "Give the MoE that `moekit mix` (or tune) wrote.")
-    record, found = _read_provenance(Path(cfg.into))
-    if int(found.get("split") or 1) != 1:
-        raise InvalidOptionError(
-            f"{cfg.into} was mixed with --split {found['split']}: each source FFN is several experts sharing a router row.",
-            "Add experts to MoEs mixed without --split.",
-        )
-    names = [str(n) for n in found["expert_names"]]
-    if cfg.name in names:
-        raise InvalidOptionError(f"The MoE already has an expert named '{cfg.name}' ({', '.join(names)}).", "Name the new expert differently.")
-    branch, branch_adapter = open_dense_model(Path(cfg.branch), target=moe.model_type)
-    if branch_adapter.moe_type != adapter.moe_type:
-        raise IncompatibleModelsError(f"The branch {cfg.branch} ({branch.model_type}) cannot join a {moe.model_type} MoE.", "Use a branch of the MoE's seed.")
-    experts = int(moe.config[adapter.num_experts_keys[0]])
-    if experts != len(names):
-        raise InvalidOptionError(f"{cfg.into}: config.json has {experts} experts, its moekit.yaml names {len(names)}.", "The provenance does not belong to these weights; re-mix the MoE.")
-    layers = _moe_layers(moe, adapter)
-    _check_shapes(moe, branch, adapter, layers, experts)
-    notes: list[str] = []
-    _check_seed(found, Path(cfg.branch), Path(cfg.into), notes)
-    down_scale = float((found.get("scales") or {}).get("routed_down", 1.0))
-    return GrowInputs(moe, branch, adapter, record, found, experts, layers, down_scale, notes)
 
 
 def _grown_shape(name: str, shape: tuple[int, ...], inputs: GrowInputs) -> tuple[int, ...]:
@@ -273,7 +89,7 @@ def plan_grown(inputs: GrowInputs) -> list[PlannedTensor]:
 
 def _new_ffn_part(inputs: GrowInputs, layer: int, projection: str, code: str) -> Part:
     """The branch's ``projection`` of ``layer`` for the new expert: a byte range where it goes out as stored, else an array."""
-    from moekit.steps.mix_experts import scaled_part
+    from moekit.steps.mix.experts import scaled_part
 
     scale = inputs.down_scale if projection == "down_proj" else 1.0
     return scaled_part(inputs.branch, inputs.adapter.dense_ffn_name(layer, projection), code, scale,
@@ -339,7 +155,7 @@ def calibration_blocks(cfg: GrowConfig, tokenizer: Any) -> dict[str, Any]:
 def _router_rows(cfg: GrowConfig, inputs: GrowInputs) -> Any:
     from transformers import AutoTokenizer
 
-    from moekit.steps.grow_router import added_router_rows
+    from moekit.steps.mix.grow_router import added_router_rows
 
     blocks = calibration_blocks(cfg, AutoTokenizer.from_pretrained(inputs.moe.path))
     biases = None
@@ -352,7 +168,7 @@ def _router_rows(cfg: GrowConfig, inputs: GrowInputs) -> Any:
 
 def add_expert(cfg: GrowConfig, show_progress: bool = False) -> GrowResult:
     """Write the MoE at ``cfg.into`` grown by the FFN of ``cfg.branch`` as expert ``cfg.name`` to ``cfg.out``."""
-    from moekit.steps.mix_experts import background_scans
+    from moekit.steps.mix.experts import background_scans
 
     inputs = open_grow_inputs(cfg)
     try:
@@ -399,8 +215,7 @@ def _new_tensor_origin(inputs: GrowInputs, name: str) -> tuple[int, str]:
 
 
 def _write_metadata(tmp: Path, cfg: GrowConfig, inputs: GrowInputs, names: list[str], router: dict[str, Any]) -> None:
-    from moekit import __version__
-    from moekit.steps.mix_output import write_model_card
+    from moekit.steps.mix.output import write_model_card
 
     config = grown_config(inputs)
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -408,7 +223,7 @@ def _write_metadata(tmp: Path, cfg: GrowConfig, inputs: GrowInputs, names: list[
     found = inputs.model_record
     experts = [*(found.get("experts") or []), {"name": cfg.name, "kind": "branch", "source": str(Path(cfg.branch).absolute())}]
     record = {
-        "moekit_version": __version__, "created": now_iso(), "stage": "add-expert", "mode": found.get("mode", "btx"),
+        "stage": "add-expert", "mode": found.get("mode", "btx"),
         "seed": found.get("seed"), "target": inputs.adapter.moe_type, "experts": experts, "expert_names": names,
         "added": {"name": cfg.name, "source": str(Path(cfg.branch).absolute()), "into": str(Path(cfg.into).absolute()),
                   "expert_index": inputs.experts, "down_scale": inputs.down_scale},
@@ -417,9 +232,8 @@ def _write_metadata(tmp: Path, cfg: GrowConfig, inputs: GrowInputs, names: list[
         "top_k": int(inputs.moe.config.get(inputs.adapter.top_k_key) or 1),
         "router": {"init": "centroid against the existing rows (new row only)", "top_k": found.get("router", {}).get("top_k"),
                    "scoring": inputs.adapter.scoring, **router},
-        "input": inputs.record,
     }
-    (tmp / "moekit.yaml").write_text(yaml.safe_dump(record, sort_keys=False), encoding="utf-8")
+    write_provenance(tmp, record, inputs.record)
     write_model_card(tmp, record, inputs.adapter, Path(cfg.out).name)
     with open(tmp / "README.md", "a", encoding="utf-8") as card:
         card.write(

@@ -9,7 +9,7 @@ target has one. Only the router's centroid initialisation keeps a layer's averag
 memory, to run that layer on calibration data.
 
 Speed: the process does what a copy of its inputs does plus the averages. Configs are read as
-JSON (``moekit.steps.mix_output``), the numbers are numpy (``moekit.steps.mix_tensors``), and
+JSON (``moekit.steps.mix.output``), the numbers are numpy (``moekit.steps.mix.tensors``), and
 experts go file to file in the kernel, so neither transformers nor torch is imported unless
 calibration or drop-upcycling needs them (see docs/benchmarks.md).
 """
@@ -31,16 +31,17 @@ from moekit.io.floats import CODES, from_float32, stored_dtype
 from moekit.io.writer import PlannedTensor, StreamingShardWriter, parse_size
 from moekit.manifest import StageRecord, updating_manifest
 from moekit.progress import progress_bar
-from moekit.steps.mix_experts import background_scans, write_experts, write_shared
-from moekit.steps.mix_inputs import (
+from moekit.provenance import write_provenance
+from moekit.steps.mix.experts import background_scans, write_experts, write_shared
+from moekit.steps.mix.inputs import (
     TIED_HEAD,
     MixInputs,
     open_mix_inputs,
     redundant_tied_copies,
 )
-from moekit.steps.mix_output import build_moe_config, write_model_card, write_provenance
-from moekit.steps.mix_plan import BlockPlan, plan_block
-from moekit.steps.mix_tensors import (
+from moekit.steps.mix.output import build_moe_config, write_model_card
+from moekit.steps.mix.plan import BlockPlan, plan_block
+from moekit.steps.mix.tensors import (
     CHUNK_ELEMENTS,
     average_rows,
     chunk_of,
@@ -176,7 +177,7 @@ def mix(cfg: MixConfig, show_progress: bool = False) -> MixResult:
     config_json = build_moe_config(inputs.seed.path, inputs.adapter, block, code)
     centroid = None
     if cfg.router == "centroid":
-        from moekit.steps.mix_router import (
+        from moekit.steps.mix.router import (
             prepare_centroid_init,  # torch and transformers: only for calibration
         )
 

@@ -24,9 +24,9 @@ from moekit.errors import NonFiniteError
 from moekit.io.checkpoint import Checkpoint
 from moekit.io.floats import finite, from_float32, to_float32
 from moekit.io.writer import StreamingShardWriter
-from moekit.steps.mix_experts import verbatim_range
-from moekit.steps.mix_inputs import MixInputs
-from moekit.steps.mix_merge import MergeSpec, merge_chunk
+from moekit.steps.mix.experts import verbatim_range
+from moekit.steps.mix.inputs import MixInputs
+from moekit.steps.mix.merge import MergeSpec, merge_chunk
 
 CHUNK_ELEMENTS = 4 << 20  # values per averaging chunk (16 MB in fp32): bounds peak memory
 
@@ -58,7 +58,7 @@ def average_rows(
 ) -> Iterator[np.ndarray]:
     """Yield the merge of tensor ``name`` over ``sources`` as float32 row chunks of about ``chunk_elements`` values.
 
-    The plain weighted mean unless ``merge`` says otherwise (``moekit.steps.mix_merge``; those
+    The plain weighted mean unless ``merge`` says otherwise (``moekit.steps.mix.merge``; those
     methods read the ``seed``'s tensor too). Equal weights are applied once, to the sum (for two
     sources (a + b) / 2 exactly). Chunks that are the same in every source (tensors that no branch
     trained, e.g. after ``train --train ffn``) are returned as they are, whatever the method:
@@ -158,7 +158,7 @@ def expert_ffn(inputs: MixInputs, cfg: MixConfig, layer: int, expert: int, down_
     The computed path (experts that are not copied file to file). Unmodified tensors keep their
     stored dtype; modified ones are fp32. Randomness is seeded per (random seed, layer, expert),
     so recomputing an expert gives the same tensors. ``down_scale`` multiplies the down
-    projection (``--expert-scale``, and the scales of ``moekit.steps.mix_plan``).
+    projection (``--expert-scale``, and the scales of ``moekit.steps.mix.plan``).
     """
     import torch
 

@@ -14,9 +14,9 @@ from moekit.io.config_json import portable_config, write_config_json
 from moekit.io.files import copy_tokenizer_and_generation_files
 from moekit.io.floats import from_float32
 from moekit.io.writer import PlannedTensor, StreamingShardWriter, parse_size
-from moekit.steps.inputs import open_dense_model
-from moekit.steps.mix_inputs import check_compatible, redundant_tied_copies
-from moekit.steps.mix_tensors import average_rows
+from moekit.models import open_dense_model
+from moekit.steps.mix.inputs import check_compatible, redundant_tied_copies
+from moekit.steps.mix.tensors import average_rows
 
 
 def average_models(models: list[Path], out: Path, force: bool = False, shard_size: str = "2GB") -> Path:

@@ -18,8 +18,8 @@ from moekit.io.checkpoint import Checkpoint
 from moekit.io.config_json import with_rope_parameters
 from moekit.io.files import tokenizer_fingerprint
 from moekit.io.source import resolve_model_dir
-from moekit.steps.inputs import open_dense_model
-from moekit.steps.mix_merge import MergeSpec
+from moekit.models import open_dense_model
+from moekit.steps.mix.merge import MergeSpec
 
 # Config keys that may differ between a seed and its trained branches without changing the
 # architecture (bookkeeping written by save_pretrained or trainers).

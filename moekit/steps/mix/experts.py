@@ -23,8 +23,8 @@ from moekit.errors import NonFiniteError
 from moekit.io.checkpoint import Checkpoint, dtype_code, finite_on_disk
 from moekit.io.floats import stored_dtype
 from moekit.io.writer import StreamingShardWriter
-from moekit.steps.mix_inputs import MixInputs
-from moekit.steps.mix_plan import BlockPlan
+from moekit.steps.mix.inputs import MixInputs
+from moekit.steps.mix.plan import BlockPlan
 
 Range = tuple[Path, int, int]
 

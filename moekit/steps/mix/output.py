@@ -5,9 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from moekit import __version__
 from moekit.arch import ArchAdapter
 from moekit.arch.base import COMMON_CONFIG_KEYS
 from moekit.io.config_json import (
@@ -16,8 +13,7 @@ from moekit.io.config_json import (
     portable_config,
     with_rope_parameters,
 )
-from moekit.manifest import now_iso
-from moekit.steps.mix_plan import BlockPlan
+from moekit.steps.mix.plan import BlockPlan
 
 
 def _json_is_complete(dense: dict[str, Any], adapter: ArchAdapter) -> bool:
@@ -55,22 +51,6 @@ def build_moe_config(seed_dir: Path, adapter: ArchAdapter, plan: BlockPlan, dtyp
     data["dtype"] = dtype_name(dtype)
     data["head_dim"] = int(kwargs["head_dim"])
     return portable_config(data)
-
-
-def write_provenance(out_dir: Path, record: dict[str, Any]) -> None:
-    """Write ``moekit.yaml``: how this model was made (inputs, options, versions)."""
-    full = {"moekit_version": __version__, "created": now_iso(), **record}
-    (out_dir / "moekit.yaml").write_text(yaml.safe_dump(full, sort_keys=False), encoding="utf-8")
-
-
-def read_provenance(model_dir: Path) -> Any:
-    """A model directory's ``moekit.yaml`` (mix's record, or tune's/add-expert's wrapping it), or None when
-    there is none or it cannot be read: provenance informs, it never blocks a model from loading."""
-    path = Path(model_dir) / "moekit.yaml"
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return None
 
 
 def write_model_card(out_dir: Path, record: dict[str, Any], adapter: ArchAdapter, name: str) -> None:
