@@ -32,7 +32,7 @@ def demo_command(
 
     from moekit.progress import quiet_transformers
     from moekit.recipe import load_recipe
-    from moekit.report import render_run_outcome
+    from moekit.report.tables import render_run_outcome
     from moekit.steps.run import clear_workdir, run_recipe
 
     quiet_transformers()
@@ -51,7 +51,8 @@ def demo_command(
 def write_demo_report(console: Any, run_dir: Path) -> Path:
     """The run's HTML report (moekit report), with the demo's prompts for the generation samples."""
     from moekit.manifest import load_manifest
-    from moekit.run_report import gather_run, write_report
+    from moekit.report.run_page import write_report
+    from moekit.steps.report import gather_run
 
     prompts = {d: DEMO_PROMPTS[d] for d in load_manifest(run_dir).branches if d in DEMO_PROMPTS}
     path = write_report(gather_run(run_dir, prompts or None), run_dir / "report.html")
@@ -63,7 +64,7 @@ def show_generations(console: Any, run_dir: Path, problems: int) -> None:
     """The tuned MoE's continuation of a prompt per domain, coloured by expert, and the arithmetic accuracy of seed / tuned / tuned+SCMoE."""
     from moekit.config import EvalConfig, GenerateConfig
     from moekit.manifest import load_manifest
-    from moekit.report import render_generation_routing, render_task_table
+    from moekit.report.tables import render_generation_routing, render_task_table
     from moekit.steps.evaluate_task import evaluate_task
     from moekit.steps.generate import Generator
 

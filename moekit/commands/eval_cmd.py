@@ -40,7 +40,7 @@ def eval_command(
     from moekit.config import EvalConfig
     from moekit.errors import InvalidOptionError
     from moekit.progress import quiet_transformers
-    from moekit.report import render_eval_table
+    from moekit.report.tables import render_eval_table
     from moekit.steps.evaluate import evaluate_models, is_run_dir
     from moekit.tasks import TASKS
 
@@ -56,7 +56,7 @@ def eval_command(
                      scmoe_rank=scmoe_rank)
     console = Console()
     if task is not None:
-        from moekit.report import render_task_table
+        from moekit.report.tables import render_task_table
         from moekit.steps.evaluate_task import evaluate_task
 
         report = evaluate_task(cfg)

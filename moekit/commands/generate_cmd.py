@@ -45,7 +45,7 @@ def generate_command(
     from moekit.errors import InputNotFoundError, InvalidOptionError
     from moekit.io.atomic import write_text_atomic
     from moekit.progress import quiet_transformers
-    from moekit.report import render_generation_routing
+    from moekit.report.tables import render_generation_routing
     from moekit.steps.generate import Generator
 
     quiet_transformers()

@@ -34,7 +34,7 @@ def inspect_command(
 
     from moekit.config import InspectConfig
     from moekit.progress import quiet_transformers
-    from moekit.report import render_routing, render_static, render_tokens
+    from moekit.report.tables import render_routing, render_static, render_tokens
     from moekit.steps.inspect import inspect_routing, inspect_static, write_outputs
 
     quiet_transformers()

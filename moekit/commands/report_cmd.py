@@ -28,7 +28,8 @@ def report_command(
     from rich.console import Console
 
     from moekit.progress import quiet_transformers
-    from moekit.run_report import gather_run, write_report
+    from moekit.report.run_page import write_report
+    from moekit.steps.report import gather_run
 
     quiet_transformers()
     from moekit.manifest import load_manifest

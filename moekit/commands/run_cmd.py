@@ -32,7 +32,7 @@ def run_command(
 
     from moekit.progress import quiet_transformers
     from moekit.recipe import load_recipe
-    from moekit.report import render_run_outcome
+    from moekit.report.tables import render_run_outcome
     from moekit.steps.run import run_recipe
 
     quiet_transformers()

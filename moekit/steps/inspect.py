@@ -51,7 +51,7 @@ def inspect_routing(cfg: InspectConfig, model_dir: Path, static: dict[str, Any],
 
 def write_outputs(cfg: InspectConfig, report: dict[str, Any]) -> list[Path]:
     """Write --json and --plot outputs; return the paths written."""
-    from moekit.report import write_plots
+    from moekit.report.inspect_page import write_plots
 
     written = []
     if cfg.json_path is not None:

@@ -84,9 +84,3 @@ def training_flops(model_dir: Path | str, tokens: int, seq_len: int) -> float:
     return model_compute(model_dir).training_flops_per_token(seq_len) * tokens
 
 
-def format_flops(flops: float) -> str:
-    """1.23e15 -> '1.23 PFLOP' (SI prefixes)."""
-    for prefix, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
-        if flops >= scale:
-            return f"{flops / scale:.3g} {prefix}FLOP"
-    return f"{flops:.3g} FLOP"

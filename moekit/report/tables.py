@@ -1,22 +1,21 @@
-"""Rendering reports: rich tables in the terminal, PNG heatmaps and a self-contained HTML page.
+"""Reports in the terminal: rich tables and coloured text.
 
-Everything here takes the plain-data reports the steps return (the same dicts written as JSON),
-so the terminal, the JSON and the HTML never disagree.
+Everything here takes the plain-data reports the steps return (the same dicts written as JSON,
+drawn by :mod:`moekit.report.figures` and :mod:`moekit.report.html`), so the terminal, the JSON
+and the HTML never disagree.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-from pathlib import Path
 from typing import Any
 
 _COLOURS = ("red", "green", "blue", "magenta", "cyan", "yellow", "bright_red", "bright_green", "bright_blue", "bright_magenta")
 
 
-def _names(routing: dict[str, Any]) -> list[str]:
+def expert_labels(routing: dict[str, Any]) -> list[str]:
+    """A routing report's expert names, one per expert (``eN`` where the report names none)."""
     names = routing.get("expert_names") or []
-    return [names[e] if e < len(names) else f"e{e}" for e in range(routing["experts"])]
+    return [str(names[e]) if e < len(names) else f"e{e}" for e in range(routing["experts"])]
 
 
 def render_static(console: Any, static: dict[str, Any], detail: bool) -> None:
@@ -50,7 +49,7 @@ def render_routing(console: Any, routing: dict[str, Any], detail: bool) -> None:
     """Load summary per layer, dead experts (loudly), and the domain x expert routing matrix."""
     from rich.table import Table
 
-    names = _names(routing)
+    names = expert_labels(routing)
     summary = routing["summary"]
     seen = ", ".join(f"{domain} ({info['tokens']:,} tokens)" for domain, info in routing["domains"].items())
     console.print(f"Routing over {seen}: "
@@ -103,7 +102,7 @@ def render_tokens(console: Any, routing: dict[str, Any], domain: str, layer: int
     """A domain's first block with each token coloured by its top-1 expert."""
     from rich.text import Text
 
-    names = _names(routing)
+    names = expert_labels(routing)
     sample = routing["samples"][domain]
     text = Text()
     for piece, expert in zip(sample["text"], sample["top1_expert"]):
@@ -139,77 +138,9 @@ def render_generation_routing(console: Any, generation: Any, layer: int | None) 
     console.print(text)
 
 
-def _heatmap(matrix: list[list[float]], rows: list[str], columns: list[str], title: str, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(columns), 1.0 + 0.35 * len(rows)))
-    image = ax.imshow(matrix, aspect="auto", cmap="viridis", vmin=0)
-    ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
-    ax.set_yticks(range(len(rows)), rows)
-    ax.set_title(title)
-    fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def write_plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
-    """PNG heatmaps (layer x expert load; domain x expert, mean and per layer) and report.html."""
-    routing = report["routing"]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    names = _names(routing)
-    domains = list(routing["domain_matrix_mean"])
-    layer_rows = [f"layer {l['layer']}" for l in routing["layers"]]
-    paths = [
-        _heatmap([l["load_fraction"] for l in routing["layers"]], layer_rows, names, "load fraction per layer", out_dir / "load.png"),
-        _heatmap([routing["domain_matrix_mean"][d] for d in domains], domains, names, "domain x expert (mean over layers)", out_dir / "domains_mean.png"),
-    ]
-    for layer in routing["layers"]:
-        matrix = [layer["domain_matrix"][d] for d in domains]
-        paths.append(_heatmap(matrix, domains, names, f"domain x expert, layer {layer['layer']}", out_dir / f"domains_layer{layer['layer']:02d}.png"))
-    paths.append(_write_html(report, paths, out_dir / "report.html"))
-    return paths
-
-
-def _table_html(header: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _write_html(report: dict[str, Any], images: list[Path], path: Path) -> Path:
-    routing, static = report["routing"], report["static"]
-    summary = routing["summary"]
-    layers = _table_html(
-        ["layer", "imbalance", "MaxVio", "CV", "effective experts", "dead", "router entropy", "router z"],
-        [[l["layer"], f"{l['load_imbalance']:.3f}", f"{l['maxvio']:.3f}", f"{l['cv']:.3f}", f"{l['effective_experts']:.2f}",
-          l["dead_experts"], f"{l['router_entropy']:.3f}", f"{l['router_z']:.2f}"] for l in routing["layers"]],
-    )
-    figures = "".join(
-        f'<figure><img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}"/></figure>' for p in images
-    )
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>moekit inspect: {html.escape(report['model'])}</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}
-figure{{display:inline-block;margin:0.5em}}.dead{{color:#b00;font-weight:bold}}</style></head><body>
-<h1>Routing report</h1><p>{html.escape(report['model'])}: {html.escape(', '.join(static.get('architectures') or []))},
-{static['experts']} experts, top-{static['top_k']}, {static['total_params']:,} parameters ({static.get('active_params', 'unknown')} active).</p>
-<p>Load imbalance mean {summary['load_imbalance_mean']:.3f} (max {summary['load_imbalance_max']:.3f}), MaxVio mean {summary['maxvio_mean']:.3f},
-router entropy {summary['router_entropy_mean']:.3f} of {summary['max_router_entropy']:.3f}.</p>
-{'<p class="dead">Dead experts in layers ' + ', '.join(map(str, summary['layers_with_dead_experts'])) + '</p>' if summary['dead_experts_total'] else ''}
-<h2>Per layer</h2>{layers}<h2>Figures</h2>{figures}</body></html>"""
-    path.write_text(page, encoding="utf-8")
-    return path
-
-
 def render_eval_table(console: Any, report: dict[str, Any]) -> None:
     """Held-out loss (perplexity) per model and domain, best per column marked, and each row's training compute."""
     from rich.table import Table
-
-    from moekit.train.compute import format_flops
 
     table = Table(title="held-out loss (perplexity); * = best")
     table.add_column("model")
@@ -261,3 +192,11 @@ def render_task_table(console: Any, report: dict[str, Any]) -> None:
             cells.append(f"{scores['scmoe']:.1%}" if scores["scmoe"] is not None else "-")
         table.add_row(label, *cells)
     console.print(table)
+
+
+def format_flops(flops: float) -> str:
+    """1.23e15 -> '1.23 PFLOP' (SI prefixes)."""
+    for prefix, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if flops >= scale:
+            return f"{flops / scale:.3g} {prefix}FLOP"
+    return f"{flops:.3g} FLOP"

@@ -1,31 +1,19 @@
-"""What a run's report shows, collected from the run directory (and a few fresh generations)."""
+"""``moekit report``: what a run's page shows, collected from the run directory (and a few fresh generations).
+
+The page itself is drawn by :mod:`moekit.report.run_page`.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from moekit.manifest import RunManifest, load_manifest
+from moekit.report.run_page import RunReport
 
 EVAL_FILE = "eval.json"  # written by the recipe's eval stage and by `moekit eval RUN_DIR`
 ROUTING_FILE = Path("inspect") / "routing.json"  # written by the recipe's inspect stage
-
-
-@dataclass
-class RunReport:
-    """Everything on the page. Optional parts are None (or empty) where the run has not made them yet."""
-
-    run_dir: Path
-    manifest: RunManifest
-    models: dict[str, Path]  # eval's row labels -> directories
-    curves: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # label -> metrics.jsonl rows
-    evaluation: dict[str, Any] | None = None
-    routing: dict[str, Any] | None = None  # inspect's "routing" report, with "model"
-    routing_model: str | None = None
-    generations: list[dict[str, Any]] = field(default_factory=list)  # {domain, model, prompt, tokens: [{text, expert}], experts}
-    missing: list[str] = field(default_factory=list)  # what the run lacks, with the command that makes it
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

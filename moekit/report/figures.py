@@ -1,9 +1,10 @@
-"""The report's charts, drawn with matplotlib and returned as PNG data URIs (the page stays one file)."""
+"""The reports' charts, drawn with matplotlib: PNG data URIs for a page that stays one file, or PNG files (``inspect --plot``)."""
 
 from __future__ import annotations
 
 import base64
 import io
+from pathlib import Path
 from typing import Any
 
 _DPI = 100
@@ -84,8 +85,7 @@ def eval_bars(evaluation: dict[str, Any]) -> str:
     return _data_uri(fig)
 
 
-def heatmap(matrix: list[list[float]], rows: list[str], columns: list[str], title: str, percent: bool = True) -> str:
-    """A heatmap with each cell's value written in it (percent of the row, by default)."""
+def _heatmap_figure(matrix: list[list[float]], rows: list[str], columns: list[str], title: str, percent: bool) -> Any:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(1.6 + 0.75 * len(columns), 1.0 + 0.38 * len(rows)))
     top = max((v for row in matrix for v in row), default=1.0) or 1.0
@@ -99,4 +99,22 @@ def heatmap(matrix: list[list[float]], rows: list[str], columns: list[str], titl
     ax.set_title(title + (" (% of the row's assignments)" if percent else ""), fontsize=9)
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    return _data_uri(fig)
+    return fig
+
+
+def heatmap(matrix: list[list[float]], rows: list[str], columns: list[str], title: str, percent: bool = True) -> str:
+    """A heatmap with each cell's value written in it (percent of the row, by default), as a data URI."""
+    return _data_uri(_heatmap_figure(matrix, rows, columns, title, percent))
+
+
+def heatmap_file(matrix: list[list[float]], rows: list[str], columns: list[str], title: str, path: Path, percent: bool = True) -> Path:
+    """The same heatmap written to ``path`` as a PNG file; return ``path``."""
+    fig = _heatmap_figure(matrix, rows, columns, title, percent)
+    fig.savefig(path, dpi=_DPI, bbox_inches="tight")
+    _pyplot().close(fig)
+    return path
+
+
+def file_uri(path: Path) -> str:
+    """A PNG file as a data URI (for embedding it in a page)."""
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
