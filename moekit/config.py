@@ -1,27 +1,64 @@
-"""Typed settings for each step (pydantic, extra keys forbidden so typos in recipes fail loudly)."""
+"""Typed settings for each step (pydantic, extra keys forbidden so typos in recipes fail loudly).
+
+Every default lives here once: the commands' options take theirs from these classes
+(:func:`default_of`), and so does their help text where it states one.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DEFAULT_TEXT_FIELD = "text"  # the text field of .jsonl/.json/.parquet records
+DEFAULT_AUX_COEF = 0.01  # the balancing loss coefficient (0 with balance=bias)
+DEFAULT_Z_COEF = 1e-3  # the router z-loss coefficient when the z-loss is on
+DEFAULT_CAPACITY_FACTOR = {"switch": 1.5, "expert_choice": 1.0}  # by training-time routing
+REPORT_SAMPLE_TOKENS = 24  # the length of each generation sample of `moekit report`
+
+
+def default_of(config: type[BaseModel], name: str) -> Any:
+    """The default of field ``name`` of ``config`` (for a command's option and its help text)."""
+    return config.model_fields[name].get_default(call_default_factory=True)
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # inf or nan in an option is always a mistake
 
 
+class _ShardedOutput(_Strict):
+    """A step that writes a model directory in safetensors shards."""
+
+    shard_size: str = Field("2GB", description="largest shard file, e.g. 500MB or 5GB")
+    force: bool = False
+
+    @field_validator("shard_size")
+    @classmethod
+    def _valid_size(cls, value: str) -> str:
+        from moekit.io.writer import parse_size
+
+        parse_size(value)  # raises ValueError with the accepted forms
+        return value
+
+
+class _Calibration(_Strict):
+    """Calibration data for a router initialisation (``mix --router centroid``, ``mix --add-expert``)."""
+
+    router_tokens: int = Field(8192, ge=16, description="calibration tokens per domain")
+    router_block_size: int = Field(256, ge=8, description="calibration sequence length")
+
+
 class UpcycleSettings(_Strict):
     """Sparse upcycling: every expert starts as a copy of the seed's FFN."""
 
-    num_experts: int = Field(ge=1, description="number of experts")
+    num_experts: int = Field(4, ge=1, description="number of experts")
     drop_fraction: float = Field(
         0.0, ge=0.0, le=1.0, description="drop-upcycling: share of each expert's intermediate units re-initialised"
     )
 
 
-class MixConfig(_Strict):
+class MixConfig(_ShardedOutput, _Calibration):
     """Everything ``mix`` needs. Exactly one of: branch ``experts`` (with ``seed``), or ``upcycle``."""
 
     out: Path
@@ -49,20 +86,8 @@ class MixConfig(_Strict):
     )
     router_data: dict[str, str] = Field(default_factory=dict, description="domain -> data path for centroid init")
     router_sharpness: float = Field(0.5, gt=0.0, lt=1.0, description="0 = uniform, 1 = saturated initial routing")
-    router_tokens: int = Field(8192, ge=16, description="calibration tokens per domain for centroid init")
-    router_block_size: int = Field(256, ge=8, description="calibration sequence length")
     expert_scale: float = Field(1.0, gt=0.0, description="multiply every expert's down_proj (output scale)")
     random_seed: int = 0
-    shard_size: str = "2GB"
-    force: bool = False
-
-    @field_validator("shard_size")
-    @classmethod
-    def _valid_size(cls, value: str) -> str:
-        from moekit.io.writer import parse_size
-
-        parse_size(value)  # raises ValueError with the accepted forms
-        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> MixConfig:
@@ -144,7 +169,7 @@ class LoopSettings(_Strict):
         return self
 
 
-class GrowConfig(_Strict):
+class GrowConfig(_ShardedOutput, _Calibration):
     """Everything ``mix --add-expert`` needs: a built MoE, one more dense branch, and calibration data."""
 
     into: Path = Field(description="the moekit MoE to grow (mixed or tuned)")
@@ -155,18 +180,6 @@ class GrowConfig(_Strict):
     router_data: dict[str, str] = Field(
         default_factory=dict, description="domain -> data path: the new domain's, and at least one existing domain's"
     )
-    router_tokens: int = Field(8192, ge=16, description="calibration tokens per domain")
-    router_block_size: int = Field(256, ge=8, description="calibration sequence length")
-    shard_size: str = "2GB"
-    force: bool = False
-
-    @field_validator("shard_size")
-    @classmethod
-    def _valid_size(cls, value: str) -> str:
-        from moekit.io.writer import parse_size
-
-        parse_size(value)
-        return value
 
 
 class TrainConfig(_Strict):
@@ -177,7 +190,7 @@ class TrainConfig(_Strict):
     data: dict[str, list[str]] = Field(default_factory=dict, description="branch -> data specs (remembered)")
     val_data: dict[str, list[str]] = Field(default_factory=dict, description="branch -> validation data specs")
     val_fraction: float | None = Field(None, ge=0, lt=1, description="share of each domain's tokens held out (default: the recorded split, else 0.05)")
-    text_field: str = "text"
+    text_field: str = DEFAULT_TEXT_FIELD
     train: Literal["all", "ffn", "ffn+norms"] = Field(
         "all", description="what learns: everything, only the FFNs (the rest stays the seed's, FlexOlmo-style), or FFNs and norms"
     )
@@ -207,7 +220,7 @@ class TuneConfig(_Strict):
     )
     temperature: tuple[float, float] = Field((1.0, 0.5), description="sample_top1: Gumbel temperature at the start and the end (linear)")
     val_fraction: float | None = Field(None, ge=0, lt=1, description="share of each domain's tokens held out (default: the recorded split, else 0.05)")
-    text_field: str = "text"
+    text_field: str = DEFAULT_TEXT_FIELD
     resume: bool = False
     force: bool = False
     stage: str = Field("tune", description="the run-manifest stage name (baselines tune under their own)")
@@ -224,9 +237,9 @@ class TuneConfig(_Strict):
         if self.balance_scope == "global" and self.balance != "switch":
             raise ValueError("balance_scope global changes the assignment counts of the switch loss; it has no effect with balance=" + self.balance)
         if self.aux_coef is None:
-            self.aux_coef = 0.0 if self.balance == "bias" else 0.01
+            self.aux_coef = 0.0 if self.balance == "bias" else DEFAULT_AUX_COEF
         if self.capacity_factor is None:
-            self.capacity_factor = 1.0 if self.routing == "expert_choice" else 1.5
+            self.capacity_factor = DEFAULT_CAPACITY_FACTOR["expert_choice" if self.routing == "expert_choice" else "switch"]
         elif self.routing not in ("switch", "expert_choice"):
             raise ValueError("capacity_factor only applies with routing switch or expert_choice")
         if self.balance == "bias" and self.routing != "topk":
@@ -240,36 +253,46 @@ class TuneConfig(_Strict):
         return self
 
 
-def _check_json_path(path: Path | None) -> Path | None:
-    if path is not None and path.is_dir():
-        raise ValueError(f"--json {path} is a directory; give a file path such as {path / 'report.json'}")
-    return path
-
-
 def _check_plot_dir(path: Path | None) -> Path | None:
     if path is not None and path.exists() and not path.is_dir():
         raise ValueError(f"--plot {path} is a file; give a directory for the PNG files and report.html")
     return path
 
 
-class InspectConfig(_Strict):
-    """What ``inspect`` needs: a model, optional domain data, and what to write."""
+class _DataPass(_Strict):
+    """Domain data run through a model in blocks (``eval``, ``inspect``), and an optional JSON report."""
 
-    model: str
     data: dict[str, list[str]] = Field(default_factory=dict)
-    seq_len: int = Field(512, ge=2)
-    batch_size: int = Field(8, ge=1)
+    seq_len: int = Field(512, ge=2, description="tokens per block")
+    batch_size: int = Field(8, ge=1, description="blocks per forward pass")
     max_tokens: int = Field(65536, ge=1, description="tokens per domain")
-    text_field: str = "text"
+    text_field: str = DEFAULT_TEXT_FIELD
     json_path: Path | None = None
-    plot_dir: Path | None = None
-    tokens: str | None = Field(None, description="domain whose first block is shown coloured by top expert")
-    tokens_layer: int | None = Field(None, ge=0)
 
     @field_validator("json_path")
     @classmethod
     def _json_file(cls, value: Path | None) -> Path | None:
-        return _check_json_path(value)
+        if value is not None and value.is_dir():
+            raise ValueError(f"--json {value} is a directory; give a file path such as {value / 'report.json'}")
+        return value
+
+
+class _Scmoe(_Strict):
+    """SCMoE self-contrast decoding (``generate --scmoe``, ``eval --task ... --scmoe``)."""
+
+    scmoe: bool = Field(False, description="self-contrast decoding (SCMoE)")
+    scmoe_beta: float = Field(0.5, ge=0, description="strength: z = (1 + beta) z_strong - beta z_weak")
+    scmoe_alpha: float = Field(0.1, gt=0, le=1, description="plausibility: only tokens with p >= alpha x the top token's p")
+    scmoe_rank: int = Field(2, ge=2, description="the weak pass routes each token to its expert of this rank only")
+
+
+class InspectConfig(_DataPass):
+    """What ``inspect`` needs: a model, optional domain data, and what to write."""
+
+    model: str
+    plot_dir: Path | None = None
+    tokens: str | None = Field(None, description="domain whose first block is shown coloured by top expert")
+    tokens_layer: int | None = Field(None, ge=0)
 
     @field_validator("plot_dir")
     @classmethod
@@ -286,31 +309,16 @@ class InspectConfig(_Strict):
         return self
 
 
-class EvalConfig(_Strict):
+class EvalConfig(_DataPass, _Scmoe):
     """What ``eval`` needs: models, held-out data per domain, and where to write JSON."""
 
     models: list[str]
-    data: dict[str, list[str]] = Field(default_factory=dict)
-    seq_len: int = Field(512, ge=2)
-    batch_size: int = Field(8, ge=1)
-    max_tokens: int = Field(65536, ge=1, description="tokens per domain")
-    text_field: str = "text"
-    json_path: Path | None = None
     task: Literal["arithmetic"] | None = Field(None, description="score a generation task (exact match) instead of held-out loss")
     problems: int = Field(200, ge=1, description="problems of the task")
     max_new_tokens: int = Field(8, ge=1, description="tokens generated per problem")
-    scmoe: bool = Field(False, description="with a task: also score MoE models with SCMoE decoding")
-    scmoe_beta: float = Field(0.5, ge=0)
-    scmoe_alpha: float = Field(0.1, gt=0, le=1)
-    scmoe_rank: int = Field(2, ge=2)
-
-    @field_validator("json_path")
-    @classmethod
-    def _json_file(cls, value: Path | None) -> Path | None:
-        return _check_json_path(value)
 
 
-class GenerateConfig(_Strict):
+class GenerateConfig(_Scmoe):
     """What ``generate`` needs: the model, decoding options, and SCMoE's settings."""
 
     model: str
@@ -323,7 +331,3 @@ class GenerateConfig(_Strict):
     random_seed: int = 0
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     routing_layer: int | None = Field(None, ge=0, description="MoE layer whose top expert is shown (None: the majority over layers)")
-    scmoe: bool = Field(False, description="self-contrast decoding (SCMoE)")
-    scmoe_beta: float = Field(0.5, ge=0)
-    scmoe_alpha: float = Field(0.1, gt=0, le=1)
-    scmoe_rank: int = Field(2, ge=2, description="the weak pass routes each token to its expert of this rank only")

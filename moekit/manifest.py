@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import fcntl
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,31 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from moekit import __version__
-from moekit.errors import ManifestError
+from moekit.errors import InvalidOptionError, ManifestError
 from moekit.io.atomic import write_text_atomic
 
 MANIFEST_NAME = "moekit.yaml"
 MANIFEST_VERSION = 2  # 2: branches record their held-out split (version 1 manifests are read and upgraded)
+
+# A branch name is a directory name (branches/NAME) and a key of the manifest; the reserved ones
+# are the run's own model directories.
+_BRANCH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+RESERVED_NAMES = {"seed", "mixed", "tuned"}
+
+
+def validate_branch_names(domains: list[str]) -> None:
+    """Raise InvalidOptionError unless the domain names are valid, unique and not reserved."""
+    if not domains:
+        raise InvalidOptionError("No domains given.", "Pass at least one --domain NAME (e.g. --domain code --domain math).")
+    for name in domains:
+        if not _BRANCH_NAME.match(name) or name.lower() in RESERVED_NAMES:
+            raise InvalidOptionError(
+                f"'{name}' is not a valid branch name.",
+                "Use letters, digits, '-', '_' or '.', at most 64 characters, and not seed/mixed/tuned.",
+            )
+    duplicates = sorted({d for d in domains if domains.count(d) > 1})
+    if duplicates:
+        raise InvalidOptionError(f"Domain names repeat: {', '.join(duplicates)}.", "Give each --domain once.")
 
 
 def now_iso() -> str:

@@ -171,7 +171,7 @@ class Recipe(_Strict):
             raise ValueError(f"mix.top_k {self.mix.top_k} exceeds the {experts} experts this recipe makes")
         if self.mix.weights is not None and len(self.mix.weights) != len(self.domains):
             raise ValueError(f"mix.weights needs one weight per domain ({len(self.domains)})")
-        from moekit.steps.branch import validate_branch_names
+        from moekit.manifest import validate_branch_names
 
         try:
             validate_branch_names(list(self.domains))

@@ -79,6 +79,12 @@ def adapter_for_moe(moe_type: str) -> ArchAdapter | None:
     return next((a for targets in _REGISTRY.values() for a in targets.values() if a.moe_type == moe_type), None)
 
 
+def expert_count_keys(model_type: str) -> tuple[str, ...]:
+    """Every config key the readers of MoE ``model_type`` take the expert count from (none for other models)."""
+    adapter = adapter_for_moe(model_type)
+    return tuple(adapter.num_experts_keys) if adapter is not None else ()
+
+
 def layouts_for_moe(moe_type: str) -> MoeLayouts | None:
     """Every known on-disk layout of MoE ``moe_type`` (moekit's targets and read-only families), or None."""
     adapter = adapter_for_moe(moe_type)

@@ -14,6 +14,8 @@ from typing import Any
 
 import typer
 
+from moekit.config import DEFAULT_TEXT_FIELD, InspectConfig, default_of
+
 
 def _print_error(message: str, hint: str = "") -> None:
     from rich.console import Console
@@ -139,3 +141,37 @@ def parse_key_values(items: list[str], option: str) -> dict[str, str]:
             raise InvalidOptionError(f"{option} names '{name}' twice.", "Give each name once.")
         result[name] = value
     return result
+
+
+def said(value: Any) -> str:
+    """A default as help text says it: 0.5, 8192, 1 (not 1.0), 1e-3 (not 0.001)."""
+    if not isinstance(value, float):
+        return str(value)
+    if 0 < abs(value) < 0.01:
+        mantissa, exponent = f"{value:e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    return f"{value:g}"
+
+
+def given_options(values: dict[str, Any], command: Callable[..., Any]) -> list[str]:
+    """The ``--flags`` among ``values`` (parameter name -> value) whose value is not the default ``command`` declares."""
+    import inspect
+
+    defaults = {name: getattr(p.default, "default", p.default) for name, p in inspect.signature(command).parameters.items()}
+    return [f"--{name.replace('_', '-')}" for name, value in values.items() if value != defaults[name]]
+
+
+def refuse_unused(options: dict[str, object], mode_on: bool, mode: str) -> None:
+    """Raise if options that only apply with ``mode`` were given (not None) without it: never ignore an option silently."""
+    from moekit.errors import InvalidOptionError
+
+    given = [name for name, value in options.items() if value is not None]
+    if given and not mode_on:
+        raise InvalidOptionError(f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} with {mode}.", f"Remove {', '.join(given)} or add {mode}.")
+
+
+# Options several commands share, declared once (Typer reads them from each command's signature).
+TEXT_FIELD_OPTION = typer.Option(DEFAULT_TEXT_FIELD, "--text-field", help="Text field of .jsonl/.json/.parquet records.")
+MAX_TOKENS_OPTION = typer.Option(default_of(InspectConfig, "max_tokens"), "--max-tokens", help="Tokens per domain.")
+SEQ_LEN_OPTION = typer.Option(default_of(InspectConfig, "seq_len"), "--seq-len", help="Tokens per block.")
+BATCH_SIZE_OPTION = typer.Option(default_of(InspectConfig, "batch_size"), "--batch-size", help="Blocks per forward pass.")

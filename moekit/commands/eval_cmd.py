@@ -2,30 +2,36 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from moekit.commands.common import parse_key_values
+from moekit.commands.common import (
+    BATCH_SIZE_OPTION,
+    MAX_TOKENS_OPTION,
+    SEQ_LEN_OPTION,
+    TEXT_FIELD_OPTION,
+    parse_key_values,
+)
+from moekit.config import EvalConfig, default_of
 
 
 def eval_command(
     models: list[str] = typer.Argument(..., metavar="MODEL...", help="Model directories (or hub ids); a run directory adds its seed, branches, mixed and tuned models."),
     data: list[str] = typer.Option([], "--data", help="DOMAIN=PATH held-out data; repeat (default with a run directory: its branches' held-out splits)."),
-    max_tokens: int = typer.Option(65536, "--max-tokens", help="Tokens per domain."),
-    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per block."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Blocks per forward pass."),
-    text_field: str = typer.Option("text", "--text-field", help="Text field of .jsonl/.json/.parquet records."),
+    max_tokens: int = MAX_TOKENS_OPTION,
+    seq_len: int = SEQ_LEN_OPTION,
+    batch_size: int = BATCH_SIZE_OPTION,
+    text_field: str = TEXT_FIELD_OPTION,
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
     task: Optional[str] = typer.Option(None, "--task", help="Score a generation task instead of held-out loss: arithmetic (exact match on held-out problems)."),
-    problems: int = typer.Option(200, "--problems", help="Problems of --task."),
-    max_new_tokens: int = typer.Option(8, "--max-new-tokens", help="Tokens generated per problem of --task."),
+    problems: int = typer.Option(default_of(EvalConfig, "problems"), "--problems", help="Problems of --task."),
+    max_new_tokens: int = typer.Option(default_of(EvalConfig, "max_new_tokens"), "--max-new-tokens", help="Tokens generated per problem of --task."),
     scmoe: bool = typer.Option(False, "--scmoe", help="With --task: also score each MoE with SCMoE decoding (see moekit generate)."),
-    scmoe_beta: float = typer.Option(0.5, "--scmoe-beta", help="SCMoE strength."),
-    scmoe_alpha: float = typer.Option(0.1, "--scmoe-alpha", help="SCMoE plausibility threshold."),
-    scmoe_rank: int = typer.Option(2, "--scmoe-rank", help="SCMoE's weak pass routes each token to its expert of this rank only."),
+    scmoe_beta: float = typer.Option(default_of(EvalConfig, "scmoe_beta"), "--scmoe-beta", help="SCMoE strength."),
+    scmoe_alpha: float = typer.Option(default_of(EvalConfig, "scmoe_alpha"), "--scmoe-alpha", help="SCMoE plausibility threshold."),
+    scmoe_rank: int = typer.Option(default_of(EvalConfig, "scmoe_rank"), "--scmoe-rank", help="SCMoE's weak pass routes each token to its expert of this rank only."),
 ) -> None:
     """Compare models by held-out loss and perplexity per domain (best per domain marked).
 
@@ -37,11 +43,11 @@ def eval_command(
     """
     from rich.console import Console
 
-    from moekit.config import EvalConfig
     from moekit.errors import InvalidOptionError
     from moekit.progress import quiet_transformers
-    from moekit.report.tables import render_eval_table
-    from moekit.steps.evaluate import evaluate_models, is_run_dir
+    from moekit.report.tables import render_eval_table, render_task_table
+    from moekit.steps.evaluate import evaluate_models, record_eval
+    from moekit.steps.evaluate_task import evaluate_task
     from moekit.tasks import TASKS
 
     quiet_transformers()
@@ -56,21 +62,13 @@ def eval_command(
                      scmoe_rank=scmoe_rank)
     console = Console()
     if task is not None:
-        from moekit.report.tables import render_task_table
-        from moekit.steps.evaluate_task import evaluate_task
-
         report = evaluate_task(cfg)
         render_task_table(console, report)
     else:
         report = evaluate_models(cfg)
         render_eval_table(console, report)
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(report, indent=1))
-        console.print(f"wrote {json_path}")
-    runs = [Path(m) for m in models if is_run_dir(Path(m))]
-    if task is None and not data and len(models) == 1 and runs:  # a run's own table, on its recorded split: kept for `moekit report`
-        from moekit.io.atomic import write_text_atomic
-
-        write_text_atomic(runs[0] / "eval.json", json.dumps(report, indent=1))
-        console.print(f"recorded in {runs[0] / 'eval.json'} (moekit report {runs[0]} shows it)")
+    written, recorded_in = record_eval(cfg, report)
+    if written is not None:
+        console.print(f"wrote {written}")
+    if recorded_in is not None:
+        console.print(f"recorded in {recorded_in} (moekit report {recorded_in.parent} shows it)")

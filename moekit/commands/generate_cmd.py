@@ -9,25 +9,27 @@ from typing import Any, Optional
 
 import typer
 
+from moekit.config import GenerateConfig, default_of
+
 
 def generate_command(
     model: str = typer.Argument(..., help="Model directory (or hub id): an MoE moekit wrote, any MoE it can read, or a dense model."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="The prompt (default: read from --prompt-file, or from stdin, or ask interactively)."),
     prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Read the prompt from this file."),
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Most tokens to generate."),
+    max_new_tokens: int = typer.Option(default_of(GenerateConfig, "max_new_tokens"), "--max-new-tokens", help="Most tokens to generate."),
     raw: bool = typer.Option(False, "--raw", help="Feed the prompt as it is, without the tokenizer's chat template."),
     sample: bool = typer.Option(False, "--sample", help="Sample (default: greedy decoding)."),
-    temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature (with --sample)."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling: smallest token set with this probability mass (with --sample)."),
-    top_k: int = typer.Option(0, "--top-k", help="Sample among the k most likely tokens; 0: all (with --sample)."),
-    random_seed: int = typer.Option(0, "--random-seed", help="Seed of the sampler."),
+    temperature: float = typer.Option(default_of(GenerateConfig, "temperature"), "--temperature", help="Sampling temperature (with --sample)."),
+    top_p: float = typer.Option(default_of(GenerateConfig, "top_p"), "--top-p", help="Nucleus sampling: smallest token set with this probability mass (with --sample)."),
+    top_k: int = typer.Option(default_of(GenerateConfig, "top_k"), "--top-k", help="Sample among the k most likely tokens; 0: all (with --sample)."),
+    random_seed: int = typer.Option(default_of(GenerateConfig, "random_seed"), "--random-seed", help="Seed of the sampler."),
     routing: bool = typer.Option(False, "--routing", help="After the text, show each generated token coloured by its top expert."),
     routing_layer: Optional[int] = typer.Option(None, "--routing-layer", help="The MoE layer for --routing and --json (default: the majority over layers)."),
     scmoe: bool = typer.Option(False, "--scmoe", help="Self-contrast decoding (SCMoE, arXiv 2405.14507): contrast top-k routing with rank-k-only routing."),
-    scmoe_beta: float = typer.Option(0.5, "--scmoe-beta", help="SCMoE strength: z = (1 + beta) z_strong - beta z_weak; 0 is plain decoding."),
-    scmoe_alpha: float = typer.Option(0.1, "--scmoe-alpha", help="SCMoE plausibility: only tokens with p >= alpha x the top token's p."),
-    scmoe_rank: int = typer.Option(2, "--scmoe-rank", help="The weak pass routes each token to its expert of this rank only."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (float32 on a CPU, bfloat16 on a GPU), float32, bfloat16 or float16."),
+    scmoe_beta: float = typer.Option(default_of(GenerateConfig, "scmoe_beta"), "--scmoe-beta", help="SCMoE strength: z = (1 + beta) z_strong - beta z_weak; 0 is plain decoding."),
+    scmoe_alpha: float = typer.Option(default_of(GenerateConfig, "scmoe_alpha"), "--scmoe-alpha", help="SCMoE plausibility: only tokens with p >= alpha x the top token's p."),
+    scmoe_rank: int = typer.Option(default_of(GenerateConfig, "scmoe_rank"), "--scmoe-rank", help="The weak pass routes each token to its expert of this rank only."),
+    dtype: str = typer.Option(default_of(GenerateConfig, "dtype"), "--dtype", help="auto (float32 on a CPU, bfloat16 on a GPU), float32, bfloat16 or float16."),
     json_path: Optional[str] = typer.Option(None, "--json", help="Write the result as JSON to this file ('-' for stdout, nothing streamed)."),
 ) -> None:
     """Generate text with a model, streaming it, and show which expert each token went to.
@@ -41,22 +43,12 @@ def generate_command(
     """
     from rich.console import Console
 
-    from moekit.config import GenerateConfig
-    from moekit.errors import InputNotFoundError, InvalidOptionError
-    from moekit.io.atomic import write_text_atomic
+    from moekit.errors import InvalidOptionError
     from moekit.progress import quiet_transformers
-    from moekit.report.tables import render_generation_routing
-    from moekit.steps.generate import Generator
+    from moekit.steps.generate import Generator, write_generation
 
     quiet_transformers()
-    if prompt is not None and prompt_file is not None:
-        raise InvalidOptionError("Both --prompt and --prompt-file were given.", "Give one of them.")
-    if prompt_file is not None:
-        if not prompt_file.is_file():
-            raise InputNotFoundError(f"--prompt-file {prompt_file} does not exist.", "Give an existing text file.")
-        prompt = prompt_file.read_text()
-    elif prompt is None and not sys.stdin.isatty():
-        prompt = sys.stdin.read().removesuffix("\n")  # the newline echo and editors end a piped prompt with
+    prompt = _read_prompt(prompt, prompt_file)
     if json_path not in (None, "-") and Path(json_path).is_dir():
         raise InvalidOptionError(f"--json {json_path} is a directory.", f"Give a file path such as {Path(json_path) / 'generation.json'}, or - for stdout.")
     if json_path is not None and prompt is None:
@@ -65,31 +57,46 @@ def generate_command(
                          top_k=top_k, random_seed=random_seed, dtype=dtype, routing_layer=routing_layer, scmoe=scmoe,
                          scmoe_beta=scmoe_beta, scmoe_alpha=scmoe_alpha, scmoe_rank=scmoe_rank)
     generator = Generator(cfg)
-    to_stdout = json_path == "-"
-    console = Console(stderr=to_stdout, highlight=False)
+    console = Console(stderr=json_path == "-", highlight=False)
+    if prompt is None:
+        _interactive(console, generator, model, routing)
+    elif json_path is None:
+        _show(console, generator, prompt, routing)
+    elif json_path == "-":
+        print(json.dumps(generator.generate(prompt).as_dict(routing_layer), indent=1))
+    else:
+        write_generation(generator.generate(prompt), Path(json_path), routing_layer)
+        console.print(f"wrote {json_path}")
 
-    def run_one(text: str) -> Any:
-        streamed = None if json_path is not None else (lambda piece: console.print(piece, end="", markup=False, soft_wrap=True))
-        generation = generator.generate(text, streamed)
-        if streamed is not None:
-            console.print()
-            console.print(f"[dim]{len(generation.tokens)} tokens in {generation.seconds:.2f} s"
-                          + (" with SCMoE" if scmoe else "") + "[/]")
-        if routing and json_path is None:
-            render_generation_routing(console, generation, routing_layer)
-        return generation
 
-    if prompt is not None:
-        generation = run_one(prompt)
-        if json_path is not None:
-            record = json.dumps(generation.as_dict(routing_layer), indent=1)
-            if to_stdout:
-                print(record)
-            else:
-                Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-                write_text_atomic(Path(json_path), record)
-                console.print(f"wrote {json_path}")
-        return
+def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> Optional[str]:
+    """The prompt: --prompt, else --prompt-file, else piped stdin; None for interactive use."""
+    from moekit.errors import InputNotFoundError, InvalidOptionError
+
+    if prompt is not None and prompt_file is not None:
+        raise InvalidOptionError("Both --prompt and --prompt-file were given.", "Give one of them.")
+    if prompt_file is not None:
+        if not prompt_file.is_file():
+            raise InputNotFoundError(f"--prompt-file {prompt_file} does not exist.", "Give an existing text file.")
+        return prompt_file.read_text()
+    if prompt is None and not sys.stdin.isatty():
+        return sys.stdin.read().removesuffix("\n")  # the newline echo and editors end a piped prompt with
+    return prompt
+
+
+def _show(console: Any, generator: Any, prompt: str, routing: bool) -> None:
+    """Stream one generation to the terminal, then its timing and (with --routing) its tokens coloured by expert."""
+    from moekit.report.tables import render_generation_routing
+
+    generation = generator.generate(prompt, lambda piece: console.print(piece, end="", markup=False, soft_wrap=True))
+    console.print()
+    console.print(f"[dim]{len(generation.tokens)} tokens in {generation.seconds:.2f} s" + (" with SCMoE" if generator.cfg.scmoe else "") + "[/]")
+    if routing:
+        render_generation_routing(console, generation, generator.cfg.routing_layer)
+
+
+def _interactive(console: Any, generator: Any, model: str, routing: bool) -> None:
+    """One generation per line typed, until Ctrl-D."""
     console.print(f"[dim]{model}: type a prompt and Enter; Ctrl-D ends.[/]")
     while True:
         try:
@@ -98,4 +105,4 @@ def generate_command(
             console.print()
             return
         if line.strip():
-            run_one(line)
+            _show(console, generator, line, routing)

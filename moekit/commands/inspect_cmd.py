@@ -7,16 +7,22 @@ from typing import Optional
 
 import typer
 
-from moekit.commands.common import parse_key_values
+from moekit.commands.common import (
+    BATCH_SIZE_OPTION,
+    MAX_TOKENS_OPTION,
+    SEQ_LEN_OPTION,
+    TEXT_FIELD_OPTION,
+    parse_key_values,
+)
 
 
 def inspect_command(
     model: str = typer.Argument(..., metavar="MODEL", help="A Hugging Face model directory (or hub id); MoE or dense."),
     data: list[str] = typer.Option([], "--data", help="DOMAIN=PATH data to route; repeat. Without it: static statistics only."),
-    max_tokens: int = typer.Option(65536, "--max-tokens", help="Tokens per domain."),
-    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per block."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Blocks per forward pass."),
-    text_field: str = typer.Option("text", "--text-field", help="Text field of .jsonl/.json/.parquet records."),
+    max_tokens: int = MAX_TOKENS_OPTION,
+    seq_len: int = SEQ_LEN_OPTION,
+    batch_size: int = BATCH_SIZE_OPTION,
+    text_field: str = TEXT_FIELD_OPTION,
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write every number to this JSON file (schema: docs/commands/inspect.md)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write PNG heatmaps and report.html to this directory."),
     detail: bool = typer.Option(False, "--detail", help="Show every layer and expert instead of a summary."),
@@ -35,7 +41,7 @@ def inspect_command(
     from moekit.config import InspectConfig
     from moekit.progress import quiet_transformers
     from moekit.report.tables import render_routing, render_static, render_tokens
-    from moekit.steps.inspect import inspect_routing, inspect_static, write_outputs
+    from moekit.steps.inspect import inspect_model
 
     quiet_transformers()
 
@@ -44,13 +50,10 @@ def inspect_command(
         max_tokens=max_tokens, text_field=text_field, json_path=json_path, plot_dir=plot, tokens=tokens, tokens_layer=tokens_layer,
     )
     console = Console()
-    model_dir, static = inspect_static(model)
-    render_static(console, static, detail)
-    report = {"model": str(model_dir), "static": static, "routing": None}
-    if cfg.data:
-        report["routing"] = inspect_routing(cfg, model_dir, static)
+    report, written = inspect_model(cfg, on_static=lambda static: render_static(console, static, detail))
+    if report["routing"] is not None:
         render_routing(console, report["routing"], detail)
         if tokens:
             render_tokens(console, report["routing"], tokens, tokens_layer)
-    for path in write_outputs(cfg, report):
+    for path in written:
         console.print(f"wrote {path}")

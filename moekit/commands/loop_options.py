@@ -13,27 +13,34 @@ from typing import Any, Optional
 
 import typer
 
+from moekit.config import LoopSettings, default_of
+
+
+def _default(name: str) -> Any:
+    return default_of(LoopSettings, name)
+
+
 LOOP_OPTIONS: dict[str, tuple[Any, Any]] = {
     "max_steps": (Optional[int], typer.Option(None, "--max-steps", help="Optimiser steps.")),
     "max_tokens": (Optional[int], typer.Option(None, "--max-tokens", help="Tokens to train on (instead of --max-steps).")),
-    "seq_len": (int, typer.Option(1024, "--seq-len", help="Tokens per packed block.")),
-    "batch_size": (int, typer.Option(8, "--batch-size", help="Blocks per micro-batch per process.")),
-    "grad_accum": (int, typer.Option(1, "--grad-accum", help="Micro-batches per optimiser step per process.")),
-    "lr": (float, typer.Option(1e-4, "--lr", help="Peak learning rate (BTX: 1e-4).")),
-    "min_lr_ratio": (float, typer.Option(0.1, "--min-lr-ratio", help="Cosine decays to lr x this (BTX: 0.1).")),
+    "seq_len": (int, typer.Option(_default("seq_len"), "--seq-len", help="Tokens per packed block.")),
+    "batch_size": (int, typer.Option(_default("batch_size"), "--batch-size", help="Blocks per micro-batch per process.")),
+    "grad_accum": (int, typer.Option(_default("grad_accum"), "--grad-accum", help="Micro-batches per optimiser step per process.")),
+    "lr": (float, typer.Option(_default("lr"), "--lr", help="Peak learning rate (BTX: 1e-4).")),
+    "min_lr_ratio": (float, typer.Option(_default("min_lr_ratio"), "--min-lr-ratio", help="Cosine decays to lr x this (BTX: 0.1).")),
     "warmup_steps": (Optional[int], typer.Option(None, "--warmup-steps", help="Linear warmup steps (default: min(100, steps/10)).")),
-    "weight_decay": (float, typer.Option(0.1, "--weight-decay", help="AdamW weight decay (not on norms/biases).")),
-    "grad_clip": (float, typer.Option(1.0, "--grad-clip", help="Clip the gradient norm (0: off).")),
-    "precision": (str, typer.Option("auto", "--precision", help="auto (bf16 on capable GPUs, else fp32) | fp32 | bf16 | fp16.")),
-    "shard": (str, typer.Option("none", "--shard", help="none: a full model per process (DDP under torchrun) | fsdp: FSDP2, each process holds 1/N of the weights, gradients and optimiser state.")),
-    "save_dtype": (str, typer.Option("auto", "--save-dtype", help="Saved weights: auto (the input's dtype) | float32 | bfloat16 | float16. float32 keeps small updates that bf16 rounds away.")),
-    "gradient_checkpointing": (bool, typer.Option(False, "--gradient-checkpointing", help="Recompute activations to save memory.")),
-    "eval_every": (int, typer.Option(100, "--eval-every", help="Steps between held-out evaluations of every domain (0: end only).")),
-    "eval_blocks": (int, typer.Option(32, "--eval-blocks", help="Held-out blocks per domain per evaluation.")),
-    "save_every": (int, typer.Option(500, "--save-every", help="Steps between resumable checkpoints (0: none).")),
-    "keep_checkpoints": (int, typer.Option(2, "--keep-checkpoints", help="Checkpoints kept (older ones are pruned).")),
-    "seed": (int, typer.Option(0, "--seed", help="Seed for the data order.")),
-    "report_to": (list[str], typer.Option([], "--report-to", help="Also log to: tensorboard (metrics.jsonl is always written).")),
+    "weight_decay": (float, typer.Option(_default("weight_decay"), "--weight-decay", help="AdamW weight decay (not on norms/biases).")),
+    "grad_clip": (float, typer.Option(_default("grad_clip"), "--grad-clip", help="Clip the gradient norm (0: off).")),
+    "precision": (str, typer.Option(_default("precision"), "--precision", help="auto (bf16 on capable GPUs, else fp32) | fp32 | bf16 | fp16.")),
+    "shard": (str, typer.Option(_default("shard"), "--shard", help="none: a full model per process (DDP under torchrun) | fsdp: FSDP2, each process holds 1/N of the weights, gradients and optimiser state.")),
+    "save_dtype": (str, typer.Option(_default("save_dtype"), "--save-dtype", help="Saved weights: auto (the input's dtype) | float32 | bfloat16 | float16. float32 keeps small updates that bf16 rounds away.")),
+    "gradient_checkpointing": (bool, typer.Option(_default("gradient_checkpointing"), "--gradient-checkpointing", help="Recompute activations to save memory.")),
+    "eval_every": (int, typer.Option(_default("eval_every"), "--eval-every", help="Steps between held-out evaluations of every domain (0: end only).")),
+    "eval_blocks": (int, typer.Option(_default("eval_blocks"), "--eval-blocks", help="Held-out blocks per domain per evaluation.")),
+    "save_every": (int, typer.Option(_default("save_every"), "--save-every", help="Steps between resumable checkpoints (0: none).")),
+    "keep_checkpoints": (int, typer.Option(_default("keep_checkpoints"), "--keep-checkpoints", help="Checkpoints kept (older ones are pruned).")),
+    "seed": (int, typer.Option(_default("seed"), "--seed", help="Seed for the data order.")),
+    "report_to": (list[str], typer.Option(_default("report_to"), "--report-to", help="Also log to: tensorboard (metrics.jsonl is always written).")),
 }
 
 
@@ -45,8 +52,6 @@ def with_loop_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from moekit.config import LoopSettings
-
         values = {name: kwargs.pop(name) for name in LOOP_OPTIONS}
         return command(*args, loop=LoopSettings(**values), **kwargs)
 

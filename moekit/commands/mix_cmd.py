@@ -1,23 +1,28 @@
-"""``moekit mix``: option parsing for the three ways to name the inputs (run dir, experts, upcycle)."""
+"""``moekit mix``: option parsing for the three ways to name the inputs (run dir, experts, upcycle) and for --add-expert."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
-from moekit.commands.common import parse_key_values
+from moekit.commands.common import given_options, parse_key_values, refuse_unused, said
+from moekit.config import MixConfig, UpcycleSettings, default_of
 
 if TYPE_CHECKING:
     from rich.console import Console
 
     from moekit.steps.mix import MixResult
+    from moekit.steps.mix.grow import GrowResult
 
 _ZEROS_REFUSAL = (
     "--router zeros is refused: with an all-zero router every logit ties, top-k then sends every "
     "token to the same experts and their gradients are identical, so the experts never separate."
 )
+# Options that shape a new mix; with --add-expert the MoE keeps its own.
+_MIXING = ("expert", "seed_model", "upcycle", "experts", "drop_fraction", "seed_as", "seed_expert", "target", "split", "average",
+           "merge", "merge_density", "merge_scale", "dtype", "top_k", "router", "router_std", "router_sharpness", "expert_scale", "random_seed")
 
 
 def _parse_average(text: str) -> tuple[str, Optional[list[float]]]:
@@ -48,27 +53,27 @@ def mix_command(
     expert: list[str] = typer.Option([], "--expert", "-e", help="[NAME=]DIR of a dense branch; repeat (instead of RUN_DIR)."),
     seed_model: Optional[str] = typer.Option(None, "--seed-model", help="Seed for --expert mode (needed with the seed expert; else default: the first expert)."),
     upcycle: Optional[str] = typer.Option(None, "--upcycle", help="Sparse upcycling: every expert is a copy of this seed's FFN."),
-    experts: Optional[int] = typer.Option(None, "--experts", min=1, help="Number of experts with --upcycle (default 4)."),
-    drop_fraction: Optional[float] = typer.Option(None, "--drop-fraction", min=0.0, max=1.0, help="Drop-upcycling: share of each expert's FFN units re-initialised (0.5 in the paper; default 0)."),
+    experts: Optional[int] = typer.Option(None, "--experts", min=1, help=f"Number of experts with --upcycle (default {said(default_of(UpcycleSettings, 'num_experts'))})."),
+    drop_fraction: Optional[float] = typer.Option(None, "--drop-fraction", min=0.0, max=1.0, help=f"Drop-upcycling: share of each expert's FFN units re-initialised (0.5 in the paper; default {said(default_of(UpcycleSettings, 'drop_fraction'))})."),
     seed_as: Optional[str] = typer.Option(None, "--seed-as", help="The seed's FFN: routed (a generalist expert, BTX; default) | shared (the always-on shared expert; targets with one) | none."),
     seed_expert: Optional[bool] = typer.Option(None, "--seed-expert/--no-seed-expert", hidden=True, help="Old spelling of --seed-as routed / --seed-as none."),
     target: Optional[str] = typer.Option(None, "--target", help="MoE family to build (default: the seed family's; e.g. glm4_moe or ernie4_5_moe for a selection bias). See docs/formats.md."),
-    split: int = typer.Option(1, "--split", min=1, max=64, help="Fine-grained experts: cut each expert FFN into this many experts of 1/split the width (top-k scales with it)."),
-    average: str = typer.Option("uniform", "--average", help="Non-FFN tensors: uniform | seed | weighted:W1,W2,... (branch order)."),
-    merge: str = typer.Option("mean", "--merge", help="How the averaged tensors combine: mean (BTX) | task-arithmetic | ties | dare (seed + merged deltas of the branches)."),
-    merge_density: Optional[float] = typer.Option(None, "--merge-density", help="ties/dare: share of each branch's delta kept, in (0, 1] (default 1)."),
-    merge_scale: Optional[float] = typer.Option(None, "--merge-scale", help="task-arithmetic/ties/dare: multiplies the merged delta (default 1: the mean of the deltas)."),
-    dtype: str = typer.Option("auto", "--dtype", help="Output dtype: auto (the seed's) | float32 | bfloat16 | float16."),
-    top_k: int = typer.Option(2, "--top-k", min=1, help="Experts per token."),
-    router: str = typer.Option("random", "--router", help="Router init: random (small std) | centroid (data-aware)."),
+    split: int = typer.Option(default_of(MixConfig, "split"), "--split", min=1, max=64, help="Fine-grained experts: cut each expert FFN into this many experts of 1/split the width (top-k scales with it)."),
+    average: str = typer.Option(default_of(MixConfig, "average"), "--average", help="Non-FFN tensors: uniform | seed | weighted:W1,W2,... (branch order)."),
+    merge: str = typer.Option(default_of(MixConfig, "merge"), "--merge", help="How the averaged tensors combine: mean (BTX) | task-arithmetic | ties | dare (seed + merged deltas of the branches)."),
+    merge_density: Optional[float] = typer.Option(None, "--merge-density", help=f"ties/dare: share of each branch's delta kept, in (0, 1] (default {said(default_of(MixConfig, 'merge_density'))})."),
+    merge_scale: Optional[float] = typer.Option(None, "--merge-scale", help=f"task-arithmetic/ties/dare: multiplies the merged delta (default {said(default_of(MixConfig, 'merge_scale'))}: the mean of the deltas)."),
+    dtype: str = typer.Option(default_of(MixConfig, "dtype"), "--dtype", help="Output dtype: auto (the seed's) | float32 | bfloat16 | float16."),
+    top_k: int = typer.Option(default_of(MixConfig, "top_k"), "--top-k", min=1, help="Experts per token."),
+    router: str = typer.Option(default_of(MixConfig, "router"), "--router", help="Router init: random (small std) | centroid (data-aware)."),
     router_data: list[str] = typer.Option([], "--router-data", help="DOMAIN=PATH calibration text for --router centroid; repeat."),
     router_std: Optional[float] = typer.Option(None, "--router-std", help="Std of the random router, at most 0.1 (default: the model's initializer_range)."),
-    router_sharpness: Optional[float] = typer.Option(None, "--router-sharpness", help="Centroid init: 0 = uniform, 1 = saturated initial routing (default 0.5)."),
-    router_tokens: Optional[int] = typer.Option(None, "--router-tokens", help="Centroid init: calibration tokens per domain (default 8192)."),
-    router_seq_len: Optional[int] = typer.Option(None, "--router-seq-len", help="Centroid init: calibration sequence length (default 256)."),
-    expert_scale: float = typer.Option(1.0, "--expert-scale", help="Multiply each expert's down projection (output scale)."),
-    random_seed: int = typer.Option(0, "--random-seed", help="Seed for router and drop-upcycling randomness."),
-    shard_size: str = typer.Option("2GB", "--shard-size", help="Maximum size of one safetensors shard."),
+    router_sharpness: Optional[float] = typer.Option(None, "--router-sharpness", help=f"Centroid init: 0 = uniform, 1 = saturated initial routing (default {said(default_of(MixConfig, 'router_sharpness'))})."),
+    router_tokens: Optional[int] = typer.Option(None, "--router-tokens", help=f"Centroid init: calibration tokens per domain (default {default_of(MixConfig, 'router_tokens')})."),
+    router_seq_len: Optional[int] = typer.Option(None, "--router-seq-len", help=f"Centroid init: calibration sequence length (default {default_of(MixConfig, 'router_block_size')})."),
+    expert_scale: float = typer.Option(default_of(MixConfig, "expert_scale"), "--expert-scale", help="Multiply each expert's down projection (output scale)."),
+    random_seed: int = typer.Option(default_of(MixConfig, "random_seed"), "--random-seed", help="Seed for router and drop-upcycling randomness."),
+    shard_size: str = typer.Option(default_of(MixConfig, "shard_size"), "--shard-size", help="Maximum size of one safetensors shard."),
     force: bool = typer.Option(False, "--force", help="Replace the output directory if it exists and is not empty."),
     add_expert: Optional[str] = typer.Option(None, "--add-expert", help="NAME[=DIR]: grow a built MoE (--into) by the FFN of one more dense branch of its seed (with RUN_DIR: the run's branch NAME)."),
     into: Optional[Path] = typer.Option(None, "--into", help="With --add-expert: the moekit MoE to grow (default with RUN_DIR: RUN_DIR/tuned, else RUN_DIR/mixed)."),
@@ -86,91 +91,55 @@ def mix_command(
     """
     from rich.console import Console
 
-    from moekit.config import MixConfig, UpcycleSettings
+    from moekit.config import GrowConfig
     from moekit.errors import InvalidOptionError
     from moekit.steps.mix import mix
-    from moekit.steps.mix.inputs import experts_from_run_dir
+    from moekit.steps.mix.grow import add_expert as grow
+    from moekit.steps.mix.grow_inputs import grow_sources
+    from moekit.steps.mix.inputs import mix_sources
 
+    options = locals()
+    calibration = {k: v for k, v in dict(router_tokens=router_tokens, router_block_size=router_seq_len).items() if v is not None}
     if add_expert is not None or into is not None:
-        mixing = dict(expert=expert or None, seed_model=seed_model, upcycle=upcycle, experts=experts, drop_fraction=drop_fraction,
-                      seed_as=seed_as, seed_expert=seed_expert, target=target, merge_density=merge_density, merge_scale=merge_scale,
-                      router_std=router_std, router_sharpness=router_sharpness, split=None if split == 1 else split,
-                      average=None if average == "uniform" else average, merge=None if merge == "mean" else merge,
-                      dtype=None if dtype == "auto" else dtype, top_k=None if top_k == 2 else top_k,
-                      router=None if router == "random" else router, expert_scale=None if expert_scale == 1.0 else expert_scale,
-                      random_seed=None if random_seed == 0 else random_seed)
-        _grow(run_dir, add_expert, into, out, mixing, router_data, router_tokens, router_seq_len, shard_size, force)
+        _refuse_mixing_options({name: options[name] for name in _MIXING}, add_expert)
+        name, branch_dir, into, out = grow_sources(run_dir, add_expert, into, out)
+        cfg = GrowConfig(into=into, name=name, branch=branch_dir, out=out, run_dir=run_dir, shard_size=shard_size, force=force,
+                         router_data=parse_key_values(router_data, "--router-data"), **calibration)
+        _report_grow(Console(), grow(cfg, show_progress=True), name, run_dir)
         return
     if router == "zeros":
         raise InvalidOptionError(_ZEROS_REFUSAL, "Use --router random (small std) or --router centroid.")
-    _refuse_unused({"--experts": experts, "--drop-fraction": drop_fraction}, upcycle is not None, "--upcycle")
-    _refuse_unused({"--seed-model": seed_model}, bool(expert), "--expert")
-    centroid_options = {"--router-sharpness": router_sharpness, "--router-tokens": router_tokens, "--router-seq-len": router_seq_len}
-    _refuse_unused(centroid_options, router == "centroid", "--router centroid")
-    sources = sum(x is not None and x != [] for x in (run_dir, expert or None, upcycle))
-    if sources != 1:
-        raise InvalidOptionError("Give exactly one input: RUN_DIR, --expert DIR ..., or --upcycle SEED.", "See moekit mix --help.")
+    refuse_unused({"--experts": experts, "--drop-fraction": drop_fraction}, upcycle is not None, "--upcycle")
+    refuse_unused({"--seed-model": seed_model}, bool(expert), "--expert")
+    refuse_unused({"--router-sharpness": router_sharpness, "--router-tokens": router_tokens, "--router-seq-len": router_seq_len},
+                  router == "centroid", "--router centroid")
     mode, weights = _parse_average(average)
     seed_role = _seed_role(seed_as, seed_expert)
-    if run_dir is not None:
-        seed, expert_list = experts_from_run_dir(run_dir)
-        out = out or run_dir / "mixed"
-    elif upcycle is not None:
-        seed, expert_list = upcycle, []
-    else:
-        expert_list = _parse_experts(expert)
-        if seed_model is None and seed_role != "none":
-            raise InvalidOptionError(f"--expert mode with --seed-as {seed_role} needs --seed-model SEED.", "Pass --seed-model, or --seed-as none.")
-        seed = seed_model or str(expert_list[0][1])
-    if out is None:
-        raise InvalidOptionError("No output directory.", "Pass --out DIR.")
-    given = {k: v for k, v in dict(router_sharpness=router_sharpness, router_tokens=router_tokens, router_block_size=router_seq_len,
-                                    merge_density=merge_density, merge_scale=merge_scale).items() if v is not None}
+    seed, expert_list, out = mix_sources(run_dir, _parse_experts(expert), upcycle, seed_model, seed_role, out)
+    given = {k: v for k, v in dict(router_sharpness=router_sharpness, merge_density=merge_density, merge_scale=merge_scale).items() if v is not None}
+    upcycling = {k: v for k, v in dict(num_experts=experts, drop_fraction=drop_fraction).items() if v is not None}
     cfg = MixConfig(
         out=out, seed=seed, experts=expert_list, seed_as=seed_role, target=target, split=split, average=mode, weights=weights, merge=merge, dtype=dtype,
         top_k=top_k, router=router, router_std=router_std, router_data=parse_key_values(router_data, "--router-data"),
         expert_scale=expert_scale, random_seed=random_seed, shard_size=shard_size, force=force, run_dir=run_dir,
-        upcycle=UpcycleSettings(num_experts=experts or 4, drop_fraction=drop_fraction or 0.0) if upcycle else None,
-        **given,
+        upcycle=UpcycleSettings(**upcycling) if upcycle else None, **calibration, **given,
     )
     _report(Console(), mix(cfg, show_progress=True))
 
 
-def _grow(run_dir: Optional[Path], add_expert: Optional[str], into: Optional[Path], out: Optional[Path], mixing: dict[str, object],
-          router_data: list[str], router_tokens: Optional[int], router_seq_len: Optional[int], shard_size: str, force: bool) -> None:
-    """``mix --add-expert``: resolve NAME[=DIR], --into and --out (from RUN_DIR where given) and grow the MoE."""
-    from rich.console import Console
-
-    from moekit.config import GrowConfig
+def _refuse_mixing_options(values: dict[str, Any], add_expert: str | None) -> None:
+    """With --add-expert the MoE keeps its experts, top-k, dtype and averaged tensors: refuse options that would change them."""
     from moekit.errors import InvalidOptionError
-    from moekit.manifest import load_manifest
-    from moekit.steps.mix.grow import add_expert as grow
 
-    given = [f"--{k.replace('_', '-')}" for k, v in mixing.items() if v is not None]
+    given = given_options(values, mix_command)
     if given:
         raise InvalidOptionError(f"{', '.join(given)} do(es) not apply with --add-expert: the MoE keeps its experts, top-k, dtype and averaged tensors.",
                                  f"Remove {', '.join(given)}.")
     if add_expert is None:
         raise InvalidOptionError("--into only applies with --add-expert.", "Add --add-expert NAME[=DIR], or remove --into.")
-    name, sep, path = add_expert.partition("=")
-    if run_dir is not None:
-        manifest = load_manifest(run_dir)
-        if not sep and name not in manifest.branches:
-            raise InvalidOptionError(f"{run_dir} has no branch '{name}' (branches: {', '.join(manifest.branches)}).",
-                                     f"Add it first: moekit branch {manifest.seed.path} {run_dir} --domain {name} --add, then train it.")
-        branch_dir = Path(path) if sep else manifest.branch_dir(run_dir, name)
-        into = into or (run_dir / "tuned" if (run_dir / "tuned" / "config.json").is_file() else run_dir / "mixed")
-        out = out or run_dir / "grown"
-    elif not sep or into is None or out is None:
-        raise InvalidOptionError("--add-expert without a run directory needs NAME=DIR, --into MOE and --out DIR.",
-                                 "E.g. moekit mix --add-expert law=branches/law --into tuned --out grown --router-data law=law.jsonl --router-data code=code.jsonl")
-    else:
-        branch_dir = Path(path)
-    extra = {k: v for k, v in dict(router_tokens=router_tokens, router_block_size=router_seq_len).items() if v is not None}
-    cfg = GrowConfig(into=into, name=name, branch=branch_dir, out=out, run_dir=run_dir, router_data=parse_key_values(router_data, "--router-data"),
-                     shard_size=shard_size, force=force, **extra)
-    result = grow(cfg, show_progress=True)
-    console = Console()
+
+
+def _report_grow(console: Console, result: GrowResult, name: str, run_dir: Optional[Path]) -> None:
     console.print(f"[green]Wrote[/] {result.moe_type} MoE with {len(result.experts)} routed experts ({', '.join(result.experts)}) to {result.out}")
     console.print(f"New router rows: {result.router_stats['init_new_domain_top_k']:.0%} of {name} tokens and "
                   f"{result.router_stats['init_old_domains_top_k']:.0%} of the other domains' tokens have expert '{name}' in their top-k.")
@@ -190,15 +159,6 @@ def _seed_role(seed_as: Optional[str], seed_expert: Optional[bool]) -> str:
     if seed_as is not None and old is not None and old != seed_as:
         raise InvalidOptionError(f"--seed-as {seed_as} contradicts --{'' if seed_expert else 'no-'}seed-expert.", "Give only --seed-as.")
     return seed_as or old or "routed"
-
-
-def _refuse_unused(options: dict[str, object], mode_on: bool, mode: str) -> None:
-    """Raise if options that only apply with ``mode`` were given without it (never ignore silently)."""
-    from moekit.errors import InvalidOptionError
-
-    given = [name for name, value in options.items() if value is not None]
-    if given and not mode_on:
-        raise InvalidOptionError(f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} with {mode}.", f"Remove {', '.join(given)} or add {mode}.")
 
 
 def _report(console: Console, result: MixResult) -> None:

@@ -7,13 +7,15 @@ from typing import Optional
 
 import typer
 
+from moekit.commands.common import TEXT_FIELD_OPTION
+
 
 def prepare_command(
     data: list[str] = typer.Argument(..., metavar="DATA...", help="Text data: files (.txt/.jsonl/.json/.parquet), directories, globs or hf:NAME specs, read in order."),
     tokenizer: str = typer.Option(..., "--tokenizer", help="Model (directory or hub id) whose tokenizer to use: the seed."),
     out: Path = typer.Option(..., "--out", "-o", help="Store directory to write."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Tokenising processes (default: all cores)."),
-    text_field: str = typer.Option("text", "--text-field", help="Text field of .jsonl/.json/.parquet records."),
+    text_field: str = TEXT_FIELD_OPTION,
     force: bool = typer.Option(False, "--force", help="Replace OUT if it holds an earlier store."),
 ) -> None:
     """Tokenise DATA once into a memory-mappable token store (uint16/uint32 shards, document ends, metadata).

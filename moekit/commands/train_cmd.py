@@ -7,29 +7,9 @@ from typing import Any, Optional
 
 import typer
 
+from moekit.commands.common import TEXT_FIELD_OPTION
 from moekit.commands.loop_options import saved_weights_note, with_loop_options
-
-
-def parse_branch_data(items: list[str], branches: list[str], known: list[str], option: str) -> dict[str, list[str]]:
-    """Map repeated ``[BRANCH=]PATH`` options to branch -> specs.
-
-    ``BRANCH=PATH`` names the branch; a bare PATH belongs to the single ``--branch`` given.
-    """
-    from moekit.errors import InvalidOptionError
-
-    result: dict[str, list[str]] = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        if sep and name in known:
-            result.setdefault(name, []).append(path)
-        elif len(branches) == 1:
-            result.setdefault(branches[0], []).append(item)
-        else:
-            raise InvalidOptionError(
-                f"{option} {item}: which branch is it for?",
-                f"Write {option} BRANCH=PATH (branches: {', '.join(known)}), or train one --branch at a time.",
-            )
-    return result
+from moekit.config import TrainConfig, default_of
 
 
 @with_loop_options
@@ -39,8 +19,8 @@ def train_command(
     data: list[str] = typer.Option([], "--data", help="[BRANCH=]PATH training data (.txt/.jsonl/.json/.parquet, dir, glob or hf:NAME); remembered."),
     val_data: list[str] = typer.Option([], "--val-data", help="[BRANCH=]PATH held-out data (default: the last --val-fraction of the training data)."),
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Share of each domain's tokens held out (default: the split the run recorded, else 0.05)."),
-    text_field: str = typer.Option("text", "--text-field", help="Text field of .jsonl/.json/.parquet records."),
-    train_params: str = typer.Option("all", "--train", help="What learns: all | ffn (only the FFNs: attention, norms and embeddings stay the seed's, so mix averages nothing that diverged) | ffn+norms."),
+    text_field: str = TEXT_FIELD_OPTION,
+    train_params: str = typer.Option(default_of(TrainConfig, "train"), "--train", help="What learns: all | ffn (only the FFNs: attention, norms and embeddings stay the seed's, so mix averages nothing that diverged) | ffn+norms."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint of an interrupted run."),
     loop: Any = None,  # a LoopSettings, built by with_loop_options from the shared loop options
 ) -> None:
@@ -56,17 +36,15 @@ def train_command(
     from rich.console import Console
 
     from moekit.config import TrainConfig
-    from moekit.manifest import load_manifest
     from moekit.progress import quiet_transformers
-    from moekit.steps.train import train
+    from moekit.steps.train import parse_branch_data, train
     from moekit.train.loop import is_main_process
 
     quiet_transformers()
 
-    known = list(load_manifest(run_dir).branches)
     cfg = TrainConfig(
-        run_dir=run_dir, branches=branch, data=parse_branch_data(data, branch, known, "--data"),
-        val_data=parse_branch_data(val_data, branch, known, "--val-data"), val_fraction=val_fraction,
+        run_dir=run_dir, branches=branch, data=parse_branch_data(run_dir, data, branch, "--data"),
+        val_data=parse_branch_data(run_dir, val_data, branch, "--val-data"), val_fraction=val_fraction,
         text_field=text_field, train=train_params, resume=resume, loop=loop,
     )
     results = train(cfg)

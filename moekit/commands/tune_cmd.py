@@ -7,8 +7,9 @@ from typing import Any, Optional
 
 import typer
 
-from moekit.commands.common import parse_key_values
+from moekit.commands.common import TEXT_FIELD_OPTION, parse_key_values, said
 from moekit.commands.loop_options import saved_weights_note, with_loop_options
+from moekit.config import DEFAULT_AUX_COEF, DEFAULT_CAPACITY_FACTOR, DEFAULT_Z_COEF, TuneConfig, default_of
 
 
 def parse_mixture(text: Optional[str]) -> dict[str, float]:
@@ -27,40 +28,10 @@ def parse_mixture(text: Optional[str]) -> dict[str, float]:
     return mixture
 
 
-def _inputs(model: Path, data: dict[str, str], val_data: dict[str, str], out: Optional[Path]) -> dict[str, Any]:
-    """TuneConfig fields for the inputs: from a run directory (its mixed model and branch data) or an MoE directory."""
-    from moekit.data import absolute_spec
-    from moekit.errors import InvalidOptionError
-    from moekit.manifest import MANIFEST_NAME, load_manifest
-
-    given = {d: [absolute_spec(p)] for d, p in data.items()}
-    given_val = {d: [absolute_spec(p)] for d, p in val_data.items()}
-    if (model / "branches").is_dir() and (model / MANIFEST_NAME).is_file():
-        branches = load_manifest(model).branches
-        remembered = {name: record.data for name, record in branches.items() if record.data}
-        remembered_val = {name: record.val_data for name, record in branches.items() if record.val_data and record.data}
-        return {"model": model / "mixed", "data": {**remembered, **given}, "val_data": {**remembered_val, **given_val},
-                "out": out or model / "tuned", "run_dir": model}
-    run_dir = model.absolute().parent
-    if model.name not in ("mixed", "tuned") and (run_dir / "branches").is_dir() and (run_dir / MANIFEST_NAME).is_file():
-        # a model a run made besides its own mixed one (mix --add-expert's RUN_DIR/grown): the run's data unless --data
-        # is given (as for `tune RUN_DIR`, whose recorded held-out splits are kept: a different split is refused)
-        branches = load_manifest(run_dir).branches
-        remembered = {name: record.data for name, record in branches.items() if record.data} if not given else {}
-        remembered_val = {name: record.val_data for name, record in branches.items() if record.val_data and record.data} if not given else {}
-        return {"model": model, "data": {**remembered, **given}, "val_data": {**remembered_val, **given_val},
-                "out": out or run_dir / f"{model.name}-tuned", "run_dir": run_dir, "stage": f"tune:{model.name}"}
-    if out is None:
-        raise InvalidOptionError("No output directory.", "Pass --out DIR (or give a run directory, whose default is RUN_DIR/tuned).")
-    return {"model": model, "data": given, "val_data": given_val, "out": out, "run_dir": None}
-
-
-def _parse_temperature(text: Optional[str]) -> tuple[float, float]:
-    """'1.0:0.5' -> (1.0, 0.5); '0.7' -> (0.7, 0.7); None -> the default schedule."""
+def _parse_temperature(text: str) -> tuple[float, float]:
+    """'1.0:0.5' -> (1.0, 0.5); '0.7' -> (0.7, 0.7)."""
     from moekit.errors import InvalidOptionError
 
-    if text is None:
-        return (1.0, 0.5)
     try:
         parts = [float(p) for p in text.split(":")]
     except ValueError:
@@ -77,19 +48,19 @@ def tune_command(
     val_data: list[str] = typer.Option([], "--val-data", help="DOMAIN=PATH held-out data (default: the last --val-fraction of the data)."),
     mix: Optional[str] = typer.Option(None, "--mix", help="Data mixture, e.g. code=0.4,math=0.3,general=0.3 (default: equal shares)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default with a run directory: RUN_DIR/tuned)."),
-    train: str = typer.Option("all", "--train", help="What learns: all (BTX) | router | router+attn (routers and attention only) | all-but-experts (BTX's frozen-experts ablation: all but the routed experts) | new-expert+router (after mix --add-expert: the routers and the added expert only)."),
-    balance: str = typer.Option("switch", "--balance", help="switch (Switch/HF aux loss) | btx (mean gate values) | bias (loss-free, DeepSeek-V3: learns the selection bias of glm4_moe/ernie4_5_moe-style targets) | none."),
-    aux_coef: Optional[float] = typer.Option(None, "--aux-coef", help="Balancing loss coefficient (default 0.01; with --balance bias 0, and >0 adds DeepSeek-V3's sequence-wise loss)."),
-    bias_rate: Optional[float] = typer.Option(None, "--bias-rate", help="--balance bias: how far the bias moves per step, u (default 1e-3)."),
+    train: str = typer.Option(default_of(TuneConfig, "train"), "--train", help="What learns: all (BTX) | router | router+attn (routers and attention only) | all-but-experts (BTX's frozen-experts ablation: all but the routed experts) | new-expert+router (after mix --add-expert: the routers and the added expert only)."),
+    balance: str = typer.Option(default_of(TuneConfig, "balance"), "--balance", help="switch (Switch/HF aux loss) | btx (mean gate values) | bias (loss-free, DeepSeek-V3: learns the selection bias of glm4_moe/ernie4_5_moe-style targets) | none."),
+    aux_coef: Optional[float] = typer.Option(None, "--aux-coef", help=f"Balancing loss coefficient (default {said(DEFAULT_AUX_COEF)}; with --balance bias 0, and >0 adds DeepSeek-V3's sequence-wise loss)."),
+    bias_rate: Optional[float] = typer.Option(None, "--bias-rate", help=f"--balance bias: how far the bias moves per step, u (default {said(default_of(TuneConfig, 'bias_rate'))})."),
     bias_rule: Optional[str] = typer.Option(None, "--bias-rule", help="--balance bias: sign (u*sign(mean-load), DeepSeek-V3) | proportional (u*(mean-load)/mean)."),
     z_loss: bool = typer.Option(False, "--z-loss", help="Add the router z-loss (coefficient --z-coef)."),
-    z_coef: Optional[float] = typer.Option(None, "--z-coef", help="Router z-loss coefficient with --z-loss (default 1e-3)."),
-    balance_scope: str = typer.Option("micro", "--balance-scope", help="micro (per micro-batch) | global (counts over the global batch, Qiu et al. 2025)."),
-    routing: str = typer.Option("topk", "--routing", help="Training-time routing (ablations; the saved model routes by its own rule): topk (the model's own) | switch (top-1, capacity) | soft (all experts) | noisy (Shazeer's noisy top-k) | expert_choice | hash (token-id hash) | sample_top1 (BTX's Gumbel top-1)."),
-    capacity_factor: Optional[float] = typer.Option(None, "--capacity-factor", help="switch: capacity = tokens / experts x this (default 1.5); expert_choice: tokens x top-k / experts x this (default 1.0)."),
-    temperature: Optional[str] = typer.Option(None, "--temperature", help="sample_top1: Gumbel temperature START[:END], linear over training (default 1.0:0.5)."),
+    z_coef: Optional[float] = typer.Option(None, "--z-coef", help=f"Router z-loss coefficient with --z-loss (default {said(DEFAULT_Z_COEF)})."),
+    balance_scope: str = typer.Option(default_of(TuneConfig, "balance_scope"), "--balance-scope", help="micro (per micro-batch) | global (counts over the global batch, Qiu et al. 2025)."),
+    routing: str = typer.Option(default_of(TuneConfig, "routing"), "--routing", help="Training-time routing (ablations; the saved model routes by its own rule): topk (the model's own) | switch (top-1, capacity) | soft (all experts) | noisy (Shazeer's noisy top-k) | expert_choice | hash (token-id hash) | sample_top1 (BTX's Gumbel top-1)."),
+    capacity_factor: Optional[float] = typer.Option(None, "--capacity-factor", help=f"switch: capacity = tokens / experts x this (default {DEFAULT_CAPACITY_FACTOR['switch']}); expert_choice: tokens x top-k / experts x this (default {DEFAULT_CAPACITY_FACTOR['expert_choice']})."),
+    temperature: Optional[str] = typer.Option(None, "--temperature", help=f"sample_top1: Gumbel temperature START[:END], linear over training (default {':'.join(map(str, default_of(TuneConfig, 'temperature')))})."),
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Share of each domain's tokens held out (default: the split the run recorded, else 0.05)."),
-    text_field: str = typer.Option("text", "--text-field", help="Text field of .jsonl/.json/.parquet records."),
+    text_field: str = TEXT_FIELD_OPTION,
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint of an interrupted run."),
     force: bool = typer.Option(False, "--force", help="Replace the output directory if it exists."),
     loop: Any = None,  # a LoopSettings, built by with_loop_options from the shared loop options
@@ -104,10 +75,10 @@ def tune_command(
     """
     from rich.console import Console
 
-    from moekit.config import TuneConfig
     from moekit.errors import InvalidOptionError
     from moekit.progress import quiet_transformers
     from moekit.steps.tune import tune
+    from moekit.steps.tune.inputs import tune_sources
     from moekit.train.loop import is_main_process
 
     quiet_transformers()
@@ -120,12 +91,14 @@ def tune_command(
         raise InvalidOptionError("--bias-rate and --bias-rule only apply with --balance bias.", "Remove them or add --balance bias.")
     if z_coef is not None and not z_loss:
         raise InvalidOptionError("--z-coef only applies with --z-loss.", "Add --z-loss.")
-    inputs = _inputs(model, parse_key_values(data, "--data"), parse_key_values(val_data, "--val-data"), out)
+    inputs = tune_sources(model, parse_key_values(data, "--data"), parse_key_values(val_data, "--val-data"), out)
+    given = {k: v for k, v in dict(bias_rate=bias_rate, bias_rule=bias_rule).items() if v is not None}
+    if temperature is not None:
+        given["temperature"] = _parse_temperature(temperature)
     cfg = TuneConfig(
-        **inputs,
-        mixture=parse_mixture(mix), train=train, balance=balance, aux_coef=aux_coef, z_coef=(1e-3 if z_coef is None else z_coef) if z_loss else 0.0,
+        **inputs, **given,
+        mixture=parse_mixture(mix), train=train, balance=balance, aux_coef=aux_coef, z_coef=(DEFAULT_Z_COEF if z_coef is None else z_coef) if z_loss else 0.0,
         balance_scope=balance_scope, routing=routing, capacity_factor=capacity_factor, val_fraction=val_fraction,
-        bias_rate=1e-3 if bias_rate is None else bias_rate, bias_rule=bias_rule or "sign", temperature=_parse_temperature(temperature),
         text_field=text_field, resume=resume, force=force, loop=loop,
     )
     result = tune(cfg)

@@ -52,7 +52,6 @@ from moekit.data.sources import (
     iter_spec_pieces,
     spec_fingerprint,
 )
-from moekit.data.tokens import tokenizer_fingerprint_of
 from moekit.errors import DataError
 
 STORE_FORMAT = 1
@@ -154,6 +153,13 @@ class _StoreWriter:
         if self._handle is not None:
             self._handle.close()
         self._documents.close()
+
+
+def tokenizer_fingerprint_of(tokenizer: Any) -> str:
+    """A hash that changes whenever the tokenizer would produce different ids."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    payload = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(f"{payload}|eos={tokenizer.eos_token_id}".encode()).hexdigest()
 
 
 def vocabulary_size(tokenizer: Any) -> int:

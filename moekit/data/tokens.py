@@ -8,8 +8,6 @@ for samples bounded by a token budget.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,16 +17,10 @@ import torch
 
 from moekit.data.encode import encode_pieces, nonblank_pieces
 from moekit.data.sources import is_store_dir, iter_spec_pieces
+from moekit.data.store import open_prepared
 from moekit.errors import DataError
 
 TOKENIZE_BATCH = 256  # pieces per tokenizer call
-
-
-def tokenizer_fingerprint_of(tokenizer: Any) -> str:
-    """A hash that changes whenever the tokenizer would produce different ids."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    payload = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    return hashlib.sha256(f"{payload}|eos={tokenizer.eos_token_id}".encode()).hexdigest()
 
 
 def batched(pieces: Iterable[tuple[str, bool]], size: int = TOKENIZE_BATCH) -> Iterator[list[tuple[str, bool]]]:
@@ -67,8 +59,6 @@ def token_stream(tokenizer: Any, spec: str | Path, text_field: str = "text", max
     A prepared token store is read directly (its first ``max_tokens`` tokens).
     """
     if is_store_dir(spec):
-        from moekit.data.store import open_prepared
-
         store = open_prepared(tokenizer, Path(spec))
         return torch.from_numpy(store.read(0, min(store.num_tokens, max_tokens or store.num_tokens)).astype(np.int32))
     stream = tokenize_pieces(tokenizer, iter_spec_pieces(spec, text_field), max_tokens)

@@ -21,15 +21,13 @@ def dtype_name(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def portable_config(data: dict[str, Any], dtype: Any = None) -> dict[str, Any]:
+def portable_config(data: dict[str, Any], dtype: Any = None, expert_count_keys: tuple[str, ...] = ()) -> dict[str, Any]:
     """Add the keys older readers need next to transformers 5's; set the dtype to ``dtype`` if given.
 
     rope_theta/rope_scaling next to rope_parameters, torch_dtype next to dtype, an integer
-    head_dim, and for MoEs every expert-count key the family's readers use (vLLM reads
-    num_experts for Qwen MoEs).
+    head_dim, and for MoEs every expert-count key the family's readers use
+    (``expert_count_keys``, from the family's adapter: vLLM reads num_experts for Qwen MoEs).
     """
-    from moekit.arch import adapter_for_moe
-
     data = dict(data)
     rope = data.get("rope_parameters") or {}
     if "rope_theta" in rope:
@@ -43,10 +41,9 @@ def portable_config(data: dict[str, Any], dtype: Any = None) -> dict[str, Any]:
         data["dtype"] = data["torch_dtype"]
     if data.get("head_dim") is not None:
         data["head_dim"] = int(data["head_dim"])
-    adapter = adapter_for_moe(str(data.get("model_type", "")))
     experts = next((data[k] for k in ("num_local_experts", "num_experts") if data.get(k)), None)
-    if adapter is not None and experts:
-        for key in adapter.num_experts_keys:
+    if experts:
+        for key in expert_count_keys:
             data[key] = experts
     return data
 
@@ -56,13 +53,13 @@ def write_config_json(model_dir: Path, data: dict[str, Any]) -> None:
     (Path(model_dir) / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def make_config_portable(model_dir: Path, dtype: Any = None) -> None:
+def make_config_portable(model_dir: Path, dtype: Any = None, expert_count_keys: tuple[str, ...] = ()) -> None:
     """Rewrite ``model_dir/config.json`` (as save_pretrained wrote it) with the portability keys.
 
     ``dtype``: the dtype the weights were saved in (save_pretrained records the in-memory one).
     """
     path = Path(model_dir) / "config.json"
-    write_config_json(model_dir, portable_config(json.loads(path.read_text(encoding="utf-8")), dtype))
+    write_config_json(model_dir, portable_config(json.loads(path.read_text(encoding="utf-8")), dtype, expert_count_keys))
 
 
 def load_config_json(model_dir: Path) -> dict[str, Any]:

@@ -9,7 +9,6 @@ directory and renamed into place, so a failure leaves nothing behind.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,11 +28,9 @@ from moekit.manifest import (
     SeedRecord,
     StageRecord,
     save_manifest,
+    validate_branch_names,
 )
 from moekit.models import open_dense_model
-
-_BRANCH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-RESERVED_NAMES = {"seed", "mixed", "tuned"}
 
 
 @dataclass(frozen=True)
@@ -44,21 +41,6 @@ class BranchResult:
     branches: dict[str, Path]
     link_mode: str
     seed_sha256: str
-
-
-def validate_branch_names(domains: list[str]) -> None:
-    """Raise InvalidOptionError unless the domain names are valid, unique and not reserved."""
-    if not domains:
-        raise InvalidOptionError("No domains given.", "Pass at least one --domain NAME (e.g. --domain code --domain math).")
-    for name in domains:
-        if not _BRANCH_NAME.match(name) or name.lower() in RESERVED_NAMES:
-            raise InvalidOptionError(
-                f"'{name}' is not a valid branch name.",
-                "Use letters, digits, '-', '_' or '.', at most 64 characters, and not seed/mixed/tuned.",
-            )
-    duplicates = sorted({d for d in domains if domains.count(d) > 1})
-    if duplicates:
-        raise InvalidOptionError(f"Domain names repeat: {', '.join(duplicates)}.", "Give each --domain once.")
 
 
 def _seed_files(seed_dir: Path) -> tuple[Checkpoint, list[Path], list[str]]:

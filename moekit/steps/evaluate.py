@@ -10,6 +10,7 @@ used, and the report gives each row's training compute (tokens, model FLOPs) bey
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,10 @@ import torch
 
 from moekit.config import EvalConfig
 from moekit.data.domains import recorded_heldout
-from moekit.data.tokens import evaluation_blocks, tokenizer_fingerprint_of
+from moekit.data.store import tokenizer_fingerprint_of
+from moekit.data.tokens import evaluation_blocks
 from moekit.errors import InvalidOptionError
+from moekit.io.atomic import write_text_atomic
 from moekit.io.loading import load_causal_lm
 from moekit.io.source import resolve_model_dir
 from moekit.manifest import MANIFEST_NAME, load_manifest
@@ -112,6 +115,25 @@ def evaluate_models(cfg: EvalConfig, show_progress: bool = True) -> dict[str, An
         spent = run_compute(runs[0])
         report["compute"] = {label: spent[label].as_dict() for label in results if label in spent}
     return report
+
+
+def record_eval(cfg: EvalConfig, report: dict[str, Any]) -> tuple[Path | None, Path | None]:
+    """Write ``report`` to ``--json`` (atomically), and a run's own table to RUN_DIR/eval.json, where
+    ``moekit report`` finds it; return (the --json file, RUN_DIR/eval.json), None for what was not written.
+
+    A run's own table is the loss table of one run directory on its recorded held-out split (no
+    ``--data``, no ``--task``): what the recipe's eval stage writes there too.
+    """
+    text = json.dumps(report, indent=1)
+    if cfg.json_path is not None:
+        cfg.json_path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(cfg.json_path, text)
+    runs = [Path(m) for m in cfg.models if is_run_dir(Path(m))]
+    recorded = None
+    if cfg.task is None and not cfg.data and len(cfg.models) == 1 and runs:
+        recorded = runs[0] / "eval.json"
+        write_text_atomic(recorded, text)
+    return cfg.json_path, recorded
 
 
 def _evaluate_one(directory: Path, blocks: dict[str, torch.Tensor], cfg: EvalConfig, label: str, show_progress: bool) -> dict[str, dict[str, float]]:

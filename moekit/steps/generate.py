@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -65,6 +66,17 @@ class Generation:
             "experts": self.expert_names, "routing_layer": layer if layer is not None else "majority",
             "tokens": [{"id": t.id, "text": t.text, "expert": name(t.top_expert(layer)), "experts_per_layer": t.experts} for t in self.tokens],
         }
+
+
+def write_generation(generation: Generation, path: Path, layer: int | None = None) -> Path:
+    """Write ``generation`` as JSON to ``path`` (atomically; ``layer``: the MoE layer of each token's expert, None for the majority)."""
+    import json
+
+    from moekit.io.atomic import write_text_atomic
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(generation.as_dict(layer), indent=1))
+    return path
 
 
 class Generator:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +14,30 @@ from moekit.data import evaluation_blocks
 from moekit.errors import InvalidOptionError
 from moekit.inspection.routing import collect_routing, routing_report
 from moekit.inspection.static import static_report
+from moekit.io.atomic import write_text_atomic
 from moekit.io.checkpoint import Checkpoint
 from moekit.io.loading import load_causal_lm
 from moekit.io.source import resolve_model_dir
 from moekit.models import check_context_length
 from moekit.progress import progress_bar
 from moekit.provenance import expert_names
+
+
+def inspect_model(cfg: InspectConfig, show_progress: bool = True,
+                  on_static: Callable[[dict[str, Any]], None] | None = None) -> tuple[dict[str, Any], list[Path]]:
+    """The report of ``cfg.model``: static statistics and, with data, its routing; written to --json and --plot.
+
+    ``on_static`` receives the static statistics as soon as they are known (before the routing pass,
+    which can take minutes, and which a dense model refuses). Returns the report (``model``,
+    ``static``, ``routing``: None without data) and the paths written.
+    """
+    model_dir, static = inspect_static(cfg.model)
+    if on_static is not None:
+        on_static(static)
+    report = {"model": str(model_dir), "static": static, "routing": None}
+    if cfg.data:
+        report["routing"] = inspect_routing(cfg, model_dir, static, show_progress)
+    return report, write_outputs(cfg, report)
 
 
 def inspect_static(model: str) -> tuple[Path, dict[str, Any]]:
@@ -56,7 +75,7 @@ def write_outputs(cfg: InspectConfig, report: dict[str, Any]) -> list[Path]:
     written = []
     if cfg.json_path is not None:
         cfg.json_path.parent.mkdir(parents=True, exist_ok=True)
-        cfg.json_path.write_text(json.dumps(report, indent=1))
+        write_text_atomic(cfg.json_path, json.dumps(report, indent=1))
         written.append(cfg.json_path)
     if cfg.plot_dir is not None and report.get("routing"):
         written += write_plots(report, cfg.plot_dir)

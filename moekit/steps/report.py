@@ -9,8 +9,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from moekit.config import REPORT_SAMPLE_TOKENS
+from moekit.errors import InvalidOptionError
 from moekit.manifest import RunManifest, load_manifest
-from moekit.report.run_page import RunReport
+from moekit.report.run_page import RunReport, write_report
 
 EVAL_FILE = "eval.json"  # written by the recipe's eval stage and by `moekit eval RUN_DIR`
 ROUTING_FILE = Path("inspect") / "routing.json"  # written by the recipe's inspect stage
@@ -88,7 +90,7 @@ def _stale(path: Path, inspected: dict[str, Any] | None, moe: Path) -> bool:
 def inspect_run(run_dir: Path, manifest: RunManifest, moe: Path) -> dict[str, Any] | None:
     """Inspect ``moe``'s routing on the run's domain data (as a recipe's inspect stage does) and record it; None without data."""
     from moekit.config import InspectConfig
-    from moekit.steps.inspect import inspect_routing, inspect_static, write_outputs
+    from moekit.steps.inspect import inspect_model
 
     data = {name: (record.val_data or record.data)[:1] for name, record in manifest.branches.items() if record.data}
     if not data:
@@ -97,13 +99,22 @@ def inspect_run(run_dir: Path, manifest: RunManifest, moe: Path) -> dict[str, An
     out = run_dir / ROUTING_FILE.parent
     cfg = InspectConfig(model=str(moe), data=data, seq_len=trained[-1] if trained else 256, max_tokens=16384,
                         json_path=out / ROUTING_FILE.name, plot_dir=out)
-    model_dir, static = inspect_static(str(moe))
-    report = {"model": str(model_dir), "static": static, "routing": inspect_routing(cfg, model_dir, static, show_progress=False)}
-    write_outputs(cfg, report)
-    return report
+    return inspect_model(cfg, show_progress=False)[0]
 
 
-def gather_run(run_dir: Path, prompts: dict[str, str] | None = None, generations: bool = True, max_new_tokens: int = 24,
+def report_run(run_dir: Path, out: Path | None = None, prompts: dict[str, str] | None = None, generations: bool = True,
+               max_new_tokens: int = REPORT_SAMPLE_TOKENS, inspect: bool = True) -> tuple[RunReport, Path]:
+    """``moekit report``: gather the run's report and write its page to ``out`` (default RUN_DIR/report.html)."""
+    load_manifest(run_dir)  # a clear error for what is not a run, before anything is created
+    target = out or Path(run_dir) / "report.html"
+    if target.is_dir():
+        raise InvalidOptionError(f"--out {target} is a directory.", "Give a file name, e.g. --out report.html.")
+    target.parent.mkdir(parents=True, exist_ok=True)  # before minutes of inspection and generation, not after
+    report = gather_run(run_dir, prompts, generations=generations, max_new_tokens=max_new_tokens, inspect=inspect)
+    return report, write_report(report, target)
+
+
+def gather_run(run_dir: Path, prompts: dict[str, str] | None = None, generations: bool = True, max_new_tokens: int = REPORT_SAMPLE_TOKENS,
                inspect: bool = True) -> RunReport:
     """Collect a run's report; ``prompts`` (domain -> text) default to the start of each domain's data.
 

@@ -314,7 +314,7 @@ class RecipeRun:
         self.outcome.eval_report = json.loads(out.read_text()) if out.is_file() else None
 
     def stage_inspect(self) -> None:
-        from moekit.steps.inspect import inspect_routing, inspect_static, write_outputs
+        from moekit.steps.inspect import inspect_model
 
         model = self.run_dir / ("tuned" if (self.run_dir / "tuned" / "config.json").is_file() else "mixed")
         fingerprint = _hash(self.fingerprints.get("tune", ""), self.fingerprints.get("mix", ""), self.recipe.eval.model_dump(mode="json"))
@@ -325,8 +325,7 @@ class RecipeRun:
             cfg = InspectConfig(model=str(model), data=data, seq_len=self._eval_seq_len(), batch_size=self.recipe.eval.batch_size,
                                 max_tokens=min(self.recipe.eval.max_tokens, 16384), text_field=self.recipe.text_field,
                                 json_path=out / "routing.json", plot_dir=out)
-            model_dir, static = inspect_static(str(model))
-            write_outputs(cfg, {"model": str(model_dir), "static": static, "routing": inspect_routing(cfg, model_dir, static, self.show_progress)})
+            inspect_model(cfg, self.show_progress)
 
         self._stage("inspect", out / "routing.json", fingerprint, work)
         routing = out / "routing.json"

@@ -72,6 +72,27 @@ def branch_trainable(model_type: str, what: str) -> Callable[[str], bool]:
     return chosen
 
 
+def parse_branch_data(run_dir: Path, items: list[str], branches: list[str], option: str) -> dict[str, list[str]]:
+    """Map repeated ``[BRANCH=]PATH`` options to branch -> specs.
+
+    ``BRANCH=PATH`` names a branch of the run; a bare PATH belongs to the single ``--branch`` given.
+    """
+    known = list(load_manifest(run_dir).branches) if items else []
+    result: dict[str, list[str]] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if sep and name in known:
+            result.setdefault(name, []).append(path)
+        elif len(branches) == 1:
+            result.setdefault(branches[0], []).append(item)
+        else:
+            raise InvalidOptionError(
+                f"{option} {item}: which branch is it for?",
+                f"Write {option} BRANCH=PATH (branches: {', '.join(known)}), or train one --branch at a time.",
+            )
+    return result
+
+
 def register_data(manifest: RunManifest, cfg: TrainConfig) -> None:
     """Record the given data specs in the manifest (replacing a branch's earlier ones)."""
     for option, mapping in (("--data", cfg.data), ("--val-data", cfg.val_data)):

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from moekit.arch import expert_count_keys
 from moekit.errors import NonFiniteError
 from moekit.io.atomic import atomic_output_dir, check_free_space, check_output_dir
 from moekit.io.checkpoint import Checkpoint
@@ -140,7 +141,7 @@ def write_trained_model(
     with atomic_output_dir(out_dir, force=force) as tmp:
         model.save_pretrained(tmp, state_dict=state)
         del state
-        make_config_portable(tmp, dtype)
+        make_config_portable(tmp, dtype, expert_count_keys(str(model.config.model_type)))
         copy_tokenizer_and_generation_files(source_dir, tmp)
         for path in extra_files or []:
             if path.is_file():

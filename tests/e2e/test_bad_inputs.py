@@ -194,7 +194,7 @@ def recipe(world: World, name: str, **changes) -> list:
     """A copy of the tiny recipe with top-level changes (a value None removes the key)."""
     import yaml
 
-    from moekit.commands.demo_cmd import packaged_recipe
+    from moekit.steps.demo import packaged_recipe
 
     data = yaml.safe_load(packaged_recipe("demo-tiny").read_text())
     for key, value in changes.items():

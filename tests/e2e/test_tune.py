@@ -148,7 +148,7 @@ def test_switch_and_soft_routing_train(mixed, tmp_path, routing, extra):
 def test_tune_resume_after_a_crash(mixed, tmp_path, monkeypatch):
     args = ["tune", mixed, *_data_args(mixed), "--max-steps", "6", "--save-every", "2", "--balance", "btx", *LOOP]
     assert cli(*args, "--out", tmp_path / "straight").exit_code == 0
-    import moekit.steps.tune as tune_step
+    import moekit.steps.tune.run as tune_step
 
     real = tune_step.run_loop
 

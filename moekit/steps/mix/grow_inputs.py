@@ -58,6 +58,29 @@ class GrowInputs:
         return found
 
 
+def grow_sources(run_dir: Path | None, add_expert: str, into: Path | None, out: Path | None) -> tuple[str, Path, Path, Path]:
+    """(name, branch directory, MoE to grow, output directory) from ``--add-expert NAME[=DIR]``, ``--into`` and ``--out``.
+
+    With a run directory, NAME alone is the run's branch, the MoE is RUN_DIR/tuned (else RUN_DIR/mixed)
+    and the output RUN_DIR/grown; without one, all three must be given.
+    """
+    name, sep, path = add_expert.partition("=")
+    if run_dir is None:
+        if not sep or into is None or out is None:
+            raise InvalidOptionError(
+                "--add-expert without a run directory needs NAME=DIR, --into MOE and --out DIR.",
+                "E.g. moekit mix --add-expert law=branches/law --into tuned --out grown --router-data law=law.jsonl --router-data code=code.jsonl",
+            )
+        return name, Path(path), into, out
+    manifest = load_manifest(run_dir)
+    if not sep and name not in manifest.branches:
+        raise InvalidOptionError(f"{run_dir} has no branch '{name}' (branches: {', '.join(manifest.branches)}).",
+                                 f"Add it first: moekit branch {manifest.seed.path} {run_dir} --domain {name} --add, then train it.")
+    branch_dir = Path(path) if sep else manifest.branch_dir(run_dir, name)
+    into = into or (run_dir / "tuned" if (run_dir / "tuned" / "config.json").is_file() else run_dir / "mixed")
+    return name, branch_dir, into, out or run_dir / "grown"
+
+
 def _read_provenance(moe_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """The MoE's whole provenance, and the record in it that names its experts (mix's, or an earlier add-expert's)."""
     record = read_provenance(moe_dir)

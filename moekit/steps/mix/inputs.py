@@ -59,6 +59,30 @@ def experts_from_run_dir(run_dir: Path) -> tuple[str, list[tuple[str, Path]]]:
     return manifest.seed.path, [(name, manifest.branch_dir(run_dir, name)) for name in manifest.branches]
 
 
+def mix_sources(run_dir: Path | None, experts: list[tuple[str, Path]], upcycle: str | None, seed_model: str | None,
+                seed_as: str, out: Path | None) -> tuple[str, list[tuple[str, Path]], Path]:
+    """(seed, experts, output directory) for the three ways to name mix's inputs.
+
+    A run directory (its seed and branches; output RUN_DIR/mixed by default), ``--upcycle SEED``, or
+    ``--expert DIR``s (their seed given by ``--seed-model``; without it, the first expert, which
+    only serves when the seed's FFN takes no part: ``--seed-as none``).
+    """
+    if sum(x is not None and x != [] for x in (run_dir, experts or None, upcycle)) != 1:
+        raise InvalidOptionError("Give exactly one input: RUN_DIR, --expert DIR ..., or --upcycle SEED.", "See moekit mix --help.")
+    if run_dir is not None:
+        seed, experts = experts_from_run_dir(run_dir)
+        out = out or run_dir / "mixed"
+    elif upcycle is not None:
+        seed = upcycle
+    else:
+        if seed_model is None and seed_as != "none":
+            raise InvalidOptionError(f"--expert mode with --seed-as {seed_as} needs --seed-model SEED.", "Pass --seed-model, or --seed-as none.")
+        seed = seed_model or str(experts[0][1])
+    if out is None:
+        raise InvalidOptionError("No output directory.", "Pass --out DIR.")
+    return seed, experts, out
+
+
 def normalised_config(model_dir: Path) -> dict:
     """config.json as transformers reads it (legacy keys such as rope_theta folded into
     rope_parameters, defaults filled in), so a seed and a branch re-saved by a newer

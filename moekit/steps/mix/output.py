@@ -41,7 +41,7 @@ def build_moe_config(seed_dir: Path, adapter: ArchAdapter, plan: BlockPlan, dtyp
     if not exact and _json_is_complete(dense, adapter):
         data = {**kwargs_for(dense), "model_type": adapter.moe_type,
                 "architectures": [adapter.moe_architecture], "dtype": dtype_name(dtype)}
-        return portable_config(data)
+        return portable_config(data, expert_count_keys=adapter.num_experts_keys)
     from transformers import CONFIG_MAPPING, AutoConfig
 
     kwargs = kwargs_for(AutoConfig.from_pretrained(seed_dir).to_dict())
@@ -50,7 +50,7 @@ def build_moe_config(seed_dir: Path, adapter: ArchAdapter, plan: BlockPlan, dtyp
     data = moe.to_dict()
     data["dtype"] = dtype_name(dtype)
     data["head_dim"] = int(kwargs["head_dim"])
-    return portable_config(data)
+    return portable_config(data, expert_count_keys=adapter.num_experts_keys)
 
 
 def write_model_card(out_dir: Path, record: dict[str, Any], adapter: ArchAdapter, name: str) -> None:

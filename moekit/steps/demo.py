@@ -1,0 +1,79 @@
+"""``moekit demo``: the packaged demo recipe run end to end, then a generation per domain, the arithmetic accuracy and the report.
+
+The recipe (``moekit/recipes/demo.yaml``, or ``demo-tiny.yaml`` for tests) pretrains a small seed
+here, branches, trains, mixes, tunes and builds the baselines; this step adds what a user wants
+to see at the end: the tuned MoE's continuation of a prompt per domain (coloured by expert when
+rendered), the arithmetic accuracy of seed, tuned and tuned+SCMoE, and the run's HTML report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moekit.config import EvalConfig, GenerateConfig
+from moekit.manifest import load_manifest
+from moekit.recipe import load_recipe
+from moekit.steps.run import RunOutcome, clear_workdir, run_recipe
+
+# A prompt per demo domain for the generation samples (the tiny demo's domains have the same names).
+# Prompts end at a word, not a space: a byte-level BPE attaches the space to the next word.
+DEMO_PROMPTS = {"code": "import os\nimport sys\n\ndef", "prose": "The return statement",
+                "math": "Ann has 12 pens and gets 30 more. How many pens does Ann have?"}
+
+
+@dataclass
+class DemoResult:
+    """What the demo ran and showed."""
+
+    workdir: Path
+    outcome: RunOutcome
+    generations: list[tuple[str, str, Any]] = field(default_factory=list)  # (domain, prompt, Generation)
+    arithmetic: dict[str, Any] | None = None  # eval --task arithmetic's report for the seed and the tuned MoE
+    report: Path | None = None
+
+
+def packaged_recipe(name: str) -> Path:
+    """Path of a recipe shipped inside the moekit package (moekit/recipes/NAME.yaml)."""
+    return Path(__file__).resolve().parent.parent / "recipes" / f"{name}.yaml"
+
+
+def run_demo(out: Path | None, tiny: bool, force: bool, overrides: list[str], log: Callable[[str], None]) -> DemoResult:
+    """Run the demo recipe in ``out`` (default demo-out, or demo-tiny-out), then the generations, accuracy table and report."""
+    name = "demo-tiny" if tiny else "demo"
+    workdir = (out or Path(f"{name}-out")).absolute()
+    if force:
+        clear_workdir(workdir)
+    recipe = load_recipe(packaged_recipe(name), [f"workdir={workdir}", *overrides])
+    log(f"moekit demo ({name}): work directory {workdir}")
+    result = DemoResult(workdir, run_recipe(recipe, log=log))
+    run_dir = workdir / "run"
+    if (run_dir / "tuned" / "config.json").is_file():
+        result.generations, result.arithmetic = _samples(run_dir, problems=40 if tiny else 200)
+    result.report = write_demo_report(run_dir)
+    return result
+
+
+def _samples(run_dir: Path, problems: int) -> tuple[list[tuple[str, str, Any]], dict[str, Any]]:
+    """The tuned MoE's continuation of a prompt per domain, and the arithmetic accuracy of seed / tuned / tuned+SCMoE."""
+    from moekit.steps.evaluate_task import evaluate_task
+    from moekit.steps.generate import Generator
+
+    manifest = load_manifest(run_dir)
+    tuned = run_dir / "tuned"
+    generator = Generator(GenerateConfig(model=str(tuned), raw=True, max_new_tokens=24))
+    generations = [(d, DEMO_PROMPTS[d], generator.generate(DEMO_PROMPTS[d])) for d in manifest.branches if d in DEMO_PROMPTS]
+    report = evaluate_task(EvalConfig(models=[manifest.seed.path, str(tuned)], task="arithmetic", problems=problems, scmoe=True),
+                           show_progress=False)
+    return generations, report
+
+
+def write_demo_report(run_dir: Path) -> Path:
+    """The run's HTML report (moekit report), with the demo's prompts for the generation samples."""
+    from moekit.report.run_page import write_report
+    from moekit.steps.report import gather_run
+
+    prompts = {d: DEMO_PROMPTS[d] for d in load_manifest(run_dir).branches if d in DEMO_PROMPTS}
+    return write_report(gather_run(run_dir, prompts or None), run_dir / "report.html")
