@@ -9,7 +9,7 @@ mandatory: without ``--seed-as shared`` they are written with down_proj = 0, so 
 nothing until trained.
 
 Values the "equal experts = dense" invariant needs, each a trap if left at the library default
-(REFERENCE.md section 7, checked against transformers 5.24): ``partial_rotary_factor`` 1.0 (the
+(docs/reference.md §5, checked against transformers 5.24): ``partial_rotary_factor`` 1.0 (the
 default 0.5 rotates half of each head), ``first_k_dense_replace`` 0 and
 ``num_nextn_predict_layers`` 0 (every layer an MoE, no multi-token-prediction layer),
 ``norm_topk_prob`` true, one expert group. Qwen2's q/k/v biases map to ``attention_bias`` (o_proj

@@ -2,7 +2,7 @@
 
 transformers 5 writes ``rope_parameters`` and ``dtype`` only; older readers (transformers 4.x,
 vLLM, llama.cpp's converter) look for ``rope_theta``/``rope_scaling``, ``torch_dtype``, an
-integer ``head_dim`` and, for Qwen MoEs, ``num_experts`` (REFERENCE.md section 5).
+integer ``head_dim`` and, for Qwen MoEs, ``num_experts`` (docs/reference.md §5).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Load-balancing losses and expert-load metrics (REFERENCE.md sections 3 and 4).
+"""Load-balancing losses and expert-load metrics (docs/reference.md §3 and §4).
 
 Conventions, stated once because papers and libraries differ:
 

@@ -1,4 +1,4 @@
-"""Training-time routing rules for ablations (REFERENCE.md section 3).
+"""Training-time routing rules for ablations (docs/reference.md §3).
 
 Each rule maps one router call's fp32 logits [N, E] to ``(weights, indices, mask, stats)`` that
 the model's own expert implementation consumes: ``indices`` [N, s] expert slots per token,

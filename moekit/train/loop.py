@@ -7,7 +7,7 @@ processes. Data order and learning rate are functions of the step (``moekit.trai
 resumed run continues exactly, and N processes with a per-process batch of B/N see the same
 global batches as one process with batch B.
 
-Precision: fp32 on CPU (bf16 autocast made CPU backward passes ~14x slower, REFERENCE.md 6);
+Precision: fp32 on CPU (bf16 autocast made CPU backward passes ~14x slower, docs/reference.md §6);
 ``auto`` picks bf16 mixed precision on GPUs that support it. Master weights stay fp32.
 """
 
