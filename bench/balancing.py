@@ -30,18 +30,26 @@ DOMAINS = {"code": "builtin:python-stdlib", "prose": "builtin:pydoc-topics", "ma
 
 
 def build_branches(work: Path, args: argparse.Namespace) -> tuple[Path, Path, dict[str, list[str]]]:
-    """Seed, branches and trained branches via a recipe; returns the run directory, the seed and each domain's data files."""
+    """Seed, branches and trained branches via a recipe; returns the run directory, the seed and each domain's data
+    files."""
     from moekit.recipe import Recipe
     from moekit.steps.run import RecipeRun, run_recipe
 
-    loop = dict(seq_len=args.seq_len, batch_size=args.batch_size, warmup_steps=10, eval_every=0, eval_blocks=8, save_every=0)
-    recipe = Recipe.model_validate(dict(
-        name="bench-balancing", workdir=work,
-        seed=dict(build="pretrained-small", size="small", pretrain=dict(loop, max_steps=args.pretrain_steps, lr=3e-3)),
-        domains={d: {"data": [spec]} for d, spec in DOMAINS.items()},
-        train=dict(loop, max_steps=args.train_steps, lr=1e-3),
-        stages=["seed", "branch", "train"],
-    ))
+    loop = dict(
+        seq_len=args.seq_len, batch_size=args.batch_size, warmup_steps=10, eval_every=0, eval_blocks=8, save_every=0
+    )
+    recipe = Recipe.model_validate(
+        dict(
+            name="bench-balancing",
+            workdir=work,
+            seed=dict(
+                build="pretrained-small", size="small", pretrain=dict(loop, max_steps=args.pretrain_steps, lr=3e-3)
+            ),
+            domains={d: {"data": [spec]} for d, spec in DOMAINS.items()},
+            train=dict(loop, max_steps=args.train_steps, lr=1e-3),
+            stages=["seed", "branch", "train"],
+        )
+    )
     run_recipe(recipe, show_progress=False, log=print)
     runner = RecipeRun(recipe, False, lambda message: None)
     return runner.run_dir, runner.seed_dir(), runner.data
@@ -52,9 +60,18 @@ def mix_variant(run_dir: Path, seed: Path, data: dict[str, list[str]], seed_as: 
     from moekit.config import MixConfig
     from moekit.steps.mix import mix
 
-    cfg = MixConfig(out=out, seed=str(seed), experts=[(d, run_dir / "branches" / d) for d in DOMAINS], target="glm4_moe",
-                    seed_as=seed_as, top_k=2, router="centroid", router_data={d: specs[0] for d, specs in data.items()},
-                    router_tokens=4096, force=True)
+    cfg = MixConfig(
+        out=out,
+        seed=str(seed),
+        experts=[(d, run_dir / "branches" / d) for d in DOMAINS],
+        target="glm4_moe",
+        seed_as=seed_as,
+        top_k=2,
+        router="centroid",
+        router_data={d: specs[0] for d, specs in data.items()},
+        router_tokens=4096,
+        force=True,
+    )
     return mix(cfg, show_progress=False).out
 
 
@@ -63,14 +80,28 @@ def tune_variant(moe: Path, data: dict[str, list[str]], out: Path, args: argpars
     from moekit.config import LoopSettings, TuneConfig
     from moekit.steps.tune import tune
 
-    loop = LoopSettings(seq_len=args.seq_len, batch_size=args.batch_size, max_steps=args.tune_steps, lr=5e-4, warmup_steps=10,
-                        eval_every=0, eval_blocks=16, save_every=0)
+    loop = LoopSettings(
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        max_steps=args.tune_steps,
+        lr=5e-4,
+        warmup_steps=10,
+        eval_every=0,
+        eval_blocks=16,
+        save_every=0,
+    )
     started = time.perf_counter()
-    result = tune(TuneConfig(model=moe, out=out, data=data, train="all", loop=loop, force=True, **balance), show_progress=False)
+    result = tune(
+        TuneConfig(model=moe, out=out, data=data, train="all", loop=loop, force=True, **balance), show_progress=False
+    )
     heldout = result.heldout_routing
-    return {"eval": {d: result.eval.get(f"eval/{d}/loss", result.eval.get(d)) for d in DOMAINS},
-            "maxvio": heldout.get("maxvio_mean"), "maxvio_max": heldout.get("maxvio_max"), "dead": heldout.get("dead_experts"),
-            "seconds": time.perf_counter() - started}
+    return {
+        "eval": {d: result.eval.get(f"eval/{d}/loss", result.eval.get(d)) for d in DOMAINS},
+        "maxvio": heldout.get("maxvio_mean"),
+        "maxvio_max": heldout.get("maxvio_max"),
+        "dead": heldout.get("dead_experts"),
+        "seconds": time.perf_counter() - started,
+    }
 
 
 def main() -> None:
@@ -81,7 +112,9 @@ def main() -> None:
     parser.add_argument("--pretrain-steps", type=int, default=150)
     parser.add_argument("--train-steps", type=int, default=50)
     parser.add_argument("--tune-steps", type=int, default=80)
-    parser.add_argument("--bias-rate", type=float, default=0.01, help="u of the sign rule (larger than DeepSeek-V3's 1e-3: few steps)")
+    parser.add_argument(
+        "--bias-rate", type=float, default=0.01, help="u of the sign rule (larger than DeepSeek-V3's 1e-3: few steps)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         work = Path(tmp)
@@ -90,13 +123,28 @@ def main() -> None:
         shared = mix_variant(run_dir, seed, data, "shared", work / "moe-shared")
         rows = {
             "no balancing": tune_variant(routed, data, work / "t-none", args, balance="none"),
-            "aux loss (switch, 0.01)": tune_variant(routed, data, work / "t-aux", args, balance="switch", aux_coef=0.01),
-            f"bias (sign, u={args.bias_rate:g})": tune_variant(routed, data, work / "t-bias", args, balance="bias", bias_rate=args.bias_rate),
-            "bias + sequence aux (1e-3)": tune_variant(routed, data, work / "t-both", args, balance="bias", bias_rate=args.bias_rate, aux_coef=1e-3),
-            "seed as shared expert, aux loss": tune_variant(shared, data, work / "t-shared", args, balance="switch", aux_coef=0.01),
+            "aux loss (switch, 0.01)": tune_variant(
+                routed, data, work / "t-aux", args, balance="switch", aux_coef=0.01
+            ),
+            f"bias (sign, u={args.bias_rate:g})": tune_variant(
+                routed, data, work / "t-bias", args, balance="bias", bias_rate=args.bias_rate
+            ),
+            "bias + sequence aux (1e-3)": tune_variant(
+                routed, data, work / "t-both", args, balance="bias", bias_rate=args.bias_rate, aux_coef=1e-3
+            ),
+            "seed as shared expert, aux loss": tune_variant(
+                shared, data, work / "t-shared", args, balance="switch", aux_coef=0.01
+            ),
         }
-    print(f"\n{args.tune_steps} tune steps x {args.batch_size} x {args.seq_len} tokens each, glm4_moe target, centroid router, train all")
-    print("| variant | " + " | ".join(f"held-out loss {d}" for d in DOMAINS) + " | held-out MaxVio (mean / max layer) | dead experts |")
+    print(
+        f"\n{args.tune_steps} tune steps x {args.batch_size} x {args.seq_len} tokens each, glm4_moe target, "
+        "centroid router, train all"
+    )
+    print(
+        "| variant | "
+        + " | ".join(f"held-out loss {d}" for d in DOMAINS)
+        + " | held-out MaxVio (mean / max layer) | dead experts |"
+    )
     print("|---|" + "---|" * (len(DOMAINS) + 2))
     for name, row in rows.items():
         losses = " | ".join(f"{row['eval'][d]:.3f}" if row["eval"][d] is not None else "n/a" for d in DOMAINS)

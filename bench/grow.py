@@ -52,8 +52,18 @@ def main() -> None:
     parser.add_argument("--seed-steps", type=int, default=400)
     parser.add_argument("--router-steps", type=int, default=40)
     parser.add_argument("--router-lr", type=float, default=2e-3)
-    parser.add_argument("--train", choices=("router", "new-expert+router"), default="router", help="what the tune of the grown MoE trains")
-    parser.add_argument("--router-data", choices=("all", "new"), default="all", help="router tune data: the run's three domains, or prose only")
+    parser.add_argument(
+        "--train",
+        choices=("router", "new-expert+router"),
+        default="router",
+        help="what the tune of the grown MoE trains",
+    )
+    parser.add_argument(
+        "--router-data",
+        choices=("all", "new"),
+        default="all",
+        help="router tune data: the run's three domains, or prose only",
+    )
     args = parser.parse_args()
     from moekit.builtin_data import materialize
 
@@ -62,28 +72,83 @@ def main() -> None:
     moekit("run", str(recipe))
     run = args.work / "run"
     prose = materialize("builtin:pydoc-topics", args.work / "data")
-    loop = ["--seq-len", "128", "--batch-size", "16", "--lr", "1e-3", "--warmup-steps", "6", "--eval-every", "30", "--eval-blocks", "8"]
+    loop = [
+        "--seq-len",
+        "128",
+        "--batch-size",
+        "16",
+        "--lr",
+        "1e-3",
+        "--warmup-steps",
+        "6",
+        "--eval-every",
+        "30",
+        "--eval-blocks",
+        "8",
+    ]
     if not (run / "branches" / "prose" / "metrics.jsonl").is_file():  # a re-run keeps the trained prose branch
         if not (run / "branches" / "prose").is_dir():
             moekit("branch", str(args.work / "seed"), str(run), "--domain", "prose", "--add")
-        moekit("train", str(run), "--branch", "prose", "--data", f"prose={prose}", "--max-steps", "60", "--save-every", "30", *loop)
+        moekit(
+            "train",
+            str(run),
+            "--branch",
+            "prose",
+            "--data",
+            f"prose={prose}",
+            "--max-steps",
+            "60",
+            "--save-every",
+            "30",
+            *loop,
+        )
     moekit("mix", str(run), "--add-expert", "prose", "--router-tokens", "4096", "--force")
     data = ["--data", f"prose={prose}"] if args.router_data == "new" else []
-    tune_loop = ["--seq-len", "128", "--batch-size", "16", "--lr", str(args.router_lr), "--warmup-steps", "4", "--eval-every", str(args.router_steps),
-                 "--eval-blocks", "8", "--save-every", str(args.router_steps)]
-    moekit("tune", str(run / "grown"), "--train", args.train, "--max-steps", str(args.router_steps), "--force", *data, *tune_loop)
+    tune_loop = [
+        "--seq-len",
+        "128",
+        "--batch-size",
+        "16",
+        "--lr",
+        str(args.router_lr),
+        "--warmup-steps",
+        "4",
+        "--eval-every",
+        str(args.router_steps),
+        "--eval-blocks",
+        "8",
+        "--save-every",
+        str(args.router_steps),
+    ]
+    moekit(
+        "tune",
+        str(run / "grown"),
+        "--train",
+        args.train,
+        "--max-steps",
+        str(args.router_steps),
+        "--force",
+        *data,
+        *tune_loop,
+    )
     moekit("eval", str(run), "--max-tokens", "16384", "--batch-size", "16", "--json", str(args.work / "eval.json"))
     report = json.loads((args.work / "eval.json").read_text())
     results = report["results"]
     grown = yaml.safe_load((run / "grown" / "moekit.yaml").read_text())["router"]
-    print(f"router init: {grown['init_new_domain_top_k']:.0%} of prose tokens, {grown['init_old_domains_top_k']:.0%} of code/math tokens "
-          "have the new expert in their top-k")
+    print(
+        f"router init: {grown['init_new_domain_top_k']:.0%} of prose tokens, "
+        f"{grown['init_old_domains_top_k']:.0%} of code/math tokens "
+        "have the new expert in their top-k"
+    )
     print(f"{'domain':8} {'tuned (old)':>12} {'grown':>9} {'grown-tuned':>12} {'change':>8}")
     for domain in report["domains"]:
         old, new, tuned = (results[m][domain]["loss"] for m in ("tuned", "grown", "grown-tuned"))
         print(f"{domain:8} {old:12.4f} {new:9.4f} {tuned:12.4f} {100 * (tuned - old) / old:+7.2f}%")
-    print(f"(--train {args.train} on {'the three domains' if args.router_data == 'all' else 'prose only'}, {args.router_steps} steps at lr {args.router_lr}; "
-          f"wall {time.perf_counter() - started:.0f} s)")
+    print(
+        f"(--train {args.train} on {'the three domains' if args.router_data == 'all' else 'prose only'}, "
+        f"{args.router_steps} steps at lr {args.router_lr}; "
+        f"wall {time.perf_counter() - started:.0f} s)"
+    )
 
 
 if __name__ == "__main__":

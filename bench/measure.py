@@ -1,6 +1,7 @@
 """Timing whole commands as processes, as a user waits for them: wall time and peak memory of the process tree.
 
-Peak memory is sampled (every 50 ms for the first 5 s, then every 250 ms) over the process and all its descendants (psutil): the sum
+Peak memory is sampled (every 50 ms for the first 5 s, then every 250 ms) over the process and all its descendants
+(psutil): the sum
 of their PSS, so pages that forked workers share with their parent count once.
 """
 

@@ -33,7 +33,8 @@ from measure import measure  # noqa: E402  (bench/measure.py: whole-process timi
 
 
 def build_checkpoint(out: Path, seed: int, layers: int, hidden: int, intermediate: int, vocab: int) -> int:
-    """Write a random bf16 Llama checkpoint with a tiny tokenizer (distinct weights per ``seed``); return its weight bytes."""
+    """Write a random bf16 Llama checkpoint with a tiny tokenizer (distinct weights per ``seed``); return its weight
+    bytes."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -43,8 +44,15 @@ def build_checkpoint(out: Path, seed: int, layers: int, hidden: int, intermediat
     out.mkdir(parents=True)
     build_tokenizer(out)
     config = tiny_config(
-        "llama", vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=hidden // 64, num_key_value_heads=hidden // 128, head_dim=64, dtype="bfloat16",
+        "llama",
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 128,
+        head_dim=64,
+        dtype="bfloat16",
     )
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
@@ -67,8 +75,10 @@ def mergekit_command(work: Path, inputs: list[Path], out: Path) -> list[str]:
         subprocess.run([*pip, "torch==2.13.0"], check=True)
         subprocess.run([*pip, "mergekit"], check=True)
     config = work / "mergekit.yml"
-    experts = "".join(f"  - source_model: {p}\n    positive_prompts: [\"x\"]\n" for p in inputs)
-    config.write_text(f"base_model: {inputs[0]}\ngate_mode: random\ndtype: bfloat16\nexperts_per_token: 2\nexperts:\n{experts}")
+    experts = "".join(f'  - source_model: {p}\n    positive_prompts: ["x"]\n' for p in inputs)
+    config.write_text(
+        f"base_model: {inputs[0]}\ngate_mode: random\ndtype: bfloat16\nexperts_per_token: 2\nexperts:\n{experts}"
+    )
     return [str(venv / "bin" / "mergekit-moe"), str(config), str(out)]
 
 
@@ -86,7 +96,12 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--mergekit", action="store_true", help="also time mergekit-moe (installed into its own venv)")
-    parser.add_argument("--workdir", type=Path, default=None, help="where to build (default: a temp dir); the mergekit venv goes next to it")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="where to build (default: a temp dir); the mergekit venv goes next to it",
+    )
     args = parser.parse_args()
 
     from transformers.utils import logging as hf_logging
@@ -97,45 +112,90 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="moekit-bench-mix-", dir=base))
     try:
         inputs = [work / name for name in ("a", "b", "c")]
-        size = sum(build_checkpoint(p, i + 1, args.layers, args.hidden, args.intermediate, args.vocab) for i, p in enumerate(inputs))
-        moekit = [sys.executable, "-m", "moekit", "mix", *(f"--expert={p.name}={p}" for p in inputs), "--seed-model", str(inputs[0]),
-                  "--seed-as", "none", "--out", str(work / "moe"), "--force"]
+        size = sum(
+            build_checkpoint(p, i + 1, args.layers, args.hidden, args.intermediate, args.vocab)
+            for i, p in enumerate(inputs)
+        )
+        moekit = [
+            sys.executable,
+            "-m",
+            "moekit",
+            "mix",
+            *(f"--expert={p.name}={p}" for p in inputs),
+            "--seed-model",
+            str(inputs[0]),
+            "--seed-as",
+            "none",
+            "--out",
+            str(work / "moe"),
+            "--force",
+        ]
         sides = {
-            "cp -r": synced(["cp", "-r", *map(str, inputs), str(work / "copy")], f"rm -rf '{work / 'copy'}' && mkdir '{work / 'copy'}' && "),
+            "cp -r": synced(
+                ["cp", "-r", *map(str, inputs), str(work / "copy")],
+                f"rm -rf '{work / 'copy'}' && mkdir '{work / 'copy'}' && ",
+            ),
             "moekit mix": synced(moekit),
         }
         if args.mergekit:
-            sides["mergekit-moe"] = synced(mergekit_command(work, inputs, work / "mergekit-out"), f"rm -rf '{work / 'mergekit-out'}' && ")
+            sides["mergekit-moe"] = synced(
+                mergekit_command(work, inputs, work / "mergekit-out"), f"rm -rf '{work / 'mergekit-out'}' && "
+            )
         runs: dict[str, list[tuple[float, float, str]]] = {name: [] for name in sides}
         for _ in range(args.repeats):
             for name, command in sides.items():
                 subprocess.run(["sync"], check=True)
                 runs[name].append(measure(command))
-        upcycle = measure(synced([sys.executable, "-m", "moekit", "mix", "--upcycle", str(inputs[0]), "--experts", "4",
-                                  "--out", str(work / "upcycled"), "--force"]))
+        upcycle = measure(
+            synced(
+                [
+                    sys.executable,
+                    "-m",
+                    "moekit",
+                    "mix",
+                    "--upcycle",
+                    str(inputs[0]),
+                    "--experts",
+                    "4",
+                    "--out",
+                    str(work / "upcycled"),
+                    "--force",
+                ]
+            )
+        )
         from moekit.tiny import domain_corpus
 
         data = []
         for name, domain in zip(("a", "b", "c"), ("code", "math", "prose")):
             (work / f"{domain}.txt").write_text(domain_corpus(domain, 400))
             data += ["--router-data", f"{name}={work / f'{domain}.txt'}"]
-        centroid = measure(synced([*moekit, "--router", "centroid", *data, "--router-tokens", "2048", "--router-seq-len", "256"]))
+        centroid = measure(
+            synced([*moekit, "--router", "centroid", *data, "--router-tokens", "2048", "--router-seq-len", "256"])
+        )
         import yaml
 
         calibration = yaml.safe_load((work / "moe" / "moekit.yaml").read_text())["router"]["calibration_seconds"]
         out_bytes = sum(p.stat().st_size for p in (work / "moe").glob("*.safetensors"))
-        print(f"inputs: 3 distinct bf16 llama checkpoints, {args.layers} layers, hidden {args.hidden}, FFN {args.intermediate}, "
-              f"vocab {args.vocab}: {size / 1e9:.2f} GB; mixed output {out_bytes / 1e9:.2f} GB")
+        print(
+            f"inputs: 3 distinct bf16 llama checkpoints, {args.layers} layers, hidden {args.hidden}, FFN "
+            f"{args.intermediate}, "
+            f"vocab {args.vocab}: {size / 1e9:.2f} GB; mixed output {out_bytes / 1e9:.2f} GB"
+        )
         best = {name: min(r[0] for r in results) for name, results in runs.items()}
         for name, results in runs.items():
             walls = ", ".join(f"{r[0]:.2f}" for r in results)
-            print(f"{name:>13}: best {best[name]:6.2f} s (runs {walls}); peak memory {max(r[1] for r in results):6.0f} MB")
+            print(
+                f"{name:>13}: best {best[name]:6.2f} s (runs {walls}); peak memory {max(r[1] for r in results):6.0f} MB"
+            )
         print(f"moekit mix / cp -r: {best['moekit mix'] / best['cp -r']:.2f} (target <= 2.0)")
         if "mergekit-moe" in best:
             print(f"mergekit-moe / moekit mix: {best['mergekit-moe'] / best['moekit mix']:.2f} (target >= 3.0)")
         print(f"mix --upcycle (4 experts of one input): {upcycle[0]:.2f} s, peak memory {upcycle[1]:.0f} MB")
-        print(f"mix --router centroid (2048 tokens per domain): {centroid[0]:.2f} s, of which calibration {calibration:.2f} s "
-              f"({calibration / centroid[0]:.0%}); peak memory {centroid[1]:.0f} MB")
+        print(
+            f"mix --router centroid (2048 tokens per domain): {centroid[0]:.2f} s, of which calibration "
+            f"{calibration:.2f} s "
+            f"({calibration / centroid[0]:.0%}); peak memory {centroid[1]:.0f} MB"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

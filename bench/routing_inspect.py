@@ -43,7 +43,9 @@ def main() -> None:
         work = Path(tmp)
         moe = build_moe(work, args.hidden, args.layers)
         (work / "data.txt").write_text("".join(domain_corpus(d, 3000, seed=2) for d in ("code", "math", "prose")))
-        blocks = packed_blocks(token_stream(AutoTokenizer.from_pretrained(moe), work / "data.txt"), args.seq_len, "data")[: args.blocks]
+        blocks = packed_blocks(
+            token_stream(AutoTokenizer.from_pretrained(moe), work / "data.txt"), args.seq_len, "data"
+        )[: args.blocks]
         model = AutoModelForCausalLM.from_pretrained(moe, dtype=torch.float32).eval()
         tokens = blocks.numel()
         plain_runs, inspect_runs = [], []
@@ -57,7 +59,10 @@ def main() -> None:
             collect_routing(model, {"data": blocks}, args.batch_size, lambda n: None)
             inspect_runs.append(tokens / (time.perf_counter() - start))
         plain, inspected = max(plain_runs), max(inspect_runs)
-        print(f"MoE: 4 experts top-2, hidden {args.hidden}, {args.layers} layers; {tokens:,} tokens in batches of {args.batch_size} x {args.seq_len}")
+        print(
+            f"MoE: 4 experts top-2, hidden {args.hidden}, {args.layers} layers; {tokens:,} tokens in batches of "
+            f"{args.batch_size} x {args.seq_len}"
+        )
         print(f"plain forward:      {plain:10,.0f} tokens/s (runs: {', '.join(f'{r:,.0f}' for r in plain_runs)})")
         print(f"inspect (hooks):    {inspected:10,.0f} tokens/s (runs: {', '.join(f'{r:,.0f}' for r in inspect_runs)})")
         print(f"ratio inspect / plain: {inspected / plain:.3f}  (target >= 0.9)")

@@ -30,10 +30,19 @@ def build_moe(work: Path, hidden: int, layers: int) -> Path:
     from moekit.tiny import build_tiny_model
 
     seed = build_tiny_model(
-        work / "seed", "llama", init_std=0.02, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-        num_attention_heads=hidden // 64, num_key_value_heads=hidden // 128, head_dim=64,
+        work / "seed",
+        "llama",
+        init_std=0.02,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 128,
+        head_dim=64,
     )
-    return mix(MixConfig(out=work / "moe", seed=str(seed), upcycle=UpcycleSettings(num_experts=4, drop_fraction=0.5))).out
+    return mix(
+        MixConfig(out=work / "moe", seed=str(seed), upcycle=UpcycleSettings(num_experts=4, drop_fraction=0.5))
+    ).out
 
 
 def _per_step(stamps: list[float], skip: int) -> float:
@@ -50,7 +59,7 @@ def bench_bare(moe: Path, blocks: torch.Tensor, args: argparse.Namespace) -> flo
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
     stamps = []
     for step in range(args.steps):
-        ids = blocks[(step * args.batch_size) % len(blocks):][: args.batch_size].long()
+        ids = blocks[(step * args.batch_size) % len(blocks) :][: args.batch_size].long()
         model(input_ids=ids, labels=ids, output_router_logits=True).loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -69,10 +78,25 @@ def bench_moekit(moe: Path, blocks: torch.Tensor, args: argparse.Namespace, work
     from moekit.train.loop import LoopJob, causal_lm_loss, make_loop_engine, run_loop
 
     model = AutoModelForCausalLM.from_pretrained(moe, dtype=torch.float32)
-    settings = LoopSettings(seq_len=args.seq_len, batch_size=args.batch_size, max_steps=args.steps, save_every=0, eval_every=0, precision="fp32")
+    settings = LoopSettings(
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        max_steps=args.steps,
+        save_every=0,
+        eval_every=0,
+        precision="fp32",
+    )
     stamps: list[float] = []
-    job = LoopJob(model, blocks, {}, settings, work / f"moekit-{with_routing}", show_progress=False,
-                  on_step_end=lambda s, r: stamps.append(time.perf_counter()), compute_loss=causal_lm_loss)
+    job = LoopJob(
+        model,
+        blocks,
+        {},
+        settings,
+        work / f"moekit-{with_routing}",
+        show_progress=False,
+        on_step_end=lambda s, r: stamps.append(time.perf_counter()),
+        compute_loss=causal_lm_loss,
+    )
     if with_routing:
         objective = BalancedObjective(RoutingController(model), BalanceSettings("switch", 0.01))
         job.compute_loss, job.step_metrics = objective, objective.step_metrics
@@ -106,16 +130,28 @@ def main() -> None:
         work = Path(tmp)
         moe = build_moe(work, args.hidden, args.layers)
         (work / "data.txt").write_text("".join(domain_corpus(d, 4000, seed=1) for d in ("code", "math", "prose")))
-        blocks = packed_blocks(token_stream(AutoTokenizer.from_pretrained(moe), work / "data.txt"), args.seq_len, "data")
+        blocks = packed_blocks(
+            token_stream(AutoTokenizer.from_pretrained(moe), work / "data.txt"), args.seq_len, "data"
+        )
         runs: dict[str, list[float]] = {"bare": [], "tune": [], "plain": []}
         for _ in range(args.repeats):  # interleaved so drift in machine load hits every variant
             runs["bare"].append(bench_bare(moe, blocks, args))
             runs["tune"].append(bench_moekit(moe, blocks, args, work, with_routing=True))
             runs["plain"].append(bench_moekit(moe, blocks, args, work, with_routing=False))
         best = {k: min(v) for k, v in runs.items()}
-        print(f"MoE: llama -> mixtral, 4 experts top-2, hidden {args.hidden}, {args.layers} layers; batch {args.batch_size} x seq {args.seq_len}; fp32")
-        for name, label in (("bare", "bare transformers loop (output_router_logits)"), ("tune", "moekit tune loop"), ("plain", "moekit loop, no routing stats/loss")):
-            print(f"{label:48s} {best[name] * 1000:8.1f} ms/step (runs: {', '.join(f'{r * 1000:.1f}' for r in runs[name])})")
+        print(
+            f"MoE: llama -> mixtral, 4 experts top-2, hidden {args.hidden}, {args.layers} layers; batch "
+            f"{args.batch_size} x seq {args.seq_len}; fp32"
+        )
+        for name, label in (
+            ("bare", "bare transformers loop (output_router_logits)"),
+            ("tune", "moekit tune loop"),
+            ("plain", "moekit loop, no routing stats/loss"),
+        ):
+            print(
+                f"{label:48s} {best[name] * 1000:8.1f} ms/step (runs: "
+                f"{', '.join(f'{r * 1000:.1f}' for r in runs[name])})"
+            )
         print(f"ratio tune / bare: {best['tune'] / best['bare']:.3f}  (target <= 1.05)")
         print(f"routing statistics + balance loss overhead: {best['tune'] / best['plain'] - 1:+.1%} of a moekit step")
 

@@ -45,7 +45,8 @@ def _pydoc_topics() -> Iterator[str]:
 
 
 def arithmetic_lines(count: int = 60_000, seed: int = 0) -> Iterator[str]:
-    """The ``arithmetic`` domain's lines (the demo trains on the default stream; ``moekit.tasks`` draws held-out problems from another)."""
+    """The ``arithmetic`` domain's lines (the demo trains on the default stream; ``moekit.tasks`` draws held-out
+    problems from another)."""
     rng = random.Random(seed)
     names = ("Ann", "Bob", "Chen", "Dana", "Eli", "Fay", "Gus", "Hana")
     items = ("apples", "books", "coins", "pens", "stamps", "marbles")
@@ -91,7 +92,9 @@ def materialize(spec: str, out_dir: Path) -> Path:
     """Write ``builtin:NAME`` as ``out_dir/NAME.jsonl`` (once) and return the file."""
     name = spec.removeprefix(BUILTIN_PREFIX)
     if name not in _SOURCES:
-        raise DataError(f"Unknown built-in data '{spec}'.", f"Built-in data: {', '.join('builtin:' + n for n in builtin_names())}.")
+        raise DataError(
+            f"Unknown built-in data '{spec}'.", f"Built-in data: {', '.join('builtin:' + n for n in builtin_names())}."
+        )
     path = Path(out_dir) / f"{name}.jsonl"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)

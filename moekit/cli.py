@@ -10,6 +10,7 @@ imported inside the commands, so ``moekit --help`` answers instantly.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -54,11 +55,20 @@ COMMANDS: list[tuple[str, Callable[..., Any]]] = [
 ]
 
 
+def help_text(command: Callable[..., Any]) -> str:
+    """The command's docstring as its help: lines of a paragraph joined (the source wraps at 120 columns, the
+    terminal wraps on its own); a paragraph that starts with ``\\b`` (examples) keeps its lines, as in click."""
+    paragraphs = inspect.cleandoc(command.__doc__ or "").split("\n\n")
+    return "\n\n".join(p if p.startswith("\b") else " ".join(p.split("\n")) for p in paragraphs)
+
+
 def build_app() -> typer.Typer:
     """The Typer app with every command of :data:`COMMANDS` registered behind ``user_errors``."""
-    app = typer.Typer(name="moekit", help=HELP, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+    app = typer.Typer(
+        name="moekit", help=HELP, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False
+    )
     for name, command in COMMANDS:
-        app.command(name)(user_errors(command))
+        app.command(name, help=help_text(command))(user_errors(command))
     return app
 
 

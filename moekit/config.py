@@ -67,22 +67,31 @@ class MixConfig(_ShardedOutput, _Calibration):
     experts: list[tuple[str, Path]] = Field(default_factory=list, description="(name, directory) of each branch")
     target: str | None = Field(None, description="MoE model_type to build (default: the dense family's default target)")
     seed_as: Literal["routed", "shared", "none"] = Field(
-        "routed", description="the seed's FFN as a routed generalist expert (BTX), as the always-on shared expert, or left out"
+        "routed",
+        description="the seed's FFN as a routed generalist expert (BTX), as the always-on shared expert, or left out",
     )
-    split: int = Field(1, ge=1, le=64, description="cut each expert FFN into this many experts of 1/split the width (fine-grained)")
+    split: int = Field(
+        1, ge=1, le=64, description="cut each expert FFN into this many experts of 1/split the width (fine-grained)"
+    )
     upcycle: UpcycleSettings | None = None
     average: Literal["uniform", "weighted", "seed"] = "uniform"
     weights: list[float] | None = Field(None, description="branch weights for average=weighted")
     merge: Literal["mean", "task-arithmetic", "ties", "dare"] = Field(
-        "mean", description="how the averaged tensors are merged: the mean of the branches, or the seed plus merged deltas"
+        "mean",
+        description="how the averaged tensors are merged: the mean of the branches, or the seed plus merged deltas",
     )
     merge_density: float = Field(1.0, gt=0.0, le=1.0, description="ties/dare: share of each branch's delta kept")
-    merge_scale: float = Field(1.0, gt=0.0, le=10.0, description="task-arithmetic/ties/dare: multiplies the merged delta")
+    merge_scale: float = Field(
+        1.0, gt=0.0, le=10.0, description="task-arithmetic/ties/dare: multiplies the merged delta"
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     top_k: int = Field(2, ge=1)
     router: Literal["random", "centroid"] = "random"
     router_std: float | None = Field(
-        None, gt=0, le=0.1, description="std of the random router (default: initializer_range); large values saturate routing"
+        None,
+        gt=0,
+        le=0.1,
+        description="std of the random router (default: initializer_range); large values saturate routing",
     )
     router_data: dict[str, str] = Field(default_factory=dict, description="domain -> data path for centroid init")
     router_sharpness: float = Field(0.5, gt=0.0, lt=1.0, description="0 = uniform, 1 = saturated initial routing")
@@ -104,7 +113,9 @@ class MixConfig(_ShardedOutput, _Calibration):
         if self.average != "weighted" and self.weights is not None:
             problems.append("weights are only used with average=weighted")
         if self.merge != "mean" and (self.upcycle is not None or self.average == "seed"):
-            problems.append(f"merge {self.merge} combines the branches' deltas; it needs branches and average uniform or weighted")
+            problems.append(
+                f"merge {self.merge} combines the branches' deltas; it needs branches and average uniform or weighted"
+            )
         if self.merge == "mean" and (self.merge_density != 1.0 or self.merge_scale != 1.0):
             problems.append("merge_density and merge_scale apply to merge task-arithmetic, ties or dare, not mean")
         if self.merge == "task-arithmetic" and self.merge_density != 1.0:
@@ -141,9 +152,12 @@ class LoopSettings(_Strict):
     adam_beta2: float = Field(0.95, ge=0, lt=1)
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    shard: Literal["none", "fsdp"] = Field("none", description="none: a full model per process (DDP); fsdp: FSDP2, parameters sharded")
+    shard: Literal["none", "fsdp"] = Field(
+        "none", description="none: a full model per process (DDP); fsdp: FSDP2, parameters sharded"
+    )
     save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="dtype of the saved weights (auto: the input model's); the final evaluation uses them as saved"
+        "auto",
+        description="dtype of the saved weights (auto: the input model's); the final evaluation uses them as saved",
     )
     gradient_checkpointing: bool = False
     eval_every: int = Field(100, ge=0, description="steps between evaluations (0: only at the end)")
@@ -176,7 +190,9 @@ class GrowConfig(_ShardedOutput, _Calibration):
     name: str = Field(min_length=1, description="the new expert's (and domain's) name")
     branch: Path = Field(description="the dense branch whose FFN becomes the new expert")
     out: Path
-    run_dir: Path | None = Field(None, description="run directory to record the stage in (and take calibration data from)")
+    run_dir: Path | None = Field(
+        None, description="run directory to record the stage in (and take calibration data from)"
+    )
     router_data: dict[str, str] = Field(
         default_factory=dict, description="domain -> data path: the new domain's, and at least one existing domain's"
     )
@@ -189,10 +205,14 @@ class TrainConfig(_Strict):
     branches: list[str] = Field(default_factory=list, description="branches to train (empty: all)")
     data: dict[str, list[str]] = Field(default_factory=dict, description="branch -> data specs (remembered)")
     val_data: dict[str, list[str]] = Field(default_factory=dict, description="branch -> validation data specs")
-    val_fraction: float | None = Field(None, ge=0, lt=1, description="share of each domain's tokens held out (default: the recorded split, else 0.05)")
+    val_fraction: float | None = Field(
+        None, ge=0, lt=1, description="share of each domain's tokens held out (default: the recorded split, else 0.05)"
+    )
     text_field: str = DEFAULT_TEXT_FIELD
     train: Literal["all", "ffn", "ffn+norms"] = Field(
-        "all", description="what learns: everything, only the FFNs (the rest stays the seed's, FlexOlmo-style), or FFNs and norms"
+        "all",
+        description="what learns: everything, only the FFNs (the rest stays the seed's, FlexOlmo-style), or "
+        "FFNs and norms",
     )
     resume: bool = False
     loop: LoopSettings
@@ -206,20 +226,33 @@ class TuneConfig(_Strict):
     run_dir: Path | None = Field(None, description="run directory to record the stage in")
     data: dict[str, list[str]] = Field(description="domain -> data specs")
     val_data: dict[str, list[str]] = Field(default_factory=dict)
-    mixture: dict[str, float] = Field(default_factory=dict, description="domain -> share of the tune data (default equal)")
+    mixture: dict[str, float] = Field(
+        default_factory=dict, description="domain -> share of the tune data (default equal)"
+    )
     train: Literal["all", "router", "router+attn", "all-but-experts", "new-expert+router"] = "all"
     balance: Literal["switch", "btx", "bias", "none"] = "switch"
-    aux_coef: float | None = Field(None, ge=0, description="balancing loss coefficient (default 0.01; 0 with balance=bias)")
+    aux_coef: float | None = Field(
+        None, ge=0, description="balancing loss coefficient (default 0.01; 0 with balance=bias)"
+    )
     z_coef: float = Field(0.0, ge=0, description="router z-loss coefficient (1e-3 when enabled)")
     balance_scope: Literal["micro", "global"] = "micro"
     bias_rate: float = Field(1e-3, gt=0, le=1, description="balance=bias: update speed u of the selection bias")
-    bias_rule: Literal["sign", "proportional"] = Field("sign", description="balance=bias: u*sign(mean-c) (DeepSeek-V3) or u*(mean-c)/mean")
+    bias_rule: Literal["sign", "proportional"] = Field(
+        "sign", description="balance=bias: u*sign(mean-c) (DeepSeek-V3) or u*(mean-c)/mean"
+    )
     routing: Literal["topk", "switch", "soft", "noisy", "expert_choice", "hash", "sample_top1"] = "topk"
     capacity_factor: float | None = Field(
-        None, gt=0, description="switch: capacity = tokens / E x this (default 1.5); expert_choice: tokens x top_k / E x this (default 1.0)"
+        None,
+        gt=0,
+        description="switch: capacity = tokens / E x this (default 1.5); expert_choice: tokens x top_k / E x "
+        "this (default 1.0)",
     )
-    temperature: tuple[float, float] = Field((1.0, 0.5), description="sample_top1: Gumbel temperature at the start and the end (linear)")
-    val_fraction: float | None = Field(None, ge=0, lt=1, description="share of each domain's tokens held out (default: the recorded split, else 0.05)")
+    temperature: tuple[float, float] = Field(
+        (1.0, 0.5), description="sample_top1: Gumbel temperature at the start and the end (linear)"
+    )
+    val_fraction: float | None = Field(
+        None, ge=0, lt=1, description="share of each domain's tokens held out (default: the recorded split, else 0.05)"
+    )
     text_field: str = DEFAULT_TEXT_FIELD
     resume: bool = False
     force: bool = False
@@ -231,20 +264,31 @@ class TuneConfig(_Strict):
         if not self.data:
             raise ValueError("tune needs data: give --data DOMAIN=PATH for each domain")
         if self.mixture and set(self.mixture) != set(self.data):
-            raise ValueError(f"the mixture names {sorted(self.mixture)} but the data has domains {sorted(self.data)}; name the same domains")
+            raise ValueError(
+                f"the mixture names {sorted(self.mixture)} but the data has domains {sorted(self.data)}; name "
+                "the same domains"
+            )
         if any(v < 0 for v in self.mixture.values()) or (self.mixture and sum(self.mixture.values()) <= 0):
             raise ValueError("mixture shares must be non-negative with a positive sum")
         if self.balance_scope == "global" and self.balance != "switch":
-            raise ValueError("balance_scope global changes the assignment counts of the switch loss; it has no effect with balance=" + self.balance)
+            raise ValueError(
+                "balance_scope global changes the assignment counts of the switch loss; it has no effect with balance="
+                + self.balance
+            )
         if self.aux_coef is None:
             self.aux_coef = 0.0 if self.balance == "bias" else DEFAULT_AUX_COEF
         if self.capacity_factor is None:
-            self.capacity_factor = DEFAULT_CAPACITY_FACTOR["expert_choice" if self.routing == "expert_choice" else "switch"]
+            self.capacity_factor = DEFAULT_CAPACITY_FACTOR[
+                "expert_choice" if self.routing == "expert_choice" else "switch"
+            ]
         elif self.routing not in ("switch", "expert_choice"):
             raise ValueError("capacity_factor only applies with routing switch or expert_choice")
         if self.balance == "bias" and self.routing != "topk":
-            raise ValueError(f"balance bias moves the model's own top-k selection; routing {self.routing} replaces it while training. "
-                             "Use routing topk with balance bias")
+            raise ValueError(
+                f"balance bias moves the model's own top-k selection; routing {self.routing} replaces it while "
+                "training. "
+                "Use routing topk with balance bias"
+            )
         if min(self.temperature) <= 0:
             raise ValueError("temperature values must be positive")
         unused_val = sorted(set(self.val_data) - set(self.data))
@@ -282,7 +326,9 @@ class _Scmoe(_Strict):
 
     scmoe: bool = Field(False, description="self-contrast decoding (SCMoE)")
     scmoe_beta: float = Field(0.5, ge=0, description="strength: z = (1 + beta) z_strong - beta z_weak")
-    scmoe_alpha: float = Field(0.1, gt=0, le=1, description="plausibility: only tokens with p >= alpha x the top token's p")
+    scmoe_alpha: float = Field(
+        0.1, gt=0, le=1, description="plausibility: only tokens with p >= alpha x the top token's p"
+    )
     scmoe_rank: int = Field(2, ge=2, description="the weak pass routes each token to its expert of this rank only")
 
 
@@ -313,7 +359,9 @@ class EvalConfig(_DataPass, _Scmoe):
     """What ``eval`` needs: models, held-out data per domain, and where to write JSON."""
 
     models: list[str]
-    task: Literal["arithmetic"] | None = Field(None, description="score a generation task (exact match) instead of held-out loss")
+    task: Literal["arithmetic"] | None = Field(
+        None, description="score a generation task (exact match) instead of held-out loss"
+    )
     problems: int = Field(200, ge=1, description="problems of the task")
     max_new_tokens: int = Field(8, ge=1, description="tokens generated per problem")
 
@@ -330,4 +378,6 @@ class GenerateConfig(_Scmoe):
     top_k: int = Field(0, ge=0, description="sample from the k most likely tokens (0: all)")
     random_seed: int = 0
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    routing_layer: int | None = Field(None, ge=0, description="MoE layer whose top expert is shown (None: the majority over layers)")
+    routing_layer: int | None = Field(
+        None, ge=0, description="MoE layer whose top expert is shown (None: the majority over layers)"
+    )

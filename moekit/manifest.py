@@ -35,7 +35,9 @@ RESERVED_NAMES = {"seed", "mixed", "tuned"}
 def validate_branch_names(domains: list[str]) -> None:
     """Raise InvalidOptionError unless the domain names are valid, unique and not reserved."""
     if not domains:
-        raise InvalidOptionError("No domains given.", "Pass at least one --domain NAME (e.g. --domain code --domain math).")
+        raise InvalidOptionError(
+            "No domains given.", "Pass at least one --domain NAME (e.g. --domain code --domain math)."
+        )
     for name in domains:
         if not _BRANCH_NAME.match(name) or name.lower() in RESERVED_NAMES:
             raise InvalidOptionError(
@@ -119,8 +121,10 @@ class RunManifest(_Strict):
         path = run / self.branches[name].path
         if not path.resolve().is_relative_to(run.resolve()) or path.resolve() == run.resolve():
             raise ManifestError(
-                f"Branch '{name}' has path {self.branches[name].path!r} in {run / MANIFEST_NAME}, which is outside the run directory.",
-                f"Branch paths must stay inside the run (moekit branch writes branches/{name}); fix the path in moekit.yaml.",
+                f"Branch '{name}' has path {self.branches[name].path!r} in {run / MANIFEST_NAME}, which is "
+                "outside the run directory.",
+                f"Branch paths must stay inside the run (moekit branch writes branches/{name}); fix the path in "
+                "moekit.yaml.",
             )
         return path
 

@@ -10,7 +10,9 @@ from moekit.io.checkpoint import Checkpoint
 from moekit.io.files import tokenizer_fingerprint
 
 
-def open_dense_model(path: Path, need_tokenizer: bool = True, target: str | None = None) -> tuple[Checkpoint, ArchAdapter]:
+def open_dense_model(
+    path: Path, need_tokenizer: bool = True, target: str | None = None
+) -> tuple[Checkpoint, ArchAdapter]:
     """Open a dense HF model directory, check it is complete and mixable, return it and its adapter.
 
     Checks: config.json, readable safetensors headers for every shard, a tokenizer (if
@@ -39,7 +41,8 @@ def check_context_length(model_dir: Path, seq_len: int, option: str = "--seq-len
         return  # unreadable configs are reported where the model is loaded
     if isinstance(limit, int) and limit > 0 and seq_len > limit:
         raise InvalidOptionError(
-            f"{option} {seq_len} is longer than the context of {model_dir} ({limit} positions, max_position_embeddings).",
+            f"{option} {seq_len} is longer than the context of {model_dir} ({limit} positions, "
+            "max_position_embeddings).",
             f"Use {option} {limit} or less.",
         )
 

@@ -41,8 +41,15 @@ def progress_interval() -> float:
 class PlainProgress:
     """Prints ``description: n/total (p%) fields, elapsed, ETA`` lines at most every ``interval`` seconds."""
 
-    def __init__(self, description: str, total: int, start: int = 0, interval: float | None = None,
-                 stream: TextIO | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        description: str,
+        total: int,
+        start: int = 0,
+        interval: float | None = None,
+        stream: TextIO | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.description, self.total, self.start = description, max(0, total), start
         self.completed = start
         self.interval = progress_interval() if interval is None else interval
@@ -86,8 +93,14 @@ def _rich_progress(*fields: str) -> Any:
         TimeRemainingColumn,
     )
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), *(TextColumn(f) for f in fields),
-               TimeElapsedColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        *(TextColumn(f) for f in fields),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
     return Progress(*columns, console=Console(stderr=True))
 
 

@@ -34,7 +34,8 @@ def read_provenance(model_dir: Path) -> dict[str, Any] | None:
 
 
 def origin(record: Any, key: str) -> dict[str, Any] | None:
-    """The first record in the chain from ``record`` (tune's, add-expert's, mix's) that holds ``key``; None if none does."""
+    """The first record in the chain from ``record`` (tune's, add-expert's, mix's) that holds ``key``; None if none
+    does."""
     while isinstance(record, dict) and key not in record and isinstance(record.get("input"), dict):
         record = record["input"]
     return record if isinstance(record, dict) and key in record else None
@@ -47,7 +48,8 @@ def recorded(model_dir: Path, key: str) -> Any:
 
 
 def expert_names(model_dir: Path) -> list[str] | None:
-    """The routed experts' names in order (e.g. ``code``, ``math``, ``seed``; ``code.0``, ``code.1`` under ``--split``)."""
+    """The routed experts' names in order (e.g. ``code``, ``math``, ``seed``; ``code.0``, ``code.1`` under
+    ``--split``)."""
     names = recorded(model_dir, "expert_names")
     if isinstance(names, list):
         return [str(n) for n in names]

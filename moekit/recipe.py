@@ -50,7 +50,9 @@ class SeedSpec(_Strict):
 class BranchTrainStage(LoopSettings):
     """Options of ``train`` (the branches): the loop settings, and what learns."""
 
-    train: Literal["all", "ffn", "ffn+norms"] = Field("all", description="all, or only the FFNs (attention and embeddings stay the seed's)")
+    train: Literal["all", "ffn", "ffn+norms"] = Field(
+        "all", description="all, or only the FFNs (attention and embeddings stay the seed's)"
+    )
 
     def loop(self) -> LoopSettings:
         """The loop settings alone."""
@@ -81,7 +83,9 @@ class MixStage(_Strict):
     router_sharpness: float = Field(0.5, gt=0, lt=1)
     router_tokens: int = Field(8192, ge=16)
     random_seed: int = 0
-    upcycle_experts: int | None = Field(None, ge=1, description="sparse upcycling baseline: this many copies of the seed FFN")
+    upcycle_experts: int | None = Field(
+        None, ge=1, description="sparse upcycling baseline: this many copies of the seed FFN"
+    )
     drop_fraction: float = Field(0.0, ge=0, le=1, description="drop-upcycling share (with upcycle_experts)")
 
     @model_validator(mode="before")
@@ -97,8 +101,13 @@ class MixStage(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> MixStage:
-        if self.upcycle_experts is not None and (self.router != "random" or self.average != "uniform" or self.weights or self.merge != "mean"):
-            raise ValueError("with upcycle_experts, use router: random and no average/weights/merge (the experts are copies of one FFN)")
+        if self.upcycle_experts is not None and (
+            self.router != "random" or self.average != "uniform" or self.weights or self.merge != "mean"
+        ):
+            raise ValueError(
+                "with upcycle_experts, use router: random and no average/weights/merge (the experts are copies "
+                "of one FFN)"
+            )
         if self.upcycle_experts is None and self.drop_fraction:
             raise ValueError("drop_fraction only applies with upcycle_experts")
         if (self.weights is not None) != (self.average == "weighted"):
@@ -151,8 +160,11 @@ class Recipe(_Strict):
     mix: MixStage = Field(default_factory=MixStage)
     tune: TuneStage | None = None
     eval: EvalStage = Field(default_factory=EvalStage)
-    stages: list[Literal["seed", "branch", "train", "mix", "average", "tune", "dense", "upcycle", "eval", "inspect"]] = Field(
-        default_factory=lambda: list(STAGES), description="dense and upcycle are the equal-compute baselines (they need train and tune)"
+    stages: list[
+        Literal["seed", "branch", "train", "mix", "average", "tune", "dense", "upcycle", "eval", "inspect"]
+    ] = Field(
+        default_factory=lambda: list(STAGES),
+        description="dense and upcycle are the equal-compute baselines (they need train and tune)",
     )
 
     @model_validator(mode="after")
@@ -165,7 +177,9 @@ class Recipe(_Strict):
             raise ValueError("the stages include train but the recipe has no train section")
         mixture = self.tune.mixture if self.tune else {}
         if mixture and set(mixture) != set(self.domains):
-            raise ValueError(f"tune.mixture must give a share for every domain ({sorted(self.domains)}), got {sorted(mixture)}")
+            raise ValueError(
+                f"tune.mixture must give a share for every domain ({sorted(self.domains)}), got {sorted(mixture)}"
+            )
         experts = self.mix.upcycle_experts or len(self.domains) + int(self.mix.seed_as == "routed")
         if self.mix.top_k > experts:
             raise ValueError(f"mix.top_k {self.mix.top_k} exceeds the {experts} experts this recipe makes")
@@ -186,7 +200,10 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     for key in keys[:-1]:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
-            raise RecipeError(f"Override {dotted}: '{key}' is not a section.", "Override a value inside a section, e.g. train.max_steps=200.")
+            raise RecipeError(
+                f"Override {dotted}: '{key}' is not a section.",
+                "Override a value inside a section, e.g. train.max_steps=200.",
+            )
     node[keys[-1]] = value
 
 
@@ -199,7 +216,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> None:
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise RecipeError(f"Override '{item}' is not KEY=VALUE.", "Write e.g. train.max_steps=200 or tune.loop.lr=1e-4.")
+            raise RecipeError(
+                f"Override '{item}' is not KEY=VALUE.", "Write e.g. train.max_steps=200 or tune.loop.lr=1e-4."
+            )
         value = yaml.safe_load(raw)
         if key.strip() == "workdir" and isinstance(value, str):
             value = str(Path(value).absolute())
@@ -248,14 +267,21 @@ def _check_data(recipe: Recipe, root: yaml.Node | None, path: Path) -> None:
     from moekit.data import HUB_PREFIX, expand_data_paths, parse_hub_spec
     from moekit.errors import DataError
 
-    places = [(("domains", d, key, i), spec) for d, dom in recipe.domains.items() for key in ("data", "val_data")
-              for i, spec in enumerate(getattr(dom, key))]
+    places = [
+        (("domains", d, key, i), spec)
+        for d, dom in recipe.domains.items()
+        for key in ("data", "val_data")
+        for i, spec in enumerate(getattr(dom, key))
+    ]
     places += [(("seed", "pretrain_data", i), spec) for i, spec in enumerate(recipe.seed.pretrain_data)]
     for location, spec in places:
         where = f"{path}:{_line_of(root, location) or '?'}: {'.'.join(map(str, location))}"
         if spec.startswith(BUILTIN_PREFIX):
             if spec.removeprefix(BUILTIN_PREFIX) not in builtin_names():
-                raise RecipeError(f"{where}: unknown built-in data '{spec}'.", f"Use one of: {', '.join('builtin:' + n for n in builtin_names())}.")
+                raise RecipeError(
+                    f"{where}: unknown built-in data '{spec}'.",
+                    f"Use one of: {', '.join('builtin:' + n for n in builtin_names())}.",
+                )
         elif spec.startswith(HUB_PREFIX):
             try:
                 parse_hub_spec(spec)
@@ -293,7 +319,10 @@ def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
             if error["type"] == "extra_forbidden":
                 message = "unknown key (a typo?)"
             problems.append(f"{path}:{line or '?'}: {where}: {message}")
-        raise RecipeError("The recipe does not validate:\n" + "\n".join(problems), "Fix the keys and values listed (see recipes/ and docs/recipes.md).")
+        raise RecipeError(
+            "The recipe does not validate:\n" + "\n".join(problems),
+            "Fix the keys and values listed (see recipes/ and docs/recipes.md).",
+        )
     recipe = _resolve_paths(recipe, path.parent.resolve())
     _check_data(recipe, root, path)
     return recipe

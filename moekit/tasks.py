@@ -61,8 +61,14 @@ def first_word(text: str) -> str:
     return words[0] if words else ""
 
 
-def exact_match_accuracy(model: Any, tokenizer: Any, problems: list[Problem], max_new_tokens: int,
-                         processor: Callable[[Any], Any] | None = None, advance: Callable[[int], None] | None = None) -> float:
+def exact_match_accuracy(
+    model: Any,
+    tokenizer: Any,
+    problems: list[Problem],
+    max_new_tokens: int,
+    processor: Callable[[Any], Any] | None = None,
+    advance: Callable[[int], None] | None = None,
+) -> float:
     """Share of ``problems`` whose greedy continuation starts with the answer.
 
     ``processor(model)`` builds a fresh logits processor per batch (SCMoE keeps a per-call
@@ -86,9 +92,18 @@ def exact_match_accuracy(model: Any, tokenizer: Any, problems: list[Problem], ma
             ids = torch.tensor([ids for ids, _ in batch], device=device)
             processors = LogitsProcessorList([processor(model)] if processor else [])
             with torch.no_grad():
-                output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                                        temperature=None, top_p=None, top_k=None, logits_processor=processors, pad_token_id=pad)
-            for row, (_, problem) in zip(output[:, ids.shape[1]:], batch):
+                output = model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    temperature=None,
+                    top_p=None,
+                    top_k=None,
+                    logits_processor=processors,
+                    pad_token_id=pad,
+                )
+            for row, (_, problem) in zip(output[:, ids.shape[1] :], batch):
                 correct += first_word(tokenizer.decode(row, skip_special_tokens=True)) == problem.answer
             if advance:
                 advance(len(batch))

@@ -34,7 +34,9 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 512) -> Any:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tokenizer.train_from_iterator(sample_corpus().splitlines(), trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
@@ -78,18 +80,38 @@ def write_v4_tokenizer_config(model_dir: Path) -> None:
     special = {k: v5[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token") if k in v5}
     vocab = json.loads((Path(model_dir) / "tokenizer.json").read_text())
     decoder = {
-        str(t["id"]): {"content": t["content"], "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+        str(t["id"]): {
+            "content": t["content"],
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
         for t in vocab.get("added_tokens", [])
     }
-    v4 = {"added_tokens_decoder": decoder, **special, "clean_up_tokenization_spaces": False, "extra_special_tokens": {},
-          "model_max_length": 1000000000000000019884624838656, "tokenizer_class": "PreTrainedTokenizerFast"}
+    v4 = {
+        "added_tokens_decoder": decoder,
+        **special,
+        "clean_up_tokenization_spaces": False,
+        "extra_special_tokens": {},
+        "model_max_length": 1000000000000000019884624838656,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
     path.write_text(json.dumps(v4, indent=2) + "\n")
     (Path(model_dir) / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
 
 def build_tiny_model(
-    out_dir: Path, model_type: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32, init_std: float = 0.2,
-    tokenizer_style: str = "v5", max_shard_size: str | None = None, tokenizer_dir: Path | None = None, **overrides: Any,
+    out_dir: Path,
+    model_type: str = "llama",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    init_std: float = 0.2,
+    tokenizer_style: str = "v5",
+    max_shard_size: str | None = None,
+    tokenizer_dir: Path | None = None,
+    **overrides: Any,
 ) -> Path:
     """Save a random tiny dense model of ``model_type`` with a tokenizer in ``out_dir``; return it.
 
@@ -134,13 +156,23 @@ _THIRD_PARTY_MOE = {
     "olmoe": dict(num_experts=3, norm_topk_prob=True),
     "granitemoe": dict(num_local_experts=3),
     # GLM-4.5 as released: the first layer dense, a shared expert, sigmoid scores with a selection bias
-    "glm4_moe": dict(n_routed_experts=3, n_shared_experts=1, moe_intermediate_size=64, first_k_dense_replace=1, norm_topk_prob=True,
-                     n_group=1, topk_group=1, num_nextn_predict_layers=0),
+    "glm4_moe": dict(
+        n_routed_experts=3,
+        n_shared_experts=1,
+        moe_intermediate_size=64,
+        first_k_dense_replace=1,
+        norm_topk_prob=True,
+        n_group=1,
+        topk_group=1,
+        num_nextn_predict_layers=0,
+    ),
 }
 THIRD_PARTY_MOE_TYPES = tuple(_THIRD_PARTY_MOE)
 
 
-def build_tiny_moe(out_dir: Path, moe_type: str, fused: bool = False, dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
+def build_tiny_moe(
+    out_dir: Path, moe_type: str, fused: bool = False, dtype: torch.dtype = torch.float32, seed: int = 0
+) -> Path:
     """Save a random tiny MoE of ``moe_type`` (3 experts, top-2) with a tokenizer, as another tool would have made it.
 
     ``fused`` saves transformers 5's in-memory layout (``save_original_format=False``: stacked
@@ -152,7 +184,9 @@ def build_tiny_moe(out_dir: Path, moe_type: str, fused: bool = False, dtype: tor
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(out_dir)
-    config = tiny_config(moe_type, vocab_size=len(tokenizer), initializer_range=0.2, num_experts_per_tok=2, **_THIRD_PARTY_MOE[moe_type])
+    config = tiny_config(
+        moe_type, vocab_size=len(tokenizer), initializer_range=0.2, num_experts_per_tok=2, **_THIRD_PARTY_MOE[moe_type]
+    )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.to(dtype).save_pretrained(out_dir, save_original_format=not fused)
@@ -166,7 +200,9 @@ def perturb_model(model_dir: Path, seed: int, scale: float = 0.05) -> None:
     generator = torch.Generator().manual_seed(seed)
     for path in sorted(Path(model_dir).glob("*.safetensors")):
         tensors = load_file(path)
-        noisy = {k: (v.float() + torch.randn(v.shape, generator=generator) * scale).to(v.dtype) for k, v in tensors.items()}
+        noisy = {
+            k: (v.float() + torch.randn(v.shape, generator=generator) * scale).to(v.dtype) for k, v in tensors.items()
+        }
         path.unlink()  # never write into a file that may be hard-linked to the seed
         save_file(noisy, path, metadata={"format": "pt"})
 

@@ -113,7 +113,7 @@ def llama_cpp_converter() -> Path:
                 inner = member.name.split("/", 1)[-1]
                 if not inner.startswith(prefix):
                     continue
-                rest = inner[len(prefix):]
+                rest = inner[len(prefix) :]
                 if rest == "convert_hf_to_gguf.py" or rest.startswith(("conversion/", "gguf-py/")):
                     member.name = rest
                     archive.extract(member, tmp, filter="data")
@@ -139,7 +139,11 @@ def reader_python() -> Path:
 
 def main() -> None:
     """Build every asset (``python -m tests.assets``), printing where each is."""
-    for name, build in (("SmolLM2-135M bf16", smollm2_checkpoint), ("llama.cpp converter", llama_cpp_converter), ("reader venv", reader_python)):
+    for name, build in (
+        ("SmolLM2-135M bf16", smollm2_checkpoint),
+        ("llama.cpp converter", llama_cpp_converter),
+        ("reader venv", reader_python),
+    ):
         print(f"{name}: {build()}", flush=True)
 
 

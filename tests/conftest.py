@@ -13,8 +13,16 @@ from moekit.tiny import build_tiny_model
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "granite", "phi3")
 # Every (dense family, MoE target) pair moekit builds, default targets included.
 FAMILY_TARGETS = (
-    ("llama", "mixtral"), ("mistral", "mixtral"), ("qwen2", "qwen2_moe"), ("qwen3", "qwen3_moe"), ("olmo2", "flex_olmo"),
-    ("granite", "granitemoe"), ("phi3", "mixtral"), ("llama", "glm4_moe"), ("qwen2", "glm4_moe"), ("qwen3", "glm4_moe"),
+    ("llama", "mixtral"),
+    ("mistral", "mixtral"),
+    ("qwen2", "qwen2_moe"),
+    ("qwen3", "qwen3_moe"),
+    ("olmo2", "flex_olmo"),
+    ("granite", "granitemoe"),
+    ("phi3", "mixtral"),
+    ("llama", "glm4_moe"),
+    ("qwen2", "glm4_moe"),
+    ("qwen3", "glm4_moe"),
     ("llama", "ernie4_5_moe"),
 )
 # Non-default settings that a mix must carry over, or the equal-logits invariant breaks.

@@ -14,10 +14,14 @@ V5_ONLY_TOKENIZER_CLASSES = {"TokenizersBackend"}
 
 def stored_float_dtypes(model_dir: Path) -> set[torch.dtype]:
     """The dtypes of the floating tensors stored in ``model_dir``."""
-    return {SAFETENSORS_DTYPES[t.dtype] for t in Checkpoint(model_dir).tensors.values() if t.dtype in ("F32", "F16", "BF16")}
+    return {
+        SAFETENSORS_DTYPES[t.dtype] for t in Checkpoint(model_dir).tensors.values() if t.dtype in ("F32", "F16", "BF16")
+    }
 
 
-def assert_portable_checkpoint(model_dir: Path, dtype: torch.dtype, tied: bool, reference_tokenizer: Path | None = None) -> None:
+def assert_portable_checkpoint(
+    model_dir: Path, dtype: torch.dtype, tied: bool, reference_tokenizer: Path | None = None
+) -> None:
     """``model_dir`` stores ``dtype`` tensors and says so, keeps a tie tied, and has a tokenizer every reader loads.
 
     ``reference_tokenizer``: a model directory whose tokenizer.json the output must carry unchanged.

@@ -110,9 +110,12 @@ def stores_selection_bias(moe_type: str) -> bool:
 
 
 def shared_expert_modules() -> frozenset[str]:
-    """The module names a shared expert has inside an MoE block, over every target (``shared_expert``, ``shared_experts``)."""
+    """The module names a shared expert has inside an MoE block, over every target (``shared_expert``,
+    ``shared_experts``)."""
     _load_all()
-    return frozenset(a.shared.module for targets in _REGISTRY.values() for a in targets.values() if a.shared is not None)
+    return frozenset(
+        a.shared.module for targets in _REGISTRY.values() for a in targets.values() if a.shared is not None
+    )
 
 
 def selection_bias_targets() -> dict[str, list[str]]:
@@ -127,7 +130,16 @@ def selection_bias_targets() -> dict[str, list[str]]:
 
 
 __all__ = [
-    "ArchAdapter", "MoeLayouts", "adapter_for_moe", "get_adapter", "layouts_for_moe", "register", "router_scoring",
-    "selection_bias_targets", "shared_expert_modules", "stores_selection_bias",
-    "supported_families", "supported_targets",
+    "ArchAdapter",
+    "MoeLayouts",
+    "adapter_for_moe",
+    "get_adapter",
+    "layouts_for_moe",
+    "register",
+    "router_scoring",
+    "selection_bias_targets",
+    "shared_expert_modules",
+    "stores_selection_bias",
+    "supported_families",
+    "supported_targets",
 ]

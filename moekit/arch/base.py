@@ -184,7 +184,11 @@ class ArchAdapter:
         return None if self.selection_bias is None else f"model.layers.{layer}.{self.moe_block}.{self.selection_bias}"
 
     def moe_block_tensors(
-        self, layer: int, num_experts: int, expert_shapes: dict[str, tuple[int, ...]], hidden: int,
+        self,
+        layer: int,
+        num_experts: int,
+        expert_shapes: dict[str, tuple[int, ...]],
+        hidden: int,
         shared_shapes: dict[str, tuple[int, ...]] | None = None,
     ) -> list[MoeTensor]:
         """Every tensor of layer ``layer``'s MoE block, in the order mix writes them.
@@ -196,7 +200,14 @@ class ArchAdapter:
         tensors = [MoeTensor(self.router_name(layer), (num_experts, hidden), "router", dtype=router_dtype)]
         bias = self.selection_bias_name(layer)
         if bias is not None:
-            tensors.append(MoeTensor(bias, (1, num_experts) if self.selection_bias_rows else (num_experts,), "selection_bias", dtype="F32"))
+            tensors.append(
+                MoeTensor(
+                    bias,
+                    (1, num_experts) if self.selection_bias_rows else (num_experts,),
+                    "selection_bias",
+                    dtype="F32",
+                )
+            )
         if self.fused_experts is not None:
             gate_up, down = (f"model.layers.{layer}.{self.moe_block}.{n}" for n in self.fused_experts)
             intermediate = expert_shapes["gate_proj"][0]
@@ -205,7 +216,9 @@ class ArchAdapter:
         else:
             for expert in range(num_experts):
                 for proj in DENSE_FFN_PROJECTIONS:
-                    tensors.append(MoeTensor(self.expert_name(layer, expert, proj), expert_shapes[proj], "expert", expert, proj))
+                    tensors.append(
+                        MoeTensor(self.expert_name(layer, expert, proj), expert_shapes[proj], "expert", expert, proj)
+                    )
         if shared_shapes is not None:
             for role, name in self.shared_expert_names(layer).items():
                 if role == "shared_expert_gate":
@@ -271,20 +284,30 @@ class ArchAdapter:
         layers = config.get("num_hidden_layers")
         if not isinstance(layers, int):
             return
-        absent = [layer for layer in range(layers) if any(self.dense_ffn_name(layer, p) not in names for p in DENSE_FFN_PROJECTIONS)]
+        absent = [
+            layer
+            for layer in range(layers)
+            if any(self.dense_ffn_name(layer, p) not in names for p in DENSE_FFN_PROJECTIONS)
+        ]
         stored = sorted({int(m.group(1)) for n in names if (m := LAYER_TENSOR.match(n))})
         if absent or (stored and stored[-1] >= layers):
             raise CorruptCheckpointError(
                 f"config.json says num_hidden_layers={layers}, but the weights hold layers "
                 f"{stored[0] if stored else '-'}..{stored[-1] if stored else '-'}"
-                + (f" and layer {absent[0]} has no complete FFN" if absent else "") + ".",
+                + (f" and layer {absent[0]} has no complete FFN" if absent else "")
+                + ".",
                 "The weights and config.json do not belong together: re-save the model, or fix num_hidden_layers.",
             )
 
     # ----- config ------------------------------------------------------------------------
     def moe_config_kwargs(
-        self, dense: dict[str, Any], num_experts: int, top_k: int, expert_size: int | None = None,
-        shared_size: int | None = None, routed_scale: float = 1.0,
+        self,
+        dense: dict[str, Any],
+        num_experts: int,
+        top_k: int,
+        expert_size: int | None = None,
+        shared_size: int | None = None,
+        routed_scale: float = 1.0,
     ) -> dict[str, Any]:
         """Keyword arguments for the MoE config class, built from a normalised dense config dict.
 

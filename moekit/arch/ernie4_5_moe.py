@@ -28,8 +28,15 @@ _QK_PROJECTION = re.compile(r"^model\.layers\.\d+\.self_attn\.(q|k)_proj\.weight
 class ErnieAdapter(ArchAdapter):
     """The ERNIE 4.5 target: interleaved-RoPE row order, and MoE layer range from the layer count."""
 
-    def moe_config_kwargs(self, dense: dict[str, Any], num_experts: int, top_k: int, expert_size: int | None = None,
-                          shared_size: int | None = None, routed_scale: float = 1.0) -> dict[str, Any]:
+    def moe_config_kwargs(
+        self,
+        dense: dict[str, Any],
+        num_experts: int,
+        top_k: int,
+        expert_size: int | None = None,
+        shared_size: int | None = None,
+        routed_scale: float = 1.0,
+    ) -> dict[str, Any]:
         """Llama's config as ERNIE 4.5 names it, every layer an MoE layer."""
         kwargs = super().moe_config_kwargs(dense, num_experts, top_k, expert_size, shared_size, routed_scale)
         kwargs["moe_layer_end_index"] = int(dense["num_hidden_layers"]) - 1
@@ -40,7 +47,11 @@ class ErnieAdapter(ArchAdapter):
         if not _QK_PROJECTION.match(name):
             return None
         head_dim = int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
-        heads = config["num_attention_heads"] if ".q_proj." in name else config.get("num_key_value_heads") or config["num_attention_heads"]
+        heads = (
+            config["num_attention_heads"]
+            if ".q_proj." in name
+            else config.get("num_key_value_heads") or config["num_attention_heads"]
+        )
         half = head_dim // 2
         within = [i // 2 + (half if i % 2 else 0) for i in range(head_dim)]
         return [head * head_dim + offset for head in range(heads) for offset in within]

@@ -21,7 +21,10 @@ from moekit.arch import register
 from moekit.arch.base import ArchAdapter, SharedExpertSpec
 
 _QWEN_NAMES = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}
-_NO_ATTENTION_OUTPUT_BIAS = {"attention_bias": "has no bias on the attention output projection", "mlp_bias": "has no MLP biases"}
+_NO_ATTENTION_OUTPUT_BIAS = {
+    "attention_bias": "has no bias on the attention output projection",
+    "mlp_bias": "has no MLP biases",
+}
 
 
 def _glm4_moe(dense_type: str, **family: object) -> ArchAdapter:
@@ -42,7 +45,13 @@ def _glm4_moe(dense_type: str, **family: object) -> ArchAdapter:
         notes="Sigmoid router with a selection bias (e_score_correction_bias, learned by tune --balance bias); "
         "partial_rotary_factor 1.0, every layer an MoE, norm_topk_prob true.",
     )
-    fixed = {"n_group": 1, "topk_group": 1, "first_k_dense_replace": 0, "num_nextn_predict_layers": 0, "norm_topk_prob": True}
+    fixed = {
+        "n_group": 1,
+        "topk_group": 1,
+        "first_k_dense_replace": 0,
+        "num_nextn_predict_layers": 0,
+        "norm_topk_prob": True,
+    }
     fixed.update(family.pop("fixed_config", {}))  # type: ignore[arg-type]
     return ArchAdapter(dense_type=dense_type, fixed_config=fixed, **common, **family)  # type: ignore[arg-type]
 
@@ -58,9 +67,13 @@ register(
     default=False,
 )
 register(
-    _glm4_moe("qwen3", fixed_config={"use_qk_norm": True}, refused_config_flags={
-        "attention_bias": "has no bias on the attention output projection",
-        "use_sliding_window": "has no sliding-window attention",
-    }),
+    _glm4_moe(
+        "qwen3",
+        fixed_config={"use_qk_norm": True},
+        refused_config_flags={
+            "attention_bias": "has no bias on the attention output projection",
+            "use_sliding_window": "has no sliding-window attention",
+        },
+    ),
     default=False,
 )

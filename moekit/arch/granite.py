@@ -20,7 +20,13 @@ GRANITE = register(
         router_suffix="router.layer.weight",
         memory_block="block_sparse_moe",
         memory_router="router.weight",
-        extra_config_keys=("embedding_multiplier", "logits_scaling", "residual_multiplier", "attention_multiplier", "attention_bias"),
+        extra_config_keys=(
+            "embedding_multiplier",
+            "logits_scaling",
+            "residual_multiplier",
+            "attention_multiplier",
+            "attention_bias",
+        ),
         allowed_bias=(r"self_attn\.(q|k|v|o)_proj\.bias",),  # when attention_bias is true
         refused_config_flags={"mlp_bias": "has no MLP biases"},
         embedding_multiplier_key="embedding_multiplier",

@@ -84,7 +84,9 @@ class MoeLayouts:
 def fused_layout(block: str = "mlp", router: str = "gate.weight") -> ExpertLayout:
     """transformers 5's in-memory (fused) layout with the given block and router names."""
     base = f"model.layers.{{layer}}.{block}"
-    return ExpertLayout("fused", f"{base}.{router}", stacked=(f"{base}.experts.gate_up_proj", f"{base}.experts.down_proj"))
+    return ExpertLayout(
+        "fused", f"{base}.{router}", stacked=(f"{base}.experts.gate_up_proj", f"{base}.experts.down_proj")
+    )
 
 
 def per_expert_layout(block: str, projections: dict[str, str], router: str = "gate.weight") -> ExpertLayout:

@@ -52,7 +52,8 @@ class Phi3Adapter(ArchAdapter):
         factor = float(rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)) or 1.0)
         if factor < 1.0:
             raise UnsupportedArchitectureError(
-                f"This Phi-3 model rotates only part of each head (partial_rotary_factor={factor}); Mixtral rotates all of it.",
+                f"This Phi-3 model rotates only part of each head (partial_rotary_factor={factor}); Mixtral "
+                "rotates all of it.",
                 "Only Phi-3 models with full rotary embeddings can be mixed into Mixtral.",
             )
         super().check_dense(config, tensor_names)

@@ -47,9 +47,11 @@ def environment_failure(exc: BaseException) -> tuple[str, str] | None:
         where = f" ({item.filename})" if isinstance(item, OSError) and item.filename else ""
         code = item.errno if isinstance(item, OSError) else None
         if code in (errno.ENOSPC, errno.EDQUOT) or any(t in str(item) for t in _DISK_FULL_TEXTS):
-            return (f"The disk is full: writing failed{where}.",
-                    "Free space on that disk, or write outputs elsewhere (--out). Unfinished outputs were removed; "
-                    "train/tune checkpoints written before are kept for --resume.")
+            return (
+                f"The disk is full: writing failed{where}.",
+                "Free space on that disk, or write outputs elsewhere (--out). Unfinished outputs were removed; "
+                "train/tune checkpoints written before are kept for --resume.",
+            )
         if code == errno.EROFS:
             return f"A read-only file system refused a write{where}.", "Write outputs to a writable location."
         if code in (errno.EACCES, errno.EPERM):
@@ -73,7 +75,8 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 
 
 def _handle_sigterm() -> Any:
-    """Turn SIGTERM into :class:`Terminated`, so temporary outputs are cleaned up as on Ctrl-C; return the old handler."""
+    """Turn SIGTERM into :class:`Terminated`, so temporary outputs are cleaned up as on Ctrl-C; return the old
+    handler."""
     import signal
     import threading
 
@@ -120,7 +123,10 @@ def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(1)
         except KeyboardInterrupt as exc:
             how = "Terminated (SIGTERM)" if isinstance(exc, Terminated) else "Interrupted"
-            _print_error(f"{how}. Unfinished outputs were discarded; checkpoints already written by train or tune are kept for --resume.")
+            _print_error(
+                f"{how}. Unfinished outputs were discarded; checkpoints already written by train or tune are "
+                "kept for --resume."
+            )
             raise typer.Exit(143 if isinstance(exc, Terminated) else 130)
         finally:
             _restore_sigterm(previous)  # a command run in-process (tests, notebooks) leaves the handler as it was
@@ -136,7 +142,9 @@ def parse_key_values(items: list[str], option: str) -> dict[str, str]:
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or not name or not value:
-            raise InvalidOptionError(f"{option} expects NAME=PATH, got '{item}'.", f"Write e.g. {option} code=data/code.jsonl.")
+            raise InvalidOptionError(
+                f"{option} expects NAME=PATH, got '{item}'.", f"Write e.g. {option} code=data/code.jsonl."
+            )
         if name in result:
             raise InvalidOptionError(f"{option} names '{name}' twice.", "Give each name once.")
         result[name] = value
@@ -154,24 +162,40 @@ def said(value: Any) -> str:
 
 
 def given_options(values: dict[str, Any], command: Callable[..., Any]) -> list[str]:
-    """The ``--flags`` among ``values`` (parameter name -> value) whose value is not the default ``command`` declares."""
+    """The ``--flags`` among ``values`` (parameter name -> value) whose value is not the default ``command``
+    declares."""
     import inspect
 
-    defaults = {name: getattr(p.default, "default", p.default) for name, p in inspect.signature(command).parameters.items()}
+    defaults = {
+        name: getattr(p.default, "default", p.default) for name, p in inspect.signature(command).parameters.items()
+    }
     return [f"--{name.replace('_', '-')}" for name, value in values.items() if value != defaults[name]]
 
 
+def only_given(**values: Any) -> dict[str, Any]:
+    """The keyword arguments that are not None: options the user gave, for a config whose defaults fill in the rest."""
+    return {name: value for name, value in values.items() if value is not None}
+
+
 def refuse_unused(options: dict[str, object], mode_on: bool, mode: str) -> None:
-    """Raise if options that only apply with ``mode`` were given (not None) without it: never ignore an option silently."""
+    """Raise if options that only apply with ``mode`` were given (not None) without it: never ignore an option
+    silently."""
     from moekit.errors import InvalidOptionError
 
     given = [name for name, value in options.items() if value is not None]
     if given and not mode_on:
-        raise InvalidOptionError(f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} with {mode}.", f"Remove {', '.join(given)} or add {mode}.")
+        raise InvalidOptionError(
+            f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} with {mode}.",
+            f"Remove {', '.join(given)} or add {mode}.",
+        )
 
 
 # Options several commands share, declared once (Typer reads them from each command's signature).
-TEXT_FIELD_OPTION = typer.Option(DEFAULT_TEXT_FIELD, "--text-field", help="Text field of .jsonl/.json/.parquet records.")
+TEXT_FIELD_OPTION = typer.Option(
+    DEFAULT_TEXT_FIELD, "--text-field", help="Text field of .jsonl/.json/.parquet records."
+)
 MAX_TOKENS_OPTION = typer.Option(default_of(InspectConfig, "max_tokens"), "--max-tokens", help="Tokens per domain.")
 SEQ_LEN_OPTION = typer.Option(default_of(InspectConfig, "seq_len"), "--seq-len", help="Tokens per block.")
-BATCH_SIZE_OPTION = typer.Option(default_of(InspectConfig, "batch_size"), "--batch-size", help="Blocks per forward pass.")
+BATCH_SIZE_OPTION = typer.Option(
+    default_of(InspectConfig, "batch_size"), "--batch-size", help="Blocks per forward pass."
+)

@@ -9,14 +9,22 @@ import typer
 
 
 def demo_command(
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Work directory (default: demo-out, or demo-tiny-out with --tiny)."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="Work directory (default: demo-out, or demo-tiny-out with --tiny)."
+    ),
     tiny: bool = typer.Option(False, "--tiny", help="A seconds-long version on a random tiny model (for tests)."),
     force: bool = typer.Option(False, "--force", help="Delete the work directory first and start from scratch."),
-    overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...", help="Recipe overrides, e.g. train.max_steps=50."),
+    overrides: list[str] = typer.Argument(
+        None, metavar="[KEY=VALUE]...", help="Recipe overrides, e.g. train.max_steps=50."
+    ),
 ) -> None:
     """Run BTX end to end on a laptop CPU with no downloads (about 30 minutes; --tiny: seconds).
 
-    Pretrains a small seed on Python stdlib code, pydoc's English reference text and generated arithmetic, branches it into those domains, trains each branch, mixes them with the seed as a generalist expert, tunes the MoE, builds the dense and upcycling baselines at equal compute, then compares every model, shows the routing, a generation per domain and the arithmetic accuracy (greedy and SCMoE), and writes an HTML report (RUN/report.html). Re-running skips finished stages.
+    Pretrains a small seed on Python stdlib code, pydoc's English reference text and generated arithmetic,
+    branches it into those domains, trains each branch, mixes them with the seed as a generalist expert, tunes the
+    MoE, builds the dense and upcycling baselines at equal compute, then compares every model, shows the routing,
+    a generation per domain and the arithmetic accuracy (greedy and SCMoE), and writes an HTML report
+    (RUN/report.html). Re-running skips finished stages.
     """
     from rich.console import Console
 
@@ -33,4 +41,6 @@ def demo_command(
         render_generation_routing(console, generation, None)
     if result.arithmetic is not None:
         render_task_table(console, result.arithmetic)
-    console.print(f"[green]Report:[/] {result.report} (open it in a browser)", soft_wrap=True)  # a path must stay copyable
+    console.print(
+        f"[green]Report:[/] {result.report} (open it in a browser)", soft_wrap=True
+    )  # a path must stay copyable

@@ -18,20 +18,42 @@ from moekit.config import EvalConfig, default_of
 
 
 def eval_command(
-    models: list[str] = typer.Argument(..., metavar="MODEL...", help="Model directories (or hub ids); a run directory adds its seed, branches, mixed and tuned models."),
-    data: list[str] = typer.Option([], "--data", help="DOMAIN=PATH held-out data; repeat (default with a run directory: its branches' held-out splits)."),
+    models: list[str] = typer.Argument(
+        ...,
+        metavar="MODEL...",
+        help="Model directories (or hub ids); a run directory adds its seed, branches, mixed and tuned models.",
+    ),
+    data: list[str] = typer.Option(
+        [],
+        "--data",
+        help="DOMAIN=PATH held-out data; repeat (default with a run directory: its branches' held-out splits).",
+    ),
     max_tokens: int = MAX_TOKENS_OPTION,
     seq_len: int = SEQ_LEN_OPTION,
     batch_size: int = BATCH_SIZE_OPTION,
     text_field: str = TEXT_FIELD_OPTION,
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
-    task: Optional[str] = typer.Option(None, "--task", help="Score a generation task instead of held-out loss: arithmetic (exact match on held-out problems)."),
+    task: Optional[str] = typer.Option(
+        None,
+        "--task",
+        help="Score a generation task instead of held-out loss: arithmetic (exact match on held-out problems).",
+    ),
     problems: int = typer.Option(default_of(EvalConfig, "problems"), "--problems", help="Problems of --task."),
-    max_new_tokens: int = typer.Option(default_of(EvalConfig, "max_new_tokens"), "--max-new-tokens", help="Tokens generated per problem of --task."),
-    scmoe: bool = typer.Option(False, "--scmoe", help="With --task: also score each MoE with SCMoE decoding (see moekit generate)."),
+    max_new_tokens: int = typer.Option(
+        default_of(EvalConfig, "max_new_tokens"), "--max-new-tokens", help="Tokens generated per problem of --task."
+    ),
+    scmoe: bool = typer.Option(
+        False, "--scmoe", help="With --task: also score each MoE with SCMoE decoding (see moekit generate)."
+    ),
     scmoe_beta: float = typer.Option(default_of(EvalConfig, "scmoe_beta"), "--scmoe-beta", help="SCMoE strength."),
-    scmoe_alpha: float = typer.Option(default_of(EvalConfig, "scmoe_alpha"), "--scmoe-alpha", help="SCMoE plausibility threshold."),
-    scmoe_rank: int = typer.Option(default_of(EvalConfig, "scmoe_rank"), "--scmoe-rank", help="SCMoE's weak pass routes each token to its expert of this rank only."),
+    scmoe_alpha: float = typer.Option(
+        default_of(EvalConfig, "scmoe_alpha"), "--scmoe-alpha", help="SCMoE plausibility threshold."
+    ),
+    scmoe_rank: int = typer.Option(
+        default_of(EvalConfig, "scmoe_rank"),
+        "--scmoe-rank",
+        help="SCMoE's weak pass routes each token to its expert of this rank only.",
+    ),
 ) -> None:
     """Compare models by held-out loss and perplexity per domain (best per domain marked).
 
@@ -55,11 +77,25 @@ def eval_command(
     if task is not None and task not in TASKS:
         raise InvalidOptionError(f"Unknown --task '{task}'.", f"Tasks: {', '.join(TASKS)}.")
     if scmoe and task is None:
-        raise InvalidOptionError("--scmoe scores a generation task; held-out loss has no decoding.", "Add --task arithmetic.")
-    cfg = EvalConfig(models=models, data={d: [p] for d, p in parse_key_values(data, "--data").items()}, seq_len=seq_len,
-                     batch_size=batch_size, max_tokens=max_tokens, text_field=text_field, json_path=json_path, task=task,
-                     problems=problems, max_new_tokens=max_new_tokens, scmoe=scmoe, scmoe_beta=scmoe_beta, scmoe_alpha=scmoe_alpha,
-                     scmoe_rank=scmoe_rank)
+        raise InvalidOptionError(
+            "--scmoe scores a generation task; held-out loss has no decoding.", "Add --task arithmetic."
+        )
+    cfg = EvalConfig(
+        models=models,
+        data={d: [p] for d, p in parse_key_values(data, "--data").items()},
+        seq_len=seq_len,
+        batch_size=batch_size,
+        max_tokens=max_tokens,
+        text_field=text_field,
+        json_path=json_path,
+        task=task,
+        problems=problems,
+        max_new_tokens=max_new_tokens,
+        scmoe=scmoe,
+        scmoe_beta=scmoe_beta,
+        scmoe_alpha=scmoe_alpha,
+        scmoe_rank=scmoe_rank,
+    )
     console = Console()
     if task is not None:
         report = evaluate_task(cfg)

@@ -13,24 +13,71 @@ from moekit.config import GenerateConfig, default_of
 
 
 def generate_command(
-    model: str = typer.Argument(..., help="Model directory (or hub id): an MoE moekit wrote, any MoE it can read, or a dense model."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="The prompt (default: read from --prompt-file, or from stdin, or ask interactively)."),
+    model: str = typer.Argument(
+        ..., help="Model directory (or hub id): an MoE moekit wrote, any MoE it can read, or a dense model."
+    ),
+    prompt: Optional[str] = typer.Option(
+        None,
+        "--prompt",
+        "-p",
+        help="The prompt (default: read from --prompt-file, or from stdin, or ask interactively).",
+    ),
     prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Read the prompt from this file."),
-    max_new_tokens: int = typer.Option(default_of(GenerateConfig, "max_new_tokens"), "--max-new-tokens", help="Most tokens to generate."),
+    max_new_tokens: int = typer.Option(
+        default_of(GenerateConfig, "max_new_tokens"), "--max-new-tokens", help="Most tokens to generate."
+    ),
     raw: bool = typer.Option(False, "--raw", help="Feed the prompt as it is, without the tokenizer's chat template."),
     sample: bool = typer.Option(False, "--sample", help="Sample (default: greedy decoding)."),
-    temperature: float = typer.Option(default_of(GenerateConfig, "temperature"), "--temperature", help="Sampling temperature (with --sample)."),
-    top_p: float = typer.Option(default_of(GenerateConfig, "top_p"), "--top-p", help="Nucleus sampling: smallest token set with this probability mass (with --sample)."),
-    top_k: int = typer.Option(default_of(GenerateConfig, "top_k"), "--top-k", help="Sample among the k most likely tokens; 0: all (with --sample)."),
-    random_seed: int = typer.Option(default_of(GenerateConfig, "random_seed"), "--random-seed", help="Seed of the sampler."),
-    routing: bool = typer.Option(False, "--routing", help="After the text, show each generated token coloured by its top expert."),
-    routing_layer: Optional[int] = typer.Option(None, "--routing-layer", help="The MoE layer for --routing and --json (default: the majority over layers)."),
-    scmoe: bool = typer.Option(False, "--scmoe", help="Self-contrast decoding (SCMoE, arXiv 2405.14507): contrast top-k routing with rank-k-only routing."),
-    scmoe_beta: float = typer.Option(default_of(GenerateConfig, "scmoe_beta"), "--scmoe-beta", help="SCMoE strength: z = (1 + beta) z_strong - beta z_weak; 0 is plain decoding."),
-    scmoe_alpha: float = typer.Option(default_of(GenerateConfig, "scmoe_alpha"), "--scmoe-alpha", help="SCMoE plausibility: only tokens with p >= alpha x the top token's p."),
-    scmoe_rank: int = typer.Option(default_of(GenerateConfig, "scmoe_rank"), "--scmoe-rank", help="The weak pass routes each token to its expert of this rank only."),
-    dtype: str = typer.Option(default_of(GenerateConfig, "dtype"), "--dtype", help="auto (float32 on a CPU, bfloat16 on a GPU), float32, bfloat16 or float16."),
-    json_path: Optional[str] = typer.Option(None, "--json", help="Write the result as JSON to this file ('-' for stdout, nothing streamed)."),
+    temperature: float = typer.Option(
+        default_of(GenerateConfig, "temperature"), "--temperature", help="Sampling temperature (with --sample)."
+    ),
+    top_p: float = typer.Option(
+        default_of(GenerateConfig, "top_p"),
+        "--top-p",
+        help="Nucleus sampling: smallest token set with this probability mass (with --sample).",
+    ),
+    top_k: int = typer.Option(
+        default_of(GenerateConfig, "top_k"),
+        "--top-k",
+        help="Sample among the k most likely tokens; 0: all (with --sample).",
+    ),
+    random_seed: int = typer.Option(
+        default_of(GenerateConfig, "random_seed"), "--random-seed", help="Seed of the sampler."
+    ),
+    routing: bool = typer.Option(
+        False, "--routing", help="After the text, show each generated token coloured by its top expert."
+    ),
+    routing_layer: Optional[int] = typer.Option(
+        None, "--routing-layer", help="The MoE layer for --routing and --json (default: the majority over layers)."
+    ),
+    scmoe: bool = typer.Option(
+        False,
+        "--scmoe",
+        help="Self-contrast decoding (SCMoE, arXiv 2405.14507): contrast top-k routing with rank-k-only routing.",
+    ),
+    scmoe_beta: float = typer.Option(
+        default_of(GenerateConfig, "scmoe_beta"),
+        "--scmoe-beta",
+        help="SCMoE strength: z = (1 + beta) z_strong - beta z_weak; 0 is plain decoding.",
+    ),
+    scmoe_alpha: float = typer.Option(
+        default_of(GenerateConfig, "scmoe_alpha"),
+        "--scmoe-alpha",
+        help="SCMoE plausibility: only tokens with p >= alpha x the top token's p.",
+    ),
+    scmoe_rank: int = typer.Option(
+        default_of(GenerateConfig, "scmoe_rank"),
+        "--scmoe-rank",
+        help="The weak pass routes each token to its expert of this rank only.",
+    ),
+    dtype: str = typer.Option(
+        default_of(GenerateConfig, "dtype"),
+        "--dtype",
+        help="auto (float32 on a CPU, bfloat16 on a GPU), float32, bfloat16 or float16.",
+    ),
+    json_path: Optional[str] = typer.Option(
+        None, "--json", help="Write the result as JSON to this file ('-' for stdout, nothing streamed)."
+    ),
 ) -> None:
     """Generate text with a model, streaming it, and show which expert each token went to.
 
@@ -50,12 +97,30 @@ def generate_command(
     quiet_transformers()
     prompt = _read_prompt(prompt, prompt_file)
     if json_path not in (None, "-") and Path(json_path).is_dir():
-        raise InvalidOptionError(f"--json {json_path} is a directory.", f"Give a file path such as {Path(json_path) / 'generation.json'}, or - for stdout.")
+        raise InvalidOptionError(
+            f"--json {json_path} is a directory.",
+            f"Give a file path such as {Path(json_path) / 'generation.json'}, or - for stdout.",
+        )
     if json_path is not None and prompt is None:
-        raise InvalidOptionError("--json needs a prompt (--prompt, --prompt-file or stdin); interactive use prints text.", "Give --prompt.")
-    cfg = GenerateConfig(model=model, max_new_tokens=max_new_tokens, raw=raw, sample=sample, temperature=temperature, top_p=top_p,
-                         top_k=top_k, random_seed=random_seed, dtype=dtype, routing_layer=routing_layer, scmoe=scmoe,
-                         scmoe_beta=scmoe_beta, scmoe_alpha=scmoe_alpha, scmoe_rank=scmoe_rank)
+        raise InvalidOptionError(
+            "--json needs a prompt (--prompt, --prompt-file or stdin); interactive use prints text.", "Give --prompt."
+        )
+    cfg = GenerateConfig(
+        model=model,
+        max_new_tokens=max_new_tokens,
+        raw=raw,
+        sample=sample,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        random_seed=random_seed,
+        dtype=dtype,
+        routing_layer=routing_layer,
+        scmoe=scmoe,
+        scmoe_beta=scmoe_beta,
+        scmoe_alpha=scmoe_alpha,
+        scmoe_rank=scmoe_rank,
+    )
     generator = Generator(cfg)
     console = Console(stderr=json_path == "-", highlight=False)
     if prompt is None:
@@ -90,7 +155,11 @@ def _show(console: Any, generator: Any, prompt: str, routing: bool) -> None:
 
     generation = generator.generate(prompt, lambda piece: console.print(piece, end="", markup=False, soft_wrap=True))
     console.print()
-    console.print(f"[dim]{len(generation.tokens)} tokens in {generation.seconds:.2f} s" + (" with SCMoE" if generator.cfg.scmoe else "") + "[/]")
+    console.print(
+        f"[dim]{len(generation.tokens)} tokens in {generation.seconds:.2f} s"
+        + (" with SCMoE" if generator.cfg.scmoe else "")
+        + "[/]"
+    )
     if routing:
         render_generation_routing(console, generation, generator.cfg.routing_layer)
 

@@ -18,16 +18,26 @@ from moekit.commands.common import (
 
 def inspect_command(
     model: str = typer.Argument(..., metavar="MODEL", help="A Hugging Face model directory (or hub id); MoE or dense."),
-    data: list[str] = typer.Option([], "--data", help="DOMAIN=PATH data to route; repeat. Without it: static statistics only."),
+    data: list[str] = typer.Option(
+        [], "--data", help="DOMAIN=PATH data to route; repeat. Without it: static statistics only."
+    ),
     max_tokens: int = MAX_TOKENS_OPTION,
     seq_len: int = SEQ_LEN_OPTION,
     batch_size: int = BATCH_SIZE_OPTION,
     text_field: str = TEXT_FIELD_OPTION,
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write every number to this JSON file (schema: docs/commands/inspect.md)."),
+    json_path: Optional[Path] = typer.Option(
+        None, "--json", help="Write every number to this JSON file (schema: docs/commands/inspect.md)."
+    ),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write PNG heatmaps and report.html to this directory."),
     detail: bool = typer.Option(False, "--detail", help="Show every layer and expert instead of a summary."),
-    tokens: Optional[str] = typer.Option(None, "--tokens", help="Show DOMAIN's first block coloured by each token's top expert."),
-    tokens_layer: Optional[int] = typer.Option(None, "--tokens-layer", help="MoE layer for --tokens, counted over the layers that have a router (default: the middle one)."),
+    tokens: Optional[str] = typer.Option(
+        None, "--tokens", help="Show DOMAIN's first block coloured by each token's top expert."
+    ),
+    tokens_layer: Optional[int] = typer.Option(
+        None,
+        "--tokens-layer",
+        help="MoE layer for --tokens, counted over the layers that have a router (default: the middle one).",
+    ),
 ) -> None:
     """Show an MoE's experts and routers, and how it routes each domain's tokens.
 
@@ -46,8 +56,16 @@ def inspect_command(
     quiet_transformers()
 
     cfg = InspectConfig(
-        model=model, data={d: [p] for d, p in parse_key_values(data, "--data").items()}, seq_len=seq_len, batch_size=batch_size,
-        max_tokens=max_tokens, text_field=text_field, json_path=json_path, plot_dir=plot, tokens=tokens, tokens_layer=tokens_layer,
+        model=model,
+        data={d: [p] for d, p in parse_key_values(data, "--data").items()},
+        seq_len=seq_len,
+        batch_size=batch_size,
+        max_tokens=max_tokens,
+        text_field=text_field,
+        json_path=json_path,
+        plot_dir=plot,
+        tokens=tokens,
+        tokens_layer=tokens_layer,
     )
     console = Console()
     report, written = inspect_model(cfg, on_static=lambda static: render_static(console, static, detail))

@@ -22,25 +22,92 @@ def _default(name: str) -> Any:
 
 LOOP_OPTIONS: dict[str, tuple[Any, Any]] = {
     "max_steps": (Optional[int], typer.Option(None, "--max-steps", help="Optimiser steps.")),
-    "max_tokens": (Optional[int], typer.Option(None, "--max-tokens", help="Tokens to train on (instead of --max-steps).")),
+    "max_tokens": (
+        Optional[int],
+        typer.Option(None, "--max-tokens", help="Tokens to train on (instead of --max-steps)."),
+    ),
     "seq_len": (int, typer.Option(_default("seq_len"), "--seq-len", help="Tokens per packed block.")),
-    "batch_size": (int, typer.Option(_default("batch_size"), "--batch-size", help="Blocks per micro-batch per process.")),
-    "grad_accum": (int, typer.Option(_default("grad_accum"), "--grad-accum", help="Micro-batches per optimiser step per process.")),
+    "batch_size": (
+        int,
+        typer.Option(_default("batch_size"), "--batch-size", help="Blocks per micro-batch per process."),
+    ),
+    "grad_accum": (
+        int,
+        typer.Option(_default("grad_accum"), "--grad-accum", help="Micro-batches per optimiser step per process."),
+    ),
     "lr": (float, typer.Option(_default("lr"), "--lr", help="Peak learning rate (BTX: 1e-4).")),
-    "min_lr_ratio": (float, typer.Option(_default("min_lr_ratio"), "--min-lr-ratio", help="Cosine decays to lr x this (BTX: 0.1).")),
-    "warmup_steps": (Optional[int], typer.Option(None, "--warmup-steps", help="Linear warmup steps (default: min(100, steps/10)).")),
-    "weight_decay": (float, typer.Option(_default("weight_decay"), "--weight-decay", help="AdamW weight decay (not on norms/biases).")),
+    "min_lr_ratio": (
+        float,
+        typer.Option(_default("min_lr_ratio"), "--min-lr-ratio", help="Cosine decays to lr x this (BTX: 0.1)."),
+    ),
+    "warmup_steps": (
+        Optional[int],
+        typer.Option(None, "--warmup-steps", help="Linear warmup steps (default: min(100, steps/10))."),
+    ),
+    "weight_decay": (
+        float,
+        typer.Option(_default("weight_decay"), "--weight-decay", help="AdamW weight decay (not on norms/biases)."),
+    ),
     "grad_clip": (float, typer.Option(_default("grad_clip"), "--grad-clip", help="Clip the gradient norm (0: off).")),
-    "precision": (str, typer.Option(_default("precision"), "--precision", help="auto (bf16 on capable GPUs, else fp32) | fp32 | bf16 | fp16.")),
-    "shard": (str, typer.Option(_default("shard"), "--shard", help="none: a full model per process (DDP under torchrun) | fsdp: FSDP2, each process holds 1/N of the weights, gradients and optimiser state.")),
-    "save_dtype": (str, typer.Option(_default("save_dtype"), "--save-dtype", help="Saved weights: auto (the input's dtype) | float32 | bfloat16 | float16. float32 keeps small updates that bf16 rounds away.")),
-    "gradient_checkpointing": (bool, typer.Option(_default("gradient_checkpointing"), "--gradient-checkpointing", help="Recompute activations to save memory.")),
-    "eval_every": (int, typer.Option(_default("eval_every"), "--eval-every", help="Steps between held-out evaluations of every domain (0: end only).")),
-    "eval_blocks": (int, typer.Option(_default("eval_blocks"), "--eval-blocks", help="Held-out blocks per domain per evaluation.")),
-    "save_every": (int, typer.Option(_default("save_every"), "--save-every", help="Steps between resumable checkpoints (0: none).")),
-    "keep_checkpoints": (int, typer.Option(_default("keep_checkpoints"), "--keep-checkpoints", help="Checkpoints kept (older ones are pruned).")),
+    "precision": (
+        str,
+        typer.Option(
+            _default("precision"), "--precision", help="auto (bf16 on capable GPUs, else fp32) | fp32 | bf16 | fp16."
+        ),
+    ),
+    "shard": (
+        str,
+        typer.Option(
+            _default("shard"),
+            "--shard",
+            help="none: a full model per process (DDP under torchrun) | fsdp: FSDP2, each process holds 1/N of "
+            "the weights, gradients and optimiser state.",
+        ),
+    ),
+    "save_dtype": (
+        str,
+        typer.Option(
+            _default("save_dtype"),
+            "--save-dtype",
+            help="Saved weights: auto (the input's dtype) | float32 | bfloat16 | float16. float32 keeps small "
+            "updates that bf16 rounds away.",
+        ),
+    ),
+    "gradient_checkpointing": (
+        bool,
+        typer.Option(
+            _default("gradient_checkpointing"), "--gradient-checkpointing", help="Recompute activations to save memory."
+        ),
+    ),
+    "eval_every": (
+        int,
+        typer.Option(
+            _default("eval_every"),
+            "--eval-every",
+            help="Steps between held-out evaluations of every domain (0: end only).",
+        ),
+    ),
+    "eval_blocks": (
+        int,
+        typer.Option(_default("eval_blocks"), "--eval-blocks", help="Held-out blocks per domain per evaluation."),
+    ),
+    "save_every": (
+        int,
+        typer.Option(_default("save_every"), "--save-every", help="Steps between resumable checkpoints (0: none)."),
+    ),
+    "keep_checkpoints": (
+        int,
+        typer.Option(
+            _default("keep_checkpoints"), "--keep-checkpoints", help="Checkpoints kept (older ones are pruned)."
+        ),
+    ),
     "seed": (int, typer.Option(_default("seed"), "--seed", help="Seed for the data order.")),
-    "report_to": (list[str], typer.Option(_default("report_to"), "--report-to", help="Also log to: tensorboard (metrics.jsonl is always written).")),
+    "report_to": (
+        list[str],
+        typer.Option(
+            _default("report_to"), "--report-to", help="Also log to: tensorboard (metrics.jsonl is always written)."
+        ),
+    ),
 }
 
 
@@ -48,7 +115,10 @@ def with_loop_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """Give ``command`` the loop options; it receives them as ``loop: LoopSettings``."""
     signature = inspect.signature(command)
     own = [p for name, p in signature.parameters.items() if name != "loop"]
-    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=kind) for name, (kind, default) in LOOP_OPTIONS.items()]
+    added = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=kind)
+        for name, (kind, default) in LOOP_OPTIONS.items()
+    ]
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -77,7 +147,8 @@ def saved_weights_note(unchanged_share: float | None, saved_dtype: str, all_trai
     if unchanged_share is None or not all_trained or unchanged_share < ROUNDING_WARN_SHARE:
         return None
     return (
-        f"[yellow]warning:[/] {unchanged_share:.0%} of the saved weights are bit-identical to the input: most updates were "
+        f"[yellow]warning:[/] {unchanged_share:.0%} of the saved weights are bit-identical to the input: most "
+        "updates were "
         f"smaller than {saved_dtype}'s resolution and were rounded away. Train longer or with a higher --lr, or keep "
         "full precision with --save-dtype float32."
     )

@@ -1,4 +1,5 @@
-"""``moekit mix``: option parsing for the three ways to name the inputs (run dir, experts, upcycle) and for --add-expert."""
+"""``moekit mix``: option parsing for the three ways to name the inputs (run dir, experts, upcycle) and for
+--add-expert."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
-from moekit.commands.common import given_options, parse_key_values, refuse_unused, said
+from moekit.commands.common import given_options, only_given, parse_key_values, refuse_unused, said
 from moekit.config import MixConfig, UpcycleSettings, default_of
 
 if TYPE_CHECKING:
@@ -20,9 +21,44 @@ _ZEROS_REFUSAL = (
     "--router zeros is refused: with an all-zero router every logit ties, top-k then sends every "
     "token to the same experts and their gradients are identical, so the experts never separate."
 )
+# Options that go into MixConfig as they are given.
+_AS_GIVEN = (
+    "target",
+    "split",
+    "merge",
+    "dtype",
+    "top_k",
+    "router",
+    "router_std",
+    "expert_scale",
+    "random_seed",
+    "shard_size",
+    "force",
+    "run_dir",
+)
 # Options that shape a new mix; with --add-expert the MoE keeps its own.
-_MIXING = ("expert", "seed_model", "upcycle", "experts", "drop_fraction", "seed_as", "seed_expert", "target", "split", "average",
-           "merge", "merge_density", "merge_scale", "dtype", "top_k", "router", "router_std", "router_sharpness", "expert_scale", "random_seed")
+_MIXING = (
+    "expert",
+    "seed_model",
+    "upcycle",
+    "experts",
+    "drop_fraction",
+    "seed_as",
+    "seed_expert",
+    "target",
+    "split",
+    "average",
+    "merge",
+    "merge_density",
+    "merge_scale",
+    "dtype",
+    "top_k",
+    "router",
+    "router_std",
+    "router_sharpness",
+    "expert_scale",
+    "random_seed",
+)
 
 
 def _parse_average(text: str) -> tuple[str, Optional[list[float]]]:
@@ -36,7 +72,9 @@ def _parse_average(text: str) -> tuple[str, Optional[list[float]]]:
             return mode, [float(w) for w in weights.split(",")]
         except ValueError:
             pass
-    raise InvalidOptionError(f"--average '{text}' is not understood.", "Use uniform, seed, or weighted:W1,W2,... (one per branch).")
+    raise InvalidOptionError(
+        f"--average '{text}' is not understood.", "Use uniform, seed, or weighted:W1,W2,... (one per branch)."
+    )
 
 
 def _parse_experts(items: list[str]) -> list[tuple[str, Path]]:
@@ -48,35 +86,137 @@ def _parse_experts(items: list[str]) -> list[tuple[str, Path]]:
 
 
 def mix_command(
-    run_dir: Optional[Path] = typer.Argument(None, metavar="RUN_DIR", help="Run directory made by `moekit branch` (experts = its branches)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default with RUN_DIR: RUN_DIR/mixed)."),
-    expert: list[str] = typer.Option([], "--expert", "-e", help="[NAME=]DIR of a dense branch; repeat (instead of RUN_DIR)."),
-    seed_model: Optional[str] = typer.Option(None, "--seed-model", help="Seed for --expert mode (needed with the seed expert; else default: the first expert)."),
-    upcycle: Optional[str] = typer.Option(None, "--upcycle", help="Sparse upcycling: every expert is a copy of this seed's FFN."),
-    experts: Optional[int] = typer.Option(None, "--experts", min=1, help=f"Number of experts with --upcycle (default {said(default_of(UpcycleSettings, 'num_experts'))})."),
-    drop_fraction: Optional[float] = typer.Option(None, "--drop-fraction", min=0.0, max=1.0, help=f"Drop-upcycling: share of each expert's FFN units re-initialised (0.5 in the paper; default {said(default_of(UpcycleSettings, 'drop_fraction'))})."),
-    seed_as: Optional[str] = typer.Option(None, "--seed-as", help="The seed's FFN: routed (a generalist expert, BTX; default) | shared (the always-on shared expert; targets with one) | none."),
-    seed_expert: Optional[bool] = typer.Option(None, "--seed-expert/--no-seed-expert", hidden=True, help="Old spelling of --seed-as routed / --seed-as none."),
-    target: Optional[str] = typer.Option(None, "--target", help="MoE family to build (default: the seed family's; e.g. glm4_moe or ernie4_5_moe for a selection bias). See docs/formats.md."),
-    split: int = typer.Option(default_of(MixConfig, "split"), "--split", min=1, max=64, help="Fine-grained experts: cut each expert FFN into this many experts of 1/split the width (top-k scales with it)."),
-    average: str = typer.Option(default_of(MixConfig, "average"), "--average", help="Non-FFN tensors: uniform | seed | weighted:W1,W2,... (branch order)."),
-    merge: str = typer.Option(default_of(MixConfig, "merge"), "--merge", help="How the averaged tensors combine: mean (BTX) | task-arithmetic | ties | dare (seed + merged deltas of the branches)."),
-    merge_density: Optional[float] = typer.Option(None, "--merge-density", help=f"ties/dare: share of each branch's delta kept, in (0, 1] (default {said(default_of(MixConfig, 'merge_density'))})."),
-    merge_scale: Optional[float] = typer.Option(None, "--merge-scale", help=f"task-arithmetic/ties/dare: multiplies the merged delta (default {said(default_of(MixConfig, 'merge_scale'))}: the mean of the deltas)."),
-    dtype: str = typer.Option(default_of(MixConfig, "dtype"), "--dtype", help="Output dtype: auto (the seed's) | float32 | bfloat16 | float16."),
+    run_dir: Optional[Path] = typer.Argument(
+        None, metavar="RUN_DIR", help="Run directory made by `moekit branch` (experts = its branches)."
+    ),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="Output directory (default with RUN_DIR: RUN_DIR/mixed)."
+    ),
+    expert: list[str] = typer.Option(
+        [], "--expert", "-e", help="[NAME=]DIR of a dense branch; repeat (instead of RUN_DIR)."
+    ),
+    seed_model: Optional[str] = typer.Option(
+        None,
+        "--seed-model",
+        help="Seed for --expert mode (needed with the seed expert; else default: the first expert).",
+    ),
+    upcycle: Optional[str] = typer.Option(
+        None, "--upcycle", help="Sparse upcycling: every expert is a copy of this seed's FFN."
+    ),
+    experts: Optional[int] = typer.Option(
+        None,
+        "--experts",
+        min=1,
+        help=f"Number of experts with --upcycle (default {said(default_of(UpcycleSettings, 'num_experts'))}).",
+    ),
+    drop_fraction: Optional[float] = typer.Option(
+        None,
+        "--drop-fraction",
+        min=0.0,
+        max=1.0,
+        help="Drop-upcycling: share of each expert's FFN units re-initialised (0.5 in the paper; default "
+        f"{said(default_of(UpcycleSettings, 'drop_fraction'))}).",
+    ),
+    seed_as: Optional[str] = typer.Option(
+        None,
+        "--seed-as",
+        help="The seed's FFN: routed (a generalist expert, BTX; default) | shared (the always-on shared expert; "
+        "targets with one) | none.",
+    ),
+    seed_expert: Optional[bool] = typer.Option(
+        None, "--seed-expert/--no-seed-expert", hidden=True, help="Old spelling of --seed-as routed / --seed-as none."
+    ),
+    target: Optional[str] = typer.Option(
+        None,
+        "--target",
+        help="MoE family to build (default: the seed family's; e.g. glm4_moe or ernie4_5_moe for a selection "
+        "bias). See docs/formats.md.",
+    ),
+    split: int = typer.Option(
+        default_of(MixConfig, "split"),
+        "--split",
+        min=1,
+        max=64,
+        help="Fine-grained experts: cut each expert FFN into this many experts of 1/split the width (top-k "
+        "scales with it).",
+    ),
+    average: str = typer.Option(
+        default_of(MixConfig, "average"),
+        "--average",
+        help="Non-FFN tensors: uniform | seed | weighted:W1,W2,... (branch order).",
+    ),
+    merge: str = typer.Option(
+        default_of(MixConfig, "merge"),
+        "--merge",
+        help="How the averaged tensors combine: mean (BTX) | task-arithmetic | ties | dare (seed + merged "
+        "deltas of the branches).",
+    ),
+    merge_density: Optional[float] = typer.Option(
+        None,
+        "--merge-density",
+        help="ties/dare: share of each branch's delta kept, in (0, 1] (default "
+        f"{said(default_of(MixConfig, 'merge_density'))}).",
+    ),
+    merge_scale: Optional[float] = typer.Option(
+        None,
+        "--merge-scale",
+        help="task-arithmetic/ties/dare: multiplies the merged delta (default "
+        f"{said(default_of(MixConfig, 'merge_scale'))}: the mean of the deltas).",
+    ),
+    dtype: str = typer.Option(
+        default_of(MixConfig, "dtype"),
+        "--dtype",
+        help="Output dtype: auto (the seed's) | float32 | bfloat16 | float16.",
+    ),
     top_k: int = typer.Option(default_of(MixConfig, "top_k"), "--top-k", min=1, help="Experts per token."),
-    router: str = typer.Option(default_of(MixConfig, "router"), "--router", help="Router init: random (small std) | centroid (data-aware)."),
-    router_data: list[str] = typer.Option([], "--router-data", help="DOMAIN=PATH calibration text for --router centroid; repeat."),
-    router_std: Optional[float] = typer.Option(None, "--router-std", help="Std of the random router, at most 0.1 (default: the model's initializer_range)."),
-    router_sharpness: Optional[float] = typer.Option(None, "--router-sharpness", help=f"Centroid init: 0 = uniform, 1 = saturated initial routing (default {said(default_of(MixConfig, 'router_sharpness'))})."),
-    router_tokens: Optional[int] = typer.Option(None, "--router-tokens", help=f"Centroid init: calibration tokens per domain (default {default_of(MixConfig, 'router_tokens')})."),
-    router_seq_len: Optional[int] = typer.Option(None, "--router-seq-len", help=f"Centroid init: calibration sequence length (default {default_of(MixConfig, 'router_block_size')})."),
-    expert_scale: float = typer.Option(default_of(MixConfig, "expert_scale"), "--expert-scale", help="Multiply each expert's down projection (output scale)."),
-    random_seed: int = typer.Option(default_of(MixConfig, "random_seed"), "--random-seed", help="Seed for router and drop-upcycling randomness."),
-    shard_size: str = typer.Option(default_of(MixConfig, "shard_size"), "--shard-size", help="Maximum size of one safetensors shard."),
+    router: str = typer.Option(
+        default_of(MixConfig, "router"), "--router", help="Router init: random (small std) | centroid (data-aware)."
+    ),
+    router_data: list[str] = typer.Option(
+        [], "--router-data", help="DOMAIN=PATH calibration text for --router centroid; repeat."
+    ),
+    router_std: Optional[float] = typer.Option(
+        None, "--router-std", help="Std of the random router, at most 0.1 (default: the model's initializer_range)."
+    ),
+    router_sharpness: Optional[float] = typer.Option(
+        None,
+        "--router-sharpness",
+        help="Centroid init: 0 = uniform, 1 = saturated initial routing (default "
+        f"{said(default_of(MixConfig, 'router_sharpness'))}).",
+    ),
+    router_tokens: Optional[int] = typer.Option(
+        None,
+        "--router-tokens",
+        help=f"Centroid init: calibration tokens per domain (default {default_of(MixConfig, 'router_tokens')}).",
+    ),
+    router_seq_len: Optional[int] = typer.Option(
+        None,
+        "--router-seq-len",
+        help=f"Centroid init: calibration sequence length (default {default_of(MixConfig, 'router_block_size')}).",
+    ),
+    expert_scale: float = typer.Option(
+        default_of(MixConfig, "expert_scale"),
+        "--expert-scale",
+        help="Multiply each expert's down projection (output scale).",
+    ),
+    random_seed: int = typer.Option(
+        default_of(MixConfig, "random_seed"), "--random-seed", help="Seed for router and drop-upcycling randomness."
+    ),
+    shard_size: str = typer.Option(
+        default_of(MixConfig, "shard_size"), "--shard-size", help="Maximum size of one safetensors shard."
+    ),
     force: bool = typer.Option(False, "--force", help="Replace the output directory if it exists and is not empty."),
-    add_expert: Optional[str] = typer.Option(None, "--add-expert", help="NAME[=DIR]: grow a built MoE (--into) by the FFN of one more dense branch of its seed (with RUN_DIR: the run's branch NAME)."),
-    into: Optional[Path] = typer.Option(None, "--into", help="With --add-expert: the moekit MoE to grow (default with RUN_DIR: RUN_DIR/tuned, else RUN_DIR/mixed)."),
+    add_expert: Optional[str] = typer.Option(
+        None,
+        "--add-expert",
+        help="NAME[=DIR]: grow a built MoE (--into) by the FFN of one more dense branch of its seed (with "
+        "RUN_DIR: the run's branch NAME).",
+    ),
+    into: Optional[Path] = typer.Option(
+        None,
+        "--into",
+        help="With --add-expert: the moekit MoE to grow (default with RUN_DIR: RUN_DIR/tuned, else RUN_DIR/mixed).",
+    ),
 ) -> None:
     """Merge dense branches into one Hugging Face MoE (experts = branch FFNs, the rest averaged).
 
@@ -91,62 +231,123 @@ def mix_command(
     """
     from rich.console import Console
 
-    from moekit.config import GrowConfig
     from moekit.errors import InvalidOptionError
     from moekit.steps.mix import mix
-    from moekit.steps.mix.grow import add_expert as grow
-    from moekit.steps.mix.grow_inputs import grow_sources
     from moekit.steps.mix.inputs import mix_sources
 
     options = locals()
-    calibration = {k: v for k, v in dict(router_tokens=router_tokens, router_block_size=router_seq_len).items() if v is not None}
+    calibration = only_given(router_tokens=router_tokens, router_block_size=router_seq_len)
     if add_expert is not None or into is not None:
         _refuse_mixing_options({name: options[name] for name in _MIXING}, add_expert)
-        name, branch_dir, into, out = grow_sources(run_dir, add_expert, into, out)
-        cfg = GrowConfig(into=into, name=name, branch=branch_dir, out=out, run_dir=run_dir, shard_size=shard_size, force=force,
-                         router_data=parse_key_values(router_data, "--router-data"), **calibration)
-        _report_grow(Console(), grow(cfg, show_progress=True), name, run_dir)
+        _grow(
+            run_dir,
+            add_expert,
+            into,
+            out,
+            parse_key_values(router_data, "--router-data"),
+            calibration,
+            shard_size,
+            force,
+        )
         return
     if router == "zeros":
         raise InvalidOptionError(_ZEROS_REFUSAL, "Use --router random (small std) or --router centroid.")
     refuse_unused({"--experts": experts, "--drop-fraction": drop_fraction}, upcycle is not None, "--upcycle")
     refuse_unused({"--seed-model": seed_model}, bool(expert), "--expert")
-    refuse_unused({"--router-sharpness": router_sharpness, "--router-tokens": router_tokens, "--router-seq-len": router_seq_len},
-                  router == "centroid", "--router centroid")
+    centroid_only = {
+        "--router-sharpness": router_sharpness,
+        "--router-tokens": router_tokens,
+        "--router-seq-len": router_seq_len,
+    }
+    refuse_unused(centroid_only, router == "centroid", "--router centroid")
     mode, weights = _parse_average(average)
     seed_role = _seed_role(seed_as, seed_expert)
     seed, expert_list, out = mix_sources(run_dir, _parse_experts(expert), upcycle, seed_model, seed_role, out)
-    given = {k: v for k, v in dict(router_sharpness=router_sharpness, merge_density=merge_density, merge_scale=merge_scale).items() if v is not None}
-    upcycling = {k: v for k, v in dict(num_experts=experts, drop_fraction=drop_fraction).items() if v is not None}
+    upcycling = UpcycleSettings(**only_given(num_experts=experts, drop_fraction=drop_fraction)) if upcycle else None
+    as_given = {name: options[name] for name in _AS_GIVEN}
     cfg = MixConfig(
-        out=out, seed=seed, experts=expert_list, seed_as=seed_role, target=target, split=split, average=mode, weights=weights, merge=merge, dtype=dtype,
-        top_k=top_k, router=router, router_std=router_std, router_data=parse_key_values(router_data, "--router-data"),
-        expert_scale=expert_scale, random_seed=random_seed, shard_size=shard_size, force=force, run_dir=run_dir,
-        upcycle=UpcycleSettings(**upcycling) if upcycle else None, **calibration, **given,
+        out=out,
+        seed=seed,
+        experts=expert_list,
+        seed_as=seed_role,
+        average=mode,
+        weights=weights,
+        upcycle=upcycling,
+        router_data=parse_key_values(router_data, "--router-data"),
+        **as_given,
+        **calibration,
+        **only_given(router_sharpness=router_sharpness, merge_density=merge_density, merge_scale=merge_scale),
     )
     _report(Console(), mix(cfg, show_progress=True))
 
 
+def _grow(
+    run_dir: Optional[Path],
+    add_expert: Optional[str],
+    into: Optional[Path],
+    out: Optional[Path],
+    router_data: dict[str, str],
+    calibration: dict[str, int],
+    shard_size: str,
+    force: bool,
+) -> None:
+    """``mix --add-expert``: the inputs from NAME[=DIR], --into and --out (RUN_DIR's where given), then grow the MoE."""
+    from rich.console import Console
+
+    from moekit.config import GrowConfig
+    from moekit.steps.mix.grow import add_expert as grow
+    from moekit.steps.mix.grow_inputs import grow_sources
+
+    assert add_expert is not None
+    name, branch_dir, into, out = grow_sources(run_dir, add_expert, into, out)
+    cfg = GrowConfig(
+        into=into,
+        name=name,
+        branch=branch_dir,
+        out=out,
+        run_dir=run_dir,
+        shard_size=shard_size,
+        force=force,
+        router_data=router_data,
+        **calibration,
+    )
+    _report_grow(Console(), grow(cfg, show_progress=True), name, run_dir)
+
+
 def _refuse_mixing_options(values: dict[str, Any], add_expert: str | None) -> None:
-    """With --add-expert the MoE keeps its experts, top-k, dtype and averaged tensors: refuse options that would change them."""
+    """With --add-expert the MoE keeps its experts, top-k, dtype and averaged tensors: refuse options that would
+    change them."""
     from moekit.errors import InvalidOptionError
 
     given = given_options(values, mix_command)
     if given:
-        raise InvalidOptionError(f"{', '.join(given)} do(es) not apply with --add-expert: the MoE keeps its experts, top-k, dtype and averaged tensors.",
-                                 f"Remove {', '.join(given)}.")
+        raise InvalidOptionError(
+            f"{', '.join(given)} do(es) not apply with --add-expert: the MoE keeps its experts, top-k, dtype "
+            "and averaged tensors.",
+            f"Remove {', '.join(given)}.",
+        )
     if add_expert is None:
-        raise InvalidOptionError("--into only applies with --add-expert.", "Add --add-expert NAME[=DIR], or remove --into.")
+        raise InvalidOptionError(
+            "--into only applies with --add-expert.", "Add --add-expert NAME[=DIR], or remove --into."
+        )
 
 
 def _report_grow(console: Console, result: GrowResult, name: str, run_dir: Optional[Path]) -> None:
-    console.print(f"[green]Wrote[/] {result.moe_type} MoE with {len(result.experts)} routed experts ({', '.join(result.experts)}) to {result.out}")
-    console.print(f"New router rows: {result.router_stats['init_new_domain_top_k']:.0%} of {name} tokens and "
-                  f"{result.router_stats['init_old_domains_top_k']:.0%} of the other domains' tokens have expert '{name}' in their top-k.")
+    console.print(
+        f"[green]Wrote[/] {result.moe_type} MoE with {len(result.experts)} routed experts "
+        f"({', '.join(result.experts)}) to {result.out}"
+    )
+    console.print(
+        f"New router rows: {result.router_stats['init_new_domain_top_k']:.0%} of {name} tokens and "
+        f"{result.router_stats['init_old_domains_top_k']:.0%} of the other domains' tokens have expert '{name}' "
+        "in their top-k."
+    )
     for note in result.notes:
         console.print(f"[yellow]Note:[/] {note}")
-    console.print("Every old tensor is kept byte for byte. Tune the router next, e.g. moekit tune "
-                  f"{result.out} --train router{'' if run_dir else ' --data ' + name + '=PATH --out DIR'}.")
+    console.print(
+        "Every old tensor is kept byte for byte. Tune the router next, e.g. moekit tune "
+        f"{result.out} --train router{'' if run_dir else ' --data ' + name + '=PATH --out DIR'}."
+    )
 
 
 def _seed_role(seed_as: Optional[str], seed_expert: Optional[bool]) -> str:
@@ -157,15 +358,22 @@ def _seed_role(seed_as: Optional[str], seed_expert: Optional[bool]) -> str:
         raise InvalidOptionError(f"--seed-as {seed_as} is not understood.", "Use routed, shared or none.")
     old = None if seed_expert is None else ("routed" if seed_expert else "none")
     if seed_as is not None and old is not None and old != seed_as:
-        raise InvalidOptionError(f"--seed-as {seed_as} contradicts --{'' if seed_expert else 'no-'}seed-expert.", "Give only --seed-as.")
+        raise InvalidOptionError(
+            f"--seed-as {seed_as} contradicts --{'' if seed_expert else 'no-'}seed-expert.", "Give only --seed-as."
+        )
     return seed_as or old or "routed"
 
 
 def _report(console: Console, result: MixResult) -> None:
     names = ", ".join(result.experts)
-    console.print(f"[green]Wrote[/] {result.moe_type} MoE with {len(result.experts)} routed experts ({names}) to {result.out}")
+    console.print(
+        f"[green]Wrote[/] {result.moe_type} MoE with {len(result.experts)} routed experts ({names}) to {result.out}"
+    )
     shares = result.router_stats.get("init_in_domain_top1")
     if shares:
         listing = ", ".join(f"{d} {v:.0%}" for d, v in shares.items())
         console.print(f"Initial routing, share of each domain's tokens whose top-1 is its own expert: {listing}")
-    console.print("Load it with AutoModelForCausalLM.from_pretrained. Its router is new: fine-tune the model (router first) before judging it.")
+    console.print(
+        "Load it with AutoModelForCausalLM.from_pretrained. Its router is new: fine-tune the model (router "
+        "first) before judging it."
+    )

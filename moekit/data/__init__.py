@@ -17,10 +17,25 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "sources": ("HUB_PREFIX", "TEXT_SUFFIXES", "absolute_spec", "expand_data_paths", "iter_documents", "iter_spec_documents",
-                "iter_spec_pieces", "parse_hub_spec", "spec_fingerprint"),
-    "tokens": ("evaluation_blocks", "load_token_blocks", "pack_blocks", "packed_blocks", "token_stream", "tokenize_documents",
-               ),
+    "sources": (
+        "HUB_PREFIX",
+        "TEXT_SUFFIXES",
+        "absolute_spec",
+        "expand_data_paths",
+        "iter_documents",
+        "iter_spec_documents",
+        "iter_spec_pieces",
+        "parse_hub_spec",
+        "spec_fingerprint",
+    ),
+    "tokens": (
+        "evaluation_blocks",
+        "load_token_blocks",
+        "pack_blocks",
+        "packed_blocks",
+        "token_stream",
+        "tokenize_documents",
+    ),
     "store": ("TokenStore", "cached_store", "prepare_store", "tokenizer_fingerprint_of"),
     "blocks": ("BlockView", "MixtureBlocks", "TensorBlocks", "TokenSequence", "heldout_start"),
     "domains": ("DomainData", "domain_data", "recorded_heldout", "token_sequence"),

@@ -121,7 +121,9 @@ class BlockView:
 
     def fingerprint(self) -> str:
         """Identity: the sequence's stores, the token range and the block size."""
-        return hashlib.sha256(f"{self.sequence.key}|{self.start}|{self.stop}|{self.block_size}".encode()).hexdigest()[:16]
+        return hashlib.sha256(f"{self.sequence.key}|{self.start}|{self.stop}|{self.block_size}".encode()).hexdigest()[
+            :16
+        ]
 
 
 @dataclass
@@ -173,7 +175,9 @@ class MixtureBlocks:
                 continue
             passes = -(-wanted // len(source))
             dtype = torch.int32 if len(source) < 2**31 else torch.int64  # 4 bytes per block; the same draw as int64
-            order = torch.cat([torch.randperm(len(source), generator=generator, dtype=dtype) for _ in range(passes)])[:wanted]
+            order = torch.cat([torch.randperm(len(source), generator=generator, dtype=dtype) for _ in range(passes)])[
+                :wanted
+            ]
             domains.append(torch.full((wanted,), index, dtype=torch.int16))
             blocks.append(order)
         self.domain_of = torch.cat(domains)

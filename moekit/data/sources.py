@@ -39,7 +39,9 @@ def expand_data_paths(spec: str | Path) -> list[Path]:
     elif Path(text).is_file():
         paths = [Path(text)]
     else:
-        raise DataError(f"Data path {text} does not exist.", "Check the path (files, directories, globs and hf:NAME work).")
+        raise DataError(
+            f"Data path {text} does not exist.", "Check the path (files, directories, globs and hf:NAME work)."
+        )
     files = [p for p in paths if p.is_file()]
     if not files:
         raise DataError(f"Data path {text} contains no data files.", f"Use files ending in {', '.join(TEXT_SUFFIXES)}.")
@@ -74,7 +76,9 @@ def _records_text(records: Iterable[Any], path: Path | str, text_field: str) -> 
         elif isinstance(record, dict) and isinstance(record.get(text_field), str):
             yield record[text_field]
         else:
-            raise DataError(f"Record {i} of {path} has no string field '{text_field}'.", "Set the text field name (--text-field).")
+            raise DataError(
+                f"Record {i} of {path} has no string field '{text_field}'.", "Set the text field name (--text-field)."
+            )
 
 
 def _parquet_texts(path: Path, text_field: str) -> Iterator[str]:
@@ -82,7 +86,10 @@ def _parquet_texts(path: Path, text_field: str) -> Iterator[str]:
 
     parquet = pq.ParquetFile(path)
     if text_field not in parquet.schema_arrow.names:
-        raise DataError(f"{path} has no column '{text_field}' (columns: {', '.join(parquet.schema_arrow.names)}).", "Set --text-field.")
+        raise DataError(
+            f"{path} has no column '{text_field}' (columns: {', '.join(parquet.schema_arrow.names)}).",
+            "Set --text-field.",
+        )
     for batch in parquet.iter_batches(columns=[text_field]):
         yield from (t for t in batch.column(0).to_pylist() if isinstance(t, str))
 
@@ -135,7 +142,10 @@ def iter_pieces(path: Path, text_field: str = "text") -> Iterator[tuple[str, boo
     except DataError:
         raise
     except Exception as exc:  # decoding, JSON and parquet errors all mean "unreadable file"
-        raise DataError(f"Cannot read data file {path}: {type(exc).__name__}: {exc}.", "Check that it is UTF-8 text, JSON or parquet.")
+        raise DataError(
+            f"Cannot read data file {path}: {type(exc).__name__}: {exc}.",
+            "Check that it is UTF-8 text, JSON or parquet.",
+        )
 
 
 def iter_documents(path: Path, text_field: str = "text") -> Iterator[str]:
@@ -148,7 +158,9 @@ def iter_documents(path: Path, text_field: str = "text") -> Iterator[str]:
             parts = []
 
 
-_HUB_SPEC = re.compile(r"^hf:(?P<name>[^:@#\[]+)(?::(?P<config>[^@#\[]+))?(?:@(?P<split>[^#\[]+))?(?:\[:(?P<limit>\d+)\])?(?:#(?P<field>.+))?$")
+_HUB_SPEC = re.compile(
+    r"^hf:(?P<name>[^:@#\[]+)(?::(?P<config>[^@#\[]+))?(?:@(?P<split>[^#\[]+))?(?:\[:(?P<limit>\d+)\])?(?:#(?P<field>.+))?$"
+)
 
 
 def parse_hub_spec(spec: str) -> tuple[str, str | None, str, int | None, str | None]:
@@ -157,7 +169,8 @@ def parse_hub_spec(spec: str) -> tuple[str, str | None, str, int | None, str | N
     if match is None:
         raise DataError(
             f"Dataset spec '{spec}' is not understood.",
-            "Write hf:NAME[:CONFIG][@SPLIT][[:N]][#FIELD], e.g. hf:wikimedia/wikipedia:20231101.en@train[:100000]#text.",
+            "Write hf:NAME[:CONFIG][@SPLIT][[:N]][#FIELD], e.g. "
+            "hf:wikimedia/wikipedia:20231101.en@train[:100000]#text.",
         )
     limit = match["limit"]
     return match["name"], match["config"], match["split"] or "train", int(limit) if limit else None, match["field"]
@@ -172,7 +185,10 @@ def _hub_texts(spec: str, text_field: str) -> Iterator[str]:
         if limit is not None:
             dataset = dataset.take(limit)
     except Exception as exc:  # network, auth, missing dataset or config
-        raise DataError(f"Cannot load dataset {spec}: {type(exc).__name__}: {exc}.", "Check the name, config and split, and that the hub is reachable.")
+        raise DataError(
+            f"Cannot load dataset {spec}: {type(exc).__name__}: {exc}.",
+            "Check the name, config and split, and that the hub is reachable.",
+        )
     yield from _records_text(dataset, spec, field or text_field)
 
 
@@ -188,7 +204,9 @@ def iter_spec_documents(spec: str | Path, text_field: str = "text") -> Iterator[
 def iter_spec_pieces(spec: str | Path, text_field: str = "text") -> Iterator[tuple[str, bool]]:
     """Yield ``(text, ends_document)`` pieces of a data spec, streaming (see the module docstring)."""
     if is_store_dir(spec):
-        raise DataError(f"{spec} is a prepared token store: it holds token ids, not text.", "Give the text data itself here.")
+        raise DataError(
+            f"{spec} is a prepared token store: it holds token ids, not text.", "Give the text data itself here."
+        )
     if str(spec).startswith(HUB_PREFIX):
         for text in _hub_texts(str(spec), text_field):
             yield text, True
@@ -218,5 +236,3 @@ def spec_fingerprint(spec: str | Path, text_field: str) -> str:
     else:
         parts = [f"{p.absolute()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in expand_data_paths(spec)]
     return hashlib.sha256("\n".join([*parts, text_field]).encode()).hexdigest()
-
-

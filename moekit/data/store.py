@@ -64,6 +64,7 @@ _BATCH_CHARS = 4 << 20
 
 # ----- writing -----------------------------------------------------------------------------
 
+
 def _batches(pieces: Iterator[tuple[str, bool]]) -> Iterator[list[tuple[str, bool]]]:
     """Pieces grouped into batches of at most ``_BATCH_PIECES`` pieces or about ``_BATCH_CHARS`` characters."""
     batch: list[tuple[str, bool]] = []
@@ -141,7 +142,7 @@ class _StoreWriter:
             if self._handle is None or self.shards[-1]["tokens"] >= self.shard_tokens:
                 self._open_shard()
             room = self.shard_tokens - self.shards[-1]["tokens"]
-            part = ids[start:start + room]
+            part = ids[start : start + room]
             assert self._handle is not None
             self._handle.write(part.astype(self.dtype.newbyteorder("<")).tobytes())
             self.shards[-1]["tokens"] += len(part)
@@ -177,8 +178,14 @@ def store_key(tokenizer: Any, specs: list[str | Path] | str | Path, text_field: 
 
 
 def prepare_store(
-    tokenizer: Any, specs: list[str | Path] | str | Path, out: Path, text_field: str = "text", workers: int | None = None,
-    shard_tokens: int = SHARD_TOKENS, progress: Any = None, force: bool = True,
+    tokenizer: Any,
+    specs: list[str | Path] | str | Path,
+    out: Path,
+    text_field: str = "text",
+    workers: int | None = None,
+    shard_tokens: int = SHARD_TOKENS,
+    progress: Any = None,
+    force: bool = True,
 ) -> TokenStore:
     """Tokenise ``specs`` (in order, as one token sequence) into a store at ``out``, atomically; return it opened.
 
@@ -202,12 +209,26 @@ def prepare_store(
         if writer.tokens == 0:
             raise DataError(f"Data {shown} contains no text.", "Point to non-empty text files.")
         meta = {
-            "kind": "moekit-token-store", "format": STORE_FORMAT, "moekit_version": __version__,
-            "dtype": dtype.name, "tokens": writer.tokens, "documents": writer.documents, "shards": writer.shards,
-            "key": store_key(tokenizer, specs, text_field), "tokenizer_fingerprint": tokenizer_fingerprint_of(tokenizer),
-            "eos_token_id": tokenizer.eos_token_id, "vocab_size": vocab, "text_field": text_field,
-            "sources": [{"spec": str(spec), "fingerprint": spec_fingerprint(spec, text_field), "revision": hub_revision(str(spec))}
-                        for spec in specs],
+            "kind": "moekit-token-store",
+            "format": STORE_FORMAT,
+            "moekit_version": __version__,
+            "dtype": dtype.name,
+            "tokens": writer.tokens,
+            "documents": writer.documents,
+            "shards": writer.shards,
+            "key": store_key(tokenizer, specs, text_field),
+            "tokenizer_fingerprint": tokenizer_fingerprint_of(tokenizer),
+            "eos_token_id": tokenizer.eos_token_id,
+            "vocab_size": vocab,
+            "text_field": text_field,
+            "sources": [
+                {
+                    "spec": str(spec),
+                    "fingerprint": spec_fingerprint(spec, text_field),
+                    "revision": hub_revision(str(spec)),
+                }
+                for spec in specs
+            ],
         }
         (tmp / STORE_META).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
     return TokenStore(out)
@@ -218,14 +239,18 @@ def open_prepared(tokenizer: Any, path: Path) -> TokenStore:
     store = TokenStore(path)
     if store.meta.get("tokenizer_fingerprint") != tokenizer_fingerprint_of(tokenizer):
         raise DataError(
-            f"The token store {path} was prepared with another tokenizer than this model's; its token ids would mean other things.",
+            f"The token store {path} was prepared with another tokenizer than this model's; its token ids would "
+            "mean other things.",
             "Prepare it again with --tokenizer set to this model (or its seed).",
         )
     return store
 
 
-def cached_store(tokenizer: Any, spec: str | Path, text_field: str, cache_dir: Path, workers: int | None = None) -> TokenStore:
-    """The store of ``spec``: the spec itself when it is a prepared store, else one under ``cache_dir``, prepared now if missing."""
+def cached_store(
+    tokenizer: Any, spec: str | Path, text_field: str, cache_dir: Path, workers: int | None = None
+) -> TokenStore:
+    """The store of ``spec``: the spec itself when it is a prepared store, else one under ``cache_dir``, prepared now
+    if missing."""
     if is_store_dir(spec):
         return open_prepared(tokenizer, Path(spec))
     path = Path(cache_dir) / store_key(tokenizer, spec, text_field)
@@ -235,6 +260,7 @@ def cached_store(tokenizer: Any, spec: str | Path, text_field: str, cache_dir: P
 
 
 # ----- reading -----------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class _Shard:
@@ -251,10 +277,15 @@ class TokenStore:
         try:
             self.meta: dict[str, Any] = json.loads((self.path / STORE_META).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise DataError(f"{self.path} is not a readable token store ({exc}).", "Prepare it again (moekit prepare), or delete it.")
+            raise DataError(
+                f"{self.path} is not a readable token store ({exc}).",
+                "Prepare it again (moekit prepare), or delete it.",
+            )
         if self.meta.get("format") != STORE_FORMAT:
-            raise DataError(f"{self.path} is a token store of format {self.meta.get('format')}; this moekit reads {STORE_FORMAT}.",
-                            "Prepare the data again with this moekit.")
+            raise DataError(
+                f"{self.path} is a token store of format {self.meta.get('format')}; this moekit reads {STORE_FORMAT}.",
+                "Prepare the data again with this moekit.",
+            )
         self.dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
         first, self._shards = 0, []
         for shard in self.meta["shards"]:
@@ -283,7 +314,9 @@ class TokenStore:
             self._fds[path] = os.open(path, os.O_RDONLY)
         data = os.pread(self._fds[path], nbytes, offset)
         if len(data) != nbytes:
-            raise DataError(f"Token file {path} is shorter than its store says.", "Delete the store and prepare it again.")
+            raise DataError(
+                f"Token file {path} is shorter than its store says.", "Delete the store and prepare it again."
+            )
         return data
 
     def read(self, start: int, stop: int) -> np.ndarray:

@@ -53,7 +53,9 @@ def tokenize_documents(tokenizer: Any, documents: Iterable[str], max_tokens: int
     return tokenize_pieces(tokenizer, ((doc, True) for doc in documents), max_tokens)
 
 
-def token_stream(tokenizer: Any, spec: str | Path, text_field: str = "text", max_tokens: int | None = None) -> torch.Tensor:
+def token_stream(
+    tokenizer: Any, spec: str | Path, text_field: str = "text", max_tokens: int | None = None
+) -> torch.Tensor:
     """The token ids of a data spec as one in-memory 1-D int32 tensor (for samples: give ``max_tokens``).
 
     A prepared token store is read directly (its first ``max_tokens`` tokens).
@@ -94,10 +96,14 @@ def load_token_blocks(
     return pack_blocks(stream, block_size)
 
 
-def evaluation_blocks(tokenizer: Any, specs: list[str], seq_len: int, max_tokens: int, text_field: str = "text") -> torch.Tensor:
+def evaluation_blocks(
+    tokenizer: Any, specs: list[str], seq_len: int, max_tokens: int, text_field: str = "text"
+) -> torch.Tensor:
     """Blocks of up to ``max_tokens`` tokens from ``specs`` (for inspect/eval of given files; no split).
 
     A stream shorter than one block becomes a single shorter block, so small samples still work.
     """
-    stream = torch.cat([token_stream(tokenizer, spec, text_field, max_tokens=max_tokens) for spec in specs])[:max_tokens]
+    stream = torch.cat([token_stream(tokenizer, spec, text_field, max_tokens=max_tokens) for spec in specs])[
+        :max_tokens
+    ]
     return stream.view(1, -1) if stream.numel() < seq_len else pack_blocks(stream, seq_len)

@@ -83,7 +83,11 @@ class RoutingTally:
             self.entropy_sum[layer] += float(-(probs * probs.clamp_min(1e-30).log()).sum(dim=-1).sum())
             self.z_sum[layer] += float(torch.logsumexp(record.logits.float(), dim=-1).pow(2).sum())
             weights = record.weights.reshape(indices.shape).float()
-            self.gate_mass[layer] += torch.zeros(self.experts, device=indices.device).index_add_(0, indices.reshape(-1), weights.reshape(-1)).cpu()
+            self.gate_mass[layer] += (
+                torch.zeros(self.experts, device=indices.device)
+                .index_add_(0, indices.reshape(-1), weights.reshape(-1))
+                .cpu()
+            )
             if self.biases is not None:
                 self.bias_changed[layer] += self._changed_by_bias(record.logits.float(), indices, layer)
         self.assignments[domain] = self.assignments.get(domain, torch.zeros_like(counts)) + counts
@@ -94,7 +98,9 @@ class RoutingTally:
             self.samples[domain] = (ids[0].tolist(), first.tolist())
 
 
-def collect_routing(model: torch.nn.Module, blocks: dict[str, torch.Tensor], batch: int, progress: Any, sample_layer: int | None = None) -> RoutingTally:
+def collect_routing(
+    model: torch.nn.Module, blocks: dict[str, torch.Tensor], batch: int, progress: Any, sample_layer: int | None = None
+) -> RoutingTally:
     """Run every domain's blocks through ``model`` once and tally its routing."""
     controller = RoutingController(model)
     layers = len(controller.routers)
@@ -102,13 +108,19 @@ def collect_routing(model: torch.nn.Module, blocks: dict[str, torch.Tensor], bat
         controller.remove()
         from moekit.errors import InvalidOptionError
 
-        raise InvalidOptionError(f"--tokens-layer {sample_layer} is out of range.", f"The model has MoE layers 0..{layers - 1}.")
+        raise InvalidOptionError(
+            f"--tokens-layer {sample_layer} is out of range.", f"The model has MoE layers 0..{layers - 1}."
+        )
     from moekit.arch import router_scoring
 
     biases = find_selection_biases(controller.routers)
-    tally = RoutingTally(layers, controller.num_experts, biases=[t.detach().reshape(-1) for _, t in biases] if biases else None,
-                         scoring=router_scoring(str(getattr(model.config, "model_type", ""))),
-                         decoder_layers=[_decoder_layer(name, index) for index, (name, _) in enumerate(controller.routers)])
+    tally = RoutingTally(
+        layers,
+        controller.num_experts,
+        biases=[t.detach().reshape(-1) for _, t in biases] if biases else None,
+        scoring=router_scoring(str(getattr(model.config, "model_type", ""))),
+        decoder_layers=[_decoder_layer(name, index) for index, (name, _) in enumerate(controller.routers)],
+    )
     device = next(model.parameters()).device
     model.eval()
     handles = _shared_expert_hooks(model, controller, tally)
@@ -169,68 +181,89 @@ def _fractions(counts: torch.Tensor) -> list[float]:
 
 
 def domain_experts(expert_names: list[str], domain: str) -> list[int]:
-    """The experts that belong to ``domain``: the one named after it, or its chunks ``domain.0``, ``domain.1``... (``mix --split``)."""
+    """The experts that belong to ``domain``: the one named after it, or its chunks ``domain.0``, ``domain.1``...
+    (``mix --split``)."""
     prefix = f"{domain}."
-    return [i for i, n in enumerate(expert_names) if n == domain or (n.startswith(prefix) and n[len(prefix):].isdigit())]
+    return [
+        i for i, n in enumerate(expert_names) if n == domain or (n.startswith(prefix) and n[len(prefix) :].isdigit())
+    ]
+
+
+def _layer_report(tally: RoutingTally, layer: int, counts: torch.Tensor, total_tokens: int) -> dict[str, Any]:
+    """One layer's numbers: load, balance metrics, dead experts, router entropy and z, co-selection, domain shares."""
+    assert tally.coselection is not None and tally.entropy_sum is not None and tally.z_sum is not None
+    assert tally.gate_mass is not None and tally.bias_changed is not None
+    assert tally.shared_share_sum is not None and tally.shared_tokens is not None
+    co = tally.coselection[layer].clone()
+    co.fill_diagonal_(0)
+    report = {
+        "layer": tally.decoder_layers[layer] if tally.decoder_layers else layer,
+        "tokens_per_expert": [int(v) for v in counts],
+        "load_fraction": _fractions(counts),
+        "top1_fraction": _fractions(sum(t[layer] for t in tally.top1.values())),
+        "gate_fraction": _fractions(tally.gate_mass[layer]),
+        **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in balance.load_metrics(counts).items()},
+        "dead_expert_ids": [e for e in range(tally.experts) if counts[e] == 0],
+        "router_entropy": round(float(tally.entropy_sum[layer]) / total_tokens, 6),
+        "router_z": round(float(tally.z_sum[layer]) / total_tokens, 6),
+        "coselection": [[int(v) for v in row] for row in co],
+        "domain_matrix": {d: _fractions(a[layer]) for d, a in tally.assignments.items()},
+    }
+    if tally.biases is not None:
+        report["selection_bias"] = [round(float(v), 6) for v in tally.biases[layer]]
+        report["changed_by_bias"] = round(float(tally.bias_changed[layer]) / total_tokens, 6)
+    if float(tally.shared_tokens[layer]):
+        report["shared_output_share"] = round(float(tally.shared_share_sum[layer] / tally.shared_tokens[layer]), 6)
+    return report
+
+
+def _mean(layers: list[dict[str, Any]], key: str) -> float:
+    return round(sum(layer[key] for layer in layers) / len(layers), 6)
+
+
+def _summary(layers: list[dict[str, Any]], experts: int) -> dict[str, Any]:
+    """The report's summary over layers (means and maxima; dead experts in total)."""
+    summary = {
+        "load_imbalance_mean": _mean(layers, "load_imbalance"),
+        "load_imbalance_max": max(layer["load_imbalance"] for layer in layers),
+        "maxvio_mean": _mean(layers, "maxvio"),
+        "maxvio_max": max(layer["maxvio"] for layer in layers),
+        "dead_experts_total": sum(layer["dead_experts"] for layer in layers),
+        "layers_with_dead_experts": [layer["layer"] for layer in layers if layer["dead_experts"]],
+        "router_entropy_mean": _mean(layers, "router_entropy"),
+        "max_router_entropy": round(math.log(experts), 6),
+    }
+    if "changed_by_bias" in layers[0]:
+        summary["changed_by_bias_mean"] = _mean(layers, "changed_by_bias")
+    shares = [layer["shared_output_share"] for layer in layers if "shared_output_share" in layer]
+    if shares:
+        summary["shared_output_share_mean"] = round(sum(shares) / len(shares), 6)
+    return summary
 
 
 def routing_report(tally: RoutingTally, expert_names: list[str] | None) -> dict[str, Any]:
     """Every routing number as plain JSON-able data (schema in docs/commands/inspect.md)."""
     total_tokens = sum(tally.tokens.values())
     all_counts = sum(tally.assignments.values())
-    assert isinstance(all_counts, torch.Tensor) and tally.coselection is not None
-    assert tally.entropy_sum is not None and tally.z_sum is not None and tally.gate_mass is not None
-    assert tally.bias_changed is not None and tally.shared_share_sum is not None and tally.shared_tokens is not None
-    layers = []
-    for layer in range(tally.layers):
-        counts = all_counts[layer]
-        metrics = balance.load_metrics(counts)
-        co = tally.coselection[layer].clone()
-        co.fill_diagonal_(0)
-        layers.append({
-            "layer": tally.decoder_layers[layer] if tally.decoder_layers else layer,
-            "tokens_per_expert": [int(v) for v in counts],
-            "load_fraction": _fractions(counts),
-            "top1_fraction": _fractions(sum(t[layer] for t in tally.top1.values())),
-            "gate_fraction": _fractions(tally.gate_mass[layer]),
-            **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()},
-            "dead_expert_ids": [e for e in range(tally.experts) if counts[e] == 0],
-            "router_entropy": round(float(tally.entropy_sum[layer]) / total_tokens, 6),
-            "router_z": round(float(tally.z_sum[layer]) / total_tokens, 6),
-            "coselection": [[int(v) for v in row] for row in co],
-            "domain_matrix": {d: _fractions(a[layer]) for d, a in tally.assignments.items()},
-        })
-        if tally.biases is not None:
-            layers[-1]["selection_bias"] = [round(float(v), 6) for v in tally.biases[layer]]
-            layers[-1]["changed_by_bias"] = round(float(tally.bias_changed[layer]) / total_tokens, 6)
-        if float(tally.shared_tokens[layer]):
-            layers[-1]["shared_output_share"] = round(float(tally.shared_share_sum[layer] / tally.shared_tokens[layer]), 6)
-    mean_matrix = {d: [round(sum(l["domain_matrix"][d][e] for l in layers) / len(layers), 6) for e in range(tally.experts)] for d in tally.assignments}
+    assert isinstance(all_counts, torch.Tensor)
+    layers = [_layer_report(tally, layer, all_counts[layer], total_tokens) for layer in range(tally.layers)]
+    mean_matrix = {
+        d: [round(sum(layer["domain_matrix"][d][e] for layer in layers) / len(layers), 6) for e in range(tally.experts)]
+        for d in tally.assignments
+    }
     report: dict[str, Any] = {
         "experts": tally.experts,
         "expert_names": expert_names,
         "domains": {d: {"tokens": n} for d, n in tally.tokens.items()},
         "layers": layers,
         "domain_matrix_mean": mean_matrix,
-        "summary": {
-            "load_imbalance_mean": round(sum(l["load_imbalance"] for l in layers) / len(layers), 6),
-            "load_imbalance_max": max(l["load_imbalance"] for l in layers),
-            "maxvio_mean": round(sum(l["maxvio"] for l in layers) / len(layers), 6),
-            "maxvio_max": max(l["maxvio"] for l in layers),
-            "dead_experts_total": sum(l["dead_experts"] for l in layers),
-            "layers_with_dead_experts": [l["layer"] for l in layers if l["dead_experts"]],
-            "router_entropy_mean": round(sum(l["router_entropy"] for l in layers) / len(layers), 6),
-            "max_router_entropy": round(math.log(tally.experts), 6),
-        },
+        "summary": _summary(layers, tally.experts),
     }
-    if tally.biases is not None:
-        report["summary"]["changed_by_bias_mean"] = round(sum(l["changed_by_bias"] for l in layers) / len(layers), 6)
-    shares = [l["shared_output_share"] for l in layers if "shared_output_share" in l]
-    if shares:
-        report["summary"]["shared_output_share_mean"] = round(sum(shares) / len(shares), 6)
     if expert_names:
         own = {d: domain_experts(expert_names, d) for d in tally.assignments}
         if any(own.values()):
-            report["in_domain_share"] = {d: round(sum(mean_matrix[d][e] for e in ids), 6) for d, ids in own.items() if ids}
+            report["in_domain_share"] = {
+                d: round(sum(mean_matrix[d][e] for e in ids), 6) for d, ids in own.items() if ids
+            }
     report["samples"] = {d: {"ids": ids, "top1_expert": experts} for d, (ids, experts) in tally.samples.items()}
     return report

@@ -135,13 +135,17 @@ def static_report(checkpoint: Checkpoint) -> dict[str, Any]:
     report.update(experts=experts, top_k=top_k)
     biases = selection_biases(checkpoint)
     if biases:  # chosen by score + bias, weighed by the score alone
-        report["selection_bias"] = {"per_layer": {str(k): v for k, v in biases.items()},
-                                    "abs_max": max(abs(x) for values in biases.values() for x in values)}
+        report["selection_bias"] = {
+            "per_layer": {str(k): v for k, v in biases.items()},
+            "abs_max": max(abs(x) for values in biases.values() for x in values),
+        }
     known = layouts_for_moe(checkpoint.model_type)
     layout = known.detect(checkpoint.tensors) if known is not None else None
     if layout is None:
         why = "is not a family it knows" if known is None else "is stored under tensor names it does not know"
-        report["note"] = f"per-layer router/expert statistics need a layout moekit knows; this {checkpoint.model_type} model {why}"
+        report["note"] = (
+            f"per-layer router/expert statistics need a layout moekit knows; this {checkpoint.model_type} model {why}"
+        )
         return report
     moe_layers = layout.moe_layers(checkpoint.tensors)
     layers = [_layer_stats(checkpoint, layout, layer, experts) for layer in moe_layers]

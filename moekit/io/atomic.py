@@ -108,7 +108,9 @@ def check_writable_parent(out: Path) -> None:
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise InvalidOptionError(f"Cannot create {out}: {ancestor} is not a directory.", "Choose an output path under a directory.")
+        raise InvalidOptionError(
+            f"Cannot create {out}: {ancestor} is not a directory.", "Choose an output path under a directory."
+        )
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise InvalidOptionError(
             f"Cannot write {out}: {ancestor} is not writable (read-only file system or no permission).",
@@ -147,7 +149,8 @@ def writing(path: Path, what: str) -> Iterator[None]:
         free = shutil.disk_usage(_existing_ancestor(path)).free
         if free < _LOW_SPACE_BYTES:
             raise DiskFullError(
-                f"The disk is full: writing {what} failed ({_last_line(exc)}); the disk holding {path} has {free / 1e6:.1f} MB free.",
+                f"The disk is full: writing {what} failed ({_last_line(exc)}); the disk holding {path} has "
+                f"{free / 1e6:.1f} MB free.",
                 "Free space on that disk, or write elsewhere (--out). Unfinished outputs were removed; "
                 "checkpoints written before are kept for --resume.",
             ) from exc
@@ -160,7 +163,8 @@ def check_free_space(out: Path, needed_bytes: int) -> None:
     free = shutil.disk_usage(ancestor).free
     if free < needed_bytes + (16 << 20):  # a little room for configs, tokenizer files and metadata
         raise InvalidOptionError(
-            f"Not enough disk space for {out}: it needs about {needed_bytes / 1e9:.2f} GB, and {ancestor} has {free / 1e9:.2f} GB free.",
+            f"Not enough disk space for {out}: it needs about {needed_bytes / 1e9:.2f} GB, and {ancestor} has "
+            f"{free / 1e9:.2f} GB free.",
             "Free space on that disk, or write the output elsewhere (--out).",
         )
 
@@ -232,4 +236,3 @@ def write_text_atomic(path: Path, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-

@@ -21,8 +21,18 @@ import numpy as np
 from moekit.errors import CorruptCheckpointError, InputNotFoundError
 from moekit.io.floats import STORED, stored_dtype
 
-_TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
-                "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+_TORCH_NAMES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -55,8 +65,23 @@ class TensorInfo:
 
 
 # Bytes per element of every safetensors dtype (including ones moekit refuses later, e.g. fp8).
-_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_DTYPE_BYTES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
 
 
 def _check_entries(path: Path, header: dict[str, Any], data_size: int, fix: str) -> None:
@@ -70,12 +95,17 @@ def _check_entries(path: Path, header: dict[str, Any], data_size: int, fix: str)
             continue
         shape, offsets = (meta.get("shape"), meta.get("data_offsets")) if isinstance(meta, dict) else (None, None)
         valid = (
-            isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
-            and isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+            isinstance(shape, list)
+            and all(isinstance(d, int) and d >= 0 for d in shape)
+            and isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) for o in offsets)
             and 0 <= offsets[0] <= offsets[1] <= data_size
         )
         if not valid:
-            raise CorruptCheckpointError(f"{path}: the header entry of tensor {name} is malformed or points outside the file.", fix)
+            raise CorruptCheckpointError(
+                f"{path}: the header entry of tensor {name} is malformed or points outside the file.", fix
+            )
         size = _DTYPE_BYTES.get(str(meta.get("dtype")))
         if size is not None and offsets[1] - offsets[0] != math.prod(shape) * size:
             raise CorruptCheckpointError(
@@ -111,11 +141,12 @@ def read_safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
             raise CorruptCheckpointError(f"{path} has an unreadable safetensors header ({exc}).", fix)
     if not isinstance(header, dict):
         raise CorruptCheckpointError(f"{path} has a malformed safetensors header.", fix)
-    data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and _has_offsets(v)), default=0)
+    data_end = max(
+        (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and _has_offsets(v)), default=0
+    )
     if 8 + header_len + data_end > size:
         raise CorruptCheckpointError(
-            f"{path} is truncated: its header describes {8 + header_len + data_end} bytes "
-            f"but the file has {size}.",
+            f"{path} is truncated: its header describes {8 + header_len + data_end} bytes but the file has {size}.",
             fix,
         )
     _check_entries(path, header, size - 8 - header_len, fix)
@@ -128,7 +159,12 @@ def _has_offsets(meta: Any) -> bool:
 
 
 # Exponent masks: a float is NaN or infinite exactly when all its exponent bits are set.
-_NONFINITE_MASKS = {"F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80), "F32": (np.uint32, 0x7F800000), "F64": (np.uint64, 0x7FF0000000000000)}
+_NONFINITE_MASKS = {
+    "F16": (np.uint16, 0x7C00),
+    "BF16": (np.uint16, 0x7F80),
+    "F32": (np.uint32, 0x7F800000),
+    "F64": (np.uint64, 0x7FF0000000000000),
+}
 _SCAN_ELEMENTS = 8 << 20
 
 
@@ -146,7 +182,9 @@ def finite_on_disk(path: Path, info: TensorInfo) -> bool:
     count = info.nbytes // np.dtype(kind).itemsize
     values = np.memmap(path, dtype=np.dtype(kind).newbyteorder("<"), mode="r", offset=info.offset, shape=(count,))
     try:
-        return all(finite_bits(values[start:start + _SCAN_ELEMENTS], info.dtype) for start in range(0, count, _SCAN_ELEMENTS))
+        return all(
+            finite_bits(values[start : start + _SCAN_ELEMENTS], info.dtype) for start in range(0, count, _SCAN_ELEMENTS)
+        )
     finally:
         del values
 
@@ -192,7 +230,9 @@ class Checkpoint:
             if name in self.stored:
                 continue
             source = next(
-                s for s, t in self.stored.items() if t.shard == info.shard and t.offset <= info.offset < t.offset + t.nbytes
+                s
+                for s, t in self.stored.items()
+                if t.shard == info.shard and t.offset <= info.offset < t.offset + t.nbytes
             )
             row_bytes = self.stored[source].nbytes // self.stored[source].shape[0]
             self._view_sources[name] = (source, (info.offset - self.stored[source].offset) // row_bytes)

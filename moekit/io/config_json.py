@@ -59,7 +59,9 @@ def make_config_portable(model_dir: Path, dtype: Any = None, expert_count_keys: 
     ``dtype``: the dtype the weights were saved in (save_pretrained records the in-memory one).
     """
     path = Path(model_dir) / "config.json"
-    write_config_json(model_dir, portable_config(json.loads(path.read_text(encoding="utf-8")), dtype, expert_count_keys))
+    write_config_json(
+        model_dir, portable_config(json.loads(path.read_text(encoding="utf-8")), dtype, expert_count_keys)
+    )
 
 
 def load_config_json(model_dir: Path) -> dict[str, Any]:

@@ -86,7 +86,9 @@ def tokenizer_fingerprint(model_dir: Path) -> str:
     """
     if not any((Path(model_dir) / f).is_file() for f in VOCABULARY_FILES):
         return ""
-    files = [Path(model_dir) / f for f in TOKENIZER_FILES if (Path(model_dir) / f).is_file() and f != "tokenizer_config.json"]
+    files = [
+        Path(model_dir) / f for f in TOKENIZER_FILES if (Path(model_dir) / f).is_file() and f != "tokenizer_config.json"
+    ]
     return sha256_files(files)
 
 
@@ -116,7 +118,9 @@ def portable_tokenizer_config(model_dir: Path) -> dict | None:
     return {**config, "tokenizer_class": _PORTABLE_TOKENIZER_CLASS}
 
 
-def write_tokenizer_file(src_dir: Path, dst_dir: Path, name: str, link: bool = False, force_copy: bool = False) -> str | None:
+def write_tokenizer_file(
+    src_dir: Path, dst_dir: Path, name: str, link: bool = False, force_copy: bool = False
+) -> str | None:
     """Put tokenizer/generation file ``name`` of ``src_dir`` into ``dst_dir``; return how, or None if absent.
 
     tokenizer_config.json is written portable (see :func:`portable_tokenizer_config`) when it

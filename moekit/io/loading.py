@@ -24,13 +24,16 @@ def load_causal_lm(model_dir: Path, dtype: torch.dtype = torch.float32, **kwargs
     if not (model_dir / "config.json").is_file():
         raise InputNotFoundError(
             f"{model_dir} is not a model directory (no config.json).",
-            "Point to a directory written by save_pretrained (for a run: recreate missing branches with moekit branch).",
+            "Point to a directory written by save_pretrained (for a run: recreate missing branches with moekit "
+            "branch).",
         )
     try:
         model, info = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, output_loading_info=True, **kwargs)
     except (ValueError, KeyError, RuntimeError) as exc:  # transformers' own refusals: unknown type, bad shapes
-        raise CorruptCheckpointError(f"transformers cannot load {model_dir}: {type(exc).__name__}: {exc}",
-                                     "Check that config.json and the weights belong together (re-save the model).")
+        raise CorruptCheckpointError(
+            f"transformers cannot load {model_dir}: {type(exc).__name__}: {exc}",
+            "Check that config.json and the weights belong together (re-save the model).",
+        )
     missing = sorted(str(k) for k in info.get("missing_keys", ()))
     mismatched = [str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys", ())]
     if missing or mismatched:

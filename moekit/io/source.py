@@ -28,6 +28,7 @@ def resolve_model_dir(source: str | Path, revision: str | None = None) -> Path:
         return Path(snapshot_download(str(source), revision=revision, allow_patterns=_HUB_PATTERNS))
     except Exception as exc:  # the hub client raises many network/auth error types
         raise InputNotFoundError(
-            f"Model {source} is not a local directory and could not be fetched from the hub ({type(exc).__name__}: {exc}).",
+            f"Model {source} is not a local directory and could not be fetched from the hub "
+            f"({type(exc).__name__}: {exc}).",
             "Check the id and your network/token, or download it first and pass the local directory.",
         )

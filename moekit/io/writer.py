@@ -102,7 +102,9 @@ class StreamingShardWriter:
     in order.
     """
 
-    def __init__(self, out_dir: Path, tensors: list[PlannedTensor], max_shard_bytes: int, copy_workers: int = 0) -> None:
+    def __init__(
+        self, out_dir: Path, tensors: list[PlannedTensor], max_shard_bytes: int, copy_workers: int = 0
+    ) -> None:
         names = [t.name for t in tensors]
         if len(set(names)) != len(names):
             raise ValueError("duplicate tensor names in the output plan")
@@ -133,7 +135,10 @@ class StreamingShardWriter:
         """Check that (name, dtype, shape) is the next planned tensor and open its shard."""
         shard_index, planned = self._queue[self._position]
         if (name, dtype_code(dtype), tuple(shape)) != (planned.name, planned.code, planned.shape):
-            raise ValueError(f"writer expected {planned.name} {planned.code} {planned.shape}, got {name} {dtype_code(dtype)} {tuple(shape)}")
+            raise ValueError(
+                f"writer expected {planned.name} {planned.code} {planned.shape}, got {name} {dtype_code(dtype)} "
+                f"{tuple(shape)}"
+            )
         if shard_index != self._open_shard:
             self._start_shard(shard_index)
         return planned
@@ -166,7 +171,9 @@ class StreamingShardWriter:
             raise ValueError(f"{name}: wrote {written} bytes, planned {planned.nbytes}")
         self._position += 1
 
-    def copy_ranges(self, name: str, dtype: Any, shape: tuple[int, ...], ranges: Iterable[tuple[Path, int, int]]) -> None:
+    def copy_ranges(
+        self, name: str, dtype: Any, shape: tuple[int, ...], ranges: Iterable[tuple[Path, int, int]]
+    ) -> None:
         """Append the next planned tensor as byte ranges ``(file, offset, nbytes)`` copied from input files.
 
         The bytes go file to file in the kernel (``os.copy_file_range``; a plain positioned
@@ -199,7 +206,9 @@ class StreamingShardWriter:
 
     def _start_shard(self, shard_index: int) -> None:
         shard = self.shards[shard_index]
-        self._fd = os.open(self.out_dir / shard.filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # less the umask, as open() does
+        self._fd = os.open(
+            self.out_dir / shard.filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666
+        )  # less the umask, as open() does
         self._fds.append(self._fd)  # kept open until close: copies into it may still be running
         self._offset = 0
         self._put(memoryview(_header_bytes(shard.tensors)))
@@ -280,7 +289,8 @@ def copy_ranges_at(ranges: list[tuple[Path, int, int]], fd: int, offset: int) ->
 
 
 def copy_range_at(path: Path, position: int, nbytes: int, fd: int, offset: int) -> None:
-    """Copy ``nbytes`` at ``position`` of ``path`` to ``offset`` of ``fd``: in the kernel where it can, else read and write."""
+    """Copy ``nbytes`` at ``position`` of ``path`` to ``offset`` of ``fd``: in the kernel where it can, else read and
+    write."""
     source = os.open(path, os.O_RDONLY)
     try:
         left = nbytes

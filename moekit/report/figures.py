@@ -1,4 +1,5 @@
-"""The reports' charts, drawn with matplotlib: PNG data URIs for a page that stays one file, or PNG files (``inspect --plot``)."""
+"""The reports' charts, drawn with matplotlib: PNG data URIs for a page that stays one file, or PNG files (``inspect
+--plot``)."""
 
 from __future__ import annotations
 
@@ -48,17 +49,29 @@ def training_curves(curves: dict[str, list[dict[str, Any]]]) -> str:
         train = [r for r in curves[label] if isinstance(r.get("loss"), (int, float))]
         if train:
             steps = [r["step"] for r in train]
-            ax.plot(steps, _smoothed([r["loss"] for r in train], max(1, len(train) // 20)), color="0.35", label="train (smoothed)")
+            ax.plot(
+                steps,
+                _smoothed([r["loss"] for r in train], max(1, len(train) // 20)),
+                color="0.35",
+                label="train (smoothed)",
+            )
         domains = sorted({k.split("/")[1] for r in curves[label] for k in r if k.startswith("eval/")})
         for i, domain in enumerate(domains):
             points = [(r["step"], r[f"eval/{domain}/loss"]) for r in curves[label] if f"eval/{domain}/loss" in r]
-            ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color=f"C{i}", markersize=4, label=f"held-out {domain}")
+            ax.plot(
+                [p[0] for p in points],
+                [p[1] for p in points],
+                "o-",
+                color=f"C{i}",
+                markersize=4,
+                label=f"held-out {domain}",
+            )
         ax.set_title(label)
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(labels):]:
+    for ax in list(axes.flat)[len(labels) :]:
         ax.set_visible(False)
     fig.tight_layout()
     return _data_uri(fig)
@@ -73,7 +86,13 @@ def eval_bars(evaluation: dict[str, Any]) -> str:
     fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(columns) * max(1, len(models) / 3)), 3.6))
     for i, model in enumerate(models):
         values = [evaluation["results"][model][c]["loss"] for c in columns]
-        ax.bar([x + (i - (len(models) - 1) / 2) * width for x in range(len(columns))], values, width, label=model, color=f"C{i % 10}")
+        ax.bar(
+            [x + (i - (len(models) - 1) / 2) * width for x in range(len(columns))],
+            values,
+            width,
+            label=model,
+            color=f"C{i % 10}",
+        )
     low = min(evaluation["results"][m][c]["loss"] for m in models for c in columns)
     high = max(evaluation["results"][m][c]["loss"] for m in models for c in columns)
     ax.set_ylim(max(0.0, low - 0.15 * (high - low + 1e-9) - 0.05), high + 0.05 * (high - low + 1e-9) + 0.02)
@@ -107,7 +126,9 @@ def heatmap(matrix: list[list[float]], rows: list[str], columns: list[str], titl
     return _data_uri(_heatmap_figure(matrix, rows, columns, title, percent))
 
 
-def heatmap_file(matrix: list[list[float]], rows: list[str], columns: list[str], title: str, path: Path, percent: bool = True) -> Path:
+def heatmap_file(
+    matrix: list[list[float]], rows: list[str], columns: list[str], title: str, path: Path, percent: bool = True
+) -> Path:
     """The same heatmap written to ``path`` as a PNG file; return ``path``."""
     fig = _heatmap_figure(matrix, rows, columns, title, percent)
     fig.savefig(path, dpi=_DPI, bbox_inches="tight")

@@ -11,7 +11,8 @@ from moekit.report.tables import expert_labels
 
 
 def write_plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
-    """PNG heatmaps (layer x expert load; domain x expert, mean and per layer) and report.html; return the paths written."""
+    """PNG heatmaps (layer x expert load; domain x expert, mean and per layer) and report.html; return the paths
+    written."""
     routing = report["routing"]
     out_dir.mkdir(parents=True, exist_ok=True)
     names = expert_labels(routing)
@@ -19,11 +20,22 @@ def write_plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
     layer_rows = [f"layer {layer['layer']}" for layer in routing["layers"]]
     drawn = [
         ([layer["load_fraction"] for layer in routing["layers"]], layer_rows, "load fraction per layer", "load.png"),
-        ([routing["domain_matrix_mean"][d] for d in domains], domains, "domain x expert (mean over layers)", "domains_mean.png"),
+        (
+            [routing["domain_matrix_mean"][d] for d in domains],
+            domains,
+            "domain x expert (mean over layers)",
+            "domains_mean.png",
+        ),
     ]
     for layer in routing["layers"]:
-        drawn.append(([layer["domain_matrix"][d] for d in domains], domains, f"domain x expert, layer {layer['layer']}",
-                      f"domains_layer{layer['layer']:02d}.png"))
+        drawn.append(
+            (
+                [layer["domain_matrix"][d] for d in domains],
+                domains,
+                f"domain x expert, layer {layer['layer']}",
+                f"domains_layer{layer['layer']:02d}.png",
+            )
+        )
     paths = [figures.heatmap_file(matrix, rows, names, title, out_dir / name) for matrix, rows, title, name in drawn]
     paths.append(write_page(out_dir / "report.html", _page(report, paths)))
     return paths
@@ -34,16 +46,34 @@ def _page(report: dict[str, Any], images: list[Path]) -> str:
     summary = routing["summary"]
     layers = table(
         ["layer", "imbalance", "MaxVio", "CV", "effective experts", "dead", "router entropy", "router z"],
-        [[str(layer["layer"]), f"{layer['load_imbalance']:.3f}", f"{layer['maxvio']:.3f}", f"{layer['cv']:.3f}",
-          f"{layer['effective_experts']:.2f}", str(layer["dead_experts"]), f"{layer['router_entropy']:.3f}", f"{layer['router_z']:.2f}"]
-         for layer in routing["layers"]],
+        [
+            [
+                str(layer["layer"]),
+                f"{layer['load_imbalance']:.3f}",
+                f"{layer['maxvio']:.3f}",
+                f"{layer['cv']:.3f}",
+                f"{layer['effective_experts']:.2f}",
+                str(layer["dead_experts"]),
+                f"{layer['router_entropy']:.3f}",
+                f"{layer['router_z']:.2f}",
+            ]
+            for layer in routing["layers"]
+        ],
     )
-    dead = (f'<p class="dead">Dead experts in layers {esc(", ".join(map(str, summary["layers_with_dead_experts"])))}</p>'
-            if summary["dead_experts_total"] else "")
-    body = (f"<p>{esc(report['model'])}: {esc(', '.join(static.get('architectures') or []))}, {static['experts']} experts, "
-            f"top-{static['top_k']}, {static['total_params']:,} parameters ({esc(static.get('active_params', 'unknown'))} active).</p>"
-            f"<p>Load imbalance mean {summary['load_imbalance_mean']:.3f} (max {summary['load_imbalance_max']:.3f}), MaxVio mean "
-            f"{summary['maxvio_mean']:.3f}, router entropy {summary['router_entropy_mean']:.3f} of {summary['max_router_entropy']:.3f}.</p>"
-            f"{dead}<h2>Per layer</h2>{layers}<h2>Figures</h2>"
-            + "".join(figure(figures.file_uri(p), p.stem) for p in images))
+    dead = (
+        f'<p class="dead">Dead experts in layers {esc(", ".join(map(str, summary["layers_with_dead_experts"])))}</p>'
+        if summary["dead_experts_total"]
+        else ""
+    )
+    body = (
+        f"<p>{esc(report['model'])}: {esc(', '.join(static.get('architectures') or []))}, {static['experts']} experts, "
+        f"top-{static['top_k']}, {static['total_params']:,} parameters "
+        f"({esc(static.get('active_params', 'unknown'))} active).</p>"
+        f"<p>Load imbalance mean {summary['load_imbalance_mean']:.3f} (max "
+        f"{summary['load_imbalance_max']:.3f}), MaxVio mean "
+        f"{summary['maxvio_mean']:.3f}, router entropy {summary['router_entropy_mean']:.3f} of "
+        f"{summary['max_router_entropy']:.3f}.</p>"
+        f"{dead}<h2>Per layer</h2>{layers}<h2>Figures</h2>"
+        + "".join(figure(figures.file_uri(p), p.stem) for p in images)
+    )
     return page(f"moekit inspect: {report['model']}", "Routing report", body)

@@ -28,9 +28,10 @@ class RunReport:
     evaluation: dict[str, Any] | None = None
     routing: dict[str, Any] | None = None  # inspect's "routing" report, with "model"
     routing_model: str | None = None
-    generations: list[dict[str, Any]] = field(default_factory=list)  # {domain, model, prompt, tokens: [{text, expert}], experts}
+    generations: list[dict[str, Any]] = field(
+        default_factory=list
+    )  # {domain, model, prompt, tokens: [{text, expert}], experts}
     missing: list[str] = field(default_factory=list)  # what the run lacks, with the command that makes it
-
 
 
 def _short(values: dict[str, Any], limit: int = 8) -> str:
@@ -40,7 +41,12 @@ def _short(values: dict[str, Any], limit: int = 8) -> str:
         if value in (None, [], {}, ""):
             continue
         if isinstance(value, dict):
-            value = "{" + ", ".join(f"{k}: {v}" for k, v in list(value.items())[:4]) + (", ..." if len(value) > 4 else "") + "}"
+            value = (
+                "{"
+                + ", ".join(f"{k}: {v}" for k, v in list(value.items())[:4])
+                + (", ..." if len(value) > 4 else "")
+                + "}"
+            )
         elif isinstance(value, list) and len(value) > 4:
             value = f"[{', '.join(map(str, value[:4]))}, ... ({len(value)})]"
         parts.append(f"{key}={value}")
@@ -50,14 +56,21 @@ def _short(values: dict[str, Any], limit: int = 8) -> str:
 
 def _stages(report: RunReport) -> str:
     seed = report.manifest.seed
-    shown = [s for s in report.manifest.stages if not s.stage.startswith("run:")]  # a recipe's skip markers (fingerprints) are bookkeeping
+    shown = [
+        s for s in report.manifest.stages if not s.stage.startswith("run:")
+    ]  # a recipe's skip markers (fingerprints) are bookkeeping
     rows = [[str(i + 1), esc(s.stage), esc(s.at), _short(s.params), _short(s.outputs)] for i, s in enumerate(shown)]
     models = [[esc(label), esc(path), esc(_experts_of(path))] for label, path in report.models.items()]
-    return (f'<section id="stages"><h2>Stages and provenance</h2><p>Seed <code>{esc(seed.source)}</code> ({esc(seed.model_type)}) at '
-            f'<code>{esc(seed.path)}</code>, sha256 <code>{esc(seed.sha256[:16])}</code>&hellip;; branches: '
-            f'{esc(", ".join(report.manifest.branches))}. Run created {esc(report.manifest.created)}.</p>'
-            + table(["#", "stage", "when", "options", "outputs"], rows, left=5)
-            + "<h3>Models</h3>" + table(["model", "directory", "experts (from its moekit.yaml)"], models, left=3) + "</section>")
+    return (
+        f'<section id="stages"><h2>Stages and provenance</h2><p>Seed <code>{esc(seed.source)}</code> '
+        f"({esc(seed.model_type)}) at "
+        f"<code>{esc(seed.path)}</code>, sha256 <code>{esc(seed.sha256[:16])}</code>&hellip;; branches: "
+        f"{esc(', '.join(report.manifest.branches))}. Run created {esc(report.manifest.created)}.</p>"
+        + table(["#", "stage", "when", "options", "outputs"], rows, left=5)
+        + "<h3>Models</h3>"
+        + table(["model", "directory", "experts (from its moekit.yaml)"], models, left=3)
+        + "</section>"
+    )
 
 
 def _experts_of(path: Path) -> str:
@@ -67,16 +80,24 @@ def _experts_of(path: Path) -> str:
 
 def _curves(report: RunReport) -> str:
     if not report.curves:
-        return '<section id="curves"><h2>Training curves</h2><p class="note">No metrics.jsonl in the run\'s models yet.</p></section>'
-    return ('<section id="curves"><h2>Training curves</h2><p class="small">From each model\'s metrics.jsonl: training loss '
-            '(moving average) and the held-out loss of each domain at every evaluation.</p>'
-            f'<img alt="training curves" src="{figures.training_curves(report.curves)}"/></section>')
+        return (
+            '<section id="curves"><h2>Training curves</h2><p class="note">No metrics.jsonl in the run\'s '
+            "models yet.</p></section>"
+        )
+    return (
+        '<section id="curves"><h2>Training curves</h2><p class="small">From each model\'s metrics.jsonl: training loss '
+        "(moving average) and the held-out loss of each domain at every evaluation.</p>"
+        f'<img alt="training curves" src="{figures.training_curves(report.curves)}"/></section>'
+    )
 
 
 def _evaluation(report: RunReport) -> str:
     evaluation = report.evaluation
     if evaluation is None:
-        return '<section id="evaluation"><h2>Evaluation</h2><p class="note">No eval.json yet (see the notes above).</p></section>'
+        return (
+            '<section id="evaluation"><h2>Evaluation</h2><p class="note">No eval.json yet (see the notes '
+            "above).</p></section>"
+        )
     columns = [*evaluation["domains"], "average"]
     compute = evaluation.get("compute", {})
     rows = []
@@ -87,16 +108,27 @@ def _evaluation(report: RunReport) -> str:
             cell = f'{scores[column]["loss"]:.4f} <span class="small">({scores[column]["perplexity"]:.1f})</span>'
             row.append(f'<td class="best">&#9733; {cell}</td>' if best else cell)
         spent = compute.get(model, {})
-        row += [f"{spent['tokens']:,}" if spent.get("tokens") else "&ndash;", f"{spent['flops']:.2e}" if spent.get("flops") else "&ndash;"]
+        row += [
+            f"{spent['tokens']:,}" if spent.get("tokens") else "&ndash;",
+            f"{spent['flops']:.2e}" if spent.get("flops") else "&ndash;",
+        ]
         rows.append(row)
     scores_table = table(["model", *(esc(c) for c in columns), "training tokens", "training FLOPs"], rows)
-    return ('<section id="evaluation"><h2>Evaluation</h2><p class="small">Held-out loss (perplexity) on each domain\'s recorded '
-            'held-out split; &#9733; marks the best model per column. Tokens and FLOPs: training spent beyond the seed\'s pretraining.</p>'
-            f'{scores_table}<img alt="held-out loss by model and domain" src="{figures.eval_bars(evaluation)}"/></section>')
+    return (
+        '<section id="evaluation"><h2>Evaluation</h2><p class="small">Held-out loss (perplexity) on each '
+        "domain's recorded "
+        "held-out split; &#9733; marks the best model per column. Tokens and FLOPs: training spent beyond the "
+        "seed's pretraining.</p>"
+        f'{scores_table}<img alt="held-out loss by model and domain" src="{figures.eval_bars(evaluation)}"/></section>'
+    )
 
 
 def _legend(names: list[str]) -> str:
-    return '<p class="legend">' + "".join(f'<span style="background:{PALETTE[i % len(PALETTE)]}">{esc(n)}</span>' for i, n in enumerate(names)) + "</p>"
+    return (
+        '<p class="legend">'
+        + "".join(f'<span style="background:{PALETTE[i % len(PALETTE)]}">{esc(n)}</span>' for i, n in enumerate(names))
+        + "</p>"
+    )
 
 
 def _coloured(tokens: list[tuple[str, int | None]]) -> str:
@@ -110,24 +142,49 @@ def _coloured(tokens: list[tuple[str, int | None]]) -> str:
 def _routing(report: RunReport) -> str:
     routing = report.routing
     if routing is None:
-        return '<section id="routing"><h2>Routing</h2><p class="note">No routing inspection yet (see the notes above).</p></section>'
+        return (
+            '<section id="routing"><h2>Routing</h2><p class="note">No routing inspection yet (see the notes '
+            "above).</p></section>"
+        )
     names = expert_labels(routing)
     domains = list(routing["domain_matrix_mean"])
     layers = routing["layers"]
-    images = [figures.heatmap([routing["domain_matrix_mean"][d] for d in domains], domains, names, "domain x expert, mean over layers"),
-              figures.heatmap([layer["load_fraction"] for layer in layers], [f"layer {layer['layer']}" for layer in layers], names, "expert load per layer")]
+    images = [
+        figures.heatmap(
+            [routing["domain_matrix_mean"][d] for d in domains], domains, names, "domain x expert, mean over layers"
+        ),
+        figures.heatmap(
+            [layer["load_fraction"] for layer in layers],
+            [f"layer {layer['layer']}" for layer in layers],
+            names,
+            "expert load per layer",
+        ),
+    ]
     picked = sorted({0, len(layers) // 2, len(layers) - 1})
-    images += [figures.heatmap([layers[i]["domain_matrix"][d] for d in domains], domains, names, f"domain x expert, layer {layers[i]['layer']}")
-               for i in picked]
-    shares = table(["domain", *(esc(n) for n in names)],
-                    [[esc(d), *(f"{100 * v:.1f}%" for v in routing["domain_matrix_mean"][d])] for d in domains])
+    images += [
+        figures.heatmap(
+            [layers[i]["domain_matrix"][d] for d in domains],
+            domains,
+            names,
+            f"domain x expert, layer {layers[i]['layer']}",
+        )
+        for i in picked
+    ]
+    shares = table(
+        ["domain", *(esc(n) for n in names)],
+        [[esc(d), *(f"{100 * v:.1f}%" for v in routing["domain_matrix_mean"][d])] for d in domains],
+    )
     summary = routing["summary"]
     figures_html = "".join(figure(uri, "routing heatmap") for uri in images)
-    return (f'<section id="routing"><h2>Routing</h2><p>Model <code>{esc(report.routing_model)}</code>: load imbalance mean '
-            f'{summary["load_imbalance_mean"]:.3f}, MaxVio mean {summary["maxvio_mean"]:.3f}, router entropy {summary["router_entropy_mean"]:.3f} '
-            f'of {summary["max_router_entropy"]:.3f}, dead experts {summary["dead_experts_total"]}.</p>'
-            f'<h3>Domain x expert shares</h3><p class="small">Share of each domain\'s expert assignments, mean over layers.</p>{shares}'
-            f"{figures_html}</section>")
+    return (
+        f'<section id="routing"><h2>Routing</h2><p>Model <code>{esc(report.routing_model)}</code>: load imbalance mean '
+        f"{summary['load_imbalance_mean']:.3f}, MaxVio mean {summary['maxvio_mean']:.3f}, router entropy "
+        f"{summary['router_entropy_mean']:.3f} "
+        f"of {summary['max_router_entropy']:.3f}, dead experts {summary['dead_experts_total']}.</p>"
+        '<h3>Domain x expert shares</h3><p class="small">Share of each domain\'s expert assignments, mean over '
+        f"layers.</p>{shares}"
+        f"{figures_html}</section>"
+    )
 
 
 def _token_samples(report: RunReport) -> str:
@@ -136,31 +193,60 @@ def _token_samples(report: RunReport) -> str:
     if not samples:
         return '<section id="tokens"><h2>Token-level routing</h2><p class="note">No routing samples yet.</p></section>'
     names = expert_labels(routing or {})
-    blocks = "".join(f'<h3>{esc(d)}</h3><div class="tokens">{_coloured(list(zip(s.get("text") or [], s["top1_expert"])))}</div>'
-                     for d, s in samples.items())
-    return ('<section id="tokens"><h2>Token-level routing</h2><p class="small">The first held-out block of each domain, each token '
-            f'on the colour of its top-1 expert at the inspected layer (as in BTX\'s Table 6).</p>{_legend(names)}{blocks}</section>')
+    blocks = "".join(
+        f'<h3>{esc(d)}</h3><div class="tokens">{_coloured(list(zip(s.get("text") or [], s["top1_expert"])))}</div>'
+        for d, s in samples.items()
+    )
+    return (
+        '<section id="tokens"><h2>Token-level routing</h2><p class="small">The first held-out block of each '
+        "domain, each token "
+        "on the colour of its top-1 expert at the inspected layer (as in BTX's Table "
+        f"6).</p>{_legend(names)}{blocks}</section>"
+    )
 
 
 def _generations(report: RunReport) -> str:
     if not report.generations:
-        return '<section id="generations"><h2>Generations</h2><p class="note">No generations (no MoE yet, or --no-generate).</p></section>'
+        return (
+            '<section id="generations"><h2>Generations</h2><p class="note">No generations (no MoE yet, or '
+            "--no-generate).</p></section>"
+        )
     parts = []
     for sample in report.generations:
         names = [str(n) for n in sample["experts"] or []]
-        tokens = [(t["text"], names.index(t["expert"]) if t["expert"] in names else t["expert"]) for t in sample["tokens"]]
-        parts.append(f'<h3>{esc(sample["domain"])}</h3><div class="tokens"><span class="prompt">{esc(sample["prompt"])}</span>{_coloured(tokens)}</div>')
+        tokens = [
+            (t["text"], names.index(t["expert"]) if t["expert"] in names else t["expert"]) for t in sample["tokens"]
+        ]
+        parts.append(
+            f'<h3>{esc(sample["domain"])}</h3><div class="tokens"><span '
+            f'class="prompt">{esc(sample["prompt"])}</span>{_coloured(tokens)}</div>'
+        )
     names = [str(n) for n in report.generations[0]["experts"] or []]
-    return (f'<section id="generations"><h2>Generations</h2><p class="small">Greedy continuations by <code>{esc(report.generations[0]["model"])}</code>; '
-            f'each generated token on the colour of its most frequent top expert over the layers.</p>{_legend(names)}{"".join(parts)}</section>')
+    return (
+        '<section id="generations"><h2>Generations</h2><p class="small">Greedy continuations by '
+        f"<code>{esc(report.generations[0]['model'])}</code>; "
+        "each generated token on the colour of its most frequent top expert over the "
+        f"layers.</p>{_legend(names)}{''.join(parts)}</section>"
+    )
 
 
 def render_page(report: RunReport) -> str:
     """The whole page as a string."""
     notes = "".join(f'<li class="note">{esc(m)}</li>' for m in report.missing)
-    body = (f"<ul>{notes}</ul>" if notes else "") + (_stages(report) + _curves(report) + _evaluation(report) + _routing(report)
-                                                    + _token_samples(report) + _generations(report))
-    return page(f"moekit report: {report.run_dir.name}", f"moekit run report: {report.run_dir.name}", body, esc(report.run_dir.absolute()))
+    body = (f"<ul>{notes}</ul>" if notes else "") + (
+        _stages(report)
+        + _curves(report)
+        + _evaluation(report)
+        + _routing(report)
+        + _token_samples(report)
+        + _generations(report)
+    )
+    return page(
+        f"moekit report: {report.run_dir.name}",
+        f"moekit run report: {report.run_dir.name}",
+        body,
+        esc(report.run_dir.absolute()),
+    )
 
 
 def write_report(report: RunReport, out: Path) -> Path:

@@ -9,7 +9,18 @@ from __future__ import annotations
 
 from typing import Any
 
-_COLOURS = ("red", "green", "blue", "magenta", "cyan", "yellow", "bright_red", "bright_green", "bright_blue", "bright_magenta")
+_COLOURS = (
+    "red",
+    "green",
+    "blue",
+    "magenta",
+    "cyan",
+    "yellow",
+    "bright_red",
+    "bright_green",
+    "bright_blue",
+    "bright_magenta",
+)
 
 
 def expert_labels(routing: dict[str, Any]) -> list[str]:
@@ -23,7 +34,10 @@ def render_static(console: Any, static: dict[str, Any], detail: bool) -> None:
     from rich.table import Table
 
     arch = ", ".join(static.get("architectures") or [static["model_type"]])
-    line = f"[bold]{arch}[/]: {static['layers']} layers, hidden {static['hidden_size']}, {static['total_params']:,} parameters"
+    line = (
+        f"[bold]{arch}[/]: {static['layers']} layers, hidden {static['hidden_size']}, "
+        f"{static['total_params']:,} parameters"
+    )
     if static["is_moe"]:
         active = f"{static['active_params']:,}" if "active_params" in static else "unknown"
         line += f"; {static['experts']} experts, top-{static['top_k']}, {active} active per token"
@@ -31,7 +45,10 @@ def render_static(console: Any, static: dict[str, Any], detail: bool) -> None:
     if static.get("note"):
         console.print(f"[yellow]{static['note']}[/]")
     if static.get("selection_bias"):
-        console.print(f"Selection bias (e_score_correction_bias, chooses experts but not their weights): |b| up to {static['selection_bias']['abs_max']:.4f}")
+        console.print(
+            "Selection bias (e_score_correction_bias, chooses experts but not their weights): |b| up to "
+            f"{static['selection_bias']['abs_max']:.4f}"
+        )
     layers = static.get("per_layer") or []
     if not layers:
         return
@@ -40,30 +57,62 @@ def render_static(console: Any, static: dict[str, Any], detail: bool) -> None:
         table.add_column(column)
     shown = layers if detail or len(layers) <= 8 else layers[:4] + layers[-4:]
     for layer in shown:
-        table.add_row(str(layer["layer"]), " ".join(f"{v:.3f}" for v in layer["router_row_norms"]),
-                      f"{layer['mean_expert_cosine']:.4f}", " ".join(f"{v:.4f}" for v in layer["expert_drift"]))
+        table.add_row(
+            str(layer["layer"]),
+            " ".join(f"{v:.3f}" for v in layer["router_row_norms"]),
+            f"{layer['mean_expert_cosine']:.4f}",
+            " ".join(f"{v:.4f}" for v in layer["expert_drift"]),
+        )
     console.print(table)
 
 
 def render_routing(console: Any, routing: dict[str, Any], detail: bool) -> None:
     """Load summary per layer, dead experts (loudly), and the domain x expert routing matrix."""
-    from rich.table import Table
 
     names = expert_labels(routing)
     summary = routing["summary"]
     seen = ", ".join(f"{domain} ({info['tokens']:,} tokens)" for domain, info in routing["domains"].items())
-    console.print(f"Routing over {seen}: "
-                  f"load imbalance mean {summary['load_imbalance_mean']:.2f} / max {summary['load_imbalance_max']:.2f}, "
-                  f"MaxVio mean {summary['maxvio_mean']:.2f}, router entropy {summary['router_entropy_mean']:.3f} of {summary['max_router_entropy']:.3f}")
+    console.print(
+        f"Routing over {seen}: "
+        f"load imbalance mean {summary['load_imbalance_mean']:.2f} / max {summary['load_imbalance_max']:.2f}, "
+        f"MaxVio mean {summary['maxvio_mean']:.2f}, router entropy {summary['router_entropy_mean']:.3f} of "
+        f"{summary['max_router_entropy']:.3f}"
+    )
     if "changed_by_bias_mean" in summary:
-        console.print(f"The selection bias changed the experts of {summary['changed_by_bias_mean']:.1%} of tokens "
-                      "(against top-k of the unbiased scores), mean over layers.")
+        console.print(
+            f"The selection bias changed the experts of {summary['changed_by_bias_mean']:.1%} of tokens "
+            "(against top-k of the unbiased scores), mean over layers."
+        )
     if "shared_output_share_mean" in summary:
-        console.print(f"The shared expert gives {summary['shared_output_share_mean']:.1%} of the MoE output "
-                      "(|shared| / (|shared| + |routed|) per token, mean over tokens and layers).")
+        console.print(
+            f"The shared expert gives {summary['shared_output_share_mean']:.1%} of the MoE output "
+            "(|shared| / (|shared| + |routed|) per token, mean over tokens and layers)."
+        )
     if summary["dead_experts_total"]:
-        dead = "; ".join(f"layer {l['layer']}: {', '.join(names[e] for e in l['dead_expert_ids'])}" for l in routing["layers"] if l["dead_expert_ids"])
+        dead = "; ".join(
+            f"layer {l['layer']}: {', '.join(names[e] for e in l['dead_expert_ids'])}"
+            for l in routing["layers"]
+            if l["dead_expert_ids"]
+        )
         console.print(f"[bold red]DEAD EXPERTS[/] (no token routed to them): {dead}")
+    console.print(_load_table(routing, names, detail))
+    _render_domain_matrix(console, "domain x expert share (mean over layers)", routing["domain_matrix_mean"], names)
+    if detail:
+        for layer in routing["layers"]:
+            _render_domain_matrix(
+                console, f"layer {layer['layer']}: domain x expert share", layer["domain_matrix"], names
+            )
+    if routing.get("in_domain_share"):
+        console.print(
+            "In-domain share (tokens routed to the expert named after their domain): "
+            + ", ".join(f"{d} {v:.0%}" for d, v in routing["in_domain_share"].items())
+        )
+
+
+def _load_table(routing: dict[str, Any], names: list[str], detail: bool) -> Any:
+    """The per-layer load table (with ``detail``, every expert's selection and gate shares)."""
+    from rich.table import Table
+
     table = Table(title="load per layer")
     for column in ("layer", "imbalance", "MaxVio", "CV", "eff. experts", "dead", "router entropy", "router z"):
         table.add_column(column, justify="right")
@@ -71,19 +120,23 @@ def render_routing(console: Any, routing: dict[str, Any], detail: bool) -> None:
         for name in names:
             table.add_column(f"{name} % (gate %)", justify="right")
     for layer in routing["layers"]:
-        row = [str(layer["layer"]), f"{layer['load_imbalance']:.2f}", f"{layer['maxvio']:.2f}", f"{layer['cv']:.2f}",
-               f"{layer['effective_experts']:.2f}", str(layer["dead_experts"]), f"{layer['router_entropy']:.3f}", f"{layer['router_z']:.2f}"]
+        row = [
+            str(layer["layer"]),
+            f"{layer['load_imbalance']:.2f}",
+            f"{layer['maxvio']:.2f}",
+            f"{layer['cv']:.2f}",
+            f"{layer['effective_experts']:.2f}",
+            str(layer["dead_experts"]),
+            f"{layer['router_entropy']:.3f}",
+            f"{layer['router_z']:.2f}",
+        ]
         if detail:  # selection share, and in brackets the share of gate weight the expert received
-            row += [f"{100 * v:.1f} ({100 * g:.1f})" for v, g in zip(layer["load_fraction"], layer.get("gate_fraction", layer["load_fraction"]))]
+            row += [
+                f"{100 * v:.1f} ({100 * g:.1f})"
+                for v, g in zip(layer["load_fraction"], layer.get("gate_fraction", layer["load_fraction"]))
+            ]
         table.add_row(*row)
-    console.print(table)
-    _render_domain_matrix(console, "domain x expert share (mean over layers)", routing["domain_matrix_mean"], names)
-    if detail:
-        for layer in routing["layers"]:
-            _render_domain_matrix(console, f"layer {layer['layer']}: domain x expert share", layer["domain_matrix"], names)
-    if routing.get("in_domain_share"):
-        console.print("In-domain share (tokens routed to the expert named after their domain): "
-                      + ", ".join(f"{d} {v:.0%}" for d, v in routing["in_domain_share"].items()))
+    return table
 
 
 def _render_domain_matrix(console: Any, title: str, matrix: dict[str, list[float]], names: list[str]) -> None:
@@ -118,7 +171,11 @@ def _legend(names: list[str]) -> Any:
 
     legend = Text("  ".join(f"{n}" for n in names))
     for i, name in enumerate(names):
-        legend.stylize(_COLOURS[i % len(_COLOURS)], sum(len(n) + 2 for n in names[:i]), sum(len(n) + 2 for n in names[:i]) + len(name))
+        legend.stylize(
+            _COLOURS[i % len(_COLOURS)],
+            sum(len(n) + 2 for n in names[:i]),
+            sum(len(n) + 2 for n in names[:i]) + len(name),
+        )
     return legend
 
 
@@ -152,17 +209,24 @@ def render_eval_table(console: Any, report: dict[str, Any]) -> None:
         table.add_column("train tokens", justify="right")
         table.add_column("train FLOPs", justify="right")
     for label, scores in report["results"].items():
-        cells = [f"{scores[c]['loss']:.3f} ({scores[c]['perplexity']:.1f}){' *' if report['best'][c] == label else ''}" for c in columns]
+        cells = [
+            f"{scores[c]['loss']:.3f} ({scores[c]['perplexity']:.1f}){' *' if report['best'][c] == label else ''}"
+            for c in columns
+        ]
         if compute:
             spent = compute.get(label)
             cells += [f"{spent['tokens']:,}", format_flops(spent["flops"])] if spent else ["", ""]
         table.add_row(label, *cells)
     console.print(table)
     if compute:
-        console.print("train tokens / FLOPs: training beyond the seed (model FLOPs, moekit.train.compute); dense is matched on "
-                      "tokens and upcycled on FLOPs to tuned (branches + tune).")
+        console.print(
+            "train tokens / FLOPs: training beyond the seed (model FLOPs, moekit.train.compute); dense is matched on "
+            "tokens and upcycled on FLOPs to tuned (branches + tune)."
+        )
     if not report.get("same_tokenizer", True):
-        console.print("[yellow]The models use different tokenizers: losses per token are not directly comparable across them.[/]")
+        console.print(
+            "[yellow]The models use different tokenizers: losses per token are not directly comparable across them.[/]"
+        )
 
 
 def render_run_outcome(console: Any, outcome: Any) -> None:
@@ -185,7 +249,9 @@ def render_task_table(console: Any, report: dict[str, Any]) -> None:
     table.add_column("greedy", justify="right")
     if with_scmoe:
         settings = report["scmoe"]
-        table.add_column(f"SCMoE (beta {settings['beta']}, alpha {settings['alpha']}, rank {settings['rank']})", justify="right")
+        table.add_column(
+            f"SCMoE (beta {settings['beta']}, alpha {settings['alpha']}, rank {settings['rank']})", justify="right"
+        )
     for label, scores in report["results"].items():
         cells = [f"{scores['greedy']:.1%}"]
         if with_scmoe:

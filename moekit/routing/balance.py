@@ -45,7 +45,9 @@ def sequence_loss(indices: torch.Tensor, scores: torch.Tensor, sequences: int) -
     """
     experts, k = scores.shape[-1], indices.shape[-1]
     tokens = indices.shape[0] // sequences
-    chosen = torch.zeros(sequences, tokens, experts, device=scores.device).scatter_(2, indices.reshape(sequences, tokens, k), 1.0)
+    chosen = torch.zeros(sequences, tokens, experts, device=scores.device).scatter_(
+        2, indices.reshape(sequences, tokens, k), 1.0
+    )
     f = chosen.sum(dim=1) * (experts / (k * tokens))
     p = scores.reshape(sequences, tokens, experts).mean(dim=1)
     return (f.detach() * p).sum(dim=-1).mean()
@@ -89,7 +91,9 @@ def load_metrics(counts: torch.Tensor) -> dict[str, float]:
     }
 
 
-def update_selection_bias(bias: torch.Tensor, counts: torch.Tensor, rate: float, proportional: bool = False) -> torch.Tensor:
+def update_selection_bias(
+    bias: torch.Tensor, counts: torch.Tensor, rate: float, proportional: bool = False
+) -> torch.Tensor:
     """Loss-free balancing update (Wang et al. 2024; DeepSeek-V3) of a selection bias [E].
 
     Under-loaded experts (count below the mean) get a larger bias, over-loaded ones a smaller:

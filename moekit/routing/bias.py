@@ -57,10 +57,15 @@ class SelectionBias:
         """Apply one step's update from its global counts [layers, E]; return summary metrics of the new bias."""
         for layer, tensor in enumerate(self.tensors):
             current = _full(tensor).reshape(-1).float().cpu()
-            new = balance.update_selection_bias(current, counts[layer], self.rate, proportional=self.rule == "proportional")
+            new = balance.update_selection_bias(
+                current, counts[layer], self.rate, proportional=self.rule == "proportional"
+            )
             _assign(tensor, new)
         values = self.values()
-        return {"bias_abs_max": float(values.abs().max()), "bias_spread": float((values.max(dim=1).values - values.min(dim=1).values).mean())}
+        return {
+            "bias_abs_max": float(values.abs().max()),
+            "bias_spread": float((values.max(dim=1).values - values.min(dim=1).values).mean()),
+        }
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
@@ -76,6 +81,8 @@ def _assign(tensor: torch.Tensor, values: torch.Tensor) -> None:
 
     values = values.reshape(tensor.shape).to(tensor.dtype)
     if isinstance(tensor, DTensor):
-        tensor.copy_(distribute_tensor(values.to(tensor.device_mesh.device_type), tensor.device_mesh, tensor.placements))
+        tensor.copy_(
+            distribute_tensor(values.to(tensor.device_mesh.device_type), tensor.device_mesh, tensor.placements)
+        )
     else:
         tensor.copy_(values.to(tensor.device))

@@ -27,7 +27,9 @@ import torch
 class LayerwiseCalibrator:
     """Push token blocks through a dense model one decoder layer at a time."""
 
-    def __init__(self, dense_config: Any, embed_weight: torch.Tensor, blocks: dict[str, torch.Tensor], batch: int = 8) -> None:
+    def __init__(
+        self, dense_config: Any, embed_weight: torch.Tensor, blocks: dict[str, torch.Tensor], batch: int = 8
+    ) -> None:
         from transformers import AutoModelForCausalLM
 
         config = dense_config.__class__.from_dict(dense_config.to_dict())

@@ -48,18 +48,24 @@ def check_contrast_applies(model: torch.nn.Module, rank: int) -> None:
     routers = find_routers(model)  # MoekitError for a dense model
     top_k = router_top_k(model, routers[0][1])
     if rank < 2:
-        raise InvalidOptionError(f"--scmoe-rank {rank}: the weak routing must use a lower-ranked expert than the strong one.",
-                                 "Use a rank of 2 or more (2 is the authors' choice for top-2 models).")
+        raise InvalidOptionError(
+            f"--scmoe-rank {rank}: the weak routing must use a lower-ranked expert than the strong one.",
+            "Use a rank of 2 or more (2 is the authors' choice for top-2 models).",
+        )
     if rank > top_k:
         raise InvalidOptionError(
-            f"--scmoe-rank {rank} needs the model to rank at least {rank} experts per token, but it routes each token to {top_k}.",
-            (f"Use --scmoe-rank 2..{top_k}" if top_k > 2 else "Use --scmoe-rank 2") if top_k >= 2 else "SCMoE needs a model with top-k >= 2 (a top-1 model has no weaker choice).",
+            f"--scmoe-rank {rank} needs the model to rank at least {rank} experts per token, but it routes each "
+            f"token to {top_k}.",
+            (f"Use --scmoe-rank 2..{top_k}" if top_k > 2 else "Use --scmoe-rank 2")
+            if top_k >= 2
+            else "SCMoE needs a model with top-k >= 2 (a top-1 model has no weaker choice).",
         )
 
 
 @contextlib.contextmanager
 def rank_routing(model: torch.nn.Module, rank: int) -> Iterator[None]:
-    """Inside the block every router sends each token only to its ``rank``-th ranked expert (1-based), gate 1 x scale."""
+    """Inside the block every router sends each token only to its ``rank``-th ranked expert (1-based), gate 1 x
+    scale."""
     routers = [router for _, router in find_routers(model)]
 
     def weak_forward(router: torch.nn.Module, native: Any) -> Any:
@@ -90,11 +96,15 @@ class SelfContrast:
     the weak pass's KV cache across calls, so create one per ``generate`` call.
     """
 
-    def __init__(self, model: torch.nn.Module, beta: float = DEFAULT_BETA, alpha: float = DEFAULT_ALPHA, rank: int = DEFAULT_RANK) -> None:
+    def __init__(
+        self, model: torch.nn.Module, beta: float = DEFAULT_BETA, alpha: float = DEFAULT_ALPHA, rank: int = DEFAULT_RANK
+    ) -> None:
         check_contrast_applies(model, rank)
         if beta < 0 or not 0 < alpha <= 1:
-            raise InvalidOptionError(f"SCMoE needs beta >= 0 and 0 < alpha <= 1 (got beta {beta}, alpha {alpha}).",
-                                     "The authors use --scmoe-beta 0.5 --scmoe-alpha 0.1.")
+            raise InvalidOptionError(
+                f"SCMoE needs beta >= 0 and 0 < alpha <= 1 (got beta {beta}, alpha {alpha}).",
+                "The authors use --scmoe-beta 0.5 --scmoe-alpha 0.1.",
+            )
         self.model, self.beta, self.alpha, self.rank = model, beta, alpha, rank
         self.cache: Any = None
         # transformers renamed forward's past_key_values to cache (5.2x); take whichever this version has

@@ -31,7 +31,8 @@ NOISE_PARAMETER = "moekit_noise_weight"  # noisy top-k's W_noise, registered on 
 
 @dataclass
 class LayerRecord:
-    """One router call: fp32 logits [N, E], gate weights [N, s], expert indices [N, s], real slots [N, s] (None: all)."""
+    """One router call: fp32 logits [N, E], gate weights [N, s], expert indices [N, s], real slots [N, s] (None:
+    all)."""
 
     logits: torch.Tensor
     weights: torch.Tensor
@@ -75,8 +76,13 @@ class RoutingSettings:
 class RoutingController:
     """Records every router call of a forward pass, optionally changing the routing rule."""
 
-    def __init__(self, model: torch.nn.Module, mode: RoutingMode = "topk", capacity_factor: float = 1.5,
-                 settings: RoutingSettings | None = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        mode: RoutingMode = "topk",
+        capacity_factor: float = 1.5,
+        settings: RoutingSettings | None = None,
+    ) -> None:
         self.settings = settings or RoutingSettings(mode, capacity_factor)
         self.routers = find_routers(model)
         self.mode, self.capacity_factor = self.settings.mode, self.settings.capacity_factor
@@ -91,7 +97,9 @@ class RoutingController:
                 self._handles.append(router.register_forward_hook(self._recording_hook(layer)))
             else:
                 if self.mode == "noisy":
-                    noise = torch.zeros_like(router.weight, dtype=torch.float32)  # Shazeer et al.: W_noise starts at zero
+                    noise = torch.zeros_like(
+                        router.weight, dtype=torch.float32
+                    )  # Shazeer et al.: W_noise starts at zero
                     router.register_parameter(NOISE_PARAMETER, torch.nn.Parameter(noise))
                 router.forward = self._replacement(layer, router)  # instance attribute shadows the class method
 
@@ -171,7 +179,11 @@ class RoutingController:
     def native_routing(self) -> Iterator[None]:
         """Temporarily route with the model's own routers (e.g. to evaluate what will be saved)."""
         replaced = {id(r): r.__dict__.pop("forward") for _, r in self.routers if "forward" in r.__dict__}
-        handles = [r.register_forward_hook(self._recording_hook(i)) for i, (_, r) in enumerate(self.routers)] if replaced else []
+        handles = (
+            [r.register_forward_hook(self._recording_hook(i)) for i, (_, r) in enumerate(self.routers)]
+            if replaced
+            else []
+        )
         try:
             yield
         finally:

@@ -58,7 +58,9 @@ def switch(logits: torch.Tensor, scoring: str, capacity_factor: float) -> Routed
     position = F.one_hot(indices[:, 0], experts).cumsum(dim=0).gather(1, indices)
     keep = position <= capacity
     load = torch.bincount(indices[keep], minlength=experts).float()
-    return Routed(weights * keep, indices, None, {"dropped": float((~keep).sum()), "capacity_use": float(load.mean() / capacity)})
+    return Routed(
+        weights * keep, indices, None, {"dropped": float((~keep).sum()), "capacity_use": float(load.mean() / capacity)}
+    )
 
 
 def soft(logits: torch.Tensor, scoring: str) -> Routed:
@@ -78,8 +80,12 @@ def noisy_top_k(logits: torch.Tensor, noise_logits: torch.Tensor, top_k: int, sc
     """
     noisy = logits + torch.randn_like(logits) * F.softplus(noise_logits)
     indices = noisy.topk(top_k, dim=-1).indices
-    return Routed(renormalised(scores(noisy, scoring), indices, scale), indices, None,
-                  {"noise_std": float(F.softplus(noise_logits.detach()).mean())})
+    return Routed(
+        renormalised(scores(noisy, scoring), indices, scale),
+        indices,
+        None,
+        {"noise_std": float(F.softplus(noise_logits.detach()).mean())},
+    )
 
 
 def expert_choice(logits: torch.Tensor, scoring: str, top_k: int, capacity_factor: float, scale: float) -> Routed:
@@ -94,17 +100,28 @@ def expert_choice(logits: torch.Tensor, scoring: str, top_k: int, capacity_facto
     probs = logits.softmax(dim=-1) if scoring == "softmax" else logits.sigmoid()
     capacity = min(tokens, math.ceil(tokens * top_k / experts * capacity_factor))
     chosen_tokens = probs.T.topk(capacity, dim=-1).indices  # [E, capacity]
-    mask = torch.zeros(experts, tokens, dtype=torch.bool, device=logits.device).scatter_(1, chosen_tokens, True).T  # [N, E]
+    mask = (
+        torch.zeros(experts, tokens, dtype=torch.bool, device=logits.device).scatter_(1, chosen_tokens, True).T
+    )  # [N, E]
     gated = probs * mask
     weights = gated / gated.sum(dim=-1, keepdim=True).clamp_min(1e-20) * scale
     indices = torch.arange(experts, device=logits.device).expand(tokens, -1)
     unrouted = float((~mask.any(dim=-1)).sum())
-    return Routed(weights, indices, mask, {"dropped": unrouted, "capacity_use": float(mask.sum() / (capacity * experts)),
-                                           "experts_per_token": float(mask.sum() / tokens)})
+    return Routed(
+        weights,
+        indices,
+        mask,
+        {
+            "dropped": unrouted,
+            "capacity_use": float(mask.sum() / (capacity * experts)),
+            "experts_per_token": float(mask.sum() / tokens),
+        },
+    )
 
 
 def hashed(token_ids: torch.Tensor, experts: int, top_k: int, scale: float) -> Routed:
-    """Hash routing (Roller et al. 2021): a fixed function of the token id picks ``top_k`` distinct experts, equal weights.
+    """Hash routing (Roller et al. 2021): a fixed function of the token id picks ``top_k`` distinct experts, equal
+    weights.
 
     Expert j of a token is (h + j) mod E with h = (id x 2654435761 mod 2^32) mod E. Nothing is
     learned; it is the no-learning baseline.

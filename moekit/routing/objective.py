@@ -61,7 +61,9 @@ class BalanceSettings:
 class BalancedObjective:
     """Callable loss for the training loop; also accumulates the step's routing statistics."""
 
-    def __init__(self, controller: RoutingController, settings: BalanceSettings, bias: SelectionBias | None = None) -> None:
+    def __init__(
+        self, controller: RoutingController, settings: BalanceSettings, bias: SelectionBias | None = None
+    ) -> None:
         self.controller, self.settings, self.bias = controller, settings, bias
         layers, experts = len(controller.routers), controller.num_experts
         self.global_counts = torch.zeros(layers, experts)
@@ -95,7 +97,9 @@ class BalancedObjective:
         self._micro += 1
         self._dropped += int(sum(r.stats.get("dropped", 0.0) for r in records))
         self._routed += sum(r.logits.shape[0] for r in records)
-        for record in records:  # mode statistics (capacity use, noise, temperature), averaged over layers and micro-batches
+        for (
+            record
+        ) in records:  # mode statistics (capacity use, noise, temperature), averaged over layers and micro-batches
             for key, value in record.stats.items():
                 if key != "dropped":
                     self._stats[key] = self._stats.get(key, 0.0) + value / len(records)
@@ -111,7 +115,11 @@ class BalancedObjective:
                 if settings.kind == "switch":
                     per_layer.append(balance.switch_loss(counts[layer], scores.mean(dim=0)))
                 elif settings.kind == "btx":
-                    per_layer.append(balance.btx_loss(balance.sparse_gate_means(record.weights, record.indices, experts), scores.mean(dim=0)))
+                    per_layer.append(
+                        balance.btx_loss(
+                            balance.sparse_gate_means(record.weights, record.indices, experts), scores.mean(dim=0)
+                        )
+                    )
                 else:  # bias: DeepSeek-V3's complementary sequence-wise loss
                     per_layer.append(balance.sequence_loss(record.indices, scores, self._sequences))
             name = "sequence" if settings.kind == "bias" else settings.kind
@@ -130,7 +138,9 @@ class BalancedObjective:
         if self.settings.scope == "micro":
             counts = all_reduce_sum(counts, self._device)
         sums = {**self._sums, **self._stats}
-        extra = all_reduce_sum(torch.tensor([*sums.values(), float(self._micro), float(self._dropped), float(self._routed)]), self._device)
+        extra = all_reduce_sum(
+            torch.tensor([*sums.values(), float(self._micro), float(self._dropped), float(self._routed)]), self._device
+        )
         names = list(sums)
         micro = extra[len(names)]
         row: dict[str, Any] = {name: float(extra[i] / micro) for i, name in enumerate(names)}

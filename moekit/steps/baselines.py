@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from moekit.config import LoopSettings
+from moekit.data.domains import heldout_sets, training_mixture
 from moekit.errors import MoekitError
 from moekit.manifest import RunManifest, StageRecord, load_manifest, updating_manifest
 from moekit.train.compute import model_compute, training_flops
@@ -57,7 +58,11 @@ def _record_compute(record: StageRecord | None, model_dir: Path, seq_len_key: st
     flops = record.outputs.get("flops")
     if flops is None:
         params = record.params.get("loop", record.params)
-        flops = training_flops(model_dir, tokens, int(params.get(seq_len_key, 1024))) if (Path(model_dir) / "config.json").is_file() else 0.0
+        flops = (
+            training_flops(model_dir, tokens, int(params.get(seq_len_key, 1024)))
+            if (Path(model_dir) / "config.json").is_file()
+            else 0.0
+        )
     return Compute(tokens, float(flops))
 
 
@@ -87,7 +92,9 @@ def run_compute(run_dir: Path) -> dict[str, Compute]:
             into = Path(str(record.params.get("into", ""))).name
             added = result.get(f"branch {record.params.get('name')}", Compute())
             result[grown] = result.get(into, Compute()) + added
-            result[f"{grown}-tuned"] = result[grown] + _record_compute(_last(manifest, f"tune:{grown}"), run_dir / grown)
+            result[f"{grown}-tuned"] = result[grown] + _record_compute(
+                _last(manifest, f"tune:{grown}"), run_dir / grown
+            )
     result[DENSE_DIR] = _record_compute(_last(manifest, DENSE_STAGE), seed)
     result[UPCYCLED_DIR] = _record_compute(_last(manifest, UPCYCLE_STAGE), run_dir / UPCYCLED_DIR)
     return result
@@ -97,8 +104,10 @@ def btx_budget(run_dir: Path) -> Compute:
     """What BTX spent: every branch's training and the tune (the budget both baselines get)."""
     spent = run_compute(run_dir)["tuned"]
     if not spent.tokens:
-        raise MoekitError(f"{run_dir} records no branch training or tune: there is no BTX budget to match.",
-                          "Run the train and tune stages first.")
+        raise MoekitError(
+            f"{run_dir} records no branch training or tune: there is no BTX budget to match.",
+            "Run the train and tune stages first.",
+        )
     return spent
 
 
@@ -112,60 +121,105 @@ def with_token_budget(loop: LoopSettings, tokens: int) -> LoopSettings:
     return LoopSettings.model_validate({**loop.model_dump(), "max_steps": None, "max_tokens": tokens})
 
 
-def train_dense_baseline(run_dir: Path, loop: LoopSettings, text_field: str = "text", show_progress: bool = True) -> Path:
+def train_dense_baseline(
+    run_dir: Path, loop: LoopSettings, text_field: str = "text", show_progress: bool = True
+) -> Path:
     """Train the seed on an equal mixture of every branch's data for BTX's token budget; write RUN_DIR/dense.
 
     ``loop`` gives the optimiser settings (the recipe uses the branches'); its budget is replaced.
     Resumes from its checkpoints (RUN_DIR/baseline-dense) when interrupted.
     """
-    from transformers import AutoTokenizer
-
-    from moekit.data.blocks import MixtureBlocks
-    from moekit.data.domains import domains_data
     from moekit.io.loading import load_causal_lm
     from moekit.train.loop import LoopJob, make_loop_engine, run_loop
-    from moekit.train.saving import resolve_save_dtype, write_trained_model
+    from moekit.train.saving import resolve_save_dtype
 
     manifest = load_manifest(run_dir)
     budget = btx_budget(run_dir)
     settings = with_token_budget(loop, budget.tokens)
     seed = Path(manifest.seed.path)
-    data = {name: record.data for name, record in manifest.branches.items() if record.data}
-    val_data = {name: record.val_data for name, record in manifest.branches.items() if record.val_data}
     work_dir = run_dir / DENSE_STAGE.replace(":", "-")
     engine = make_loop_engine(settings)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(seed)
         with engine.main_process_first():  # the recorded splits: never a new one
-            domains = domains_data(tokenizer, data, val_data, settings.seq_len, None, text_field, run_dir / ".cache" / "tokens", manifest)
-        pool = MixtureBlocks({d: domain.train for d, domain in domains.items()}, {d: 1.0 for d in domains}, settings.seed)
-        eval_sets = {d: domain.heldout.head(settings.eval_blocks) for d, domain in domains.items() if len(domain.heldout)}
+            domains = _branch_domains(run_dir, manifest, settings.seq_len, text_field)
         torch.manual_seed(settings.seed)
         model = load_causal_lm(seed, torch.float32)
         dtype = resolve_save_dtype(settings.save_dtype, seed)
-        job = LoopJob(model, pool, eval_sets, settings, work_dir, True, "dense baseline", show_progress, save_dtype=dtype,
-                      fingerprint_extra={"baseline": "dense"})
+        pool, eval_sets = training_mixture(domains, None, settings.seed), heldout_sets(domains, settings.eval_blocks)
+        job = LoopJob(
+            model,
+            pool,
+            eval_sets,
+            settings,
+            work_dir,
+            True,
+            "dense baseline",
+            show_progress,
+            save_dtype=dtype,
+            fingerprint_extra={"baseline": "dense"},
+        )
         result = run_loop(job, engine)
         if engine.is_main_process:
-            assert result.state_dict is not None
-            out = run_dir / DENSE_DIR
-            write_trained_model(out, seed, model, result.state_dict, dtype, [work_dir / "metrics.jsonl"], force=True,
-                                add_files=_card(f"the seed trained on an equal mixture of {', '.join(data)} for {result.tokens:,} tokens "
-                                                f"(BTX's branches + tune: {budget.tokens:,})"))
-            shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)
-            spent = Compute(result.tokens, training_flops(seed, result.tokens, settings.seq_len))
-            _record(run_dir, DENSE_STAGE, {"matched": "tokens", "budget": budget.as_dict(), "loop": settings.model_dump(mode="json")},
-                    {**spent.as_dict(), "eval_loss": result.eval})
+            _save_dense(run_dir, seed, model, result, dtype, settings, budget, list(domains))
         engine.wait_for_everyone()
     finally:
         engine.close()
     return run_dir / DENSE_DIR
 
 
+def _branch_domains(run_dir: Path, manifest: RunManifest, seq_len: int, text_field: str) -> dict[str, Any]:
+    """Every branch's training and held-out blocks, on the splits the run recorded."""
+    from transformers import AutoTokenizer
+
+    from moekit.data.domains import domains_data
+
+    data = {name: record.data for name, record in manifest.branches.items() if record.data}
+    val_data = {name: record.val_data for name, record in manifest.branches.items() if record.val_data}
+    tokenizer = AutoTokenizer.from_pretrained(manifest.seed.path)
+    return domains_data(tokenizer, data, val_data, seq_len, None, text_field, run_dir / ".cache" / "tokens", manifest)
+
+
+def _save_dense(
+    run_dir: Path,
+    seed: Path,
+    model: Any,
+    result: Any,
+    dtype: torch.dtype,
+    settings: LoopSettings,
+    budget: Compute,
+    domains: list[str],
+) -> None:
+    """Write RUN_DIR/dense with its model card, drop the checkpoints, record the stage with its compute."""
+    from moekit.train.saving import write_trained_model
+
+    assert result.state_dict is not None
+    work_dir = run_dir / DENSE_STAGE.replace(":", "-")
+    card = _card(
+        f"the seed trained on an equal mixture of {', '.join(domains)} for {result.tokens:,} tokens "
+        f"(BTX's branches + tune: {budget.tokens:,})"
+    )
+    write_trained_model(
+        run_dir / DENSE_DIR,
+        seed,
+        model,
+        result.state_dict,
+        dtype,
+        [work_dir / "metrics.jsonl"],
+        force=True,
+        add_files=card,
+    )
+    shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)
+    spent = Compute(result.tokens, training_flops(seed, result.tokens, settings.seq_len))
+    params = {"matched": "tokens", "budget": budget.as_dict(), "loop": settings.model_dump(mode="json")}
+    _record(run_dir, DENSE_STAGE, params, {**spent.as_dict(), "eval_loss": result.eval})
+
+
 def _card(what: str) -> Any:
     def add(tmp: Path) -> None:
-        (tmp / "README.md").write_text(f"# Dense baseline\n\nA moekit BTX baseline: {what}. Compare it with the run's tuned MoE "
-                                       "(`moekit eval RUN_DIR`).\n")
+        (tmp / "README.md").write_text(
+            f"# Dense baseline\n\nA moekit BTX baseline: {what}. Compare it with the run's tuned MoE "
+            "(`moekit eval RUN_DIR`).\n"
+        )
 
     return add
 
@@ -176,5 +230,6 @@ def _record(run_dir: Path, stage: str, params: dict[str, Any], outputs: dict[str
 
 
 def upcycle_budget_tokens(init_dir: Path, run_dir: Path, seq_len: int) -> int:
-    """Tokens the upcycled MoE at ``init_dir`` trains on to spend BTX's FLOPs (whole steps round up: at most one step over)."""
+    """Tokens the upcycled MoE at ``init_dir`` trains on to spend BTX's FLOPs (whole steps round up: at most one step
+    over)."""
     return matched_tokens(init_dir, btx_budget(run_dir), seq_len)

@@ -44,7 +44,8 @@ class BranchResult:
 
 
 def _seed_files(seed_dir: Path) -> tuple[Checkpoint, list[Path], list[str]]:
-    """The validated seed, its weight files and config.json (linked into a branch), and its tokenizer/generation files."""
+    """The validated seed, its weight files and config.json (linked into a branch), and its tokenizer/generation
+    files."""
     checkpoint, _ = open_dense_model(seed_dir)
     extras = [n for n in TOKENIZER_AND_GENERATION_FILES if (seed_dir / n).is_file()]
     return checkpoint, checkpoint.weight_files() + [seed_dir / "config.json"], extras
@@ -103,13 +104,17 @@ def add_branches(seed: str, run_dir: Path, domains: list[str], copy: bool = Fals
     manifest = load_manifest(run_dir)
     taken = [d for d in domains if d in manifest.branches]
     if taken:
-        raise InvalidOptionError(f"The run already has branch(es) {', '.join(taken)}.", "Choose new domain names (or leave out --add to start a new run).")
+        raise InvalidOptionError(
+            f"The run already has branch(es) {', '.join(taken)}.",
+            "Choose new domain names (or leave out --add to start a new run).",
+        )
     seed_dir = resolve_model_dir(seed)
     _, weights, extras = _seed_files(seed_dir)
     digest = sha256_files(weights + [seed_dir / n for n in extras])
     if digest != manifest.seed.sha256:
         raise IncompatibleModelsError(
-            f"{seed} is not the seed of {run_dir} (its files hash to {digest[:12]}, the run's seed {manifest.seed.path} to {manifest.seed.sha256[:12]}).",
+            f"{seed} is not the seed of {run_dir} (its files hash to {digest[:12]}, the run's seed "
+            f"{manifest.seed.path} to {manifest.seed.sha256[:12]}).",
             f"Branch from the run's own seed: moekit branch {manifest.seed.path} {run_dir} --domain NAME --add.",
         )
     import shutil

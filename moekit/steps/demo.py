@@ -1,4 +1,5 @@
-"""``moekit demo``: the packaged demo recipe run end to end, then a generation per domain, the arithmetic accuracy and the report.
+"""``moekit demo``: the packaged demo recipe run end to end, then a generation per domain, the arithmetic accuracy
+and the report.
 
 The recipe (``moekit/recipes/demo.yaml``, or ``demo-tiny.yaml`` for tests) pretrains a small seed
 here, branches, trains, mixes, tunes and builds the baselines; this step adds what a user wants
@@ -20,8 +21,11 @@ from moekit.steps.run import RunOutcome, clear_workdir, run_recipe
 
 # A prompt per demo domain for the generation samples (the tiny demo's domains have the same names).
 # Prompts end at a word, not a space: a byte-level BPE attaches the space to the next word.
-DEMO_PROMPTS = {"code": "import os\nimport sys\n\ndef", "prose": "The return statement",
-                "math": "Ann has 12 pens and gets 30 more. How many pens does Ann have?"}
+DEMO_PROMPTS = {
+    "code": "import os\nimport sys\n\ndef",
+    "prose": "The return statement",
+    "math": "Ann has 12 pens and gets 30 more. How many pens does Ann have?",
+}
 
 
 @dataclass
@@ -41,7 +45,8 @@ def packaged_recipe(name: str) -> Path:
 
 
 def run_demo(out: Path | None, tiny: bool, force: bool, overrides: list[str], log: Callable[[str], None]) -> DemoResult:
-    """Run the demo recipe in ``out`` (default demo-out, or demo-tiny-out), then the generations, accuracy table and report."""
+    """Run the demo recipe in ``out`` (default demo-out, or demo-tiny-out), then the generations, accuracy table and
+    report."""
     name = "demo-tiny" if tiny else "demo"
     workdir = (out or Path(f"{name}-out")).absolute()
     if force:
@@ -57,16 +62,21 @@ def run_demo(out: Path | None, tiny: bool, force: bool, overrides: list[str], lo
 
 
 def _samples(run_dir: Path, problems: int) -> tuple[list[tuple[str, str, Any]], dict[str, Any]]:
-    """The tuned MoE's continuation of a prompt per domain, and the arithmetic accuracy of seed / tuned / tuned+SCMoE."""
+    """The tuned MoE's continuation of a prompt per domain, and the arithmetic accuracy of seed / tuned /
+    tuned+SCMoE."""
     from moekit.steps.evaluate_task import evaluate_task
     from moekit.steps.generate import Generator
 
     manifest = load_manifest(run_dir)
     tuned = run_dir / "tuned"
     generator = Generator(GenerateConfig(model=str(tuned), raw=True, max_new_tokens=24))
-    generations = [(d, DEMO_PROMPTS[d], generator.generate(DEMO_PROMPTS[d])) for d in manifest.branches if d in DEMO_PROMPTS]
-    report = evaluate_task(EvalConfig(models=[manifest.seed.path, str(tuned)], task="arithmetic", problems=problems, scmoe=True),
-                           show_progress=False)
+    generations = [
+        (d, DEMO_PROMPTS[d], generator.generate(DEMO_PROMPTS[d])) for d in manifest.branches if d in DEMO_PROMPTS
+    ]
+    report = evaluate_task(
+        EvalConfig(models=[manifest.seed.path, str(tuned)], task="arithmetic", problems=problems, scmoe=True),
+        show_progress=False,
+    )
     return generations, report
 
 

@@ -45,7 +45,13 @@ def expand_models(models: list[str]) -> dict[str, Path]:
             manifest = load_manifest(path)
             labelled["seed"] = Path(manifest.seed.path)
             labelled.update({f"branch {n}": manifest.branch_dir(path, n) for n in manifest.branches})
-            labelled.update({name: path / name for name in ("averaged", "mixed", "tuned", DENSE_DIR, UPCYCLED_DIR) if (path / name / "config.json").is_file()})
+            labelled.update(
+                {
+                    name: path / name
+                    for name in ("averaged", "mixed", "tuned", DENSE_DIR, UPCYCLED_DIR)
+                    if (path / name / "config.json").is_file()
+                }
+            )
             labelled.update({d.name: d for d in grown_models(path, manifest) if d.name not in labelled})
         else:
             directory = resolve_model_dir(spec)
@@ -61,7 +67,9 @@ def grown_models(run_dir: Path, manifest: Any) -> list[Path]:
     """Models a run made beyond mix/tune/baselines: ``mix --add-expert`` outputs and their tunes, in stage order."""
     found = []
     for record in manifest.stages:
-        if record.stage == "add-expert" or (record.stage.startswith("tune:") and record.stage[5:] in {p.name for p in found}):
+        if record.stage == "add-expert" or (
+            record.stage.startswith("tune:") and record.stage[5:] in {p.name for p in found}
+        ):
             out = Path(str(record.outputs.get("out", "")))
             if out.name and (run_dir / out.name / "config.json").is_file() and run_dir / out.name not in found:
                 found.append(run_dir / out.name)
@@ -77,7 +85,16 @@ def _run_dir_heldout(cfg: EvalConfig, tokenizer: Any) -> dict[str, torch.Tensor]
         raise InvalidOptionError(f"{run} has no branch data to evaluate on.", "Pass --data DOMAIN=PATH.")
     held = {}
     for name, record in branches.items():
-        view = recorded_heldout(tokenizer, name, record.data, record.val_data, record.heldout, cfg.seq_len, cfg.text_field, run / ".cache" / "tokens")
+        view = recorded_heldout(
+            tokenizer,
+            name,
+            record.data,
+            record.val_data,
+            record.heldout,
+            cfg.seq_len,
+            cfg.text_field,
+            run / ".cache" / "tokens",
+        )
         held[name] = view.head(max(1, cfg.max_tokens // view.block_size))
     return held
 
@@ -88,7 +105,10 @@ def evaluate_models(cfg: EvalConfig, show_progress: bool = True) -> dict[str, An
 
     models = expand_models(cfg.models)
     if not cfg.data and not any(Path(m).is_dir() and is_run_dir(Path(m)) for m in cfg.models):
-        raise InvalidOptionError("No evaluation data.", "Pass --data DOMAIN=PATH (or a run directory, whose branches' held-out data is used).")
+        raise InvalidOptionError(
+            "No evaluation data.",
+            "Pass --data DOMAIN=PATH (or a run directory, whose branches' held-out data is used).",
+        )
     for label, directory in models.items():  # every model checked before the first one is evaluated
         check_model_dir(directory, f"Model '{label}',")
         check_context_length(directory, cfg.seq_len)
@@ -99,8 +119,12 @@ def evaluate_models(cfg: EvalConfig, show_progress: bool = True) -> dict[str, An
         key = tokenizer_fingerprint_of(tokenizer)
         if key not in blocks_by_tokenizer:
             blocks_by_tokenizer[key] = (
-                {d: evaluation_blocks(tokenizer, specs, cfg.seq_len, cfg.max_tokens, cfg.text_field) for d, specs in cfg.data.items()}
-                if cfg.data else _run_dir_heldout(cfg, tokenizer)
+                {
+                    d: evaluation_blocks(tokenizer, specs, cfg.seq_len, cfg.max_tokens, cfg.text_field)
+                    for d, specs in cfg.data.items()
+                }
+                if cfg.data
+                else _run_dir_heldout(cfg, tokenizer)
             )
         results[label] = _evaluate_one(directory, blocks_by_tokenizer[key], cfg, label, show_progress)
     domains = list(next(iter(results.values())))
@@ -108,8 +132,13 @@ def evaluate_models(cfg: EvalConfig, show_progress: bool = True) -> dict[str, An
         scores["average"] = {"loss": sum(scores[d]["loss"] for d in domains) / len(domains)}
         scores["average"]["perplexity"] = perplexity(scores["average"]["loss"])
     best = {d: min(results, key=lambda m: results[m][d]["loss"]) for d in [*domains, "average"]}
-    report = {"models": {label: str(path) for label, path in models.items()}, "domains": domains, "results": results, "best": best,
-              "same_tokenizer": len(blocks_by_tokenizer) == 1}
+    report = {
+        "models": {label: str(path) for label, path in models.items()},
+        "domains": domains,
+        "results": results,
+        "best": best,
+        "same_tokenizer": len(blocks_by_tokenizer) == 1,
+    }
     runs = [Path(m) for m in cfg.models if Path(m).is_dir() and is_run_dir(Path(m))]
     if len(runs) == 1:  # the training compute of each row of a run (what the baselines are matched on)
         spent = run_compute(runs[0])
@@ -136,7 +165,9 @@ def record_eval(cfg: EvalConfig, report: dict[str, Any]) -> tuple[Path | None, P
     return cfg.json_path, recorded
 
 
-def _evaluate_one(directory: Path, blocks: dict[str, torch.Tensor], cfg: EvalConfig, label: str, show_progress: bool) -> dict[str, dict[str, float]]:
+def _evaluate_one(
+    directory: Path, blocks: dict[str, torch.Tensor], cfg: EvalConfig, label: str, show_progress: bool
+) -> dict[str, dict[str, float]]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_causal_lm(directory, torch.float32).to(device).eval()
     scores = {}

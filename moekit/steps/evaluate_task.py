@@ -48,12 +48,23 @@ def evaluate_task(cfg: EvalConfig, show_progress: bool = True) -> dict[str, Any]
         scmoe = cfg.scmoe and _contrast_applies(model, cfg.scmoe_rank)
         with progress_bar(f"{cfg.task} {label}", len(problems) * (2 if scmoe else 1), show_progress) as advance:
             greedy = exact_match_accuracy(model, tokenizer, problems, cfg.max_new_tokens, advance=advance)
-            contrast = exact_match_accuracy(
-                model, tokenizer, problems, cfg.max_new_tokens, advance=advance,
-                processor=lambda m: SelfContrast(m, cfg.scmoe_beta, cfg.scmoe_alpha, cfg.scmoe_rank),
-            ) if scmoe else None
+            contrast = (
+                exact_match_accuracy(
+                    model,
+                    tokenizer,
+                    problems,
+                    cfg.max_new_tokens,
+                    advance=advance,
+                    processor=lambda m: SelfContrast(m, cfg.scmoe_beta, cfg.scmoe_alpha, cfg.scmoe_rank),
+                )
+                if scmoe
+                else None
+            )
         results[label] = {"greedy": greedy, "scmoe": contrast}
     return {
-        "task": cfg.task, "problems": len(problems), "max_new_tokens": cfg.max_new_tokens, "results": results,
+        "task": cfg.task,
+        "problems": len(problems),
+        "max_new_tokens": cfg.max_new_tokens,
+        "results": results,
         "scmoe": {"beta": cfg.scmoe_beta, "alpha": cfg.scmoe_alpha, "rank": cfg.scmoe_rank} if cfg.scmoe else None,
     }

@@ -57,19 +57,33 @@ class Generation:
 
     def as_dict(self, layer: int | None = None) -> dict[str, Any]:
         """A JSON-ready record (``layer``: the layer whose top expert is reported; None: the majority over layers)."""
+
         def name(expert: int | None) -> str | int | None:
-            return self.expert_names[expert] if expert is not None and self.expert_names and expert < len(self.expert_names) else expert
+            return (
+                self.expert_names[expert]
+                if expert is not None and self.expert_names and expert < len(self.expert_names)
+                else expert
+            )
 
         return {
-            "prompt": self.prompt, "text": self.text, "prompt_tokens": self.prompt_tokens, "new_tokens": len(self.tokens),
-            "seconds": round(self.seconds, 3), "tokens_per_second": round(len(self.tokens) / self.seconds, 2) if self.seconds > 0 else None,
-            "experts": self.expert_names, "routing_layer": layer if layer is not None else "majority",
-            "tokens": [{"id": t.id, "text": t.text, "expert": name(t.top_expert(layer)), "experts_per_layer": t.experts} for t in self.tokens],
+            "prompt": self.prompt,
+            "text": self.text,
+            "prompt_tokens": self.prompt_tokens,
+            "new_tokens": len(self.tokens),
+            "seconds": round(self.seconds, 3),
+            "tokens_per_second": round(len(self.tokens) / self.seconds, 2) if self.seconds > 0 else None,
+            "experts": self.expert_names,
+            "routing_layer": layer if layer is not None else "majority",
+            "tokens": [
+                {"id": t.id, "text": t.text, "expert": name(t.top_expert(layer)), "experts_per_layer": t.experts}
+                for t in self.tokens
+            ],
         }
 
 
 def write_generation(generation: Generation, path: Path, layer: int | None = None) -> Path:
-    """Write ``generation`` as JSON to ``path`` (atomically; ``layer``: the MoE layer of each token's expert, None for the majority)."""
+    """Write ``generation`` as JSON to ``path`` (atomically; ``layer``: the MoE layer of each token's expert, None
+    for the majority)."""
     import json
 
     from moekit.io.atomic import write_text_atomic
@@ -96,23 +110,39 @@ class Generator:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.routers = _routers_or_none(self.model)
         if cfg.scmoe and self.routers is None:
-            raise InvalidOptionError(f"{cfg.model} is a dense model: SCMoE contrasts two routings of a Mixture-of-Experts model.",
-                                     "Drop --scmoe, or give an MoE (e.g. the one `moekit mix` or `moekit tune` wrote).")
-        if cfg.routing_layer is not None and self.routers is not None and not 0 <= cfg.routing_layer < len(self.routers):
-            raise InvalidOptionError(f"--routing-layer {cfg.routing_layer}: the model has {len(self.routers)} MoE layers.",
-                                     f"Give a layer from 0 to {len(self.routers) - 1}, or leave it out for the majority over layers.")
+            raise InvalidOptionError(
+                f"{cfg.model} is a dense model: SCMoE contrasts two routings of a Mixture-of-Experts model.",
+                "Drop --scmoe, or give an MoE (e.g. the one `moekit mix` or `moekit tune` wrote).",
+            )
+        if (
+            cfg.routing_layer is not None
+            and self.routers is not None
+            and not 0 <= cfg.routing_layer < len(self.routers)
+        ):
+            raise InvalidOptionError(
+                f"--routing-layer {cfg.routing_layer}: the model has {len(self.routers)} MoE layers.",
+                f"Give a layer from 0 to {len(self.routers) - 1}, or leave it out for the majority over layers.",
+            )
         if cfg.scmoe:
             from moekit.routing.contrast import check_contrast_applies
 
             check_contrast_applies(self.model, cfg.scmoe_rank)
-        self.expert_names = (expert_names(self.model_dir) or
-                             [f"expert{i}" for i in range(int(self.routers[0].weight.shape[0]))]) if self.routers else None
+        self.expert_names = (
+            (expert_names(self.model_dir) or [f"expert{i}" for i in range(int(self.routers[0].weight.shape[0]))])
+            if self.routers
+            else None
+        )
 
     def prompt_ids(self, prompt: str) -> torch.Tensor:
         """The prompt's token ids [1, T]: through the chat template when the tokenizer has one (unless raw)."""
         if not self.cfg.raw and getattr(self.tokenizer, "chat_template", None):
-            encoded = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                         tokenize=True, return_dict=True, return_tensors="pt")
+            encoded = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}],
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+                return_tensors="pt",
+            )
             ids = encoded["input_ids"]
         else:
             ids = self.tokenizer(prompt, return_tensors="pt").input_ids
@@ -131,21 +161,31 @@ class Generator:
             from moekit.routing.contrast import SelfContrast
 
             processors.append(SelfContrast(self.model, cfg.scmoe_beta, cfg.scmoe_alpha, cfg.scmoe_rank))
-        sampling = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k} if cfg.sample else \
-                   {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        sampling = (
+            {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k}
+            if cfg.sample
+            else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        )
         if cfg.sample:
             torch.manual_seed(cfg.random_seed)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         started = time.perf_counter()
         with torch.no_grad():
             output = self.model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.max_new_tokens, logits_processor=processors,
-                streamer=_Streamer(self.tokenizer, on_text) if on_text else None, pad_token_id=pad, **sampling,
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=cfg.max_new_tokens,
+                logits_processor=processors,
+                streamer=_Streamer(self.tokenizer, on_text) if on_text else None,
+                pad_token_id=pad,
+                **sampling,
             )
         seconds = time.perf_counter() - started
-        new_ids = output[0, ids.shape[1]:].tolist()
+        new_ids = output[0, ids.shape[1] :].tolist()
         experts = self._top_experts(output, ids.shape[1]) if self.routers is not None else [[] for _ in new_ids]
-        tokens = [GeneratedToken(i, self.tokenizer.decode([i], skip_special_tokens=True), e) for i, e in zip(new_ids, experts)]
+        tokens = [
+            GeneratedToken(i, self.tokenizer.decode([i], skip_special_tokens=True), e) for i, e in zip(new_ids, experts)
+        ]
         text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
         return Generation(prompt, text, tokens, int(ids.shape[1]), seconds, self.expert_names, len(self.routers or []))
 
@@ -162,7 +202,9 @@ class Generator:
             records = controller.collected()
         finally:
             controller.remove()
-        per_layer = [_first_choice(r.weights, r.indices)[start : sequence.shape[1]] for r in records]  # batch of one: rows are positions
+        per_layer = [
+            _first_choice(r.weights, r.indices)[start : sequence.shape[1]] for r in records
+        ]  # batch of one: rows are positions
         return torch.stack(per_layer, dim=1).tolist()
 
 
@@ -198,11 +240,11 @@ class _Streamer:
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):  # a multi-byte character cut in half: wait for its other bytes
             return
-        self.on_text(text[self.printed:])
+        self.on_text(text[self.printed :])
         self.printed = len(text)
 
     def end(self) -> None:
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if len(text) > self.printed:
-            self.on_text(text[self.printed:])
+            self.on_text(text[self.printed :])
         self.printed = len(text)

@@ -23,8 +23,9 @@ from moekit.progress import progress_bar
 from moekit.provenance import expert_names
 
 
-def inspect_model(cfg: InspectConfig, show_progress: bool = True,
-                  on_static: Callable[[dict[str, Any]], None] | None = None) -> tuple[dict[str, Any], list[Path]]:
+def inspect_model(
+    cfg: InspectConfig, show_progress: bool = True, on_static: Callable[[dict[str, Any]], None] | None = None
+) -> tuple[dict[str, Any], list[Path]]:
     """The report of ``cfg.model``: static statistics and, with data, its routing; written to --json and --plot.
 
     ``on_static`` receives the static statistics as soon as they are known (before the routing pass,
@@ -46,25 +47,33 @@ def inspect_static(model: str) -> tuple[Path, dict[str, Any]]:
     return model_dir, static_report(Checkpoint(model_dir))
 
 
-def inspect_routing(cfg: InspectConfig, model_dir: Path, static: dict[str, Any], show_progress: bool = True) -> dict[str, Any]:
+def inspect_routing(
+    cfg: InspectConfig, model_dir: Path, static: dict[str, Any], show_progress: bool = True
+) -> dict[str, Any]:
     """Run the data through the MoE and return the routing report (adds files for --json/--plot)."""
     from transformers import AutoTokenizer
 
     if not static["is_moe"]:
         raise InvalidOptionError(
-            f"{cfg.model} is a dense {static['model_type']} model: it has no routers, so there is no routing to inspect.",
+            f"{cfg.model} is a dense {static['model_type']} model: it has no routers, so there is no routing to "
+            "inspect.",
             "Run `moekit inspect MODEL` without --data for its static statistics, or inspect an MoE.",
         )
     check_context_length(model_dir, cfg.seq_len)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    blocks = {d: evaluation_blocks(tokenizer, specs, cfg.seq_len, cfg.max_tokens, cfg.text_field) for d, specs in cfg.data.items()}
+    blocks = {
+        d: evaluation_blocks(tokenizer, specs, cfg.seq_len, cfg.max_tokens, cfg.text_field)
+        for d, specs in cfg.data.items()
+    }
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = Checkpoint(model_dir).dtype() if device == "cuda" else torch.float32
     model = load_causal_lm(model_dir, dtype).to(device)
     with progress_bar("routing blocks", sum(len(b) for b in blocks.values()), show_progress) as advance:
         tally = collect_routing(model, blocks, cfg.batch_size, advance, cfg.tokens_layer)
     report = routing_report(tally, expert_names(model_dir))
-    report["samples"] = {d: {**s, "text": [tokenizer.decode([i]) for i in s["ids"]]} for d, s in report["samples"].items()}
+    report["samples"] = {
+        d: {**s, "text": [tokenizer.decode([i]) for i in s["ids"]]} for d, s in report["samples"].items()
+    }
     return report
 
 

@@ -16,9 +16,17 @@ def _text_size(specs: list[str]) -> int:
     return sum(p.stat().st_size for spec in specs if not spec.startswith("hf:") for p in expand_data_paths(spec))
 
 
-def prepare(specs: list[str], tokenizer_source: str, out: Path, text_field: str = "text", workers: int | None = None,
-            force: bool = False, show_progress: bool = True) -> TokenStore:
-    """Tokenise ``specs`` (in order, one token sequence) with the tokenizer of ``tokenizer_source`` into a store at ``out``."""
+def prepare(
+    specs: list[str],
+    tokenizer_source: str,
+    out: Path,
+    text_field: str = "text",
+    workers: int | None = None,
+    force: bool = False,
+    show_progress: bool = True,
+) -> TokenStore:
+    """Tokenise ``specs`` (in order, one token sequence) with the tokenizer of ``tokenizer_source`` into a store at
+    ``out``."""
     from transformers import AutoTokenizer
 
     absolute = [absolute_spec(s) for s in specs]  # clear errors for missing data before anything else

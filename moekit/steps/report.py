@@ -65,8 +65,15 @@ def generate_samples(model_dir: Path, prompts: dict[str, str], max_new_tokens: i
     for domain, prompt in prompts.items():
         generation = generator.generate(prompt)
         record = generation.as_dict()
-        samples.append({"domain": domain, "model": model_dir.name, "prompt": prompt, "experts": record["experts"],
-                        "tokens": [{"text": t["text"], "expert": t["expert"]} for t in record["tokens"]]})
+        samples.append(
+            {
+                "domain": domain,
+                "model": model_dir.name,
+                "prompt": prompt,
+                "experts": record["experts"],
+                "tokens": [{"text": t["text"], "expert": t["expert"]} for t in record["tokens"]],
+            }
+        )
     return samples
 
 
@@ -88,22 +95,39 @@ def _stale(path: Path, inspected: dict[str, Any] | None, moe: Path) -> bool:
 
 
 def inspect_run(run_dir: Path, manifest: RunManifest, moe: Path) -> dict[str, Any] | None:
-    """Inspect ``moe``'s routing on the run's domain data (as a recipe's inspect stage does) and record it; None without data."""
+    """Inspect ``moe``'s routing on the run's domain data (as a recipe's inspect stage does) and record it; None
+    without data."""
     from moekit.config import InspectConfig
     from moekit.steps.inspect import inspect_model
 
     data = {name: (record.val_data or record.data)[:1] for name, record in manifest.branches.items() if record.data}
     if not data:
         return None
-    trained = [s.params.get("seq_len") for s in manifest.stages if s.stage in ("train", "tune") and isinstance(s.params.get("seq_len"), int)]
+    trained = [
+        s.params.get("seq_len")
+        for s in manifest.stages
+        if s.stage in ("train", "tune") and isinstance(s.params.get("seq_len"), int)
+    ]
     out = run_dir / ROUTING_FILE.parent
-    cfg = InspectConfig(model=str(moe), data=data, seq_len=trained[-1] if trained else 256, max_tokens=16384,
-                        json_path=out / ROUTING_FILE.name, plot_dir=out)
+    cfg = InspectConfig(
+        model=str(moe),
+        data=data,
+        seq_len=trained[-1] if trained else 256,
+        max_tokens=16384,
+        json_path=out / ROUTING_FILE.name,
+        plot_dir=out,
+    )
     return inspect_model(cfg, show_progress=False)[0]
 
 
-def report_run(run_dir: Path, out: Path | None = None, prompts: dict[str, str] | None = None, generations: bool = True,
-               max_new_tokens: int = REPORT_SAMPLE_TOKENS, inspect: bool = True) -> tuple[RunReport, Path]:
+def report_run(
+    run_dir: Path,
+    out: Path | None = None,
+    prompts: dict[str, str] | None = None,
+    generations: bool = True,
+    max_new_tokens: int = REPORT_SAMPLE_TOKENS,
+    inspect: bool = True,
+) -> tuple[RunReport, Path]:
     """``moekit report``: gather the run's report and write its page to ``out`` (default RUN_DIR/report.html)."""
     load_manifest(run_dir)  # a clear error for what is not a run, before anything is created
     target = out or Path(run_dir) / "report.html"
@@ -114,8 +138,13 @@ def report_run(run_dir: Path, out: Path | None = None, prompts: dict[str, str] |
     return report, write_report(report, target)
 
 
-def gather_run(run_dir: Path, prompts: dict[str, str] | None = None, generations: bool = True, max_new_tokens: int = REPORT_SAMPLE_TOKENS,
-               inspect: bool = True) -> RunReport:
+def gather_run(
+    run_dir: Path,
+    prompts: dict[str, str] | None = None,
+    generations: bool = True,
+    max_new_tokens: int = REPORT_SAMPLE_TOKENS,
+    inspect: bool = True,
+) -> RunReport:
     """Collect a run's report; ``prompts`` (domain -> text) default to the start of each domain's data.
 
     With ``inspect``, routing is inspected (and recorded in ``RUN_DIR/inspect/routing.json``) where the
@@ -141,7 +170,10 @@ def gather_run(run_dir: Path, prompts: dict[str, str] | None = None, generations
     if inspected is not None and inspected.get("routing"):
         report.routing, report.routing_model = inspected["routing"], str(inspected.get("model", ""))
     else:
-        report.missing.append(f"No routing inspection yet: moekit inspect {run_dir}/tuned --data DOMAIN=PATH ... --json {run_dir / ROUTING_FILE}.")
+        report.missing.append(
+            f"No routing inspection yet: moekit inspect {run_dir}/tuned --data DOMAIN=PATH ... --json "
+            f"{run_dir / ROUTING_FILE}."
+        )
     if generations and moe is not None:
         report.generations = generate_samples(moe, prompts or default_prompts(run_dir, manifest), max_new_tokens)
     elif moe is None:

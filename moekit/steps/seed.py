@@ -14,14 +14,27 @@ from typing import Any
 import torch
 
 from moekit.config import LoopSettings
-from moekit.data.blocks import MixtureBlocks
-from moekit.data.domains import domains_data
+from moekit.data.domains import domains_data, heldout_sets, training_mixture
 from moekit.data.sources import iter_spec_documents
 
 SIZES: dict[str, dict[str, Any]] = {
     # about 4.2M parameters with a 4096-token vocabulary and tied embeddings
-    "small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64),
-    "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+    "small": dict(
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    ),
 }
 _TOKENIZER_SAMPLE_CHARS = 2_000_000
 
@@ -45,7 +58,11 @@ def train_tokenizer(specs: dict[str, list[str]], vocab_size: int, out_dir: Path)
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator(sample(), trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     fast.save_pretrained(out_dir)
@@ -53,8 +70,13 @@ def train_tokenizer(specs: dict[str, list[str]], vocab_size: int, out_dir: Path)
 
 
 def build_pretrained_seed(
-    out: Path, specs: dict[str, list[str]], settings: LoopSettings, size: str = "small", vocab_size: int = 4096,
-    val_fraction: float = 0.05, show_progress: bool = True,
+    out: Path,
+    specs: dict[str, list[str]],
+    settings: LoopSettings,
+    size: str = "small",
+    vocab_size: int = 4096,
+    val_fraction: float = 0.05,
+    show_progress: bool = True,
 ) -> Path:
     """Train a tokenizer and pretrain a small Llama on an equal mix of ``specs``; write it to ``out``."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -66,20 +88,40 @@ def build_pretrained_seed(
     work.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(specs, vocab_size, work / "tokenizer")
     config = AutoConfig.for_model(
-        "llama", vocab_size=len(tokenizer), max_position_embeddings=max(1024, settings.seq_len), tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **SIZES[size],
+        "llama",
+        vocab_size=len(tokenizer),
+        max_position_embeddings=max(1024, settings.seq_len),
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **SIZES[size],
     )
     torch.manual_seed(settings.seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # The domains' held-out tails (the same token ranges the run records later) are never pretrained on.
     domains = domains_data(tokenizer, specs, {}, settings.seq_len, val_fraction, "text", work / "tokens")
-    pool = MixtureBlocks({d: domain.train for d, domain in domains.items()}, {d: 1.0 for d in domains}, settings.seed)
-    eval_sets = {d: domain.heldout.head(settings.eval_blocks) for d, domain in domains.items() if len(domain.heldout)}
+    pool = training_mixture(domains, None, settings.seed)
+    eval_sets = heldout_sets(domains, settings.eval_blocks)
     engine = make_loop_engine(settings)
     try:
-        result = run_loop(LoopJob(model, pool, eval_sets, settings, work, resume=True, description="pretrain seed", show_progress=show_progress), engine)
+        result = run_loop(
+            LoopJob(
+                model,
+                pool,
+                eval_sets,
+                settings,
+                work,
+                resume=True,
+                description="pretrain seed",
+                show_progress=show_progress,
+            ),
+            engine,
+        )
     finally:
         engine.close()
     assert result.state_dict is not None
-    write_trained_model(out, work / "tokenizer", model, result.state_dict, torch.float32, [work / "metrics.jsonl"], force=True)
+    write_trained_model(
+        out, work / "tokenizer", model, result.state_dict, torch.float32, [work / "metrics.jsonl"], force=True
+    )
     return out

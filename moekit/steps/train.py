@@ -20,7 +20,7 @@ import torch
 from moekit.arch import get_adapter
 from moekit.arch.base import LAYER_TENSOR
 from moekit.config import TrainConfig
-from moekit.data.domains import DomainData, domains_data, record_heldout
+from moekit.data.domains import DomainData, domains_data, heldout_sets, record_heldout
 from moekit.data.sources import absolute_spec
 from moekit.errors import DataError, InvalidOptionError
 from moekit.io.config_json import dtype_name
@@ -46,8 +46,6 @@ class BranchTrainResult:
     eval: dict[str, float]
     saved_dtype: str = ""
     unchanged_share: float | None = None  # share of weights bit-identical to the branch's input after saving
-
-
 
 
 def branch_trainable(model_type: str, what: str) -> Callable[[str], bool]:
@@ -98,7 +96,10 @@ def register_data(manifest: RunManifest, cfg: TrainConfig) -> None:
     for option, mapping in (("--data", cfg.data), ("--val-data", cfg.val_data)):
         for branch, specs in mapping.items():
             if branch not in manifest.branches:
-                raise InvalidOptionError(f"{option} names branch '{branch}', which the run does not have.", f"Branches: {', '.join(manifest.branches)}.")
+                raise InvalidOptionError(
+                    f"{option} names branch '{branch}', which the run does not have.",
+                    f"Branches: {', '.join(manifest.branches)}.",
+                )
             record = manifest.branches[branch]
             absolute = [absolute_spec(s) for s in specs]
             if option == "--data":
@@ -115,13 +116,17 @@ def prepare_data(manifest: RunManifest, cfg: TrainConfig, tokenizer: Any) -> dic
     data = {name: record.data for name, record in manifest.branches.items() if record.data}
     val_data = {name: record.val_data for name, record in manifest.branches.items() if record.val_data}
     cache_dir = cfg.run_dir / ".cache" / "tokens"
-    return domains_data(tokenizer, data, val_data, cfg.loop.seq_len, cfg.val_fraction, cfg.text_field, cache_dir, manifest)
+    return domains_data(
+        tokenizer, data, val_data, cfg.loop.seq_len, cfg.val_fraction, cfg.text_field, cache_dir, manifest
+    )
 
 
 def _check_known(manifest: RunManifest, cfg: TrainConfig) -> None:
     unknown = [b for b in cfg.branches if b not in manifest.branches]
     if unknown:
-        raise InvalidOptionError(f"Unknown branch '{unknown[0]}'.", f"The run's branches are: {', '.join(manifest.branches)}.")
+        raise InvalidOptionError(
+            f"Unknown branch '{unknown[0]}'.", f"The run's branches are: {', '.join(manifest.branches)}."
+        )
     repeated = sorted({b for b in cfg.branches if cfg.branches.count(b) > 1})
     if repeated:
         raise InvalidOptionError(f"--branch {repeated[0]} is given more than once.", "Name each branch once.")
@@ -146,7 +151,10 @@ def _selected_branches(manifest: RunManifest, cfg: TrainConfig) -> list[str]:
     names = cfg.branches or list(manifest.branches)
     missing = [n for n in names if not manifest.branches[n].data]
     if missing:
-        raise DataError(f"Branch '{missing[0]}' has no training data.", f"Pass --data {missing[0]}=PATH (it is remembered in moekit.yaml).")
+        raise DataError(
+            f"Branch '{missing[0]}' has no training data.",
+            f"Pass --data {missing[0]}=PATH (it is remembered in moekit.yaml).",
+        )
     return names
 
 
@@ -157,7 +165,11 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> list[BranchTrainResul
     register_data(manifest, cfg)
     names = _selected_branches(manifest, cfg)
     if cfg.resume:
-        names = [n for n in names if not _finished_earlier(manifest, n, cfg) or (cfg.run_dir / "train" / n / "checkpoints").exists()]
+        names = [
+            n
+            for n in names
+            if not _finished_earlier(manifest, n, cfg) or (cfg.run_dir / "train" / n / "checkpoints").exists()
+        ]
         if not names:
             return []
     for name in names:
@@ -170,7 +182,9 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> list[BranchTrainResul
         engine.close()
 
 
-def _train_branches(cfg: TrainConfig, manifest: RunManifest, names: list[str], engine: Engine, show_progress: bool) -> list[BranchTrainResult]:
+def _train_branches(
+    cfg: TrainConfig, manifest: RunManifest, names: list[str], engine: Engine, show_progress: bool
+) -> list[BranchTrainResult]:
     """Prepare the data (rank 0 first) and train each selected branch in turn."""
     from transformers import AutoTokenizer
 
@@ -181,33 +195,71 @@ def _train_branches(cfg: TrainConfig, manifest: RunManifest, names: list[str], e
         with updating_manifest(cfg.run_dir) as fresh:  # other jobs may have written since we read it
             register_data(fresh, cfg)
         record_heldout(cfg.run_dir, domains)
-    eval_sets = {name: d.heldout.head(cfg.loop.eval_blocks) for name, d in domains.items() if len(d.heldout)}
+    eval_sets = heldout_sets(domains, cfg.loop.eval_blocks)
     results = []
     for name in names:
-        branch_dir = manifest.branch_dir(cfg.run_dir, name)
-        work_dir = cfg.run_dir / "train" / name
-        torch.manual_seed(cfg.loop.seed)
-        model = load_causal_lm(branch_dir, torch.float32)
-        dtype = resolve_save_dtype(cfg.loop.save_dtype, branch_dir)
-        job = LoopJob(model, domains[name].train, eval_sets, cfg.loop, work_dir, cfg.resume, f"train {name}", show_progress, save_dtype=dtype,
-                      trainable=branch_trainable(model.config.model_type, cfg.train), fingerprint_extra={"train": cfg.train} if cfg.train != "all" else {})
-        result = run_loop(job, engine)
-        saved = None
-        if engine.is_main_process:
-            assert result.state_dict is not None
-            saved = write_trained_model(branch_dir, branch_dir, model, result.state_dict, dtype, [work_dir / "metrics.jsonl"])
-            shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)
-            flops = training_flops(branch_dir, result.tokens, cfg.loop.seq_len)
-            outputs = {"steps": result.steps, "tokens": result.tokens, "flops": flops, "loss": result.last_row.get("loss"), "eval_loss": result.eval,
-                       "saved_dtype": dtype_name(dtype), "unchanged_share": saved.unchanged_share}
-            with updating_manifest(cfg.run_dir) as fresh:
-                fresh.stages.append(StageRecord(stage="train", params=_stage_params(manifest, name, cfg), outputs=outputs))
-                fresh.branches[name].link_mode = "copy"  # the branch now has files of its own
-        engine.wait_for_everyone()
-        del job, model
+        results.append(_train_branch(cfg, manifest, name, domains[name].train, eval_sets, engine, show_progress))
         engine.free_memory()  # drop this branch's model and optimiser before the next
-        results.append(BranchTrainResult(
-            name, branch_dir, result.steps, result.tokens, result.resumed_from, result.last_row.get("loss", float("nan")), result.eval,
-            dtype_name(dtype), saved.unchanged_share if saved else None,
-        ))
     return results
+
+
+def _train_branch(
+    cfg: TrainConfig,
+    manifest: RunManifest,
+    name: str,
+    blocks: Any,
+    eval_sets: dict[str, Any],
+    engine: Engine,
+    show_progress: bool,
+) -> BranchTrainResult:
+    """Train branch ``name`` on its blocks and write it back in place (rank 0), recording the stage."""
+    branch_dir = manifest.branch_dir(cfg.run_dir, name)
+    work_dir = cfg.run_dir / "train" / name
+    torch.manual_seed(cfg.loop.seed)
+    model = load_causal_lm(branch_dir, torch.float32)
+    dtype = resolve_save_dtype(cfg.loop.save_dtype, branch_dir)
+    job = LoopJob(
+        model,
+        blocks,
+        eval_sets,
+        cfg.loop,
+        work_dir,
+        cfg.resume,
+        f"train {name}",
+        show_progress,
+        save_dtype=dtype,
+        trainable=branch_trainable(model.config.model_type, cfg.train),
+        fingerprint_extra={"train": cfg.train} if cfg.train != "all" else {},
+    )
+    result = run_loop(job, engine)
+    saved = None
+    if engine.is_main_process:
+        assert result.state_dict is not None
+        saved = write_trained_model(
+            branch_dir, branch_dir, model, result.state_dict, dtype, [work_dir / "metrics.jsonl"]
+        )
+        shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)
+        outputs = {
+            "steps": result.steps,
+            "tokens": result.tokens,
+            "flops": training_flops(branch_dir, result.tokens, cfg.loop.seq_len),
+            "loss": result.last_row.get("loss"),
+            "eval_loss": result.eval,
+            "saved_dtype": dtype_name(dtype),
+            "unchanged_share": saved.unchanged_share,
+        }
+        with updating_manifest(cfg.run_dir) as fresh:
+            fresh.stages.append(StageRecord(stage="train", params=_stage_params(manifest, name, cfg), outputs=outputs))
+            fresh.branches[name].link_mode = "copy"  # the branch now has files of its own
+    engine.wait_for_everyone()
+    return BranchTrainResult(
+        name,
+        branch_dir,
+        result.steps,
+        result.tokens,
+        result.resumed_from,
+        result.last_row.get("loss", float("nan")),
+        result.eval,
+        dtype_name(dtype),
+        saved.unchanged_share if saved else None,
+    )

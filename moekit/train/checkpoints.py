@@ -37,13 +37,18 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
     """The loop state (step, tokens, settings) stored with a checkpoint; MoekitError if it is damaged."""
     try:
         state = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
-        if not isinstance(state, dict) or not isinstance(state.get("step"), int) or not isinstance(state.get("tokens"), int):
+        if (
+            not isinstance(state, dict)
+            or not isinstance(state.get("step"), int)
+            or not isinstance(state.get("tokens"), int)
+        ):
             raise ValueError("no integer step and tokens")
         return state
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise MoekitError(
             f"Checkpoint {checkpoint} is damaged: {STATE_FILE} cannot be read ({exc}).",
-            f"Delete {checkpoint} to resume from an older checkpoint, or delete the checkpoints directory to start over.",
+            f"Delete {checkpoint} to resume from an older checkpoint, or delete the checkpoints directory to "
+            "start over.",
         )
 
 
@@ -62,8 +67,18 @@ def prune_checkpoints(checkpoint_dir: Path, keep: int) -> None:
 # Settings that do not change the trajectory, so a resume may change them.
 # (batch_size and grad_accum may change as long as the global batch stays: it is checked on its own,
 # and any split of it into processes x micro-batches x accumulation gives the same batches)
-_RESUMABLE_CHANGES = {"eval_every", "eval_blocks", "save_every", "keep_checkpoints", "report_to", "precision", "save_dtype",
-                      "batch_size", "grad_accum", "shard"}
+_RESUMABLE_CHANGES = {
+    "eval_every",
+    "eval_blocks",
+    "save_every",
+    "keep_checkpoints",
+    "report_to",
+    "precision",
+    "save_dtype",
+    "batch_size",
+    "grad_accum",
+    "shard",
+}
 
 
 def run_fingerprint(settings: LoopSettings, blocks: BlockSource, world: int, precision: str) -> dict[str, Any]:
@@ -73,11 +88,24 @@ def run_fingerprint(settings: LoopSettings, blocks: BlockSource, world: int, pre
     mixture shares), which comes from metadata: no token is read for it.
     """
     kept = {k: v for k, v in settings.model_dump(mode="json").items() if k not in _RESUMABLE_CHANGES}
-    return {"settings": kept, "data": blocks.fingerprint(), "global_batch_blocks": settings.batch_size * settings.grad_accum * world, "precision": precision}
+    return {
+        "settings": kept,
+        "data": blocks.fingerprint(),
+        "global_batch_blocks": settings.batch_size * settings.grad_accum * world,
+        "precision": precision,
+    }
 
 
-def save_checkpoint(engine: Engine, model: torch.nn.Module, optimizer: Any, checkpoint_dir: Path, step: int, tokens: int,
-                    fingerprint: dict, keep: int) -> None:
+def save_checkpoint(
+    engine: Engine,
+    model: torch.nn.Module,
+    optimizer: Any,
+    checkpoint_dir: Path,
+    step: int,
+    tokens: int,
+    fingerprint: dict,
+    keep: int,
+) -> None:
     """Write a DCP checkpoint atomically: a hidden directory, renamed once every process has written its shards."""
     staging, final = checkpoint_dir / f".step-{step}", checkpoint_dir / f"step-{step}"
     if engine.is_main_process:
@@ -100,8 +128,9 @@ def save_checkpoint(engine: Engine, model: torch.nn.Module, optimizer: Any, chec
     engine.wait_for_everyone()
 
 
-def resume_point(checkpoint_dir: Path, resume: bool, engine: Engine, model: torch.nn.Module, optimizer: Any,
-                 fingerprint: dict) -> tuple[int, int]:
+def resume_point(
+    checkpoint_dir: Path, resume: bool, engine: Engine, model: torch.nn.Module, optimizer: Any, fingerprint: dict
+) -> tuple[int, int]:
     """Load the newest checkpoint in ``checkpoint_dir`` when resuming; return (step, tokens) to start from.
 
     Checkpoints there without ``resume`` are refused (they belong to an unfinished run).

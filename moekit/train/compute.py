@@ -82,5 +82,3 @@ def compute_of(model: Any, experts: int | None, top_k: int) -> ModelCompute:
 def training_flops(model_dir: Path | str, tokens: int, seq_len: int) -> float:
     """Model FLOPs of training ``model_dir`` on ``tokens`` tokens in blocks of ``seq_len``."""
     return model_compute(model_dir).training_flops_per_token(seq_len) * tokens
-
-

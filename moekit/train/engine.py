@@ -116,7 +116,11 @@ class Engine:
         if self.shard == "fsdp":
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.precision == "bf16" else MixedPrecisionPolicy()
+            policy = (
+                MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                if self.precision == "bf16"
+                else MixedPrecisionPolicy()
+            )
             for layer in decoder_layers(model):
                 fully_shard(layer, mp_policy=policy)
             fully_shard(model, mp_policy=policy)
@@ -182,7 +186,9 @@ class Engine:
 
         model_state, optim_state = get_state_dict(model, optimizer)
         with _single_process_quiet():
-            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory), no_dist=not self.distributed)
+            dcp.save(
+                {"model": model_state, "optim": optim_state}, checkpoint_id=str(directory), no_dist=not self.distributed
+            )
 
     def load_checkpoint(self, directory: Path, model: torch.nn.Module, optimizer: Any) -> None:
         """Load a DCP checkpoint written by any number of processes, in either shard mode."""

@@ -1,4 +1,5 @@
-"""Held-out loss of causal LMs on packed blocks: per block (``eval``), and per domain across ranks (the training loop)."""
+"""Held-out loss of causal LMs on packed blocks: per block (``eval``), and per domain across ranks (the training
+loop)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ def perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0))
 
 
-def evaluate(model: torch.nn.Module, eval_sets: dict[str, torch.Tensor], settings: LoopSettings, engine: Engine) -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module, eval_sets: dict[str, torch.Tensor], settings: LoopSettings, engine: Engine
+) -> dict[str, float]:
     """Mean held-out loss per domain over the first ``eval_blocks`` blocks, split across ranks.
 
     Every rank runs the same number of forward passes (FSDP needs that): ranks with fewer real

@@ -99,7 +99,9 @@ def select_trainable(model: torch.nn.Module, trainable: Callable[[str], bool]) -
         raise MoekitError("Nothing to train: no parameter is selected as trainable.")
 
 
-def _optimizer(model: torch.nn.Module, settings: LoopSettings, undecayed: frozenset[int] = frozenset()) -> torch.optim.Optimizer:
+def _optimizer(
+    model: torch.nn.Module, settings: LoopSettings, undecayed: frozenset[int] = frozenset()
+) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters; no weight decay on vectors (norms, biases), as usual for transformers,
     nor on the parameters whose ids are in ``undecayed``."""
     from torch.distributed.tensor import DTensor
@@ -165,7 +167,9 @@ def _prepare(job: LoopJob, engine: Engine) -> _Run:
     schedule = BlockSchedule(len(blocks), settings.batch_size, settings.grad_accum, engine.world, settings.seed)
     fingerprint = {**run_fingerprint(settings, blocks, engine.world, engine.precision), **job.fingerprint_extra}
     trainable = [p for p in model.parameters() if p.requires_grad]
-    return _Run(model, optimizer, schedule, total_steps(settings, tokens_per_step), tokens_per_step, fingerprint, trainable)
+    return _Run(
+        model, optimizer, schedule, total_steps(settings, tokens_per_step), tokens_per_step, fingerprint, trainable
+    )
 
 
 def _train_step(job: LoopJob, engine: Engine, run: _Run, step: int, tokens: int) -> dict[str, Any]:
@@ -183,13 +187,21 @@ def _train_step(job: LoopJob, engine: Engine, run: _Run, step: int, tokens: int)
             loss, extras = job.compute_loss(run.model, ids)
         engine.backward(loss / settings.grad_accum)  # accumulated gradients are the global batch's mean
         loss_sum += loss.detach().float()
-    grad_norm = engine.clip_grad_norm(run.trainable, settings.grad_clip, run.optimizer) if settings.grad_clip > 0 else None
+    grad_norm = (
+        engine.clip_grad_norm(run.trainable, settings.grad_clip, run.optimizer) if settings.grad_clip > 0 else None
+    )
     engine.step(run.optimizer)
     run.optimizer.zero_grad(set_to_none=True)
     mean_loss = float(engine.mean(loss_sum / settings.grad_accum))
     seconds = time.perf_counter() - started
-    row = {"step": step + 1, "loss": mean_loss, "lr": learning_rate(step, settings, run.steps), "tokens": tokens,
-           "tokens_per_s": run.tokens_per_step / seconds, **extras}
+    row = {
+        "step": step + 1,
+        "loss": mean_loss,
+        "lr": learning_rate(step, settings, run.steps),
+        "tokens": tokens,
+        "tokens_per_s": run.tokens_per_step / seconds,
+        **extras,
+    }
     if grad_norm is not None:
         row["grad_norm"] = grad_norm
     if job.step_metrics is not None:
@@ -197,7 +209,9 @@ def _train_step(job: LoopJob, engine: Engine, run: _Run, step: int, tokens: int)
     return row
 
 
-def _evaluate_logged(job: LoopJob, engine: Engine, model: torch.nn.Module, logger: MetricsLogger, step: int) -> dict[str, float]:
+def _evaluate_logged(
+    job: LoopJob, engine: Engine, model: torch.nn.Module, logger: MetricsLogger, step: int
+) -> dict[str, float]:
     """Held-out loss of every domain (in the job's evaluation context), logged at ``step``."""
     if not job.eval_sets:
         return {}
@@ -218,7 +232,9 @@ def run_loop(job: LoopJob, engine: Engine) -> LoopResult:
     logger = MetricsLogger(job.work_dir, engine.is_main_process, settings.report_to, start_step)
     row: dict[str, Any] = {}
     run.model.train()
-    with training_progress(job.description, run.steps, start_step, job.show_progress and engine.is_main_process) as progress:
+    with training_progress(
+        job.description, run.steps, start_step, job.show_progress and engine.is_main_process
+    ) as progress:
         for step in range(start_step, run.steps):
             tokens += run.tokens_per_step
             row = _train_step(job, engine, run, step, tokens)
@@ -232,7 +248,16 @@ def run_loop(job: LoopJob, engine: Engine) -> LoopResult:
             if settings.eval_every and (step + 1) % settings.eval_every == 0:
                 _evaluate_logged(job, engine, run.model, logger, step + 1)
             if settings.save_every and (step + 1) % settings.save_every == 0:
-                save_checkpoint(engine, run.model, run.optimizer, checkpoint_dir, step + 1, tokens, run.fingerprint, settings.keep_checkpoints)
+                save_checkpoint(
+                    engine,
+                    run.model,
+                    run.optimizer,
+                    checkpoint_dir,
+                    step + 1,
+                    tokens,
+                    run.fingerprint,
+                    settings.keep_checkpoints,
+                )
     if job.save_dtype is not None:
         round_to_saved_dtype(run.model, job.save_dtype)
     final_eval = _evaluate_logged(job, engine, run.model, logger, run.steps)

@@ -1,4 +1,5 @@
-"""The loop's metrics: one ``metrics.jsonl`` row per step and per evaluation (and TensorBoard when asked), main process only."""
+"""The loop's metrics: one ``metrics.jsonl`` row per step and per evaluation (and TensorBoard when asked), main
+process only."""
 
 from __future__ import annotations
 
@@ -27,7 +28,11 @@ class MetricsLogger:
         """Drop rows a killed run logged past its last checkpoint, so the file matches one clean run."""
         if not self.path.exists():
             return
-        rows = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+        rows = [
+            line
+            for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step
+        ]
         self.path.write_text("".join(r + "\n" for r in rows))
 
     def log(self, row: dict[str, Any]) -> None:

@@ -58,13 +58,17 @@ def tied_copies(model: torch.nn.Module) -> set[str]:
 
 
 def kept_in_fp32(model: torch.nn.Module) -> Callable[[str], bool]:
-    """Whether a parameter name is one the model keeps in fp32 whatever its dtype (transformers' ``_keep_in_fp32_modules_strict``)."""
+    """Whether a parameter name is one the model keeps in fp32 whatever its dtype (transformers'
+    ``_keep_in_fp32_modules_strict``)."""
     patterns = tuple(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
     return lambda name: any(pattern in name for pattern in patterns)
 
 
-def saved_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The tensors to save: tied copies dropped, floating tensors cast to ``dtype`` on the CPU (fp32-kept ones stay fp32).
+def saved_state_dict(
+    model: torch.nn.Module, state_dict: dict[str, torch.Tensor], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """The tensors to save: tied copies dropped, floating tensors cast to ``dtype`` on the CPU (fp32-kept ones stay
+    fp32).
 
     ``state_dict`` is emptied as it is converted, so a gathered (FSDP) copy of the weights is
     released tensor by tensor instead of living next to its converted copy.
@@ -77,10 +81,18 @@ def saved_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
         if name not in dropped:
             target = torch.float32 if fp32(name) and tensor.dtype == torch.float32 else dtype
             state[name] = tensor.to("cpu", target) if tensor.is_floating_point() else tensor.cpu()
-    broken = next((name for name, tensor in state.items() if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())), None)
+    broken = next(
+        (
+            name
+            for name, tensor in state.items()
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+        ),
+        None,
+    )
     if broken is not None:
         raise NonFiniteError(
-            f"The trained weights hold NaN or infinite values (e.g. {broken}{'' if dtype == torch.float32 else f' after the cast to {dtype}'}); nothing was written.",
+            "The trained weights hold NaN or infinite values (e.g. "
+            f"{broken}{'' if dtype == torch.float32 else f' after the cast to {dtype}'}); nothing was written.",
             "The run diverged or its values overflow the saved dtype: lower --lr, or save with --save-dtype float32.",
         )
     return state
@@ -120,8 +132,14 @@ def unchanged_share(before: Path, after: Path) -> float | None:
 
 
 def write_trained_model(
-    out_dir: Path, source_dir: Path, model: torch.nn.Module, state_dict: dict[str, torch.Tensor], dtype: torch.dtype,
-    extra_files: list[Path] | None = None, force: bool = True, add_files: Callable[[Path], None] | None = None,
+    out_dir: Path,
+    source_dir: Path,
+    model: torch.nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+    extra_files: list[Path] | None = None,
+    force: bool = True,
+    add_files: Callable[[Path], None] | None = None,
 ) -> SavedModel:
     """Save ``state_dict`` (cast to ``dtype``) with ``model``'s config into ``out_dir`` atomically.
 

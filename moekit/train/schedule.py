@@ -65,5 +65,3 @@ class BlockSchedule:
         start = step * self.global_batch + (micro_index * self.world + rank) * self.micro
         positions = range(start, start + self.micro)
         return torch.stack([self._permutation(p // self.num_blocks)[p % self.num_blocks] for p in positions]).long()
-
-

@@ -12,9 +12,11 @@ import pytest
 
 # Appended to a copy of the page: after load, record every image's rendered size and the sections' ids in the DOM.
 _PROBE = """<script>window.addEventListener('load', () => {
-  const images = [...document.images].map(i => i.complete && i.naturalWidth > 0 ? i.naturalWidth + 'x' + i.naturalHeight : 'broken');
+  const images = [...document.images].map(
+    i => i.complete && i.naturalWidth > 0 ? i.naturalWidth + 'x' + i.naturalHeight : 'broken');
   const probe = document.createElement('pre'); probe.id = 'probe';
-  probe.textContent = 'IMAGES ' + images.join(' ') + '\\nSECTIONS ' + [...document.querySelectorAll('section')].map(s => s.id).join(' ');
+  const sections = [...document.querySelectorAll('section')].map(s => s.id);
+  probe.textContent = 'IMAGES ' + images.join(' ') + '\\nSECTIONS ' + sections.join(' ');
   document.body.appendChild(probe);
 });</script>"""
 
@@ -43,12 +45,21 @@ def render(page: Path, work: Path) -> tuple[list[str], list[str], Path]:
     page, work = page.absolute(), work.absolute()
     probe = work / "probed.html"
     probe.write_text(page.read_text(encoding="utf-8").replace("</body>", _PROBE + "</body>"), encoding="utf-8")
-    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--virtual-time-budget=10000",
-             f"--user-data-dir={work / 'profile'}"]
+    flags = [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--virtual-time-budget=10000",
+        f"--user-data-dir={work / 'profile'}",
+    ]
     dom = subprocess.run([*flags, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]
     match = re.search(r"IMAGES (.*)\nSECTIONS (.*)</pre>", dom.stdout)
     assert match is not None, dom.stdout[-2000:]
     shot = work / "report.png"
-    subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1280,6000", page.as_uri()], capture_output=True, timeout=120)
+    subprocess.run(
+        [*flags, f"--screenshot={shot}", "--window-size=1280,6000", page.as_uri()], capture_output=True, timeout=120
+    )
     return match.group(1).split(), match.group(2).split(), shot

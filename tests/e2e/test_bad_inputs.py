@@ -42,7 +42,9 @@ class World:
     def copy_run(self, name: str) -> Path:
         """A separate copy of the run without its mixed model (for cases that break it on purpose)."""
         target = self.root / "scratch" / name
-        shutil.copytree(self.run, target, symlinks=True, ignore=lambda d, names: ["mixed"] if Path(d) == self.run else [])
+        shutil.copytree(
+            self.run, target, symlinks=True, ignore=lambda d, names: ["mixed"] if Path(d) == self.run else []
+        )
         return target
 
 
@@ -87,16 +89,17 @@ def assert_refused(result, *fragments: str) -> None:
 
 # --- inputs broken on purpose ------------------------------------------------------------
 
+
 def _rewrite_safetensors(path: Path, change: Callable[[dict], None]) -> None:
     """Edit a safetensors header in place of its file (a new inode: links to other files stay intact)."""
     data = path.read_bytes()
     (length,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + length])
+    header = json.loads(data[8 : 8 + length])
     change(header)
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
     path.unlink()
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + length:])
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + length :])
 
 
 def nan_branch(world: World) -> list:
@@ -137,8 +140,18 @@ def more_layers_in_config(world: World) -> list:
     config["num_hidden_layers"] = 4
     config_path.unlink()
     config_path.write_text(json.dumps(config))
-    return ["mix", "--expert", f"math={run / 'branches' / 'math'}", "--no-seed-expert", "--seed-model", run / "branches" / "math",
-            "--out", run / "out", "--top-k", "1"]
+    return [
+        "mix",
+        "--expert",
+        f"math={run / 'branches' / 'math'}",
+        "--no-seed-expert",
+        "--seed-model",
+        run / "branches" / "math",
+        "--out",
+        run / "out",
+        "--top-k",
+        "1",
+    ]
 
 
 def eval_of_incomplete_model(world: World) -> list:
@@ -237,65 +250,171 @@ def plot_is_file(world: World) -> list:
 # name -> (args, or a function of the world returning them; fragments the message must contain)
 CASES: dict[str, tuple] = {
     # branch
-    "branch: seed missing": (lambda w: ["branch", w.root / "nope", w.root / "scratch" / "r", "--domain", "a"], ["not found"]),
-    "branch: domain twice": (lambda w: ["branch", w.seed, w.root / "scratch" / "r", "--domain", "a", "--domain", "a"], ["repeat"]),
-    "branch: reserved name": (lambda w: ["branch", w.seed, w.root / "scratch" / "r", "--domain", "tuned"], ["not a valid branch name"]),
-    "branch: run dir contains the seed (--force)": (lambda w: ["branch", w.seed, w.seed.parent, "--domain", "a", "--force"], ["overlaps the input"]),
-    "branch: run dir is the seed (--force)": (lambda w: ["branch", w.seed, w.seed, "--domain", "a", "--force"], ["overlaps the input"]),
+    "branch: seed missing": (
+        lambda w: ["branch", w.root / "nope", w.root / "scratch" / "r", "--domain", "a"],
+        ["not found"],
+    ),
+    "branch: domain twice": (
+        lambda w: ["branch", w.seed, w.root / "scratch" / "r", "--domain", "a", "--domain", "a"],
+        ["repeat"],
+    ),
+    "branch: reserved name": (
+        lambda w: ["branch", w.seed, w.root / "scratch" / "r", "--domain", "tuned"],
+        ["not a valid branch name"],
+    ),
+    "branch: run dir contains the seed (--force)": (
+        lambda w: ["branch", w.seed, w.seed.parent, "--domain", "a", "--force"],
+        ["overlaps the input"],
+    ),
+    "branch: run dir is the seed (--force)": (
+        lambda w: ["branch", w.seed, w.seed, "--domain", "a", "--force"],
+        ["overlaps the input"],
+    ),
     "branch: run dir is a file": (lambda w: ["branch", w.seed, w.code, "--domain", "a"], ["is a file"]),
-    "branch: --force on a stranger's directory": (lambda w: stranger_dir_with_force(w, "branch"), ["not a model or run directory"]),
+    "branch: --force on a stranger's directory": (
+        lambda w: stranger_dir_with_force(w, "branch"),
+        ["not a model or run directory"],
+    ),
     "branch: seed without a tokenizer": (tokenizerless_seed, ["no tokenizer files"]),
     # train
     "train: not a run directory": (lambda w: ["train", w.root / "data", *LOOP], ["not a moekit run directory"]),
     "train: --lr inf": (lambda w: ["train", w.run, "--branch", "code", *LOOP, "--lr", "inf"], ["finite"]),
     "train: --lr nan": (lambda w: ["train", w.run, "--branch", "code", *LOOP, "--lr", "nan"], ["finite"]),
-    "train: --weight-decay inf": (lambda w: ["train", w.run, "--branch", "code", *LOOP, "--weight-decay", "inf"], ["finite"]),
-    "train: both budgets": (lambda w: ["train", w.run, "--branch", "code", *LOOP, "--max-tokens", "100"], ["exactly one"]),
+    "train: --weight-decay inf": (
+        lambda w: ["train", w.run, "--branch", "code", *LOOP, "--weight-decay", "inf"],
+        ["finite"],
+    ),
+    "train: both budgets": (
+        lambda w: ["train", w.run, "--branch", "code", *LOOP, "--max-tokens", "100"],
+        ["exactly one"],
+    ),
     "train: unknown branch": (lambda w: ["train", w.run, "--branch", "physics", *LOOP], ["Unknown branch"]),
-    "train: data path missing": (lambda w: ["train", w.run, "--branch", "code", "--data", w.root / "nope.txt", *LOOP], ["does not exist"]),
+    "train: data path missing": (
+        lambda w: ["train", w.run, "--branch", "code", "--data", w.root / "nope.txt", *LOOP],
+        ["does not exist"],
+    ),
     "train: empty data": (empty_data, ["contains no text"]),
     "train: less data than a block": (tiny_data, ["fewer than one block"]),
-    "train: --seq-len beyond the context": (lambda w: ["train", w.run, "--branch", "code", *LOOP, "--seq-len", "4096"], ["longer than the context"]),
-    "train: bad --save-dtype": (lambda w: ["train", w.run, "--branch", "code", *LOOP, "--save-dtype", "int8"], ["save_dtype"]),
+    "train: --seq-len beyond the context": (
+        lambda w: ["train", w.run, "--branch", "code", *LOOP, "--seq-len", "4096"],
+        ["longer than the context"],
+    ),
+    "train: bad --save-dtype": (
+        lambda w: ["train", w.run, "--branch", "code", *LOOP, "--save-dtype", "int8"],
+        ["save_dtype"],
+    ),
     "train: branch path outside the run": (branch_path_outside, ["outside the run directory"]),
     "train: branch directory deleted": (deleted_branch, ["missing"]),
     "train: damaged checkpoint": (damaged_checkpoint, ["is damaged", "trainer_state.json"]),
     # mix
-    "mix: --expert-scale inf": (lambda w: ["mix", w.run, "--out", w.root / "scratch" / "m", "--expert-scale", "inf"], ["finite"]),
+    "mix: --expert-scale inf": (
+        lambda w: ["mix", w.run, "--out", w.root / "scratch" / "m", "--expert-scale", "inf"],
+        ["finite"],
+    ),
     "mix: --out is the run (--force)": (lambda w: ["mix", w.run, "--out", w.run, "--force"], ["would destroy the run"]),
-    "mix: --out inside a branch": (lambda w: ["mix", w.run, "--out", w.run / "branches" / "code" / "moe"], ["overlaps the input"]),
-    "mix: --out a stranger's directory (--force)": (lambda w: stranger_dir_with_force(w, "mix"), ["not a model or run directory"]),
+    "mix: --out inside a branch": (
+        lambda w: ["mix", w.run, "--out", w.run / "branches" / "code" / "moe"],
+        ["overlaps the input"],
+    ),
+    "mix: --out a stranger's directory (--force)": (
+        lambda w: stranger_dir_with_force(w, "mix"),
+        ["not a model or run directory"],
+    ),
     "mix: branch with NaN weights": (nan_branch, ["NaN or infinite", "model.layers.1.mlp.up_proj.weight"]),
-    "mix: header shape disagrees with its data": (lying_header, ["described as", "model.layers.0.mlp.down_proj.weight"]),
+    "mix: header shape disagrees with its data": (
+        lying_header,
+        ["described as", "model.layers.0.mlp.down_proj.weight"],
+    ),
     "mix: header spans overlap": (overlapping_header, ["overlap"]),
     "mix: config names more layers than the weights hold": (more_layers_in_config, ["num_hidden_layers=4"]),
     "mix: --router-sharpness out of range": (
-        lambda w: ["mix", w.run, "--out", w.root / "scratch" / "m", "--router", "centroid", "--router-data", f"code={w.code}",
-                   "--router-data", f"math={w.math}", "--router-sharpness", "1.5"], ["router_sharpness"]),
+        lambda w: [
+            "mix",
+            w.run,
+            "--out",
+            w.root / "scratch" / "m",
+            "--router",
+            "centroid",
+            "--router-data",
+            f"code={w.code}",
+            "--router-data",
+            f"math={w.math}",
+            "--router-sharpness",
+            "1.5",
+        ],
+        ["router_sharpness"],
+    ),
     "mix: --router-seq-len beyond the context": (
-        lambda w: ["mix", w.run, "--out", w.root / "scratch" / "m", "--router", "centroid", "--router-data", f"code={w.code}",
-                   "--router-data", f"math={w.math}", "--router-seq-len", "4096"], ["longer than the context"]),
+        lambda w: [
+            "mix",
+            w.run,
+            "--out",
+            w.root / "scratch" / "m",
+            "--router",
+            "centroid",
+            "--router-data",
+            f"code={w.code}",
+            "--router-data",
+            f"math={w.math}",
+            "--router-seq-len",
+            "4096",
+        ],
+        ["longer than the context"],
+    ),
     # tune
     "tune: --aux-coef inf": (lambda w: ["tune", w.run, *LOOP, "--aux-coef", "inf"], ["finite"]),
-    "tune: --out is the run (--force)": (lambda w: ["tune", w.run, *LOOP, "--out", w.run, "--force"], ["would destroy the run"]),
-    "tune: --out is the MoE being tuned (--force)": (lambda w: ["tune", w.run, *LOOP, "--out", w.mixed, "--force"], ["overlaps the input"]),
-    "tune: --out is the seed (--force)": (lambda w: ["tune", w.run, *LOOP, "--out", w.seed, "--force"], ["overlaps the input"]),
-    "tune: a dense model": (lambda w: ["tune", w.seed, "--data", f"code={w.code}", "--out", w.root / "scratch" / "t", *LOOP], ["no routers"]),
-    "tune: mixture names an unknown domain": (lambda w: ["tune", w.run, *LOOP, "--mix", "code=1,physics=1"], ["mixture names"]),
-    "tune: --seq-len beyond the context": (lambda w: ["tune", w.run, *LOOP, "--seq-len", "4096"], ["longer than the context"]),
+    "tune: --out is the run (--force)": (
+        lambda w: ["tune", w.run, *LOOP, "--out", w.run, "--force"],
+        ["would destroy the run"],
+    ),
+    "tune: --out is the MoE being tuned (--force)": (
+        lambda w: ["tune", w.run, *LOOP, "--out", w.mixed, "--force"],
+        ["overlaps the input"],
+    ),
+    "tune: --out is the seed (--force)": (
+        lambda w: ["tune", w.run, *LOOP, "--out", w.seed, "--force"],
+        ["overlaps the input"],
+    ),
+    "tune: a dense model": (
+        lambda w: ["tune", w.seed, "--data", f"code={w.code}", "--out", w.root / "scratch" / "t", *LOOP],
+        ["no routers"],
+    ),
+    "tune: mixture names an unknown domain": (
+        lambda w: ["tune", w.run, *LOOP, "--mix", "code=1,physics=1"],
+        ["mixture names"],
+    ),
+    "tune: --seq-len beyond the context": (
+        lambda w: ["tune", w.run, *LOOP, "--seq-len", "4096"],
+        ["longer than the context"],
+    ),
     # eval and inspect
     "eval: --json is a directory": (json_is_dir, ["is a directory"]),
     "eval: a model with missing layers": (eval_of_incomplete_model, ["does not hold every weight"]),
-    "eval: --seq-len beyond the context": (lambda w: ["eval", w.mixed, "--data", f"code={w.code}", "--seq-len", "4096"], ["longer than the context"]),
+    "eval: --seq-len beyond the context": (
+        lambda w: ["eval", w.mixed, "--data", f"code={w.code}", "--seq-len", "4096"],
+        ["longer than the context"],
+    ),
     "eval: no data": (lambda w: ["eval", w.mixed], ["No evaluation data"]),
     "inspect: --plot is a file": (plot_is_file, ["is a file"]),
-    "inspect: routing of a dense model": (lambda w: ["inspect", w.seed, "--data", f"code={w.code}", "--seq-len", "32"], ["no routers"]),
-    "inspect: --tokens for a domain without data": (lambda w: ["inspect", w.mixed, "--data", f"code={w.code}", "--tokens", "math"], ["has no --data"]),
+    "inspect: routing of a dense model": (
+        lambda w: ["inspect", w.seed, "--data", f"code={w.code}", "--seq-len", "32"],
+        ["no routers"],
+    ),
+    "inspect: --tokens for a domain without data": (
+        lambda w: ["inspect", w.mixed, "--data", f"code={w.code}", "--tokens", "math"],
+        ["has no --data"],
+    ),
     # recipes and the demo
     "run: workdir is a file": (workdir_is_a_file, ["is a file"]),
-    "run: infinite learning rate": (lambda w: recipe(w, "inf-lr", train={"seq_len": 64, "max_steps": 2, "lr": float("inf")}), ["finite"]),
+    "run: infinite learning rate": (
+        lambda w: recipe(w, "inf-lr", train={"seq_len": 64, "max_steps": 2, "lr": float("inf")}),
+        ["finite"],
+    ),
     "run: unknown key": (lambda w: recipe(w, "typo", trian={"max_steps": 2}), ["trian"]),
-    "demo: --force on a stranger's directory": (lambda w: stranger_dir_with_force(w, "demo"), ["not a moekit work directory"]),
+    "demo: --force on a stranger's directory": (
+        lambda w: stranger_dir_with_force(w, "demo"),
+        ["not a moekit work directory"],
+    ),
 }
 
 

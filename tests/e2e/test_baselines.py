@@ -41,8 +41,19 @@ def ffn_run(request, make_seed, tmp_path):
     branch(str(seed), tmp_path / "run", ["code", "math"])
     for domain in ("code", "math"):
         (tmp_path / f"{domain}.txt").write_text(domain_corpus(domain, 200))
-        result = cli("train", tmp_path / "run", "--branch", domain, "--data", tmp_path / f"{domain}.txt", "--train", "ffn",
-                     "--max-steps", "4", *TRAIN)
+        result = cli(
+            "train",
+            tmp_path / "run",
+            "--branch",
+            domain,
+            "--data",
+            tmp_path / f"{domain}.txt",
+            "--train",
+            "ffn",
+            "--max-steps",
+            "4",
+            *TRAIN,
+        )
         assert result.exit_code == 0, result.output
     return tmp_path
 
@@ -62,6 +73,7 @@ def test_ffn_only_training_keeps_every_other_tensor_bit_identical(ffn_run):
 
 def _force_expert(model: torch.nn.Module, expert: int) -> list:
     """Route every token of every layer to ``expert`` with gate weight 1 (forward hooks on the routers)."""
+
     def hook(module, inputs, output):
         logits = output[0]
         rows = logits.shape[0]
@@ -93,13 +105,26 @@ def test_mix_of_ffn_only_branches_reproduces_each_branch_on_its_expert(ffn_run):
 
 @pytest.mark.parametrize("method", ["task-arithmetic", "ties", "dare"])
 def test_merge_methods_on_shared_tensors(method, make_seed, tmp_path):
-    """seed + merged deltas: task-arithmetic at scale 1 is the mean; TIES/DARE follow their definitions on one tensor."""
+    """seed + merged deltas: task-arithmetic at scale 1 is the mean; TIES/DARE follow their definitions on one
+    tensor."""
     seed = make_seed("llama", dest=tmp_path / "seed")
     branches = [make_seed("llama", dest=tmp_path / f"b{i}", seed=i) for i in (1, 2)]
     extra = {"task-arithmetic": [], "ties": ["--merge-density", "0.5"], "dare": ["--merge-density", "0.5"]}[method]
     out = tmp_path / "moe"
-    result = cli("mix", "--expert", f"a={branches[0]}", "--expert", f"b={branches[1]}", "--seed-model", seed, "--out", out,
-                 "--merge", method, *extra)
+    result = cli(
+        "mix",
+        "--expert",
+        f"a={branches[0]}",
+        "--expert",
+        f"b={branches[1]}",
+        "--seed-model",
+        seed,
+        "--out",
+        out,
+        "--merge",
+        method,
+        *extra,
+    )
     assert result.exit_code == 0, result.output
     name = "model.layers.0.self_attn.q_proj.weight"
     s, a, b = (Checkpoint(p).get(name) for p in (seed, *branches))
@@ -108,10 +133,12 @@ def test_merge_methods_on_shared_tensors(method, make_seed, tmp_path):
     if method == "task-arithmetic":
         assert torch.allclose(got, (a + b) / 2, atol=1e-6)
     elif method == "ties":
+
         def trim(d):
             keep = d.numel() // 2
             cut = d.abs().flatten().sort(descending=True).values[keep - 1]
             return torch.where(d.abs() >= cut, d, torch.zeros_like(d))
+
         ta, tb = trim(da), trim(db)
         sign = torch.sign(ta * 0.5 + tb * 0.5)
         agree_a, agree_b = (torch.sign(ta) == sign) & (ta != 0), (torch.sign(tb) == sign) & (tb != 0)
@@ -119,7 +146,8 @@ def test_merge_methods_on_shared_tensors(method, make_seed, tmp_path):
         den = agree_a.float() * 0.5 + agree_b.float() * 0.5
         expected = s + torch.where(den > 0, num / den.clamp_min(1e-30), 0.0)
         assert torch.allclose(got, expected, atol=1e-6)
-    else:  # dare: every value is either the seed's plus a rescaled share of kept deltas; about half of each delta survives
+    # dare: every value is either the seed's plus a rescaled share of kept deltas; about half of each delta survives
+    else:
         kept_share = ((got - s).abs() > 0).float().mean()
         assert 0.6 < kept_share < 0.9  # 1 - 0.5^2 of the values keep at least one delta
         assert torch.allclose((got - s).mean(), ((da + db) / 2).mean(), atol=5e-3)
@@ -149,7 +177,8 @@ def test_flops_count_experts_by_top_k(make_seed, tmp_path):
 
 
 def test_dense_and_upcycle_baselines_match_btx_compute(tmp_path):
-    """The recipe's dense stage trains on exactly the branches' + tune's tokens; upcycle spends BTX's FLOPs within 5%."""
+    """The recipe's dense stage trains on exactly the branches' + tune's tokens; upcycle spends BTX's FLOPs within
+    5%."""
     stages = "stages=[seed, branch, train, mix, average, tune, dense, upcycle, eval]"
     result = cli("demo", "--tiny", "--out", tmp_path / "demo", stages, "train.max_steps=8", "tune.loop.max_steps=6")
     assert result.exit_code == 0, result.output
@@ -161,11 +190,16 @@ def test_dense_and_upcycle_baselines_match_btx_compute(tmp_path):
     assert len(branch_tokens) == 3 and spent["dense"].tokens == sum(branch_tokens) + tune_tokens
     assert abs(spent["upcycled"].flops / spent["tuned"].flops - 1) < 0.05
     report = json.loads((run / "eval.json").read_text())
-    assert {"dense", "upcycled"} <= set(report["results"]) and report["compute"]["dense"]["tokens"] == spent["tuned"].tokens
+    assert {"dense", "upcycled"} <= set(report["results"]) and report["compute"]["dense"]["tokens"] == spent[
+        "tuned"
+    ].tokens
     assert "│ dense" in result.output and "│ upcycled" in result.output and "FLOPs" in result.output
     upcycle = [s for s in manifest.stages if s.stage == "baseline:upcycle"][-1]
     assert upcycle.params["train"] == "all"
     config = json.loads((run / "upcycled" / "config.json").read_text())
     mixed = json.loads((run / "mixed" / "config.json").read_text())
-    assert config["num_local_experts"] == mixed["num_local_experts"] and config["num_experts_per_tok"] == mixed["num_experts_per_tok"]
+    assert (
+        config["num_local_experts"] == mixed["num_local_experts"]
+        and config["num_experts_per_tok"] == mixed["num_experts_per_tok"]
+    )
     assert not (run / ".upcycle-init").exists()

@@ -38,7 +38,12 @@ def _skewed_moe(make_seed, tmp_path: Path, target: str) -> Path:
     model = AutoModelForCausalLM.from_pretrained(moe)
     inputs: dict[str, list[torch.Tensor]] = {}
     routers = find_routers(model)
-    hooks = [r.register_forward_pre_hook(lambda _m, a, n=n: inputs.setdefault(n, []).append(a[0].reshape(-1, a[0].shape[-1]))) for n, r in routers]
+    hooks = [
+        r.register_forward_pre_hook(
+            lambda _m, a, n=n: inputs.setdefault(n, []).append(a[0].reshape(-1, a[0].shape[-1]))
+        )
+        for n, r in routers
+    ]
     ids = AutoTokenizer.from_pretrained(moe)((tmp_path / "code.txt").read_text())["input_ids"][:256]
     with torch.no_grad():
         model(torch.tensor([ids]))
@@ -54,8 +59,16 @@ def _skewed_moe(make_seed, tmp_path: Path, target: str) -> Path:
 
 
 def _tune(moe: Path, out: Path, balance: str, steps: int = 60, **options) -> object:
-    cfg = TuneConfig(model=moe, out=out, data={d: [str(moe.parent / f"{d}.txt")] for d in DOMAINS}, train="router", balance=balance,
-                     aux_coef=0.0, loop=LoopSettings(max_steps=steps, seq_len=32, batch_size=8, lr=3e-3, eval_every=0, eval_blocks=8), **options)
+    cfg = TuneConfig(
+        model=moe,
+        out=out,
+        data={d: [str(moe.parent / f"{d}.txt")] for d in DOMAINS},
+        train="router",
+        balance=balance,
+        aux_coef=0.0,
+        loop=LoopSettings(max_steps=steps, seq_len=32, batch_size=8, lr=3e-3, eval_every=0, eval_blocks=8),
+        **options,
+    )
     return tune(cfg, show_progress=False), cfg
 
 
@@ -74,7 +87,8 @@ def test_bias_balancing_balances_a_skewed_router(skewed_glm, tmp_path):
 
 
 def test_the_saved_model_routes_held_out_tokens_as_the_final_eval_did(skewed_glm, tmp_path):
-    """Reloaded in plain transformers, the tuned model makes exactly the choices the tune loop's final evaluation made."""
+    """Reloaded in plain transformers, the tuned model makes exactly the choices the tune loop's final evaluation
+    made."""
     result, cfg = _tune(skewed_glm, tmp_path / "tuned", "bias", steps=20, bias_rate=0.02)
     model = AutoModelForCausalLM.from_pretrained(cfg.out)
     tokenizer = AutoTokenizer.from_pretrained(cfg.out)
@@ -99,7 +113,9 @@ def test_the_bias_changes_selection_but_not_gate_normalisation(skewed_glm, tmp_p
     with torch.no_grad():
         logits, weights, indices = router(hidden)
     scores = logits.sigmoid()
-    assert torch.equal(indices.sort(dim=-1).values, (scores + router.e_score_correction_bias).topk(2).indices.sort(dim=-1).values)
+    assert torch.equal(
+        indices.sort(dim=-1).values, (scores + router.e_score_correction_bias).topk(2).indices.sort(dim=-1).values
+    )
     expected = scores.gather(1, indices)
     assert torch.allclose(weights, expected / expected.sum(dim=-1, keepdim=True), atol=1e-6)
     unbiased = scores.topk(2).indices.sort(dim=-1).values
@@ -110,7 +126,9 @@ def test_the_update_follows_the_sign_rule(make_seed, tmp_path):
     """One update moves the bias by exactly u * sign(mean - count) of the step's counts (ERNIE's [1, E] bias)."""
     seed = make_seed("llama")
     run = branch(str(seed), tmp_path / "run", ["code", "math"])
-    moe = mix(MixConfig(out=tmp_path / "moe", seed=str(seed), experts=list(run.branches.items()), target="ernie4_5_moe")).out
+    moe = mix(
+        MixConfig(out=tmp_path / "moe", seed=str(seed), experts=list(run.branches.items()), target="ernie4_5_moe")
+    ).out
     model = AutoModelForCausalLM.from_pretrained(moe)
     controller = RoutingController(model)
     biases = find_selection_biases(controller.routers)
@@ -122,15 +140,27 @@ def test_the_update_follows_the_sign_rule(make_seed, tmp_path):
 
 
 def test_the_optimiser_never_touches_the_bias(make_seed, tmp_path):
-    """With every parameter training, the bias still moves only by the rule: after 2 steps it is a sum of two steps of -u, 0 or +u."""
+    """With every parameter training, the bias still moves only by the rule: after 2 steps it is a sum of two steps
+    of -u, 0 or +u."""
     seed = make_seed("llama")
     run = branch(str(seed), tmp_path / "run", ["code", "math"])
     (tmp_path / "code.txt").write_text(domain_corpus("code", 100))
-    moe = mix(MixConfig(out=tmp_path / "moe", seed=str(seed), experts=list(run.branches.items()), target="ernie4_5_moe")).out
-    cfg = TuneConfig(model=moe, out=tmp_path / "tuned", data={"code": [str(tmp_path / "code.txt")]}, train="all", balance="bias",
-                     bias_rate=0.25, loop=LoopSettings(max_steps=2, seq_len=32, batch_size=4, lr=1e-2, eval_every=0, eval_blocks=1))
+    moe = mix(
+        MixConfig(out=tmp_path / "moe", seed=str(seed), experts=list(run.branches.items()), target="ernie4_5_moe")
+    ).out
+    cfg = TuneConfig(
+        model=moe,
+        out=tmp_path / "tuned",
+        data={"code": [str(tmp_path / "code.txt")]},
+        train="all",
+        balance="bias",
+        bias_rate=0.25,
+        loop=LoopSettings(max_steps=2, seq_len=32, batch_size=4, lr=1e-2, eval_every=0, eval_blocks=1),
+    )
     tune(cfg, show_progress=False)
-    values = SelectionBias(find_selection_biases(RoutingController(AutoModelForCausalLM.from_pretrained(cfg.out)).routers), 0.0).values()
+    values = SelectionBias(
+        find_selection_biases(RoutingController(AutoModelForCausalLM.from_pretrained(cfg.out)).routers), 0.0
+    ).values()
     assert set(values.reshape(-1).tolist()) <= {-0.5, -0.25, 0.0, 0.25, 0.5}  # a count at the mean moves nothing
 
 
@@ -139,8 +169,13 @@ def test_bias_balancing_is_refused_without_a_selection_bias(make_seed, tmp_path)
     run = branch(str(seed), tmp_path / "run", ["code"])
     (tmp_path / "code.txt").write_text(domain_corpus("code", 50))
     moe = mix(MixConfig(out=tmp_path / "moe", seed=str(seed), experts=list(run.branches.items()))).out
-    cfg = TuneConfig(model=moe, out=tmp_path / "tuned", data={"code": [str(tmp_path / "code.txt")]}, balance="bias",
-                     loop=LoopSettings(max_steps=1, seq_len=32, batch_size=2))
+    cfg = TuneConfig(
+        model=moe,
+        out=tmp_path / "tuned",
+        data={"code": [str(tmp_path / "code.txt")]},
+        balance="bias",
+        loop=LoopSettings(max_steps=1, seq_len=32, batch_size=2),
+    )
     with pytest.raises(UnsupportedArchitectureError, match="--target glm4_moe"):
         tune(cfg, show_progress=False)
     assert not (tmp_path / "tuned").exists()

@@ -29,7 +29,10 @@ def test_branch_writes_portable_tokenizer_config(make_seed, tmp_path):
     from transformers import AutoTokenizer
 
     text = "def f(x):\n    return x + 1"
-    assert AutoTokenizer.from_pretrained(result.branches["code"])(text).input_ids == AutoTokenizer.from_pretrained(seed)(text).input_ids
+    assert (
+        AutoTokenizer.from_pretrained(result.branches["code"])(text).input_ids
+        == AutoTokenizer.from_pretrained(seed)(text).input_ids
+    )
 
 
 def test_branch_links_and_manifest(make_seed, tmp_path):

@@ -23,7 +23,7 @@ def _train_branch(path: Path, blocks: torch.Tensor, steps: int = 25) -> None:
     model = AutoModelForCausalLM.from_pretrained(path)
     optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for step in range(steps):
-        batch = blocks[(step * 4) % len(blocks):][:4]
+        batch = blocks[(step * 4) % len(blocks) :][:4]
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         optimiser.step()
@@ -45,8 +45,13 @@ def test_centroid_routes_domains_to_their_experts(make_seed, tmp_path):
         _train_branch(path, load_token_blocks(tokenizer, data[domain], 64))
     result = mix(
         MixConfig(
-            out=tmp_path / "run" / "mixed", seed=str(seed), experts=list(run.branches.items()), run_dir=run.run_dir,
-            router="centroid", router_data={d: str(p) for d, p in data.items()}, router_tokens=4096,
+            out=tmp_path / "run" / "mixed",
+            seed=str(seed),
+            experts=list(run.branches.items()),
+            run_dir=run.run_dir,
+            router="centroid",
+            router_data={d: str(p) for d, p in data.items()},
+            router_tokens=4096,
         )
     )
     moe, info = load(result.out)

@@ -30,8 +30,13 @@ def cli(*args):
 
 
 def _moekit(*args, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "moekit", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "MOEKIT_PROGRESS_EVERY": "0", **(env or {})})
+    return subprocess.Popen(
+        [sys.executable, "-m", "moekit", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "MOEKIT_PROGRESS_EVERY": "0", **(env or {})},
+    )
 
 
 def _temporaries(parent: Path) -> list[Path]:
@@ -50,8 +55,23 @@ def run(make_seed, tmp_path) -> Path:
 def test_divergence_stops_the_run_and_keeps_the_branch(run):
     branch = run / "branches" / "code"
     before = (branch / "model.safetensors").read_bytes()
-    result = cli("train", run, "--branch", "code", "--data", run.parent / "code.txt", "--max-steps", "6", "--lr", "1e30",
-                 "--warmup-steps", "0", "--save-every", "1", *LOOP)
+    result = cli(
+        "train",
+        run,
+        "--branch",
+        "code",
+        "--data",
+        run.parent / "code.txt",
+        "--max-steps",
+        "6",
+        "--lr",
+        "1e30",
+        "--warmup-steps",
+        "0",
+        "--save-every",
+        "1",
+        *LOOP,
+    )
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "diverged at step" in result.output and "step-1" in result.output
     assert (branch / "model.safetensors").read_bytes() == before  # nothing replaced
@@ -73,8 +93,16 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
 
 def _big_seed(tmp_path: Path) -> Path:
     """A seed whose mix writes ~100 MB, so a kill lands while the output is being written."""
-    return build_tiny_model(tmp_path / "big-seed", "llama", hidden_size=256, intermediate_size=4096, num_hidden_layers=6,
-                            num_attention_heads=4, num_key_value_heads=4, head_dim=64)
+    return build_tiny_model(
+        tmp_path / "big-seed",
+        "llama",
+        hidden_size=256,
+        intermediate_size=4096,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=64,
+    )
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
@@ -98,7 +126,9 @@ def test_killed_mix_leaves_nothing_after_the_next_run(sig, tmp_path):
     assert (tmp_path / "moe" / "config.json").is_file()
 
 
-@pytest.mark.parametrize("command", [pytest.param("train", marks=pytest.mark.slow), "tune"])  # train: also test_demo's kill-in-train
+@pytest.mark.parametrize(
+    "command", [pytest.param("train", marks=pytest.mark.slow), "tune"]
+)  # train: also test_demo's kill-in-train
 def test_sigkill_then_resume(command, run):
     data = ["--data", f"code={run.parent / 'code.txt'}", "--data", f"math={run.parent / 'math.txt'}"]
     if command == "tune":
@@ -153,7 +183,9 @@ def test_all_but_experts_freezes_only_the_routed_experts(run):
     data = ["--data", f"code={run.parent / 'code.txt'}", "--data", f"math={run.parent / 'math.txt'}"]
     assert cli("train", run, *data, "--max-steps", "1", *LOOP).exit_code == 0
     assert cli("mix", run).exit_code == 0
-    result = cli("tune", run, "--train", "all-but-experts", "--max-steps", "2", "--lr", "1e-2", "--save-dtype", "float32", *LOOP)
+    result = cli(
+        "tune", run, "--train", "all-but-experts", "--max-steps", "2", "--lr", "1e-2", "--save-dtype", "float32", *LOOP
+    )
     assert result.exit_code == 0, result.output
     before, after = Checkpoint(run / "mixed"), Checkpoint(run / "tuned")
     changed = {n for n in before.tensors if not torch.equal(before.get(n).float(), after.get(n).float())}
@@ -165,7 +197,9 @@ def test_all_but_experts_freezes_only_the_routed_experts(run):
 def test_environment_failures_are_named():
     full = OSError(errno.ENOSPC, "No space left on device", "/data/out/model.safetensors")
     assert "disk is full" in environment_failure(full)[0] and "/data/out" in environment_failure(full)[0]
-    wrapped = RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file data/0: file write failed")
+    wrapped = RuntimeError(
+        "[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file data/0: file write failed"
+    )
     assert "disk is full" in environment_failure(wrapped)[0]
     assert "read-only" in environment_failure(OSError(errno.EROFS, "Read-only file system", "/ro"))[0]
     assert environment_failure(ValueError("a bug")) is None
@@ -198,7 +232,19 @@ def test_disk_filling_up_during_training_is_named(run, small_disk):
     moved = small_disk / "run"
     shutil.copytree(run, moved)
     (small_disk / "filler").write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - 300_000))
-    result = cli("train", moved, "--branch", "code", "--data", run.parent / "code.txt", "--max-steps", "4", "--save-every", "1", *LOOP)
+    result = cli(
+        "train",
+        moved,
+        "--branch",
+        "code",
+        "--data",
+        run.parent / "code.txt",
+        "--max-steps",
+        "4",
+        "--save-every",
+        "1",
+        *LOOP,
+    )
     assert result.exit_code != 0 and "Traceback" not in result.output, result.output
     assert "disk is full" in result.output or "Not enough disk space" in result.output
     assert Checkpoint(moved / "branches" / "code").tensors  # the branch is intact

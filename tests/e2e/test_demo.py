@@ -22,17 +22,39 @@ TINY = Path(__file__).parents[2] / "moekit" / "recipes" / "demo-tiny.yaml"
 
 def test_tiny_demo_through_the_console_script(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    first = subprocess.run([MOEKIT, "demo", "--tiny", "--out", str(tmp_path / "demo")], capture_output=True, text=True, env=env, timeout=600)
+    first = subprocess.run(
+        [MOEKIT, "demo", "--tiny", "--out", str(tmp_path / "demo")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     run = tmp_path / "demo" / "run"
-    for path in ("branches/code/config.json", "mixed/config.json", "averaged/config.json", "tuned/config.json", "eval.json",
-                 "inspect/routing.json", "inspect/report.html", "inspect/load.png"):
+    for path in (
+        "branches/code/config.json",
+        "mixed/config.json",
+        "averaged/config.json",
+        "tuned/config.json",
+        "eval.json",
+        "inspect/routing.json",
+        "inspect/report.html",
+        "inspect/load.png",
+    ):
         assert (run / path).is_file(), path
     stages = [s.stage for s in load_manifest(run).stages]
     for stage in ("branch", "train", "mix", "tune", "run:train:code", "run:mix", "run:tune", "run:eval", "run:inspect"):
         assert stage in stages, stage
     report = json.loads((run / "eval.json").read_text())
-    assert list(report["results"]) == ["seed", "branch code", "branch math", "branch prose", "averaged", "mixed", "tuned"]
+    assert list(report["results"]) == [
+        "seed",
+        "branch code",
+        "branch math",
+        "branch prose",
+        "averaged",
+        "mixed",
+        "tuned",
+    ]
     assert report["domains"] == ["code", "math", "prose"]
     for domain in report["domains"]:  # each branch is the best branch on its own domain
         branches = {d: report["results"][f"branch {d}"][domain]["loss"] for d in report["domains"]}
@@ -43,7 +65,13 @@ def test_tiny_demo_through_the_console_script(tmp_path):
     assert "top expert per generated token" in shown
     assert "exact-match" in shown and "SCMoE" in shown
     check_report(run / "report.html", shown, tmp_path)
-    second = subprocess.run([MOEKIT, "demo", "--tiny", "--out", str(tmp_path / "demo")], capture_output=True, text=True, env=env, timeout=600)
+    second = subprocess.run(
+        [MOEKIT, "demo", "--tiny", "--out", str(tmp_path / "demo")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert second.returncode == 0, second.stderr[-3000:]
     summary = next(line for line in second.stdout.replace("\n", " ").split("stages: ")[1:])
     assert " ran" not in summary.split("held-out")[0], summary  # every stage skipped
@@ -61,7 +89,7 @@ def check_report(page: Path, shown: str, work: Path) -> None:
     assert 'class="note"' not in text  # nothing missing: eval, routing and generations are all there
     assert "&#9733;" in text  # the best model per domain is marked
     assert text.count("data:image/png;base64,") >= 6  # curves, bars, 5 heatmaps
-    assert "src=\"http" not in text and "href=\"http" not in text  # self-contained
+    assert 'src="http' not in text and 'href="http' not in text  # self-contained
     for domain in ("code", "math", "prose"):
         assert f"<h3>{domain}</h3>" in text
     if browser.chromium_or_none() is None:
@@ -102,7 +130,9 @@ def test_a_run_killed_in_train_resumes_to_the_same_result(tmp_path, monkeypatch)
 
 
 def test_average_is_the_mean_of_the_branches(tmp_path):
-    outcome = run_recipe(load_recipe(TINY, [f"workdir={tmp_path / 'w'}", "stages=[seed,branch,train,average]"]), show_progress=False)
+    outcome = run_recipe(
+        load_recipe(TINY, [f"workdir={tmp_path / 'w'}", "stages=[seed,branch,train,average]"]), show_progress=False
+    )
     assert "average" in outcome.stages
     run = tmp_path / "w" / "run"
     branches = [Checkpoint(run / "branches" / d) for d in ("code", "math", "prose")]
@@ -117,7 +147,9 @@ def test_changed_train_options_retrain_from_the_seed(tmp_path):
     """Re-running with other train options must equal a fresh run with them, not train further."""
     stages = "stages=[seed,branch,train]"
     run_recipe(load_recipe(TINY, [f"workdir={tmp_path / 'a'}", stages]), show_progress=False)
-    changed = run_recipe(load_recipe(TINY, [f"workdir={tmp_path / 'a'}", stages, "train.max_steps=12"]), show_progress=False)
+    changed = run_recipe(
+        load_recipe(TINY, [f"workdir={tmp_path / 'a'}", stages, "train.max_steps=12"]), show_progress=False
+    )
     assert changed.stages["train:code"] == "ran" and changed.stages["branch"].startswith("skipped")
     run_recipe(load_recipe(TINY, [f"workdir={tmp_path / 'b'}", stages, "train.max_steps=12"]), show_progress=False)
     for domain in ("code", "math"):

@@ -172,7 +172,9 @@ def test_options_that_would_be_ignored_are_refused(run_dir, tmp_path):
     assert_user_error(run_cli("mix", run_dir, "--drop-fraction", "0.5"), "--drop-fraction only applies with --upcycle")
     assert_user_error(run_cli("mix", run_dir, "--router-sharpness", "0.3"), "only applies with --router centroid")
     assert_user_error(run_cli("mix", run_dir, "--seed-model", run_dir), "only applies with --expert")
-    assert_user_error(run_cli("mix", run_dir, "--router-data", f"a={tmp_path}"), "router_data is only used with router=centroid")
+    assert_user_error(
+        run_cli("mix", run_dir, "--router-data", f"a={tmp_path}"), "router_data is only used with router=centroid"
+    )
     assert_user_error(run_cli("mix", run_dir, "--router-std", "1.0"), "router_std")
     _no_leftovers(run_dir)
 
@@ -181,7 +183,19 @@ def test_centroid_with_one_domain_explained(run_dir, make_seed, tmp_path):
     (tmp_path / "a.txt").write_text("def f(x):\n    return x\n" * 50)
     expert = f"a={run_dir / 'branches' / 'a'}"
     data = f"a={tmp_path / 'a.txt'}"
-    result = run_cli("mix", "--expert", expert, "--seed-model", make_seed("llama"), "--out", tmp_path / "out", "--router", "centroid", "--router-data", data)
+    result = run_cli(
+        "mix",
+        "--expert",
+        expert,
+        "--seed-model",
+        make_seed("llama"),
+        "--out",
+        tmp_path / "out",
+        "--router",
+        "centroid",
+        "--router-data",
+        data,
+    )
     assert_user_error(result, "at least two domains")
     _no_leftovers(tmp_path, "out")
 

@@ -42,14 +42,23 @@ PAIRWISE = [
     (torch.float16, True, "v4", True),
     (torch.float16, False, "v5", False),
 ]
-FAST = [(family, *COMMON) for family in FAMILIES] + [(family, *PAIRWISE[i % len(PAIRWISE)]) for i, family in enumerate(FAMILIES)]
+FAST = [(family, *COMMON) for family in FAMILIES] + [
+    (family, *PAIRWISE[i % len(PAIRWISE)]) for i, family in enumerate(FAMILIES)
+]
 FULL = [(family, *setting) for family in FAMILIES for setting in [COMMON, *PAIRWISE] if (family, *setting) not in FAST]
 LOOP = dict(seq_len=32, batch_size=2, max_steps=2, lr=3e-3, eval_every=0, eval_blocks=2, save_every=0)
 
 
 def _row_id(row: tuple) -> str:
     family, dtype, tied, style, sharded = row
-    return f"{family}-{str(dtype).removeprefix('torch.')}-{'tied' if tied else 'untied'}-tok{style}-{'shards' if sharded else 'single'}"
+    parts = [
+        family,
+        str(dtype).removeprefix("torch."),
+        "tied" if tied else "untied",
+        f"tok{style}",
+        "shards" if sharded else "single",
+    ]
+    return "-".join(parts)
 
 
 def _logits(model_dir: Path) -> torch.Tensor:
@@ -71,7 +80,11 @@ def test_pipeline_on_the_format_matrix(row, make_seed, tmp_path):
     for domain in ("code", "math"):
         (tmp_path / f"{domain}.txt").write_text(domain_corpus(domain, 120))
 
-    untrained = mix(MixConfig(out=tmp_path / "untrained", seed=str(seed), experts=[(n, run / "branches" / n) for n in ("code", "math")]))
+    untrained = mix(
+        MixConfig(
+            out=tmp_path / "untrained", seed=str(seed), experts=[(n, run / "branches" / n) for n in ("code", "math")]
+        )
+    )
     assert_portable_checkpoint(untrained.out, dtype, tied, seed)
     torch.testing.assert_close(_logits(untrained.out), _logits(seed), atol=1e-5, rtol=0)
 
@@ -79,14 +92,26 @@ def test_pipeline_on_the_format_matrix(row, make_seed, tmp_path):
     train(TrainConfig(run_dir=run, data=data, loop=LoopSettings(**LOOP)), show_progress=False)
     seed_names = set(Checkpoint(seed).tensors)
     for name in ("code", "math"):
-        assert set(Checkpoint(run / "branches" / name).tensors) == seed_names  # nothing added (no untied lm_head), nothing lost
+        assert (
+            set(Checkpoint(run / "branches" / name).tensors) == seed_names
+        )  # nothing added (no untied lm_head), nothing lost
         assert_portable_checkpoint(run / "branches" / name, dtype, tied, seed)
 
-    mixed = mix(MixConfig(out=run / "mixed", seed=str(seed), run_dir=run, experts=[(n, run / "branches" / n) for n in ("code", "math")]))
+    mixed = mix(
+        MixConfig(
+            out=run / "mixed",
+            seed=str(seed),
+            run_dir=run,
+            experts=[(n, run / "branches" / n) for n in ("code", "math")],
+        )
+    )
     assert_portable_checkpoint(mixed.out, dtype, tied, seed)
     seed_config = json.loads((seed / "config.json").read_text())
     assert json.loads((mixed.out / "config.json").read_text())["intermediate_size"] == seed_config["intermediate_size"]
 
-    tuned = tune(TuneConfig(model=mixed.out, out=run / "tuned", run_dir=run, data=data, loop=LoopSettings(**LOOP)), show_progress=False)
+    tuned = tune(
+        TuneConfig(model=mixed.out, out=run / "tuned", run_dir=run, data=data, loop=LoopSettings(**LOOP)),
+        show_progress=False,
+    )
     assert_portable_checkpoint(tuned.out, dtype, tied, seed)
     assert set(Checkpoint(tuned.out).tensors) == set(Checkpoint(mixed.out).tensors)

@@ -40,9 +40,21 @@ def _launch(processes: int, *args) -> subprocess.Popen:
     if processes == 1:
         command = [sys.executable, "-m", "moekit", *map(str, args)]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(_free_port()),
-                   "-m", "moekit", *map(str, args)]
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(processes),
+            "--master_port",
+            str(_free_port()),
+            "-m",
+            "moekit",
+            *map(str, args),
+        ]
+    return subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
 
 
 def _run(processes: int, *args) -> str:
@@ -86,14 +98,39 @@ def test_fsdp_on_two_processes_equals_one_process(runs):
 def test_router_only_tune_under_fsdp_equals_one_process(runs):
     """Frozen and trainable parameters in one sharded module: only the routers learn, as in one process."""
     for name in ("one", "two"):
-        cli("train", runs / name, "--data", f"code={runs / 'code.txt'}", "--data", f"math={runs / 'math.txt'}", "--max-steps", "1",
-            "--batch-size", "4", *LOOP)
+        cli(
+            "train",
+            runs / name,
+            "--data",
+            f"code={runs / 'code.txt'}",
+            "--data",
+            f"math={runs / 'math.txt'}",
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "4",
+            *LOOP,
+        )
         cli("mix", runs / name)
     # the two runs' mixed models are equal (same seed, same training): tune each, on 1 and on 2 processes
     assert _max_difference(runs / "one" / "mixed", runs / "two" / "mixed") == 0
     # global-batch balancing: the aux loss then sees the same counts however the batch is split over processes
-    tune = ["--train", "router", "--max-steps", "5", "--lr", "1e-2", "--seq-len", "32", "--eval-every", "0", "--eval-blocks", "2",
-            "--balance-scope", "global"]
+    tune = [
+        "--train",
+        "router",
+        "--max-steps",
+        "5",
+        "--lr",
+        "1e-2",
+        "--seq-len",
+        "32",
+        "--eval-every",
+        "0",
+        "--eval-blocks",
+        "2",
+        "--balance-scope",
+        "global",
+    ]
     _run(1, "tune", runs / "one", *tune, "--batch-size", "4")
     _run(2, "tune", runs / "two", *tune, "--batch-size", "2", "--shard", "fsdp")
     one, two = _losses(runs / "one" / "tune"), _losses(runs / "two" / "tune")
@@ -107,17 +144,46 @@ def test_router_only_tune_under_fsdp_equals_one_process(runs):
 def test_bias_balancing_under_fsdp_equals_one_process(runs):
     """The selection bias (a DTensor shard under FSDP2) moves by the same global counts as in one process."""
     for name in ("one", "two"):
-        cli("train", runs / name, "--data", f"code={runs / 'code.txt'}", "--data", f"math={runs / 'math.txt'}", "--max-steps", "1",
-            "--batch-size", "4", *LOOP)
+        cli(
+            "train",
+            runs / name,
+            "--data",
+            f"code={runs / 'code.txt'}",
+            "--data",
+            f"math={runs / 'math.txt'}",
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "4",
+            *LOOP,
+        )
         cli("mix", runs / name, "--target", "glm4_moe")
-    tune = ["--train", "router", "--balance", "bias", "--bias-rate", "0.01", "--max-steps", "4", "--lr", "1e-2", "--seq-len", "32",
-            "--eval-every", "0", "--eval-blocks", "2"]
+    tune = [
+        "--train",
+        "router",
+        "--balance",
+        "bias",
+        "--bias-rate",
+        "0.01",
+        "--max-steps",
+        "4",
+        "--lr",
+        "1e-2",
+        "--seq-len",
+        "32",
+        "--eval-every",
+        "0",
+        "--eval-blocks",
+        "2",
+    ]
     _run(1, "tune", runs / "one", *tune, "--batch-size", "4")
     _run(2, "tune", runs / "two", *tune, "--batch-size", "2", "--shard", "fsdp")
     one, two = Checkpoint(runs / "one" / "tuned"), Checkpoint(runs / "two" / "tuned")
     biases = [n for n in one.tensors if n.endswith("e_score_correction_bias")]
     assert biases and all(float(one.get(n).abs().max()) > 0 for n in biases)  # the bias moved
-    assert all(torch.equal(one.get(n), two.get(n)) for n in biases)  # sign steps of the same global counts: exactly equal
+    assert all(
+        torch.equal(one.get(n), two.get(n)) for n in biases
+    )  # sign steps of the same global counts: exactly equal
     assert _max_difference(runs / "one" / "tuned", runs / "two" / "tuned") < 1e-5
 
 
@@ -133,7 +199,9 @@ def _interrupt_after_checkpoint(processes: int, run: Path, args: list, extra: li
     assert checkpoint.is_file(), "the run ended before its step-20 checkpoint"
 
 
-@pytest.mark.parametrize("first,then", [(2, 1), pytest.param(1, 2, marks=pytest.mark.slow)])  # 1 -> 2 with -m slow (30 s)
+@pytest.mark.parametrize(
+    "first,then", [(2, 1), pytest.param(1, 2, marks=pytest.mark.slow)]
+)  # 1 -> 2 with -m slow (30 s)
 def test_resume_across_world_sizes(first, then, runs):
     """A checkpoint written by N processes resumes on M and ends where an uninterrupted run ends."""
     args = ["--data", f"code={runs / 'code.txt'}", "--branch", "code", "--max-steps", "60", "--save-every", "20", *LOOP]

@@ -39,7 +39,9 @@ def models(make_seed, tmp_path_factory):
 
 
 def _tokens(model_dir, **options) -> list[int]:
-    generation = Generator(GenerateConfig(model=str(model_dir), raw=True, max_new_tokens=12, **options)).generate(PROMPT)
+    generation = Generator(GenerateConfig(model=str(model_dir), raw=True, max_new_tokens=12, **options)).generate(
+        PROMPT
+    )
     return [t.id for t in generation.tokens]
 
 
@@ -58,7 +60,9 @@ def test_contrast_formula_and_plausibility_mask():
     out = contrast_logits(strong, weak, beta=0.5, alpha=0.1)
     # plausible: strong >= 2 + ln 0.1 = -0.303 -> tokens 0, 1, 3; token 2 is masked
     assert out[0, 2] == -math.inf
-    assert torch.allclose(out[0, [0, 1, 3]], torch.tensor([1.5 * 2.0 - 0.5 * 1.0, 1.5 * 1.0 - 0.5 * 3.0, 1.5 * 1.9 + 0.5]))
+    assert torch.allclose(
+        out[0, [0, 1, 3]], torch.tensor([1.5 * 2.0 - 0.5 * 1.0, 1.5 * 1.0 - 0.5 * 3.0, 1.5 * 1.9 + 0.5])
+    )
     assert out.argmax() == 3  # the contrast prefers the token the weak routing does not like
     assert torch.equal(contrast_logits(strong, weak, beta=0.0, alpha=0.1)[0, [0, 1, 3]], strong[0, [0, 1, 3]])
 
@@ -97,10 +101,14 @@ def test_scmoe_refuses_dense_models_and_too_high_ranks(models):
 def test_cli_streams_text_and_writes_json(models, tmp_path):
     runner = CliRunner()
     app = build_app()
-    streamed = runner.invoke(app, ["generate", str(models["distinct"]), "-p", PROMPT, "--raw", "--max-new-tokens", "8", "--routing"])
+    streamed = runner.invoke(
+        app, ["generate", str(models["distinct"]), "-p", PROMPT, "--raw", "--max-new-tokens", "8", "--routing"]
+    )
     assert streamed.exit_code == 0, streamed.output
     assert "8 tokens in" in streamed.output and "top expert per generated token" in streamed.output
-    out = runner.invoke(app, ["generate", str(models["distinct"]), "-p", PROMPT, "--raw", "--max-new-tokens", "8", "--json", "-"])
+    out = runner.invoke(
+        app, ["generate", str(models["distinct"]), "-p", PROMPT, "--raw", "--max-new-tokens", "8", "--json", "-"]
+    )
     assert out.exit_code == 0, out.output
     record = json.loads(out.stdout)
     assert record["new_tokens"] == 8 and len(record["tokens"]) == 8
@@ -126,8 +134,21 @@ def test_arithmetic_problems_were_never_trained_on():
 
 def test_eval_task_scores_greedy_and_scmoe(models, tmp_path):
     runner = CliRunner()
-    out = runner.invoke(build_app(), ["eval", str(models["seed"]), str(models["distinct"]), "--task", "arithmetic", "--problems", "6",
-                                      "--scmoe", "--json", str(tmp_path / "task.json")])
+    out = runner.invoke(
+        build_app(),
+        [
+            "eval",
+            str(models["seed"]),
+            str(models["distinct"]),
+            "--task",
+            "arithmetic",
+            "--problems",
+            "6",
+            "--scmoe",
+            "--json",
+            str(tmp_path / "task.json"),
+        ],
+    )
     assert out.exit_code == 0, out.output
     report = json.loads((tmp_path / "task.json").read_text())
     assert report["problems"] == 6 and set(report["results"]) == {"llama", "distinct-moe"}

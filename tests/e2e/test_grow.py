@@ -60,8 +60,15 @@ def _bytes(checkpoint: Checkpoint, name: str) -> bytes:
     return checkpoint.array_rows(name, 0, info.shape[0]).tobytes()
 
 
-@pytest.mark.parametrize("family,target,dtype", [("llama", "mixtral", "float32"), ("granite", "granitemoe", "float32"),
-                                                 ("qwen2", "qwen2_moe", "bfloat16"), ("llama", "glm4_moe", "float32")])
+@pytest.mark.parametrize(
+    "family,target,dtype",
+    [
+        ("llama", "mixtral", "float32"),
+        ("granite", "granitemoe", "float32"),
+        ("qwen2", "qwen2_moe", "bfloat16"),
+        ("llama", "glm4_moe", "float32"),
+    ],
+)
 def test_grown_moe_keeps_the_old_one(make_seed, tmp_path, family, target, dtype):
     """New branch = the seed: old tensors byte-identical, and with the new row at -inf the old MoE's logits."""
     seed = make_seed(family, dtype=torch.bfloat16) if dtype == "bfloat16" else make_seed(family)
@@ -70,11 +77,27 @@ def test_grown_moe_keeps_the_old_one(make_seed, tmp_path, family, target, dtype)
     tokenizer = AutoTokenizer.from_pretrained(seed)
     for domain, path in run.branches.items():
         _train_branch(path, load_token_blocks(tokenizer, data[domain], 32), steps=3)
-    mixed = mix(MixConfig(out=tmp_path / "run" / "mixed", seed=str(seed), experts=list(run.branches.items()), target=target,
-                          run_dir=run.run_dir)).out
+    mixed = mix(
+        MixConfig(
+            out=tmp_path / "run" / "mixed",
+            seed=str(seed),
+            experts=list(run.branches.items()),
+            target=target,
+            run_dir=run.run_dir,
+        )
+    ).out
     add_branches(str(seed), run.run_dir, ["prose"])  # an untrained branch: the seed's FFN
-    result = add_expert(GrowConfig(into=mixed, name="prose", branch=run.run_dir / "branches" / "prose", out=tmp_path / "grown",
-                                   router_data=data, router_tokens=512, router_block_size=32))
+    result = add_expert(
+        GrowConfig(
+            into=mixed,
+            name="prose",
+            branch=run.run_dir / "branches" / "prose",
+            out=tmp_path / "grown",
+            router_data=data,
+            router_tokens=512,
+            router_block_size=32,
+        )
+    )
     assert result.experts == ["code", "math", "seed", "prose"]
     old, new, seed_ckpt = Checkpoint(mixed), Checkpoint(result.out), Checkpoint(seed)
     grown_names = set(new.tensors) - set(old.tensors)
@@ -85,14 +108,16 @@ def test_grown_moe_keeps_the_old_one(make_seed, tmp_path, family, target, dtype)
             assert new.tensors[name].shape[0] in (info.shape[0] + 1, 1), name
             old_bytes = _bytes(old, name)
             if new.tensors[name].shape[0] == info.shape[0] + 1:
-                assert _bytes(new, name)[:len(old_bytes)] == old_bytes, name
+                assert _bytes(new, name)[: len(old_bytes)] == old_bytes, name
     if grown_names:  # per-expert layouts: the new expert is the seed's FFN byte for byte
         assert all(".experts.3." in n for n in grown_names)
         assert len(grown_names) == 3 * seed_ckpt.config["num_hidden_layers"]
     config = json.loads((result.out / "config.json").read_text())
     assert any(config.get(k) == 4 for k in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"))
     record = yaml.safe_load((result.out / "moekit.yaml").read_text())
-    assert record["stage"] == "add-expert" and record["expert_names"][-1] == "prose" and record["input"]["stage"] == "mix"
+    assert (
+        record["stage"] == "add-expert" and record["expert_names"][-1] == "prose" and record["input"]["stage"] == "mix"
+    )
     assert "prose" in (result.out / "README.md").read_text()
 
     old_model, _ = load(mixed)
@@ -115,17 +140,69 @@ def test_add_expert_refusals(make_seed, tmp_path):
     other = make_seed("llama", hidden_size=48)
     data = _data(tmp_path)
     run = branch(str(seed), tmp_path / "run", ["code", "math"])
-    mix(MixConfig(out=tmp_path / "run" / "mixed", seed=str(seed), experts=list(run.branches.items()), run_dir=run.run_dir))
+    mix(
+        MixConfig(
+            out=tmp_path / "run" / "mixed", seed=str(seed), experts=list(run.branches.items()), run_dir=run.run_dir
+        )
+    )
     foreign = branch(str(other), tmp_path / "other", ["prose"])
     cases = [
-        (["mix", "--add-expert", f"prose={foreign.branches['prose']}", "--into", str(tmp_path / "run" / "mixed"), "--out", str(tmp_path / "g1"),
-          "--router-data", f"prose={data['prose']}", "--router-data", f"code={data['code']}"], "does not fit"),
-        (["mix", "--add-expert", f"code={run.branches['code']}", "--into", str(tmp_path / "run" / "mixed"), "--out", str(tmp_path / "g2")],
-         "already has an expert named 'code'"),
-        (["mix", "--add-expert", f"prose={run.branches['code']}", "--into", str(tmp_path / "run" / "mixed"), "--out", str(tmp_path / "g3"),
-          "--router-data", f"prose={data['prose']}"], "at least one existing domain"),
-        (["mix", "--add-expert", "prose=x", "--into", str(tmp_path / "run" / "mixed"), "--out", str(tmp_path / "g4"), "--top-k", "1"],
-         "--top-k do(es) not apply"),
+        (
+            [
+                "mix",
+                "--add-expert",
+                f"prose={foreign.branches['prose']}",
+                "--into",
+                str(tmp_path / "run" / "mixed"),
+                "--out",
+                str(tmp_path / "g1"),
+                "--router-data",
+                f"prose={data['prose']}",
+                "--router-data",
+                f"code={data['code']}",
+            ],
+            "does not fit",
+        ),
+        (
+            [
+                "mix",
+                "--add-expert",
+                f"code={run.branches['code']}",
+                "--into",
+                str(tmp_path / "run" / "mixed"),
+                "--out",
+                str(tmp_path / "g2"),
+            ],
+            "already has an expert named 'code'",
+        ),
+        (
+            [
+                "mix",
+                "--add-expert",
+                f"prose={run.branches['code']}",
+                "--into",
+                str(tmp_path / "run" / "mixed"),
+                "--out",
+                str(tmp_path / "g3"),
+                "--router-data",
+                f"prose={data['prose']}",
+            ],
+            "at least one existing domain",
+        ),
+        (
+            [
+                "mix",
+                "--add-expert",
+                "prose=x",
+                "--into",
+                str(tmp_path / "run" / "mixed"),
+                "--out",
+                str(tmp_path / "g4"),
+                "--top-k",
+                "1",
+            ],
+            "--top-k do(es) not apply",
+        ),
         (["mix", str(run.run_dir), "--add-expert", "prose"], "has no branch 'prose'"),
         (["branch", str(other), str(run.run_dir), "--domain", "prose", "--add"], "is not the seed of"),
         (["mix", "--add-expert", f"prose={seed}", "--into", str(seed), "--out", str(tmp_path / "g5")], "not an MoE"),
@@ -164,25 +241,35 @@ def test_grow_a_run_through_the_cli(make_seed, tmp_path):
     assert record["added"]["into"] == str((run / "tuned").absolute())  # a tuned MoE is grown by default
     assert record["input"]["tune"]["stage"] == "tune" and record["input"]["input"]["stage"] == "mix"
     tuned, grown = Checkpoint(run / "tuned"), Checkpoint(run / "grown")
-    assert all(_bytes(grown, n) == _bytes(tuned, n) for n, i in tuned.tensors.items() if grown.tensors[n].shape == i.shape)
+    assert all(
+        _bytes(grown, n) == _bytes(tuned, n) for n, i in tuned.tensors.items() if grown.tensors[n].shape == i.shape
+    )
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["domains"] == ["code", "math", "prose"]
     assert {"mixed", "tuned", "grown", "grown-tuned"} <= set(report["results"])
-    assert json.loads((run / "eval.json").read_text())["domains"] == ["code", "math", "prose"]  # recorded for moekit report
+    assert json.loads((run / "eval.json").read_text())["domains"] == [
+        "code",
+        "math",
+        "prose",
+    ]  # recorded for moekit report
     from moekit.manifest import load_manifest
 
     stages = [s.stage for s in load_manifest(run).stages]
     assert "add-expert" in stages and "tune:grown" in stages
     compute = report.get("compute", {})
     assert compute["grown"]["tokens"] == compute["tuned"]["tokens"] + compute["branch prose"]["tokens"]
-    assert compute["tuned"]["tokens"] == compute["mixed"]["tokens"] + 3 * 4 * 32  # the prose branch is not in the mixed model
+    assert (
+        compute["tuned"]["tokens"] == compute["mixed"]["tokens"] + 3 * 4 * 32
+    )  # the prose branch is not in the mixed model
     assert compute["grown-tuned"]["tokens"] == compute["grown"]["tokens"] + 3 * 4 * 32
     page = tmp_path / "report.html"
     result = runner.invoke(build_app(), ["report", str(run), "--out", str(page), "--max-new-tokens", "4"])
     assert result.exit_code == 0, result.output
     text = page.read_text()
     assert "grown-tuned" in text and "<h3>prose</h3>" in text
-    assert 'class="note"' not in text and (run / "inspect" / "routing.json").is_file()  # routing inspected here, on the run's data
+    assert (
+        'class="note"' not in text and (run / "inspect" / "routing.json").is_file()
+    )  # routing inspected here, on the run's data
     assert text.count("data:image/png") >= 6
 
 
@@ -191,19 +278,69 @@ def test_tune_new_expert_and_router_only(make_seed, tmp_path):
     seed = make_seed("llama")
     data = _data(tmp_path)
     run = branch(str(seed), tmp_path / "run", ["code", "math"])
-    mixed = mix(MixConfig(out=tmp_path / "run" / "mixed", seed=str(seed), experts=list(run.branches.items()), run_dir=run.run_dir)).out
+    mixed = mix(
+        MixConfig(
+            out=tmp_path / "run" / "mixed", seed=str(seed), experts=list(run.branches.items()), run_dir=run.run_dir
+        )
+    ).out
     add_branches(str(seed), run.run_dir, ["prose"])
-    grown = add_expert(GrowConfig(into=mixed, name="prose", branch=run.run_dir / "branches" / "prose", out=tmp_path / "grown",
-                                  router_data=data, router_tokens=256, router_block_size=32)).out
-    loop = ["--seq-len", "32", "--batch-size", "4", "--max-steps", "3", "--eval-every", "0", "--lr", "1e-2", "--weight-decay", "0.1"]
-    result = runner.invoke(build_app(), ["tune", str(grown), "--train", "new-expert+router", "--data", f"prose={data['prose']}",
-                                         "--out", str(tmp_path / "tuned"), *loop])
+    grown = add_expert(
+        GrowConfig(
+            into=mixed,
+            name="prose",
+            branch=run.run_dir / "branches" / "prose",
+            out=tmp_path / "grown",
+            router_data=data,
+            router_tokens=256,
+            router_block_size=32,
+        )
+    ).out
+    loop = [
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "3",
+        "--eval-every",
+        "0",
+        "--lr",
+        "1e-2",
+        "--weight-decay",
+        "0.1",
+    ]
+    result = runner.invoke(
+        build_app(),
+        [
+            "tune",
+            str(grown),
+            "--train",
+            "new-expert+router",
+            "--data",
+            f"prose={data['prose']}",
+            "--out",
+            str(tmp_path / "tuned"),
+            *loop,
+        ],
+    )
     assert result.exit_code == 0, result.output
     before, after = Checkpoint(grown), Checkpoint(tmp_path / "tuned")
     changed = {n for n in before.tensors if _bytes(before, n) != _bytes(after, n)}
     layers = before.config["num_hidden_layers"]
     assert len(changed) == layers * 4  # per layer: the router and the new expert's three projections
     assert all(".gate." in n or ".experts.3." in n for n in changed), sorted(changed)
-    refused = runner.invoke(build_app(), ["tune", str(mixed), "--train", "new-expert+router", "--data", f"prose={data['prose']}",
-                                          "--out", str(tmp_path / "t2"), *loop])
+    refused = runner.invoke(
+        build_app(),
+        [
+            "tune",
+            str(mixed),
+            "--train",
+            "new-expert+router",
+            "--data",
+            f"prose={data['prose']}",
+            "--out",
+            str(tmp_path / "t2"),
+            *loop,
+        ],
+    )
     assert refused.exit_code != 0 and "mix --add-expert" in refused.output and not (tmp_path / "t2").exists()

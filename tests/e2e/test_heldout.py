@@ -24,8 +24,24 @@ def test_eval_of_a_run_never_scores_training_tokens(train_len, val_fraction, eva
     seed = make_seed("llama")
     (tmp_path / "code.txt").write_text(domain_corpus("code", 600))
     assert cli("branch", seed, tmp_path / "run", "--domain", "code").exit_code == 0
-    result = cli("train", tmp_path / "run", "--data", f"code={tmp_path / 'code.txt'}", "--max-steps", "1", "--seq-len", train_len,
-                 "--batch-size", "2", "--val-fraction", val_fraction, "--eval-every", "0", "--eval-blocks", "1")
+    result = cli(
+        "train",
+        tmp_path / "run",
+        "--data",
+        f"code={tmp_path / 'code.txt'}",
+        "--max-steps",
+        "1",
+        "--seq-len",
+        train_len,
+        "--batch-size",
+        "2",
+        "--val-fraction",
+        val_fraction,
+        "--eval-every",
+        "0",
+        "--eval-blocks",
+        "1",
+    )
     assert result.exit_code == 0, result.output
     record = load_manifest(tmp_path / "run").branches["code"].heldout
     assert record is not None and record.val_fraction == float(val_fraction)
@@ -33,7 +49,9 @@ def test_eval_of_a_run_never_scores_training_tokens(train_len, val_fraction, eva
     assert trained_until <= record.start
 
     tokenizer = AutoTokenizer.from_pretrained(seed)
-    held = _run_dir_heldout(EvalConfig(models=[str(tmp_path / "run")], seq_len=eval_len, max_tokens=10**9), tokenizer)["code"]
+    held = _run_dir_heldout(EvalConfig(models=[str(tmp_path / "run")], seq_len=eval_len, max_tokens=10**9), tokenizer)[
+        "code"
+    ]
     sequence = token_sequence(tokenizer, [str(tmp_path / "code.txt")], "text", tmp_path / "run" / ".cache" / "tokens")
     # the evaluated tokens are exactly the recorded tail: none of them is before the split
     assert np.array_equal(held.flatten().numpy(), sequence.read(record.start, record.start + held.numel()))

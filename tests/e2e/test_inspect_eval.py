@@ -59,7 +59,9 @@ def _args(data):
 def test_all_tokens_to_expert_0(make_seed, tmp_path, data):
     moe = _moe(make_seed, tmp_path, top_k=1, name="top1")
     _route_everything_to_expert_0(moe)
-    result = cli("inspect", moe, *_args(data), "--json", tmp_path / "r.json", "--plot", tmp_path / "plots", "--tokens", "code")
+    result = cli(
+        "inspect", moe, *_args(data), "--json", tmp_path / "r.json", "--plot", tmp_path / "plots", "--tokens", "code"
+    )
     assert result.exit_code == 0, result.output
     assert "DEAD EXPERTS" in result.output
     report = json.loads((tmp_path / "r.json").read_text())
@@ -129,7 +131,9 @@ def test_eval_matches_transformers_reference(make_seed, tmp_path, data):
         for domain, file in data.items():
             blocks = evaluation_blocks(tokenizer, [str(file)], 32, 65536)
             with torch.no_grad():
-                reference = sum(float(model(input_ids=b[None].long(), labels=b[None].long()).loss) for b in blocks) / len(blocks)
+                reference = sum(
+                    float(model(input_ids=b[None].long(), labels=b[None].long()).loss) for b in blocks
+                ) / len(blocks)
             assert report["results"][label][domain]["loss"] == pytest.approx(reference, rel=1e-5)
     assert report["best"]["average"] in labels.values() and all("average" in r for r in report["results"].values())
 

@@ -1,4 +1,5 @@
-"""``inspect`` on bias-bearing and shared-expert MoEs: stored bias values, selection vs gate views, shared-expert share."""
+"""``inspect`` on bias-bearing and shared-expert MoEs: stored bias values, selection vs gate views, shared-expert
+share."""
 
 import json
 from pathlib import Path
@@ -25,7 +26,14 @@ def _glm_with_shared_seed(make_seed, tmp_path: Path) -> Path:
     """GLM-4.5 layout from a Llama seed: three identical domain experts, top-2, the seed as the shared expert."""
     seed = make_seed("llama")
     run = branch(str(seed), tmp_path / "run", list(DOMAINS))
-    cfg = MixConfig(out=tmp_path / "moe", seed=str(seed), experts=list(run.branches.items()), target="glm4_moe", seed_as="shared", top_k=2)
+    cfg = MixConfig(
+        out=tmp_path / "moe",
+        seed=str(seed),
+        experts=list(run.branches.items()),
+        target="glm4_moe",
+        seed_as="shared",
+        top_k=2,
+    )
     return mix(cfg).out
 
 
@@ -78,4 +86,6 @@ def test_shared_expert_share_is_half_for_identical_branches(make_seed, tmp_path)
         assert layer["shared_output_share"] == pytest.approx(0.5, abs=1e-4)
     assert report["routing"]["summary"]["shared_output_share_mean"] == pytest.approx(0.5, abs=1e-4)
     assert "shared expert" in output.lower()
-    assert report["static"]["experts"] == 3 and report["static"]["selection_bias"]["abs_max"] == 0.0  # mix writes a zero bias
+    assert (
+        report["static"]["experts"] == 3 and report["static"]["selection_bias"]["abs_max"] == 0.0
+    )  # mix writes a zero bias

@@ -36,7 +36,9 @@ def _expert_bytes(moe: Checkpoint, adapter, layer: int, expert: int, projection:
 def test_copied_experts_are_the_branches_bytes(family, dtype, make_seed, tmp_path, monkeypatch):
     copies = []
     real = StreamingShardWriter.copy_ranges
-    monkeypatch.setattr(StreamingShardWriter, "copy_ranges", lambda self, name, *a: (copies.append(name), real(self, name, *a))[1])
+    monkeypatch.setattr(
+        StreamingShardWriter, "copy_ranges", lambda self, name, *a: (copies.append(name), real(self, name, *a))[1]
+    )
     seed = make_seed(family, dtype=dtype)
     run = branch(str(seed), tmp_path / "run", ["code", "math"])
     for i, path in enumerate(run.branches.values()):
@@ -51,7 +53,11 @@ def test_copied_experts_are_the_branches_bytes(family, dtype, make_seed, tmp_pat
         for expert, source in enumerate(sources):
             for projection in ("gate_proj", "up_proj", "down_proj"):
                 expected = source.get(adapter.dense_ffn_name(layer, projection)).view(torch.uint8).numpy().tobytes()
-                assert _expert_bytes(moe, adapter, layer, expert, projection, intermediate) == expected, (layer, expert, projection)
+                assert _expert_bytes(moe, adapter, layer, expert, projection, intermediate) == expected, (
+                    layer,
+                    expert,
+                    projection,
+                )
 
 
 def test_a_dtype_change_computes_the_experts(make_seed, tmp_path):

@@ -75,7 +75,9 @@ def test_distinct_branches_land_in_their_slots(family, make_seed, tmp_path):
     for layer in range(layers):
         for expert, source in enumerate(sources):  # experts: code, math, then the seed
             for proj in ("gate_proj", "up_proj", "down_proj"):
-                assert torch.equal(expert_weight(adapter, written, layer, expert, proj), source[adapter.dense_ffn_name(layer, proj)])
+                assert torch.equal(
+                    expert_weight(adapter, written, layer, expert, proj), source[adapter.dense_ffn_name(layer, proj)]
+                )
         assert written[adapter.router_name(layer)].shape == (3, Checkpoint(seed).config["hidden_size"])
     for name, tensor in sources[2].items():
         if ".mlp." in name:
@@ -92,7 +94,9 @@ def test_weighted_and_seed_averaging(make_seed, tmp_path):
     for i, path in enumerate(run.branches.values()):
         perturb_model(path, seed=i + 1)
     experts = list(run.branches.items())
-    weighted = mix(MixConfig(out=tmp_path / "w", seed=str(seed), experts=experts, average="weighted", weights=[3, 1])).out
+    weighted = mix(
+        MixConfig(out=tmp_path / "w", seed=str(seed), experts=experts, average="weighted", weights=[3, 1])
+    ).out
     seeded = mix(MixConfig(out=tmp_path / "s", seed=str(seed), experts=experts, average="seed")).out
     a, b, s = (Checkpoint(p) for p in (*run.branches.values(), seed))
     name = "model.layers.1.self_attn.q_proj.weight"
@@ -104,7 +108,9 @@ def test_weighted_and_seed_averaging(make_seed, tmp_path):
 def test_no_seed_expert_and_bf16_output(make_seed, tmp_path):
     seed = make_seed("llama")
     run = branch(str(seed), tmp_path / "run", ["a", "b"])
-    cfg = MixConfig(out=tmp_path / "moe", seed=str(seed), experts=list(run.branches.items()), seed_as="none", dtype="bfloat16")
+    cfg = MixConfig(
+        out=tmp_path / "moe", seed=str(seed), experts=list(run.branches.items()), seed_as="none", dtype="bfloat16"
+    )
     out = mix(cfg).out
     moe, info = load(out)
     assert_clean_load(info)
@@ -115,7 +121,9 @@ def test_no_seed_expert_and_bf16_output(make_seed, tmp_path):
 def test_sharded_output_loads(make_seed, tmp_path):
     seed = make_seed("qwen3")
     run = branch(str(seed), tmp_path / "run", ["a", "b"])
-    out = mix(MixConfig(out=tmp_path / "moe", seed=str(seed), experts=list(run.branches.items()), shard_size="40KB")).out
+    out = mix(
+        MixConfig(out=tmp_path / "moe", seed=str(seed), experts=list(run.branches.items()), shard_size="40KB")
+    ).out
     assert (out / "model.safetensors.index.json").is_file()
     assert len(list(out.glob("model-*.safetensors"))) > 2
     moe, info = load(out)
@@ -152,7 +160,9 @@ def test_upcycle_copies_and_drop_upcycling(make_seed, tmp_path):
     moe, info = load(plain)
     assert_clean_load(info)
     assert torch.allclose(_logits(moe), _logits(load(seed)[0]), atol=1e-5)
-    dropped = mix(MixConfig(out=tmp_path / "drop", seed=str(seed), upcycle=UpcycleSettings(num_experts=4, drop_fraction=0.5))).out
+    dropped = mix(
+        MixConfig(out=tmp_path / "drop", seed=str(seed), upcycle=UpcycleSettings(num_experts=4, drop_fraction=0.5))
+    ).out
     original = Checkpoint(seed).get(adapter.dense_ffn_name(0, "gate_proj"))
     written = Checkpoint(dropped)
     changed_rows = []
@@ -170,7 +180,9 @@ def test_upcycle_copies_and_drop_upcycling(make_seed, tmp_path):
 def test_expert_scale_scales_the_moe_output(make_seed, tmp_path):
     seed = make_seed("llama")
     base = mix(MixConfig(out=tmp_path / "a", seed=str(seed), upcycle=UpcycleSettings(num_experts=2))).out
-    scaled = mix(MixConfig(out=tmp_path / "b", seed=str(seed), upcycle=UpcycleSettings(num_experts=2), expert_scale=2.0)).out
+    scaled = mix(
+        MixConfig(out=tmp_path / "b", seed=str(seed), upcycle=UpcycleSettings(num_experts=2), expert_scale=2.0)
+    ).out
     name = get_adapter("llama").expert_name(1, 1, "down_proj")
     assert torch.equal(Checkpoint(scaled).get(name), Checkpoint(base).get(name) * 2)
 
@@ -185,7 +197,9 @@ def test_centroid_init_runs_for_every_family(family, make_seed, tmp_path):
     for domain in ("code", "math"):
         data[domain] = str(tmp_path / f"{domain}.txt")
         Path(data[domain]).write_text(domain_corpus(domain, 60))
-    cfg = MixConfig(out=tmp_path / "moe", seed=str(seed), experts=list(run.branches.items()), router="centroid", router_data=data)
+    cfg = MixConfig(
+        out=tmp_path / "moe", seed=str(seed), experts=list(run.branches.items()), router="centroid", router_data=data
+    )
     result = mix(cfg)
     moe, info = load(result.out)
     assert_clean_load(info)

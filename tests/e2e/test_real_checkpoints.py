@@ -1,4 +1,5 @@
-"""What only real checkpoints and real jobs show: precision of saved weights and of statistics, logs off a terminal, SIGTERM."""
+"""What only real checkpoints and real jobs show: precision of saved weights and of statistics, logs off a terminal,
+SIGTERM."""
 
 from __future__ import annotations
 
@@ -49,7 +50,9 @@ def _saved_heldout_loss(run: Path, name: str, seq_len: int = 32, blocks: int = 4
     branch_dir = run / "branches" / name
     tokenizer = AutoTokenizer.from_pretrained(branch_dir)
     record = load_manifest(run).branches[name]
-    held = recorded_heldout(tokenizer, name, record.data, record.val_data, record.heldout, seq_len, "text", run / ".cache" / "tokens").head(blocks)
+    held = recorded_heldout(
+        tokenizer, name, record.data, record.val_data, record.heldout, seq_len, "text", run / ".cache" / "tokens"
+    ).head(blocks)
     model = AutoModelForCausalLM.from_pretrained(branch_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         return float(block_losses(model, held[:blocks].long()).mean())
@@ -57,8 +60,21 @@ def _saved_heldout_loss(run: Path, name: str, seq_len: int = 32, blocks: int = 4
 
 @pytest.mark.parametrize("save_dtype", ["auto", "float32"])
 def test_reported_heldout_loss_is_the_saved_weights(save_dtype, bf16_run):
-    result = cli("train", bf16_run / "run", "--branch", "code", "--data", bf16_run / "code.txt", "--max-steps", "4", "--lr", "2e-3",
-                 "--save-dtype", save_dtype, *LOOP)
+    result = cli(
+        "train",
+        bf16_run / "run",
+        "--branch",
+        "code",
+        "--data",
+        bf16_run / "code.txt",
+        "--max-steps",
+        "4",
+        "--lr",
+        "2e-3",
+        "--save-dtype",
+        save_dtype,
+        *LOOP,
+    )
     assert result.exit_code == 0, result.output
     expected = torch.bfloat16 if save_dtype == "auto" else torch.float32
     branch_dir = bf16_run / "run" / "branches" / "code"
@@ -70,7 +86,8 @@ def test_reported_heldout_loss_is_the_saved_weights(save_dtype, bf16_run):
 
 
 def test_branches_with_a_redundant_tied_head_still_mix(bf16_run, tmp_path):
-    """Branches written by moekit 0.1 from a tied bf16 seed carry an extra lm_head.weight: they mix, and the output is tied."""
+    """Branches written by moekit 0.1 from a tied bf16 seed carry an extra lm_head.weight: they mix, and the output
+    is tied."""
     from safetensors.torch import load_file, save_file
 
     code = bf16_run / "run" / "branches" / "code"
@@ -85,7 +102,19 @@ def test_branches_with_a_redundant_tied_head_still_mix(bf16_run, tmp_path):
 
 def test_rounded_away_updates_are_reported(bf16_run):
     """A few tiny-lr steps in bf16 leave most weights bit-identical: say so, and record the share."""
-    result = cli("train", bf16_run / "run", "--branch", "code", "--data", bf16_run / "code.txt", "--max-steps", "2", "--lr", "1e-6", *LOOP)
+    result = cli(
+        "train",
+        bf16_run / "run",
+        "--branch",
+        "code",
+        "--data",
+        bf16_run / "code.txt",
+        "--max-steps",
+        "2",
+        "--lr",
+        "1e-6",
+        *LOOP,
+    )
     assert result.exit_code == 0, result.output
     share = load_manifest(bf16_run / "run").stages[-1].outputs["unchanged_share"]
     assert share > 0.5
@@ -93,8 +122,17 @@ def test_rounded_away_updates_are_reported(bf16_run):
 
 
 def test_expert_similarity_tells_copies_from_slightly_trained_experts(tmp_path):
-    """Upcycled experts are exact copies: cosine 1 (fp32 sums over ~3M values gave 0.9998); a 1% nudge of 1% of one expert's values shows."""
-    seed = build_tiny_model(tmp_path / "seed", "llama", dtype=torch.bfloat16, intermediate_size=16384, num_hidden_layers=1, hidden_size=64, head_dim=16)
+    """Upcycled experts are exact copies: cosine 1 (fp32 sums over ~3M values gave 0.9998); a 1% nudge of 1% of one
+    expert's values shows."""
+    seed = build_tiny_model(
+        tmp_path / "seed",
+        "llama",
+        dtype=torch.bfloat16,
+        intermediate_size=16384,
+        num_hidden_layers=1,
+        hidden_size=64,
+        head_dim=16,
+    )
     moe = mix(MixConfig(out=tmp_path / "moe", seed=str(seed), upcycle=UpcycleSettings(num_experts=3))).out
     cosine = torch.tensor(static_report(Checkpoint(moe))["per_layer"][0]["expert_cosine"], dtype=torch.float64)
     assert (cosine - 1).abs().max() < 1e-12
@@ -133,11 +171,20 @@ def test_plain_progress_lines_are_rate_limited():
 
 def _moekit(*args: str, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "MOEKIT_PROGRESS_EVERY": "0"}
-    return subprocess.Popen([sys.executable, "-m", "moekit", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "moekit", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
 
 
 def test_train_off_a_terminal_prints_progress_lines(bf16_run):
-    process = _moekit("train", str(bf16_run / "run"), "--data", f"code={bf16_run / 'code.txt'}", "--max-steps", "3", *LOOP)
+    process = _moekit(
+        "train", str(bf16_run / "run"), "--data", f"code={bf16_run / 'code.txt'}", "--max-steps", "3", *LOOP
+    )
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 0, output
     steps = [line for line in output.splitlines() if "train code step:" in line]
@@ -148,7 +195,9 @@ def test_sigterm_is_handled_like_ctrl_c(bf16_run):
     """A scheduler's SIGTERM: the interrupted message, exit 143, the branch untouched, no temporary directory left."""
     branch_dir = bf16_run / "run" / "branches" / "code"
     before = (branch_dir / "model.safetensors").read_bytes()
-    process = _moekit("train", str(bf16_run / "run"), "--data", f"code={bf16_run / 'code.txt'}", "--max-steps", "100000", *LOOP)
+    process = _moekit(
+        "train", str(bf16_run / "run"), "--data", f"code={bf16_run / 'code.txt'}", "--max-steps", "100000", *LOOP
+    )
     assert process.stdout is not None
     deadline = time.monotonic() + 300
     for line in process.stdout:  # wait until training runs

@@ -1,4 +1,5 @@
-"""Each ablation routing mode of ``tune``: it trains, reports its own metrics, and saves a plain model whose card states its routing."""
+"""Each ablation routing mode of ``tune``: it trains, reports its own metrics, and saves a plain model whose card
+states its routing."""
 
 import json
 from pathlib import Path
@@ -49,7 +50,9 @@ def test_ablation_mode_trains_reports_and_saves_a_plain_model(mixed, tmp_path, m
     extra, train, expected = MODES[mode]
     out = tmp_path / mode
     data = ["--data", f"code={mixed.parent / 'code.txt'}", "--data", f"math={mixed.parent / 'math.txt'}"]
-    result = cli("tune", mixed, *data, "--routing", mode, *extra, "--train", train, "--max-steps", "3", "--out", out, *LOOP)
+    result = cli(
+        "tune", mixed, *data, "--routing", mode, *extra, "--train", train, "--max-steps", "3", "--out", out, *LOOP
+    )
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "maxvio" in r]
@@ -61,11 +64,15 @@ def test_ablation_mode_trains_reports_and_saves_a_plain_model(mixed, tmp_path, m
         assert steps[0]["temperature"] > steps[-1]["temperature"] >= 0.5  # the schedule anneals
     if mode == "hash":
         assert steps[-1]["dropped_tokens"] == 0
-    assert set(Checkpoint(out).tensors) == set(Checkpoint(mixed).tensors)  # no training-only parameter (noise weights) saved
+    assert set(Checkpoint(out).tensors) == set(
+        Checkpoint(mixed).tensors
+    )  # no training-only parameter (noise weights) saved
     _, info = load(out)
     assert_clean_load(info)
     card = (out / "README.md").read_text()
     assert "Routing at inference:" in card and f"`{mode}` routing was used only while training" in card
     record = yaml.safe_load((out / "moekit.yaml").read_text())["tune"]
     assert record["routing"] == mode and "top-2" in record["inference_routing"]
-    assert json.loads((out / "config.json").read_text())["num_experts_per_tok"] == 2  # the export keeps the configured routing
+    assert (
+        json.loads((out / "config.json").read_text())["num_experts_per_tok"] == 2
+    )  # the export keeps the configured routing

@@ -21,7 +21,13 @@ from moekit.tiny import perturb_model
 from tests.conftest import FAMILY_TARGETS, assert_clean_load, load
 
 NEW_TARGETS = [("llama", "glm4_moe"), ("qwen2", "glm4_moe"), ("qwen3", "glm4_moe"), ("llama", "ernie4_5_moe")]
-SHARED_TARGETS = [("qwen2", "qwen2_moe"), ("llama", "glm4_moe"), ("qwen2", "glm4_moe"), ("qwen3", "glm4_moe"), ("llama", "ernie4_5_moe")]
+SHARED_TARGETS = [
+    ("qwen2", "qwen2_moe"),
+    ("llama", "glm4_moe"),
+    ("qwen2", "glm4_moe"),
+    ("qwen3", "glm4_moe"),
+    ("llama", "ernie4_5_moe"),
+]
 
 
 def _logits(model, seed: int = 0) -> torch.Tensor:
@@ -30,10 +36,14 @@ def _logits(model, seed: int = 0) -> torch.Tensor:
         return model(ids).logits
 
 
-def _mix_identical(make_seed, tmp_path, family: str, target: str | None = None, dtype=torch.float32, seed_options=None, **options):
+def _mix_identical(
+    make_seed, tmp_path, family: str, target: str | None = None, dtype=torch.float32, seed_options=None, **options
+):
     seed = make_seed(family, dtype=dtype, **(seed_options or {}))
     run = branch(str(seed), tmp_path / "run", ["code", "math", "wiki"])
-    result = mix(MixConfig(out=tmp_path / "moe", seed=str(seed), experts=list(run.branches.items()), target=target, **options))
+    result = mix(
+        MixConfig(out=tmp_path / "moe", seed=str(seed), experts=list(run.branches.items()), target=target, **options)
+    )
     return seed, result
 
 
@@ -51,7 +61,9 @@ def test_bias_targets_reproduce_the_seed(family, target, make_seed, tmp_path):
     moe = Checkpoint(result.out)
     adapter = get_adapter(family, target)
     bias = moe.tensors[adapter.selection_bias_name(0)]
-    assert bias.dtype == "F32" and moe.tensors[adapter.router_name(0)].dtype == "F32"  # as transformers keeps them in memory
+    assert (
+        bias.dtype == "F32" and moe.tensors[adapter.router_name(0)].dtype == "F32"
+    )  # as transformers keeps them in memory
     assert not moe.get(adapter.selection_bias_name(0)).any()
 
 
@@ -93,7 +105,9 @@ def test_a_sliding_window_qwen2_is_refused_for_glm4_moe(make_seed, tmp_path):
 
 def test_a_tied_bf16_seed_gets_an_explicit_head_for_glm4_moe(make_seed, tmp_path):
     """vLLM's Glm4Moe needs lm_head.weight: it is the averaged embedding, and the logits stay the seed's."""
-    seed, result = _mix_identical(make_seed, tmp_path, "llama", "glm4_moe", dtype=torch.bfloat16, seed_options={"tie_word_embeddings": True})
+    seed, result = _mix_identical(
+        make_seed, tmp_path, "llama", "glm4_moe", dtype=torch.bfloat16, seed_options={"tie_word_embeddings": True}
+    )
     moe = Checkpoint(result.out)
     assert moe.config["tie_word_embeddings"] is False
     assert torch.equal(moe.get("lm_head.weight"), moe.get("model.embed_tokens.weight"))
@@ -103,10 +117,17 @@ def test_a_tied_bf16_seed_gets_an_explicit_head_for_glm4_moe(make_seed, tmp_path
     assert torch.allclose(_logits(moe_model.float()), _logits(dense.float()), atol=1e-4)
 
 
-@pytest.mark.parametrize(("family", "target", "split", "seed_as"), [
-    ("llama", "mixtral", 2, "routed"), ("granite", "granitemoe", 4, "routed"), ("llama", "glm4_moe", 4, "routed"),
-    ("qwen2", "qwen2_moe", 2, "shared"), ("llama", "ernie4_5_moe", 2, "shared"), ("qwen3", "glm4_moe", 2, "shared"),
-])
+@pytest.mark.parametrize(
+    ("family", "target", "split", "seed_as"),
+    [
+        ("llama", "mixtral", 2, "routed"),
+        ("granite", "granitemoe", 4, "routed"),
+        ("llama", "glm4_moe", 4, "routed"),
+        ("qwen2", "qwen2_moe", 2, "shared"),
+        ("llama", "ernie4_5_moe", 2, "shared"),
+        ("qwen3", "glm4_moe", 2, "shared"),
+    ],
+)
 def test_split_experts_reproduce_the_seed(family, target, split, seed_as, make_seed, tmp_path):
     """Fine-grained experts: each FFN cut in ``split`` chunks, routed top-(k x split) with a router row per source."""
     seed, result = _mix_identical(make_seed, tmp_path, family, target, split=split, seed_as=seed_as)
@@ -137,8 +158,13 @@ def test_split_chunks_hold_the_right_slices(make_seed, tmp_path):
         source, chunk = divmod(expert, 2)
         rows = slice(chunk * width, (chunk + 1) * width)
         for proj in ("gate_proj", "up_proj"):
-            assert torch.equal(written[adapter.expert_name(1, expert, proj)], sources[source].get(f"model.layers.1.mlp.{proj}.weight")[rows])
-        down = sources[source].get("model.layers.1.mlp.down_proj.weight")[:, rows] * 2  # renormalised chunk weights are 1/2
+            assert torch.equal(
+                written[adapter.expert_name(1, expert, proj)],
+                sources[source].get(f"model.layers.1.mlp.{proj}.weight")[rows],
+            )
+        down = (
+            sources[source].get("model.layers.1.mlp.down_proj.weight")[:, rows] * 2
+        )  # renormalised chunk weights are 1/2
         assert torch.equal(written[adapter.expert_name(1, expert, "down_proj")], down)
 
 
@@ -152,11 +178,26 @@ def test_split_must_divide_the_ffn(make_seed, tmp_path):
 def test_cli_targets_seed_as_and_split(make_seed, tmp_path):
     seed = make_seed("qwen3")
     run = branch(str(seed), tmp_path / "run", ["code", "math"])
-    result = CliRunner().invoke(build_app(), ["mix", str(run.run_dir), "--target", "glm4_moe", "--seed-as", "shared", "--split", "2",
-                                              "--out", str(tmp_path / "moe")])
+    result = CliRunner().invoke(
+        build_app(),
+        [
+            "mix",
+            str(run.run_dir),
+            "--target",
+            "glm4_moe",
+            "--seed-as",
+            "shared",
+            "--split",
+            "2",
+            "--out",
+            str(tmp_path / "moe"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "4 routed experts (code.0, code.1, math.0, math.1)" in result.output.replace("\n", " ")
-    bad = CliRunner().invoke(build_app(), ["mix", str(run.run_dir), "--seed-as", "shared", "--no-seed-expert", "--out", str(tmp_path / "x")])
+    bad = CliRunner().invoke(
+        build_app(), ["mix", str(run.run_dir), "--seed-as", "shared", "--no-seed-expert", "--out", str(tmp_path / "x")]
+    )
     assert bad.exit_code != 0 and "contradicts" in bad.output
 
 

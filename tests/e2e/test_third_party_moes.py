@@ -30,7 +30,11 @@ def cli(*args):
 def moes(tmp_path_factory) -> dict[tuple[str, bool], Path]:
     """Each third-party family, saved per expert (False) and fused (True), from the same weights."""
     root = tmp_path_factory.mktemp("third-party")
-    return {(t, fused): build_tiny_moe(root / f"{t}-{'fused' if fused else 'per-expert'}", t, fused) for t in THIRD_PARTY_MOE_TYPES for fused in (False, True)}
+    return {
+        (t, fused): build_tiny_moe(root / f"{t}-{'fused' if fused else 'per-expert'}", t, fused)
+        for t in THIRD_PARTY_MOE_TYPES
+        for fused in (False, True)
+    }
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +57,9 @@ def test_both_layouts_give_the_same_static_statistics(moe_type, moes):
     assert hub["total_params"] == fused["total_params"] and hub["active_params"] == fused["active_params"]
     for a, b in zip(hub["per_layer"], fused["per_layer"], strict=True):
         assert a["router_row_norms"] == b["router_row_norms"]
-        torch.testing.assert_close(torch.tensor(a["expert_cosine"]), torch.tensor(b["expert_cosine"]), atol=1e-12, rtol=0)
+        torch.testing.assert_close(
+            torch.tensor(a["expert_cosine"]), torch.tensor(b["expert_cosine"]), atol=1e-12, rtol=0
+        )
         assert a["expert_params"] == b["expert_params"]
 
 
@@ -62,11 +68,23 @@ def test_routing_and_eval_agree_across_layouts(moe_type, moes, data, tmp_path):
     reports, evals = [], []
     for fused in (False, True):
         out = tmp_path / f"{fused}.json"
-        result = cli("inspect", moes[(moe_type, fused)], *_data_args(data), "--seq-len", "32", "--max-tokens", "256", "--json", out)
+        result = cli(
+            "inspect",
+            moes[(moe_type, fused)],
+            *_data_args(data),
+            "--seq-len",
+            "32",
+            "--max-tokens",
+            "256",
+            "--json",
+            out,
+        )
         assert result.exit_code == 0, result.output
         reports.append(json.loads(out.read_text())["routing"])
         out = tmp_path / f"eval-{fused}.json"
-        result = cli("eval", moes[(moe_type, fused)], *_data_args(data), "--seq-len", "32", "--max-tokens", "256", "--json", out)
+        result = cli(
+            "eval", moes[(moe_type, fused)], *_data_args(data), "--seq-len", "32", "--max-tokens", "256", "--json", out
+        )
         assert result.exit_code == 0, result.output
         evals.append(next(iter(json.loads(out.read_text())["results"].values())))
     assert reports[0]["domains"] == reports[1]["domains"]
@@ -79,7 +97,20 @@ def test_router_only_tune_reads_either_layout_and_writes_the_hub_layout(moe_type
     hub = Checkpoint(moes[(moe_type, False)])
     for fused in (False, True):
         out = tmp_path / f"tuned-{fused}"
-        loop = ["--seq-len", "32", "--batch-size", "2", "--max-steps", "2", "--lr", "1e-2", "--eval-every", "0", "--eval-blocks", "1"]
+        loop = [
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "2",
+            "--max-steps",
+            "2",
+            "--lr",
+            "1e-2",
+            "--eval-every",
+            "0",
+            "--eval-blocks",
+            "1",
+        ]
         result = cli("tune", moes[(moe_type, fused)], *_data_args(data), "--train", "router", "--out", out, *loop)
         assert result.exit_code == 0, result.output
         _, info = load(out)
@@ -98,7 +129,9 @@ def test_tune_loss_ignores_the_models_own_router_aux_loss(moes):
     from moekit.routing.control import RoutingController
     from moekit.routing.objective import BalancedObjective, BalanceSettings
 
-    model = AutoModelForCausalLM.from_pretrained(moes[("mixtral", False)], dtype=torch.float32, output_router_logits=True, router_aux_loss_coef=5.0)
+    model = AutoModelForCausalLM.from_pretrained(
+        moes[("mixtral", False)], dtype=torch.float32, output_router_logits=True, router_aux_loss_coef=5.0
+    )
     ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         with_aux = model(input_ids=ids, labels=ids).loss
@@ -112,11 +145,25 @@ def test_tune_loss_ignores_the_models_own_router_aux_loss(moes):
 
 
 def test_dense_first_layers_are_reported_as_such(moes, data, tmp_path):
-    """GLM-4.5 keeps its first ``first_k_dense_replace`` layers dense: the statistics and routing name the real decoder layers."""
+    """GLM-4.5 keeps its first ``first_k_dense_replace`` layers dense: the statistics and routing name the real
+    decoder layers."""
     static = static_report(Checkpoint(moes[("glm4_moe", False)]))
     assert static["dense_layers"] == [0] and [layer["layer"] for layer in static["per_layer"]] == [1]
     assert static["selection_bias"]["per_layer"] == {"1": [0.0, 0.0, 0.0]}
     out = tmp_path / "r.json"
-    assert cli("inspect", moes[("glm4_moe", True)], *_data_args(data), "--seq-len", "32", "--max-tokens", "256", "--json", out).exit_code == 0
+    assert (
+        cli(
+            "inspect",
+            moes[("glm4_moe", True)],
+            *_data_args(data),
+            "--seq-len",
+            "32",
+            "--max-tokens",
+            "256",
+            "--json",
+            out,
+        ).exit_code
+        == 0
+    )
     routing = json.loads(out.read_text())["routing"]
     assert [layer["layer"] for layer in routing["layers"]] == [1] and "shared_output_share" in routing["layers"][0]

@@ -50,8 +50,19 @@ def _rows(path: Path) -> list[dict]:
 
 def test_training_lowers_loss_and_writes_the_branch_safely(run):
     seed_hash = _files_hash(run / "seed")
-    result = cli("train", run / "run", "--branch", "code", "--data", run / "code.txt", "--data", f"math={run / 'math.txt'}",
-                 "--max-steps", "20", *TRAIN)
+    result = cli(
+        "train",
+        run / "run",
+        "--branch",
+        "code",
+        "--data",
+        run / "code.txt",
+        "--data",
+        f"math={run / 'math.txt'}",
+        "--max-steps",
+        "20",
+        *TRAIN,
+    )
     assert result.exit_code == 0, result.output
     rows = _rows(run / "run" / "train" / "code" / "metrics.jsonl")
     losses = [r["loss"] for r in rows if "loss" in r]
@@ -105,7 +116,9 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(run):
 
 
 def test_checkpoints_of_an_unfinished_run_need_resume(run):
-    job = _loop_job(run, "work", on_step_end=lambda step, row: (_ for _ in ()).throw(KeyboardInterrupt) if step == 4 else None)
+    job = _loop_job(
+        run, "work", on_step_end=lambda step, row: (_ for _ in ()).throw(KeyboardInterrupt) if step == 4 else None
+    )
     with pytest.raises(KeyboardInterrupt):
         run_loop(job, make_loop_engine(job.settings))
     again = _loop_job(run, "work")
@@ -117,16 +130,49 @@ def test_checkpoints_of_an_unfinished_run_need_resume(run):
 
 def test_two_processes_match_one_process_with_the_same_global_batch(run):
     shutil.copytree(run / "run", run / "run2", symlinks=True)
-    common = ["train", "--branch", "math", "--data", str(run / "math.txt"), "--max-steps", "6", "--seq-len", "32",
-              "--lr", "3e-3", "--eval-every", "3", "--eval-blocks", "4"]
+    common = [
+        "train",
+        "--branch",
+        "math",
+        "--data",
+        str(run / "math.txt"),
+        "--max-steps",
+        "6",
+        "--seq-len",
+        "32",
+        "--lr",
+        "3e-3",
+        "--eval-every",
+        "3",
+        "--eval-blocks",
+        "4",
+    ]
     single = cli(common[0], run / "run", *common[1:], "--batch-size", "4")
     assert single.exit_code == 0, single.output
     accelerate = Path(sys.executable).parent / "accelerate"
-    launch = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "moekit"]
+    launch = [
+        str(accelerate),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "moekit",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([*launch, common[0], str(run / "run2"), *common[1:], "--batch-size", "2"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(
+        [*launch, common[0], str(run / "run2"), *common[1:], "--batch-size", "2"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     one, two = (_rows(run / r / "train" / "math" / "metrics.jsonl") for r in ("run", "run2"))
     assert [r["tokens"] for r in one if "loss" in r] == [r["tokens"] for r in two if "loss" in r]
@@ -161,7 +207,10 @@ def test_tokenised_data_is_cached(run, monkeypatch):
         (["--branch", "physics", "--data", "{tmp}/code.txt"], "Unknown branch 'physics'"),
         (["--branch", "code"], "has no training data"),
         (["--data", "{tmp}/code.txt"], "which branch is it for"),
-        (["--branch", "code", "--data", "{tmp}/code.txt", "--max-steps", "2", "--max-tokens", "9"], "exactly one of max_steps or max_tokens"),
+        (
+            ["--branch", "code", "--data", "{tmp}/code.txt", "--max-steps", "2", "--max-tokens", "9"],
+            "exactly one of max_steps or max_tokens",
+        ),
     ],
 )
 def test_bad_input_is_refused_and_changes_nothing(run, args, message):
@@ -188,7 +237,19 @@ def test_newer_manifest_is_refused(run):
 
 def test_tensorboard_logging(run):
     pytest.importorskip("torch.utils.tensorboard")
-    result = cli("train", run / "run", "--branch", "code", "--data", run / "code.txt", "--max-steps", "2", "--report-to", "tensorboard", *TRAIN)
+    result = cli(
+        "train",
+        run / "run",
+        "--branch",
+        "code",
+        "--data",
+        run / "code.txt",
+        "--max-steps",
+        "2",
+        "--report-to",
+        "tensorboard",
+        *TRAIN,
+    )
     assert result.exit_code == 0, result.output
     assert list((run / "run" / "train" / "code" / "tensorboard").glob("events.out.tfevents.*"))
 
@@ -223,7 +284,18 @@ def test_cli_resume_after_a_crash_matches_an_uninterrupted_run(run, monkeypatch)
 
 
 def test_max_tokens_and_gradient_checkpointing(run):
-    args = ["--branch", "math", "--data", run / "math.txt", "--max-tokens", "300", "--gradient-checkpointing", "--grad-accum", "2", *TRAIN]
+    args = [
+        "--branch",
+        "math",
+        "--data",
+        run / "math.txt",
+        "--max-tokens",
+        "300",
+        "--gradient-checkpointing",
+        "--grad-accum",
+        "2",
+        *TRAIN,
+    ]
     result = cli("train", run / "run", *args)
     assert result.exit_code == 0, result.output
     rows = [r for r in _rows(run / "run" / "train" / "math" / "metrics.jsonl") if "loss" in r]
@@ -241,8 +313,18 @@ def test_train_then_mix_with_a_legacy_config_seed(make_seed, tmp_path):
     (seed / "config.json").write_text(json.dumps(config))
     branch(str(seed), tmp_path / "run", ["code", "math"])
     (tmp_path / "code.txt").write_text(domain_corpus("code", 200))
-    trained = cli("train", tmp_path / "run", "--branch", "code", "--data", tmp_path / "code.txt", "--max-steps", "2",
-                  "--gradient-checkpointing", *TRAIN)
+    trained = cli(
+        "train",
+        tmp_path / "run",
+        "--branch",
+        "code",
+        "--data",
+        tmp_path / "code.txt",
+        "--max-steps",
+        "2",
+        "--gradient-checkpointing",
+        *TRAIN,
+    )
     assert trained.exit_code == 0, trained.output
     saved = json.loads((tmp_path / "run" / "branches" / "code" / "config.json").read_text())
     assert saved != config and saved.get("use_cache", True) is True  # re-saved by transformers; use_cache restored

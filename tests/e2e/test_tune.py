@@ -52,7 +52,9 @@ def _data_args(mixed: Path) -> list:
 
 
 def test_router_only_tuning_changes_only_routers(mixed, tmp_path):
-    result = cli("tune", mixed, *_data_args(mixed), "--train", "router", "--max-steps", "3", "--out", tmp_path / "tuned", *LOOP)
+    result = cli(
+        "tune", mixed, *_data_args(mixed), "--train", "router", "--max-steps", "3", "--out", tmp_path / "tuned", *LOOP
+    )
     assert result.exit_code == 0, result.output
     model, info = load(tmp_path / "tuned")
     assert_clean_load(info)
@@ -61,7 +63,9 @@ def test_router_only_tuning_changes_only_routers(mixed, tmp_path):
     changed = [n for n in before.tensors if not torch.equal(before.get(n), after.get(n))]
     assert changed and all(n.endswith("block_sparse_moe.gate.weight") for n in changed), changed
     config = json.loads((tmp_path / "tuned" / "config.json").read_text())
-    assert config["num_experts_per_tok"] == 2 and "rope_theta" in config and config["torch_dtype"] == "float32"  # portable keys kept
+    assert (
+        config["num_experts_per_tok"] == 2 and "rope_theta" in config and config["torch_dtype"] == "float32"
+    )  # portable keys kept
     rows = [r for r in _rows(tmp_path / "tuned" / "metrics.jsonl") if "loss" in r]
     assert {"lm_loss", "aux_loss/switch", "load_imbalance", "maxvio", "dead_experts", "dropped_tokens"} <= set(rows[-1])
 
@@ -71,8 +75,10 @@ def _skew_towards_expert_0(model_dir: Path, out: Path, blocks: torch.Tensor) -> 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     controller = RoutingController(model)
     inputs = {}
-    hooks = [r.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0].reshape(-1, a[0].shape[-1])))
-             for i, (_, r) in enumerate(controller.routers)]
+    hooks = [
+        r.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0].reshape(-1, a[0].shape[-1])))
+        for i, (_, r) in enumerate(controller.routers)
+    ]
     with torch.no_grad():
         model(input_ids=blocks[:8].long())
         for layer, (_, router) in enumerate(controller.routers):
@@ -123,8 +129,17 @@ def test_global_batch_counts_are_the_sum_over_micro_batches(mixed):
             seen.append((objective.last_step_counts.clone(), list(objective.last_step_micro_counts)))
 
     settings = LoopSettings(seq_len=32, batch_size=2, grad_accum=3, max_steps=1, save_every=0, eval_every=0)
-    job = LoopJob(model, blocks, {}, settings, mixed.parent / "work", show_progress=False, compute_loss=objective,
-                  step_metrics=objective.step_metrics, on_step_end=after_step)
+    job = LoopJob(
+        model,
+        blocks,
+        {},
+        settings,
+        mixed.parent / "work",
+        show_progress=False,
+        compute_loss=objective,
+        step_metrics=objective.step_metrics,
+        on_step_end=after_step,
+    )
     run_loop(job, make_loop_engine(settings))
     step_counts, micro_counts = seen[0]
     assert len(micro_counts) == 3
@@ -135,14 +150,20 @@ def test_global_batch_counts_are_the_sum_over_micro_batches(mixed):
 @pytest.mark.parametrize(("routing", "extra"), [("switch", ["--capacity-factor", "0.5"]), ("soft", [])])
 def test_switch_and_soft_routing_train(mixed, tmp_path, routing, extra):
     out = tmp_path / routing
-    result = cli("tune", mixed, *_data_args(mixed), "--routing", routing, *extra, "--max-steps", "2", "--out", out, *LOOP)
+    result = cli(
+        "tune", mixed, *_data_args(mixed), "--routing", routing, *extra, "--max-steps", "2", "--out", out, *LOOP
+    )
     assert result.exit_code == 0, result.output
     last = [r for r in _rows(out / "metrics.jsonl") if "dropped_tokens" in r][-1]
     if routing == "switch":
         assert last["dropped_tokens"] > 0.3  # capacity 0.5 x fair share: at least half the tokens overflow
     else:
-        assert last["dropped_tokens"] == 0 and last["load_imbalance"] == pytest.approx(1.0)  # all experts see every token
-    assert json.loads((out / "config.json").read_text())["num_experts_per_tok"] == 2  # export keeps the configured routing
+        assert last["dropped_tokens"] == 0 and last["load_imbalance"] == pytest.approx(
+            1.0
+        )  # all experts see every token
+    assert (
+        json.loads((out / "config.json").read_text())["num_experts_per_tok"] == 2
+    )  # export keeps the configured routing
 
 
 def test_tune_resume_after_a_crash(mixed, tmp_path, monkeypatch):
@@ -169,13 +190,45 @@ def test_tune_resume_after_a_crash(mixed, tmp_path, monkeypatch):
 
 @pytest.mark.slow  # global balancing across processes is also covered, under FSDP2, by test_fsdp
 def test_two_processes_match_one_with_global_balancing(mixed, tmp_path):
-    common = [*map(str, _data_args(mixed)), "--max-steps", "4", "--balance-scope", "global", "--seq-len", "32", "--lr", "3e-3", "--eval-every", "0"]
+    common = [
+        *map(str, _data_args(mixed)),
+        "--max-steps",
+        "4",
+        "--balance-scope",
+        "global",
+        "--seq-len",
+        "32",
+        "--lr",
+        "3e-3",
+        "--eval-every",
+        "0",
+    ]
     one = cli("tune", mixed, *common, "--batch-size", "4", "--out", tmp_path / "one")
     assert one.exit_code == 0, one.output
     accelerate = Path(sys.executable).parent / "accelerate"
-    launch = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "moekit"]
+    launch = [
+        str(accelerate),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "moekit",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([*launch, "tune", str(mixed), *common, "--batch-size", "2", "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(
+        [*launch, "tune", str(mixed), *common, "--batch-size", "2", "--out", str(tmp_path / "two")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     rows = [[r for r in _rows(tmp_path / d / "metrics.jsonl") if "maxvio" in r] for d in ("one", "two")]
     for a, b in zip(*rows):
@@ -184,13 +237,28 @@ def test_two_processes_match_one_with_global_balancing(mixed, tmp_path):
 
 
 def test_bad_inputs(mixed, make_seed, tmp_path):
-    refused = cli("tune", mixed, *_data_args(mixed), "--balance", "bias", "--max-steps", "1", "--out", tmp_path / "o", *LOOP)
+    refused = cli(
+        "tune", mixed, *_data_args(mixed), "--balance", "bias", "--max-steps", "1", "--out", tmp_path / "o", *LOOP
+    )
     assert refused.exit_code == 2 and "e_score_correction_bias" in refused.output
     dense = cli("tune", make_seed("llama"), *_data_args(mixed), "--max-steps", "1", "--out", tmp_path / "o", *LOOP)
     assert dense.exit_code == 2 and "not a Mixture-of-Experts" in dense.output
-    mismatch = cli("tune", mixed, *_data_args(mixed), "--mix", "code=0.5,wiki=0.5", "--max-steps", "1", "--out", tmp_path / "o", *LOOP)
+    mismatch = cli(
+        "tune",
+        mixed,
+        *_data_args(mixed),
+        "--mix",
+        "code=0.5,wiki=0.5",
+        "--max-steps",
+        "1",
+        "--out",
+        tmp_path / "o",
+        *LOOP,
+    )
     assert mismatch.exit_code == 2 and "name the same domains" in mismatch.output
-    missing = cli("tune", mixed, "--data", f"code={tmp_path / 'none.txt'}", "--max-steps", "1", "--out", tmp_path / "o", *LOOP)
+    missing = cli(
+        "tune", mixed, "--data", f"code={tmp_path / 'none.txt'}", "--max-steps", "1", "--out", tmp_path / "o", *LOOP
+    )
     assert missing.exit_code == 2 and "does not exist" in missing.output
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "x").write_text("keep")

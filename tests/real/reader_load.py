@@ -14,7 +14,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
 def check(job: dict) -> dict:
-    model, info = AutoModelForCausalLM.from_pretrained(job["model"], output_loading_info=True, torch_dtype=torch.float32)
+    model, info = AutoModelForCausalLM.from_pretrained(
+        job["model"], output_loading_info=True, torch_dtype=torch.float32
+    )
     ids = torch.load(job["ids"])
     with torch.no_grad():
         logits = model(ids).logits

@@ -48,10 +48,27 @@ def _trained_outputs(root: Path) -> dict[str, Path]:
     """A dense branch trained by `moekit train` and a MoE tuned by `moekit tune` (llama family)."""
     seed = build_tiny_model(root / "trained-seed", "llama", dtype=torch.bfloat16, tie_word_embeddings=True)
     (root / "code.txt").write_text(domain_corpus("code", 200))
-    loop = ["--seq-len", "32", "--batch-size", "2", "--max-steps", "2", "--lr", "3e-3", "--eval-every", "0", "--eval-blocks", "1"]
+    loop = [
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "2",
+        "--lr",
+        "3e-3",
+        "--eval-every",
+        "0",
+        "--eval-blocks",
+        "1",
+    ]
     runner = CliRunner()
-    for args in (["branch", seed, root / "run", "--domain", "code"], ["train", root / "run", "--data", f"code={root / 'code.txt'}", *loop],
-                 ["mix", root / "run"], ["tune", root / "run", *loop]):
+    for args in (
+        ["branch", seed, root / "run", "--domain", "code"],
+        ["train", root / "run", "--data", f"code={root / 'code.txt'}", *loop],
+        ["mix", root / "run"],
+        ["tune", root / "run", *loop],
+    ):
         result = runner.invoke(build_app(), [str(a) for a in args])
         assert result.exit_code == 0, result.output
     return {"llama-trained-branch": root / "run" / "branches" / "code", "mixtral-tuned": root / "run" / "tuned"}
@@ -70,10 +87,18 @@ def outputs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("outputs")
     made = {}
     for family in FAMILIES:
-        seed = build_tiny_model(root / f"{family}-seed", family, dtype=torch.bfloat16, tie_word_embeddings=True, **FAMILY_OVERRIDES.get(family, {}))
+        seed = build_tiny_model(
+            root / f"{family}-seed",
+            family,
+            dtype=torch.bfloat16,
+            tie_word_embeddings=True,
+            **FAMILY_OVERRIDES.get(family, {}),
+        )
         made[f"{family}-moe"] = _moe_from(seed, root / f"{family}-moe")
         for target, seed_as in EXTRA_TARGETS.get(family, []):  # the bias-bearing targets, routed and shared seed
-            made[f"{family}-{target}-{seed_as}"] = _moe_from(seed, root / f"{family}-{target}-{seed_as}", target=target, seed_as=seed_as)
+            made[f"{family}-{target}-{seed_as}"] = _moe_from(
+                seed, root / f"{family}-{target}-{seed_as}", target=target, seed_as=seed_as
+            )
     made.update(_trained_outputs(root))
     return made
 
@@ -89,15 +114,29 @@ def reader_results(outputs, tmp_path_factory) -> dict[str, dict]:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         with torch.no_grad():
             torch.save(model(ids).logits, root / f"{name}.pt")
-        jobs.append({"name": name, "model": str(model_dir), "ids": str(root / "ids.pt"), "logits": str(root / f"{name}.pt"), "text": TEXT})
+        jobs.append(
+            {
+                "name": name,
+                "model": str(model_dir),
+                "ids": str(root / "ids.pt"),
+                "logits": str(root / f"{name}.pt"),
+                "text": TEXT,
+            }
+        )
     (root / "jobs.json").write_text(json.dumps(jobs))
-    subprocess.run([str(reader_python()), str(READER_SCRIPT), str(root / "jobs.json"), str(root / "results.json")], check=True, timeout=900)
+    subprocess.run(
+        [str(reader_python()), str(READER_SCRIPT), str(root / "jobs.json"), str(root / "results.json")],
+        check=True,
+        timeout=900,
+    )
     results = json.loads((root / "results.json").read_text())
     assert results["transformers"].startswith("4.57")
     return {job["name"]: result for job, result in zip(jobs, results["models"], strict=True)}
 
 
-@pytest.mark.parametrize("name", [f"{f}-moe" for f in FAMILIES] + EXTRA_NAMES + ["llama-trained-branch", "mixtral-tuned"])
+@pytest.mark.parametrize(
+    "name", [f"{f}-moe" for f in FAMILIES] + EXTRA_NAMES + ["llama-trained-branch", "mixtral-tuned"]
+)
 def test_transformers_4_57_loads_the_output(name, outputs, reader_results):
     result = reader_results[name]
     assert "error" not in result, result.get("error")
@@ -108,14 +147,29 @@ def test_transformers_4_57_loads_the_output(name, outputs, reader_results):
 
 # --- llama.cpp's converter -----------------------------------------------------------------
 
-_BLOCK = {"attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"}
+_BLOCK = {
+    "attn_norm",
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_output",
+    "ffn_norm",
+    "ffn_gate_inp",
+    "ffn_gate_exps",
+    "ffn_up_exps",
+    "ffn_down_exps",
+}
 _SHARED = {"ffn_gate_inp_shexp", "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp"}
 GGUF_EXPECTED = {  # seed family -> (GGUF architecture, key of each expert's FFN size, tensors of one block)
     "llama": ("llama", "feed_forward_length", _BLOCK),
     "mistral": ("llama", "feed_forward_length", _BLOCK),
     "phi3": ("llama", "feed_forward_length", _BLOCK),
     "qwen3": ("qwen3moe", "expert_feed_forward_length", _BLOCK | {"attn_q_norm", "attn_k_norm"}),
-    "qwen2": ("qwen2moe", "expert_feed_forward_length", _BLOCK | _SHARED | {"attn_q.bias", "attn_k.bias", "attn_v.bias"}),
+    "qwen2": (
+        "qwen2moe",
+        "expert_feed_forward_length",
+        _BLOCK | _SHARED | {"attn_q.bias", "attn_k.bias", "attn_v.bias"},
+    ),
     "granite": ("granitemoe", "feed_forward_length", _BLOCK),
 }
 # olmo2 -> flex_olmo is not converted: llama.cpp's converter refuses FlexOlmoForCausalLM (docs/formats.md).
@@ -129,7 +183,12 @@ def _expert_gates(moe: Path, layer: int) -> torch.Tensor:
     assert layout is not None
     experts = checkpoint.tensors[layout.router_name(layer)].shape[0]
     if layout.per_expert is not None:
-        return torch.stack([checkpoint.get(layout.per_expert["gate_proj"].format(layer=layer, expert=e)).float() for e in range(experts)])
+        return torch.stack(
+            [
+                checkpoint.get(layout.per_expert["gate_proj"].format(layer=layer, expert=e)).float()
+                for e in range(experts)
+            ]
+        )
     assert layout.stacked is not None
     gate_up = checkpoint.get(layout.stacked[0].format(layer=layer)).float()
     return gate_up[:, : gate_up.shape[1] // 2]
@@ -137,17 +196,28 @@ def _expert_gates(moe: Path, layer: int) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def gguf_files(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
-    """MoE outputs (with SmolLM2's tokenizer, which the converter recognises) and their GGUF conversions, by seed family."""
+    """MoE outputs (with SmolLM2's tokenizer, which the converter recognises) and their GGUF conversions, by seed
+    family."""
     root = tmp_path_factory.mktemp("gguf")
     converter = llama_cpp_converter() / "convert_hf_to_gguf.py"
     files = {}
     for family in GGUF_EXPECTED:
-        seed = build_tiny_model(root / f"{family}-seed", family, dtype=torch.bfloat16, tie_word_embeddings=True,
-                                tokenizer_dir=smollm2_checkpoint(), **FAMILY_OVERRIDES.get(family, {}))
+        seed = build_tiny_model(
+            root / f"{family}-seed",
+            family,
+            dtype=torch.bfloat16,
+            tie_word_embeddings=True,
+            tokenizer_dir=smollm2_checkpoint(),
+            **FAMILY_OVERRIDES.get(family, {}),
+        )
         moe = _moe_from(seed, root / f"{family}-moe")
         out = root / f"{family}.gguf"
-        done = subprocess.run([str(reader_python()), str(converter), str(moe), "--outfile", str(out), "--outtype", "f32"],
-                              capture_output=True, text=True, timeout=900)
+        done = subprocess.run(
+            [str(reader_python()), str(converter), str(moe), "--outfile", str(out), "--outtype", "f32"],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         files[family] = (moe, out)
     return files

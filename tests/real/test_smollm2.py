@@ -24,7 +24,20 @@ from moekit.io.checkpoint import Checkpoint
 from tests.assets import smollm2_checkpoint
 from tests.formats import assert_portable_checkpoint
 
-LOOP = ["--seq-len", "32", "--batch-size", "1", "--max-steps", "2", "--eval-every", "0", "--eval-blocks", "2", "--save-every", "0"]
+LOOP = [
+    "--seq-len",
+    "32",
+    "--batch-size",
+    "1",
+    "--max-steps",
+    "2",
+    "--eval-every",
+    "0",
+    "--eval-blocks",
+    "2",
+    "--save-every",
+    "0",
+]
 
 
 def cli(*args):
@@ -56,11 +69,13 @@ def data(tmp_path_factory) -> dict[str, Path]:
 def _greedy(model_dir: Path, tokenizer_dir: Path, new_tokens: int = 12) -> list[int]:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], add_generation_prompt=True, return_tensors="pt")
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 2 + 3?"}], add_generation_prompt=True, return_tensors="pt"
+    )
     ids = ids["input_ids"] if not isinstance(ids, torch.Tensor) else ids
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
-    return out[0, ids.shape[1]:].tolist()
+    return out[0, ids.shape[1] :].tolist()
 
 
 def test_btx_pipeline_on_smollm2(seed, data, tmp_path):
@@ -113,7 +128,9 @@ def test_btx_pipeline_on_smollm2(seed, data, tmp_path):
     for name, info in old.tensors.items():
         stored = new.tensors[name]
         if stored.shape == info.shape:
-            assert new.array_rows(name, 0, info.shape[0]).tobytes() == old.array_rows(name, 0, info.shape[0]).tobytes(), name
+            assert (
+                new.array_rows(name, 0, info.shape[0]).tobytes() == old.array_rows(name, 0, info.shape[0]).tobytes()
+            ), name
         else:
             assert stored.shape == (info.shape[0] + 1, *info.shape[1:]), name
     assert json.loads((grown / "config.json").read_text())["num_local_experts"] == experts + 1
@@ -123,4 +140,6 @@ def test_btx_pipeline_on_smollm2(seed, data, tmp_path):
     assert recorded["domains"] == ["code", "prose", "math"] and {"grown", "grown-tuned"} <= set(recorded["results"])
     cli("report", run, "--max-new-tokens", "4")
     page = (run / "report.html").read_text()
-    assert all(f'<section id="{s}">' in page for s in ("stages", "curves", "evaluation", "routing", "tokens", "generations"))
+    assert all(
+        f'<section id="{s}">' in page for s in ("stages", "curves", "evaluation", "routing", "tokens", "generations")
+    )

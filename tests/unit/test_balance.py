@@ -45,5 +45,7 @@ def test_load_metrics_extremes():
 @pytest.mark.parametrize("proportional", [True, False])
 def test_bias_moves_towards_underloaded_experts(proportional):
     bias = torch.zeros(3)
-    updated = balance.update_selection_bias(bias, torch.tensor([30.0, 10.0, 20.0]), rate=1e-3, proportional=proportional)
+    updated = balance.update_selection_bias(
+        bias, torch.tensor([30.0, 10.0, 20.0]), rate=1e-3, proportional=proportional
+    )
     assert updated[0] < 0 < updated[1] and updated[2] == 0  # over-loaded down, under-loaded up, at-mean unchanged

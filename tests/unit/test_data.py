@@ -27,7 +27,16 @@ def test_formats_and_packing_without_padding(tmp_path):
     (tmp_path / "b.jsonl").write_text(json.dumps({"text": "ijkl"}) + "\n" + json.dumps({"text": "mn"}) + "\n")
     (tmp_path / "c.json").write_text(json.dumps(["op"]))
     blocks = load_token_blocks(CharTokenizer(), tmp_path, block_size=4)
-    stream = [ord(c) for c in "abcdefgh"] + [0] + [ord(c) for c in "ijkl"] + [0] + [ord(c) for c in "mn"] + [0] + [ord(c) for c in "op"] + [0]
+    stream = (
+        [ord(c) for c in "abcdefgh"]
+        + [0]
+        + [ord(c) for c in "ijkl"]
+        + [0]
+        + [ord(c) for c in "mn"]
+        + [0]
+        + [ord(c) for c in "op"]
+        + [0]
+    )
     assert blocks.shape == (len(stream) // 4, 4)
     assert blocks.flatten().tolist() == stream[: blocks.numel()]
 
@@ -84,7 +93,9 @@ def test_hub_dataset_unreachable_is_a_clear_error(monkeypatch):
 def test_heldout_split_is_a_token_position_at_a_document_end_when_one_is_near(tmp_path):
     from moekit.data import TokenSequence, cached_store, heldout_start
 
-    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": "x" * 9}) + "\n" for _ in range(20)))  # 20 docs of 10 tokens
+    (tmp_path / "d.jsonl").write_text(
+        "".join(json.dumps({"text": "x" * 9}) + "\n" for _ in range(20))
+    )  # 20 docs of 10 tokens
     sequence = TokenSequence([cached_store(CharTokenizer(), tmp_path / "d.jsonl", "text", tmp_path / "cache")])
     assert sequence.num_tokens == 200
     assert heldout_start(sequence, 0.1) == 180  # exactly a document end

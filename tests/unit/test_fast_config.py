@@ -32,7 +32,9 @@ def _plan(adapter, tmp_path, **options):
 def test_json_config_equals_the_transformers_config(family, target, make_seed, tmp_path):
     seed = make_seed(family, dtype=torch.bfloat16)
     adapter = get_adapter(family, target)
-    assert _json_is_complete(json.loads((seed / "config.json").read_text()), adapter)  # configs transformers writes are complete
+    assert _json_is_complete(
+        json.loads((seed / "config.json").read_text()), adapter
+    )  # configs transformers writes are complete
     plan = _plan(adapter, tmp_path)
     fast = build_moe_config(seed, adapter, plan, torch.bfloat16)
     exact = build_moe_config(seed, adapter, plan, torch.bfloat16, exact=True)

@@ -103,11 +103,19 @@ def layer_of(module: str) -> int:
 
 def layer_violations(graph: dict[str, set[str]]) -> list[str]:
     """'a -> b' for every import of a higher layer, or across an independent pair."""
-    found = [f"{a} (layer {layer_of(a)}) -> {b} (layer {layer_of(b)})" for a, targets in graph.items() for b in sorted(targets)
-             if layer_of(b) > layer_of(a)]
+    found = [
+        f"{a} (layer {layer_of(a)}) -> {b} (layer {layer_of(b)})"
+        for a, targets in graph.items()
+        for b in sorted(targets)
+        if layer_of(b) > layer_of(a)
+    ]
     for one, other in INDEPENDENT:
-        found += [f"{a} -> {b} (independent packages)" for a, targets in graph.items() for b in sorted(targets)
-                  if (a.startswith(one) and b.startswith(other)) or (a.startswith(other) and b.startswith(one))]
+        found += [
+            f"{a} -> {b} (independent packages)"
+            for a, targets in graph.items()
+            for b in sorted(targets)
+            if (a.startswith(one) and b.startswith(other)) or (a.startswith(other) and b.startswith(one))
+        ]
     return found
 
 
@@ -172,7 +180,12 @@ def test_a_wrong_import_is_caught():
 def _function_body_lines(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
     """Lines of a function's body, without its signature and docstring."""
     body = node.body
-    if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) and len(body) > 1:
+    if (
+        body
+        and isinstance(body[0], ast.Expr)
+        and isinstance(getattr(body[0], "value", None), ast.Constant)
+        and len(body) > 1
+    ):
         body = body[1:]
     return node.end_lineno - body[0].lineno + 1
 
@@ -181,6 +194,10 @@ def _function_body_lines(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
 def test_files_and_functions_stay_small(path):
     source = path.read_text()
     assert len(source.splitlines()) <= MAX_FILE_LINES, f"{path} has over {MAX_FILE_LINES} lines: split it by concern"
-    long = [f"{node.name} ({_function_body_lines(node)} lines)" for node in ast.walk(ast.parse(source))
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and _function_body_lines(node) > MAX_FUNCTION_BODY_LINES]
+    long = [
+        f"{node.name} ({_function_body_lines(node)} lines)"
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and _function_body_lines(node) > MAX_FUNCTION_BODY_LINES
+    ]
     assert long == [], f"{path}: function bodies over {MAX_FUNCTION_BODY_LINES} lines: {long}"

@@ -43,7 +43,10 @@ def test_good_recipe_and_overrides(tmp_path):
     ("edit", "fragments"),
     [
         (("train: {max_steps", "trian: {max_steps"), ["recipe.yaml:6", "trian", "unknown key"]),
-        (("  loop: {max_steps", "  balanse: switch\n  loop: {max_steps"), ["recipe.yaml:8", "tune.balanse", "unknown key"]),
+        (
+            ("  loop: {max_steps", "  balanse: switch\n  loop: {max_steps"),
+            ["recipe.yaml:8", "tune.balanse", "unknown key"],
+        ),
         (("code.txt", "missing.txt"), ["recipe.yaml:5", "domains.code.data.0", "does not exist"]),
         (("tiny-random", "huge-random"), ["recipe.yaml:3", "seed.build"]),
     ],

@@ -16,7 +16,9 @@ def test_switch_drops_tokens_past_capacity():
     routed = modes.switch(logits, "softmax", capacity_factor=1.0)  # capacity 8/4 = 2
     assert routed.indices.shape == (8, 1) and (routed.indices == 2).all()
     assert int((routed.weights > 0).sum()) == 2 and routed.stats["dropped"] == 6
-    assert routed.weights[0, 0] == pytest.approx(torch.softmax(logits[0], -1)[2].item())  # Switch keeps the raw probability
+    assert routed.weights[0, 0] == pytest.approx(
+        torch.softmax(logits[0], -1)[2].item()
+    )  # Switch keeps the raw probability
 
 
 def test_soft_routing_weights_every_expert():
@@ -71,4 +73,6 @@ def test_sample_top1_samples_the_router_softmax():
     logits[:, 1] = 3.0
     picks = modes.sample_top1(logits, temperature=1.0, scale=1.0).indices.flatten().bincount(minlength=3).float() / 2000
     expected = torch.softmax(torch.tensor([0.0, 3.0, 0.0]), -1)
-    torch.testing.assert_close(picks, expected, atol=0.04, rtol=0)  # Gumbel-max samples softmax(logits); the temperature shapes only the gradient
+    torch.testing.assert_close(
+        picks, expected, atol=0.04, rtol=0
+    )  # Gumbel-max samples softmax(logits); the temperature shapes only the gradient

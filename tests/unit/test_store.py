@@ -31,7 +31,9 @@ def tokenizer(tmp_path_factory):
 def corpus(tmp_path) -> dict[str, Path]:
     files = {"txt": tmp_path / "code.txt", "jsonl": tmp_path / "prose.jsonl"}
     files["txt"].write_text(domain_corpus("code", 400))
-    files["jsonl"].write_text("".join(json.dumps({"text": domain_corpus("prose", 3, seed=i)}) + "\n" for i in range(300)))
+    files["jsonl"].write_text(
+        "".join(json.dumps({"text": domain_corpus("prose", 3, seed=i)}) + "\n" for i in range(300))
+    )
     (tmp_path / "blank.jsonl").write_text(json.dumps({"text": "   "}) + "\n" + json.dumps({"text": "a b"}) + "\n")
     files["blank"] = tmp_path / "blank.jsonl"
     return files
@@ -41,7 +43,9 @@ def corpus(tmp_path) -> dict[str, Path]:
 def test_store_equals_direct_tokenisation(workers, tokenizer, corpus, tmp_path):
     """Same ids and EOS separators as tokenising in memory, across several shards, for any number of workers."""
     for kind, path in corpus.items():
-        store = prepare_store(tokenizer, [path], tmp_path / f"store-{kind}-{workers}", workers=workers, shard_tokens=1000)
+        store = prepare_store(
+            tokenizer, [path], tmp_path / f"store-{kind}-{workers}", workers=workers, shard_tokens=1000
+        )
         direct = token_stream(tokenizer, path).long().numpy()
         assert store.num_tokens == len(direct)
         assert np.array_equal(store.read(0, store.num_tokens), direct)
@@ -91,13 +95,15 @@ def test_prepared_store_is_data_and_refuses_another_tokenizer(tokenizer, corpus,
 
 
 def test_block_views_and_mixtures_read_only_what_they_return(tokenizer, corpus, tmp_path):
-    sequence = TokenSequence([prepare_store(tokenizer, [p], tmp_path / k, workers=1, shard_tokens=500) for k, p in corpus.items()])
+    sequence = TokenSequence(
+        [prepare_store(tokenizer, [p], tmp_path / k, workers=1, shard_tokens=500) for k, p in corpus.items()]
+    )
     tokens = np.concatenate([s.read(0, s.num_tokens) for s in sequence.stores])
     view = BlockView(sequence, 100, sequence.num_tokens - 50, 32)
     assert len(view) == (sequence.num_tokens - 150) // 32
     picked = view.get(torch.tensor([0, 5, len(view) - 1]))
     for row, index in zip(picked, [0, 5, len(view) - 1]):
-        assert row.tolist() == tokens[100 + index * 32: 100 + (index + 1) * 32].tolist()
+        assert row.tolist() == tokens[100 + index * 32 : 100 + (index + 1) * 32].tolist()
     half = BlockView(sequence, 0, 3200, 32)
     mixture = MixtureBlocks({"a": view, "b": half}, {"a": 3.0, "b": 1.0}, seed=1)
     assert len(mixture) == len(view) + len(half)
@@ -113,10 +119,26 @@ def test_killed_prepare_leaves_no_half_store_and_a_rerun_finishes(tmp_path):
     seed = tmp_path / "tok"
     build_tokenizer(seed)
     out = tmp_path / "store"
-    command = [sys.executable, "-m", "moekit", "prepare", str(big), "--tokenizer", str(seed), "--out", str(out), "--workers", "2"]
+    command = [
+        sys.executable,
+        "-m",
+        "moekit",
+        "prepare",
+        str(big),
+        "--tokenizer",
+        str(seed),
+        "--out",
+        str(out),
+        "--workers",
+        "2",
+    ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
-    while not any(".tmp-" in p.name for p in tmp_path.iterdir()) and process.poll() is None and time.monotonic() < deadline:
+    while (
+        not any(".tmp-" in p.name for p in tmp_path.iterdir())
+        and process.poll() is None
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.01)
     os.killpg(os.getpgid(process.pid), 0)  # (exists)
     process.send_signal(signal.SIGKILL)
@@ -129,7 +151,9 @@ def test_killed_prepare_leaves_no_half_store_and_a_rerun_finishes(tmp_path):
 
 
 def test_store_key_depends_on_every_spec(tokenizer, corpus):
-    assert store_key(tokenizer, [corpus["txt"]], "text") != store_key(tokenizer, [corpus["txt"], corpus["jsonl"]], "text")
+    assert store_key(tokenizer, [corpus["txt"]], "text") != store_key(
+        tokenizer, [corpus["txt"], corpus["jsonl"]], "text"
+    )
 
 
 def test_a_large_txt_document_is_read_in_pieces_with_the_same_ids(tokenizer, corpus, tmp_path, monkeypatch):
@@ -174,8 +198,9 @@ def test_tokeniser_workers_are_forked_with_sigterm_blocked(tmp_path):
     tokenizer = build_tokenizer(tmp_path)
     before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
     with worker_signals_blocked():
-        pool = multiprocessing.get_context("fork").Pool(1, initializer=_record_then_init,
-                                                          initargs=(tokenizer.backend_tokenizer.to_str(), tokenizer.eos_token_id))
+        pool = multiprocessing.get_context("fork").Pool(
+            1, initializer=_record_then_init, initargs=(tokenizer.backend_tokenizer.to_str(), tokenizer.eos_token_id)
+        )
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before  # the parent's mask is restored
     with pool:
         born, after_init, handler = pool.apply(_worker_signal_state)

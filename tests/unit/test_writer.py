@@ -60,7 +60,9 @@ def test_out_of_plan_tensor_is_rejected(tmp_path):
         writer.close()
 
 
-@pytest.mark.parametrize(("text", "expected"), [("2GB", 2 << 30), ("500MB", 500 << 20), ("1.5GiB", int(1.5 * (1 << 30))), ("4096", 4096)])
+@pytest.mark.parametrize(
+    ("text", "expected"), [("2GB", 2 << 30), ("500MB", 500 << 20), ("1.5GiB", int(1.5 * (1 << 30))), ("4096", 4096)]
+)
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
 

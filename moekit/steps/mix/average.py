@@ -27,13 +27,20 @@ def average_models(models: list[Path], out: Path, force: bool = False, shard_siz
     reference = checkpoints[0]
     code = reference.dtype_code()
     skipped = redundant_tied_copies(reference.config, reference.tensors)  # a tied output stores no LM head
-    plan = [PlannedTensor(name, code, info.shape) for name, info in sorted(reference.tensors.items()) if name not in skipped]
+    plan = [
+        PlannedTensor(name, code, info.shape) for name, info in sorted(reference.tensors.items()) if name not in skipped
+    ]
     sources = [(c, 1.0 / len(checkpoints)) for c in checkpoints]
     with atomic_output_dir(out, force=force) as tmp:
         writer = StreamingShardWriter(tmp, plan, parse_size(shard_size))
         try:
             for tensor in plan:
-                writer.write_chunks(tensor.name, code, tensor.shape, (from_float32(chunk, code) for chunk in average_rows(sources, tensor.name)))
+                writer.write_chunks(
+                    tensor.name,
+                    code,
+                    tensor.shape,
+                    (from_float32(chunk, code) for chunk in average_rows(sources, tensor.name)),
+                )
             writer.close()
         except BaseException:
             writer.abort()  # the shard files are closed; the atomic output dir removes them
@@ -41,6 +48,8 @@ def average_models(models: list[Path], out: Path, force: bool = False, shard_siz
         finally:
             for checkpoint in checkpoints:
                 checkpoint.close()
-        write_config_json(tmp, portable_config(reference.config, code))  # the dtype written, whatever the reference's config says
+        write_config_json(
+            tmp, portable_config(reference.config, code)
+        )  # the dtype written, whatever the reference's config says
         copy_tokenizer_and_generation_files(reference.path, tmp)
     return out

@@ -94,7 +94,11 @@ def _moe_block(inputs: MixInputs, layer: int, plan: BlockPlan) -> list[MoeTensor
     hidden = inputs.seed.config["hidden_size"]
     dense = {p: inputs.seed.tensors[inputs.adapter.dense_ffn_name(layer, p)].shape for p in DENSE_FFN_PROJECTIONS}
     width = plan.expert_size
-    experts = {"gate_proj": (width, dense["gate_proj"][1]), "up_proj": (width, dense["up_proj"][1]), "down_proj": (dense["down_proj"][0], width)}
+    experts = {
+        "gate_proj": (width, dense["gate_proj"][1]),
+        "up_proj": (width, dense["up_proj"][1]),
+        "down_proj": (dense["down_proj"][0], width),
+    }
     shared = dense if plan.shared_size is not None else None
     return inputs.adapter.moe_block_tensors(layer, plan.experts, experts, hidden, shared)
 
@@ -110,7 +114,9 @@ def _plan(inputs: MixInputs, dtype: str, plan: BlockPlan) -> list[PlannedTensor]
     return planned
 
 
-def _layer_router(layer: int, inputs: MixInputs, cfg: MixConfig, plan: BlockPlan, kept: dict[str, Any] | None, centroid: Any) -> Any:
+def _layer_router(
+    layer: int, inputs: MixInputs, cfg: MixConfig, plan: BlockPlan, kept: dict[str, Any] | None, centroid: Any
+) -> Any:
     """The new router of ``layer`` (fp32): centroid from calibration data (torch), or small random (numpy).
 
     One row per source FFN, repeated for each of its ``--split`` chunks (they are chosen together).
@@ -124,12 +130,20 @@ def _layer_router(layer: int, inputs: MixInputs, cfg: MixConfig, plan: BlockPlan
         rows = centroid.router_for_layer(layer, kept).numpy()
     else:
         std = cfg.router_std or float(inputs.seed.config.get("initializer_range", 0.02))
-        rows = random_router(len(inputs.experts), inputs.seed.config["hidden_size"], std, seed_from(cfg.random_seed, layer, -1))
+        rows = random_router(
+            len(inputs.experts), inputs.seed.config["hidden_size"], std, seed_from(cfg.random_seed, layer, -1)
+        )
     return np.repeat(rows, plan.split, axis=0) if plan.split > 1 else rows
 
 
 def _mix_layer(
-    layer: int, inputs: MixInputs, cfg: MixConfig, plan: BlockPlan, writer: StreamingShardWriter, code: str, names: list[str],
+    layer: int,
+    inputs: MixInputs,
+    cfg: MixConfig,
+    plan: BlockPlan,
+    writer: StreamingShardWriter,
+    code: str,
+    names: list[str],
     centroid: Any,
 ) -> None:
     """Write one layer: averaged tensors, then the MoE block tensor by tensor."""
@@ -188,7 +202,9 @@ def mix(cfg: MixConfig, show_progress: bool = False) -> MixResult:
     globals_, per_layer = _split_tensor_names(inputs)
     num_layers = inputs.seed.config["num_hidden_layers"]
     with atomic_output_dir(cfg.out, force=cfg.force) as tmp, background_scans() as scans:
-        writer = StreamingShardWriter(tmp, plan, max_shard, copy_workers=1)  # verbatim experts copy while averages compute
+        writer = StreamingShardWriter(
+            tmp, plan, max_shard, copy_workers=1
+        )  # verbatim experts copy while averages compute
         try:
             for name, source in globals_.items():
                 needed = centroid is not None and name == inputs.adapter.embed_name
@@ -218,7 +234,9 @@ def mix(cfg: MixConfig, show_progress: bool = False) -> MixResult:
 def _record_stage(run_dir: Path, cfg: MixConfig, result: MixResult) -> None:
     params = cfg.model_dump(mode="json", exclude={"experts", "force", "run_dir"})
     with updating_manifest(run_dir) as manifest:
-        manifest.stages.append(StageRecord(stage="mix", params=params, outputs={"out": str(result.out), "experts": result.experts}))
+        manifest.stages.append(
+            StageRecord(stage="mix", params=params, outputs={"out": str(result.out), "experts": result.experts})
+        )
 
 
 def expert_names(inputs: MixInputs, plan: BlockPlan) -> list[str]:
@@ -228,13 +246,19 @@ def expert_names(inputs: MixInputs, plan: BlockPlan) -> list[str]:
     return [f"{e.name}.{c}" for e in inputs.experts for c in range(plan.split)]
 
 
-def _write_metadata(tmp: Path, cfg: MixConfig, inputs: MixInputs, plan: BlockPlan, config_json: dict, dtype: str, centroid: Any) -> None:
+def _write_metadata(
+    tmp: Path, cfg: MixConfig, inputs: MixInputs, plan: BlockPlan, config_json: dict, dtype: str, centroid: Any
+) -> None:
     import json
 
     (tmp / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     copy_tokenizer_and_generation_files(inputs.seed.path, tmp)
-    router: dict[str, Any] = {"init": cfg.router, "top_k": plan.top_k, "scoring": inputs.adapter.scoring,
-                              "selection_bias": inputs.adapter.selection_bias is not None}
+    router: dict[str, Any] = {
+        "init": cfg.router,
+        "top_k": plan.top_k,
+        "scoring": inputs.adapter.scoring,
+        "selection_bias": inputs.adapter.selection_bias is not None,
+    }
     if cfg.router == "random":
         router["std"] = cfg.router_std or float(inputs.seed.config.get("initializer_range", 0.02))
     if centroid is not None:
@@ -248,7 +272,11 @@ def _write_metadata(tmp: Path, cfg: MixConfig, inputs: MixInputs, plan: BlockPla
         "expert_names": expert_names(inputs, plan),
         "split": plan.split,
         "shared_expert": None if plan.shared_size is None else ("seed" if plan.seed_shared else "zero-output"),
-        "scales": {"routed_config": plan.config_scale, "routed_down": plan.down_scale, "shared_down": plan.shared_down_scale},
+        "scales": {
+            "routed_config": plan.config_scale,
+            "routed_down": plan.down_scale,
+            "shared_down": plan.shared_down_scale,
+        },
         "average": cfg.average if not cfg.upcycle else "seed",
         "average_weights": [round(w, 6) for _, w in inputs.average],
         "merge": {"method": cfg.merge, "density": cfg.merge_density, "scale": cfg.merge_scale},

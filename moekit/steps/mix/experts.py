@@ -87,7 +87,8 @@ def background_scans() -> Iterator[FiniteScans]:
 
 
 def verbatim_range(checkpoint: Checkpoint, name: str, dtype: Any, rows: tuple[int, int] | None = None) -> Range | None:
-    """The byte range of ``name`` (or of its ``rows`` (start, count)) when it goes out as stored (same dtype), NaN/inf-checked.
+    """The byte range of ``name`` (or of its ``rows`` (start, count)) when it goes out as stored (same dtype),
+    NaN/inf-checked.
 
     Inside :func:`background_scans` the check is queued on the scan thread; otherwise it runs here.
     """
@@ -106,9 +107,16 @@ def verbatim_range(checkpoint: Checkpoint, name: str, dtype: Any, rows: tuple[in
 
 
 def expert_range(
-    inputs: MixInputs, cfg: MixConfig, plan: BlockPlan, layer: int, expert: int, projection: str, dtype: Any,
+    inputs: MixInputs,
+    cfg: MixConfig,
+    plan: BlockPlan,
+    layer: int,
+    expert: int,
+    projection: str,
+    dtype: Any,
 ) -> Range | None:
-    """Where routed expert ``expert``'s ``projection`` of ``layer`` can be copied from unchanged, or None if it is computed.
+    """Where routed expert ``expert``'s ``projection`` of ``layer`` can be copied from unchanged, or None if it is
+    computed.
 
     Under ``--split`` a chunk's gate/up rows are contiguous on disk (copied); its down columns are not.
     """
@@ -118,14 +126,23 @@ def expert_range(
         return None
     source, chunk = plan.source_of(expert)
     rows = (chunk * plan.expert_size, plan.expert_size) if plan.split > 1 else None
-    return verbatim_range(inputs.experts[source].checkpoint, inputs.adapter.dense_ffn_name(layer, projection), dtype, rows)
+    return verbatim_range(
+        inputs.experts[source].checkpoint, inputs.adapter.dense_ffn_name(layer, projection), dtype, rows
+    )
 
 
 def write_experts(
-    tensor: MoeTensor, inputs: MixInputs, cfg: MixConfig, plan: BlockPlan, layer: int, writer: StreamingShardWriter, dtype: Any,
+    tensor: MoeTensor,
+    inputs: MixInputs,
+    cfg: MixConfig,
+    plan: BlockPlan,
+    layer: int,
+    writer: StreamingShardWriter,
+    dtype: Any,
     computed: Callable[[int], dict[str, Any]],
 ) -> None:
-    """Write an ``expert``, ``fused_gate_up`` or ``fused_down`` tensor: copied where every part is verbatim, else computed."""
+    """Write an ``expert``, ``fused_gate_up`` or ``fused_down`` tensor: copied where every part is verbatim, else
+    computed."""
     experts = range(plan.experts)
     if tensor.role == "expert":
         assert tensor.expert is not None and tensor.projection is not None
@@ -149,10 +166,14 @@ def write_experts(
         chunks = (torch.cat([computed(e)["gate_proj"], computed(e)["up_proj"]]).to(dtype).unsqueeze(0) for e in experts)
         writer.write_chunks(tensor.name, dtype, tensor.shape, chunks)
     else:
-        writer.write_chunks(tensor.name, dtype, tensor.shape, (computed(e)["down_proj"].to(dtype).unsqueeze(0) for e in experts))
+        writer.write_chunks(
+            tensor.name, dtype, tensor.shape, (computed(e)["down_proj"].to(dtype).unsqueeze(0) for e in experts)
+        )
 
 
-def write_shared(tensor: MoeTensor, inputs: MixInputs, layer: int, writer: StreamingShardWriter, dtype: Any, down_scale: float) -> None:
+def write_shared(
+    tensor: MoeTensor, inputs: MixInputs, layer: int, writer: StreamingShardWriter, dtype: Any, down_scale: float
+) -> None:
     """The shared expert: the seed's FFN (copied where verbatim), its down projection times ``down_scale``.
 
     ``down_scale`` 0 writes down = 0, so the shared expert adds exactly nothing until trained;
@@ -180,7 +201,10 @@ def scaled_part(checkpoint: Checkpoint, name: str, code: str, scale: float, fix:
     source = checkpoint.tensors[name]
     raw = checkpoint.array_rows(name, 0, source.shape[0])
     if not finite(raw, source.dtype):
-        raise NonFiniteError(f"Tensor {name} of {checkpoint.path} holds NaN or infinite values; a model mixed from it would be broken.", fix)
+        raise NonFiniteError(
+            f"Tensor {name} of {checkpoint.path} holds NaN or infinite values; a model mixed from it would be broken.",
+            fix,
+        )
     values = to_float32(raw, source.dtype)
     if scale != 1.0:
         values = values * np.float32(scale)  # halving is exact in every float format

@@ -59,7 +59,12 @@ class GrowResult:
 def _grown_shape(name: str, shape: tuple[int, ...], inputs: GrowInputs) -> tuple[int, ...]:
     """The output shape of an MoE tensor: one expert more where the tensor is indexed by expert."""
     if name in inputs.by_expert:
-        if len(shape) == 2 and shape[0] == 1 and inputs.adapter.selection_bias_rows and name.endswith(str(inputs.adapter.selection_bias)):
+        if (
+            len(shape) == 2
+            and shape[0] == 1
+            and inputs.adapter.selection_bias_rows
+            and name.endswith(str(inputs.adapter.selection_bias))
+        ):
             return (1, shape[1] + 1)
         return (shape[0] + 1, *shape[1:])
     return shape
@@ -76,24 +81,38 @@ def _new_expert_names(inputs: GrowInputs, layer: int) -> dict[str, str]:
 
 
 def plan_grown(inputs: GrowInputs) -> list[PlannedTensor]:
-    """Every output tensor in write order: the MoE's (in file order, grown where indexed by expert), then the new expert's."""
+    """Every output tensor in write order: the MoE's (in file order, grown where indexed by expert), then the new
+    expert's."""
     moe = inputs.moe
-    planned = [PlannedTensor(n, moe.tensors[n].dtype, _grown_shape(n, moe.tensors[n].shape, inputs)) for n in _stored_order(moe)]
+    planned = [
+        PlannedTensor(n, moe.tensors[n].dtype, _grown_shape(n, moe.tensors[n].shape, inputs))
+        for n in _stored_order(moe)
+    ]
     if inputs.adapter.fused_experts is None:
         for layer in inputs.layers:
             for projection, name in _new_expert_names(inputs, layer).items():
                 code = moe.tensors[inputs.adapter.expert_name(layer, 0, projection)].dtype
-                planned.append(PlannedTensor(name, code, inputs.branch.tensors[inputs.adapter.dense_ffn_name(layer, projection)].shape))
+                planned.append(
+                    PlannedTensor(
+                        name, code, inputs.branch.tensors[inputs.adapter.dense_ffn_name(layer, projection)].shape
+                    )
+                )
     return planned
 
 
 def _new_ffn_part(inputs: GrowInputs, layer: int, projection: str, code: str) -> Part:
-    """The branch's ``projection`` of ``layer`` for the new expert: a byte range where it goes out as stored, else an array."""
+    """The branch's ``projection`` of ``layer`` for the new expert: a byte range where it goes out as stored, else an
+    array."""
     from moekit.steps.mix.experts import scaled_part
 
     scale = inputs.down_scale if projection == "down_proj" else 1.0
-    return scaled_part(inputs.branch, inputs.adapter.dense_ffn_name(layer, projection), code, scale,
-                       "That branch is damaged (a diverged training run?): retrain it with a lower --lr.")
+    return scaled_part(
+        inputs.branch,
+        inputs.adapter.dense_ffn_name(layer, projection),
+        code,
+        scale,
+        "That branch is damaged (a diverged training run?): retrain it with a lower --lr.",
+    )
 
 
 def _moe_range(inputs: GrowInputs, name: str) -> tuple[Path, int, int]:
@@ -121,7 +140,12 @@ def _write_grown(inputs: GrowInputs, writer: StreamingShardWriter, planned: Plan
         parts = [_new_ffn_part(inputs, layer, p, info.dtype) for p in ("gate_proj", "up_proj")]
         writer.write_parts(planned.name, info.dtype, planned.shape, [_moe_range(inputs, planned.name), *parts])
     else:  # fused_down [E+1, H, I]
-        writer.write_parts(planned.name, info.dtype, planned.shape, [_moe_range(inputs, planned.name), _new_ffn_part(inputs, layer, "down_proj", info.dtype)])
+        writer.write_parts(
+            planned.name,
+            info.dtype,
+            planned.shape,
+            [_moe_range(inputs, planned.name), _new_ffn_part(inputs, layer, "down_proj", info.dtype)],
+        )
 
 
 def grown_config(inputs: GrowInputs) -> dict[str, Any]:
@@ -146,7 +170,8 @@ def calibration_blocks(cfg: GrowConfig, tokenizer: Any) -> dict[str, Any]:
         )
     if len(specs) < 2:
         raise InvalidOptionError(
-            "The new router row is placed against the existing experts, which needs data of at least one existing domain too.",
+            "The new router row is placed against the existing experts, which needs data of at least one "
+            "existing domain too.",
             "Add --router-data NAME=PATH for a domain the MoE already serves.",
         )
     return {d: evaluation_blocks(tokenizer, s, cfg.router_block_size, cfg.router_tokens) for d, s in specs.items()}
@@ -160,8 +185,13 @@ def _router_rows(cfg: GrowConfig, inputs: GrowInputs) -> Any:
     blocks = calibration_blocks(cfg, AutoTokenizer.from_pretrained(inputs.moe.path))
     biases = None
     if inputs.adapter.selection_bias is not None:
-        biases = [to_float32(inputs.moe.array_rows(n, 0, inputs.moe.tensors[n].shape[0]), inputs.moe.tensors[n].dtype).reshape(-1)
-                  for n in (inputs.adapter.selection_bias_name(layer) for layer in inputs.layers) if n is not None]
+        biases = [
+            to_float32(
+                inputs.moe.array_rows(n, 0, inputs.moe.tensors[n].shape[0]), inputs.moe.tensors[n].dtype
+            ).reshape(-1)
+            for n in (inputs.adapter.selection_bias_name(layer) for layer in inputs.layers)
+            if n is not None
+        ]
     top_k = int(inputs.moe.config.get(inputs.adapter.top_k_key) or 1)
     return added_router_rows(inputs.moe.path, cfg.name, blocks, inputs.adapter.scoring, top_k, biases)
 
@@ -188,7 +218,12 @@ def add_expert(cfg: GrowConfig, show_progress: bool = False) -> GrowResult:
                             _write_grown(inputs, writer, tensor, added.rows)
                         else:
                             layer, projection = _new_tensor_origin(inputs, tensor.name)
-                            writer.write_parts(tensor.name, tensor.code, tensor.shape, [_new_ffn_part(inputs, layer, projection, tensor.code)])
+                            writer.write_parts(
+                                tensor.name,
+                                tensor.code,
+                                tensor.shape,
+                                [_new_ffn_part(inputs, layer, projection, tensor.code)],
+                            )
                         advance()
                 scans.finish()
                 writer.close()
@@ -202,7 +237,9 @@ def add_expert(cfg: GrowConfig, show_progress: bool = False) -> GrowResult:
     if cfg.run_dir is not None:
         with updating_manifest(cfg.run_dir) as manifest:
             params = cfg.model_dump(mode="json", exclude={"force", "run_dir"})
-            manifest.stages.append(StageRecord(stage="add-expert", params=params, outputs={"out": str(result.out), "experts": names}))
+            manifest.stages.append(
+                StageRecord(stage="add-expert", params=params, outputs={"out": str(result.out), "experts": names})
+            )
     return result
 
 
@@ -221,25 +258,49 @@ def _write_metadata(tmp: Path, cfg: GrowConfig, inputs: GrowInputs, names: list[
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     copy_tokenizer_and_generation_files(inputs.moe.path, tmp)
     found = inputs.model_record
-    experts = [*(found.get("experts") or []), {"name": cfg.name, "kind": "branch", "source": str(Path(cfg.branch).absolute())}]
+    experts = [
+        *(found.get("experts") or []),
+        {"name": cfg.name, "kind": "branch", "source": str(Path(cfg.branch).absolute())},
+    ]
     record = {
-        "stage": "add-expert", "mode": found.get("mode", "btx"),
-        "seed": found.get("seed"), "target": inputs.adapter.moe_type, "experts": experts, "expert_names": names,
-        "added": {"name": cfg.name, "source": str(Path(cfg.branch).absolute()), "into": str(Path(cfg.into).absolute()),
-                  "expert_index": inputs.experts, "down_scale": inputs.down_scale},
-        "split": 1, "shared_expert": found.get("shared_expert"), "scales": found.get("scales"),
-        "average": found.get("average", "uniform"), "merge": found.get("merge"), "dtype": dtype_name(inputs.moe.dtype_code()),
+        "stage": "add-expert",
+        "mode": found.get("mode", "btx"),
+        "seed": found.get("seed"),
+        "target": inputs.adapter.moe_type,
+        "experts": experts,
+        "expert_names": names,
+        "added": {
+            "name": cfg.name,
+            "source": str(Path(cfg.branch).absolute()),
+            "into": str(Path(cfg.into).absolute()),
+            "expert_index": inputs.experts,
+            "down_scale": inputs.down_scale,
+        },
+        "split": 1,
+        "shared_expert": found.get("shared_expert"),
+        "scales": found.get("scales"),
+        "average": found.get("average", "uniform"),
+        "merge": found.get("merge"),
+        "dtype": dtype_name(inputs.moe.dtype_code()),
         "top_k": int(inputs.moe.config.get(inputs.adapter.top_k_key) or 1),
-        "router": {"init": "centroid against the existing rows (new row only)", "top_k": found.get("router", {}).get("top_k"),
-                   "scoring": inputs.adapter.scoring, **router},
+        "router": {
+            "init": "centroid against the existing rows (new row only)",
+            "top_k": found.get("router", {}).get("top_k"),
+            "scoring": inputs.adapter.scoring,
+            **router,
+        },
     }
     write_provenance(tmp, record, inputs.record)
     write_model_card(tmp, record, inputs.adapter, Path(cfg.out).name)
     with open(tmp / "README.md", "a", encoding="utf-8") as card:
         card.write(
-            f"\n## Grown\n\nExpert {inputs.experts} (`{cfg.name}`) was added by `moekit mix --add-expert` to `{cfg.into}`: every "
-            f"tensor of that MoE is kept byte for byte; routers gained one row (the centroid method against the existing rows: "
-            f"at the start {router['init_new_domain_top_k']:.0%} of {cfg.name} tokens and {router['init_old_domains_top_k']:.0%} "
-            f"of the other domains' tokens have it in their top-{record['top_k']}). Tune the router (`moekit tune --train router`) "
+            f"\n## Grown\n\nExpert {inputs.experts} (`{cfg.name}`) was added by `moekit mix --add-expert` to "
+            f"`{cfg.into}`: every "
+            "tensor of that MoE is kept byte for byte; routers gained one row (the centroid method against the "
+            "existing rows: "
+            f"at the start {router['init_new_domain_top_k']:.0%} of {cfg.name} tokens and "
+            f"{router['init_old_domains_top_k']:.0%} "
+            f"of the other domains' tokens have it in their top-{record['top_k']}). Tune the router (`moekit "
+            "tune --train router`) "
             "before judging it.\n"
         )

@@ -44,7 +44,8 @@ class GrowInputs:
 
     @cached_property
     def by_expert(self) -> dict[str, tuple[int, str]]:
-        """MoE tensors indexed by expert along their first (or, for [1, E] biases, second) dim: name -> (layer, role)."""
+        """MoE tensors indexed by expert along their first (or, for [1, E] biases, second) dim: name -> (layer,
+        role)."""
         adapter, found = self.adapter, {}
         for layer in self.layers:
             found[adapter.router_name(layer)] = (layer, "router")
@@ -58,8 +59,11 @@ class GrowInputs:
         return found
 
 
-def grow_sources(run_dir: Path | None, add_expert: str, into: Path | None, out: Path | None) -> tuple[str, Path, Path, Path]:
-    """(name, branch directory, MoE to grow, output directory) from ``--add-expert NAME[=DIR]``, ``--into`` and ``--out``.
+def grow_sources(
+    run_dir: Path | None, add_expert: str, into: Path | None, out: Path | None
+) -> tuple[str, Path, Path, Path]:
+    """(name, branch directory, MoE to grow, output directory) from ``--add-expert NAME[=DIR]``, ``--into`` and
+    ``--out``.
 
     With a run directory, NAME alone is the run's branch, the MoE is RUN_DIR/tuned (else RUN_DIR/mixed)
     and the output RUN_DIR/grown; without one, all three must be given.
@@ -69,13 +73,16 @@ def grow_sources(run_dir: Path | None, add_expert: str, into: Path | None, out: 
         if not sep or into is None or out is None:
             raise InvalidOptionError(
                 "--add-expert without a run directory needs NAME=DIR, --into MOE and --out DIR.",
-                "E.g. moekit mix --add-expert law=branches/law --into tuned --out grown --router-data law=law.jsonl --router-data code=code.jsonl",
+                "E.g. moekit mix --add-expert law=branches/law --into tuned --out grown --router-data "
+                "law=law.jsonl --router-data code=code.jsonl",
             )
         return name, Path(path), into, out
     manifest = load_manifest(run_dir)
     if not sep and name not in manifest.branches:
-        raise InvalidOptionError(f"{run_dir} has no branch '{name}' (branches: {', '.join(manifest.branches)}).",
-                                 f"Add it first: moekit branch {manifest.seed.path} {run_dir} --domain {name} --add, then train it.")
+        raise InvalidOptionError(
+            f"{run_dir} has no branch '{name}' (branches: {', '.join(manifest.branches)}).",
+            f"Add it first: moekit branch {manifest.seed.path} {run_dir} --domain {name} --add, then train it.",
+        )
     branch_dir = Path(path) if sep else manifest.branch_dir(run_dir, name)
     into = into or (run_dir / "tuned" if (run_dir / "tuned" / "config.json").is_file() else run_dir / "mixed")
     return name, branch_dir, into, out or run_dir / "grown"
@@ -87,7 +94,8 @@ def _read_provenance(moe_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     found = origin(record, "expert_names")
     if record is None or found is None or not isinstance(found["expert_names"], list):
         raise InvalidOptionError(
-            f"{moe_dir} has no moekit provenance (moekit.yaml naming its experts), so its seed and experts cannot be checked.",
+            f"{moe_dir} has no moekit provenance (moekit.yaml naming its experts), so its seed and experts "
+            "cannot be checked.",
             "--add-expert grows MoEs that `moekit mix` (and tune) wrote; mix other MoEs anew from their branches.",
         )
     return record, found
@@ -109,14 +117,19 @@ def _check_seed(record: dict[str, Any], branch_dir: Path, moe_dir: Path, notes: 
     moe_seed = str(record.get("seed") or "")
     branch_seed = _run_seed(branch_dir)
     if branch_seed is None or not moe_seed:
-        notes.append("The branch's seed could not be checked (it is not a branch of a run directory): only the shapes were.")
+        notes.append(
+            "The branch's seed could not be checked (it is not a branch of a run directory): only the shapes were."
+        )
         return
     seed_path, seed_hash = branch_seed
     if Path(seed_path).resolve() == Path(moe_seed).resolve():
         return
     moe_run_seed = _run_seed_by_path(moe_seed)
     if moe_run_seed is None:
-        notes.append(f"The MoE's seed {moe_seed} is not found here, so the branch's seed could not be compared with it: only the shapes were.")
+        notes.append(
+            f"The MoE's seed {moe_seed} is not found here, so the branch's seed could not be compared with it: "
+            "only the shapes were."
+        )
         return
     if moe_run_seed == seed_hash:
         return
@@ -148,13 +161,16 @@ def _moe_layers(moe: Checkpoint, adapter: ArchAdapter) -> list[int]:
     layout = layouts.detect(moe.tensors)
     if layout is None or layout != layouts.layouts[0]:
         raise InvalidOptionError(
-            f"{moe.path} is not stored in the layout moekit writes (per-expert tensors), so experts cannot be appended in place.",
+            f"{moe.path} is not stored in the layout moekit writes (per-expert tensors), so experts cannot be "
+            "appended in place.",
             "Re-save it with save_pretrained() (transformers' default layout), or grow the MoE moekit wrote.",
         )
     return layout.moe_layers(moe.tensors)
 
 
-def _check_shapes(inputs_moe: Checkpoint, branch: Checkpoint, adapter: ArchAdapter, layers: list[int], experts: int) -> None:
+def _check_shapes(
+    inputs_moe: Checkpoint, branch: Checkpoint, adapter: ArchAdapter, layers: list[int], experts: int
+) -> None:
     """The branch must be the MoE's dense family with the same non-FFN tensors and expert-sized FFNs."""
     problems = []
     for name, info in inputs_moe.tensors.items():
@@ -196,22 +212,35 @@ def open_grow_inputs(cfg: GrowConfig) -> GrowInputs:
     moe = Checkpoint(Path(cfg.into))
     adapter = adapter_for_moe(moe.model_type)
     if adapter is None:
-        raise InvalidOptionError(f"{cfg.into} is a {moe.model_type or 'unknown'} model, not an MoE moekit builds.", "Give the MoE that `moekit mix` (or tune) wrote.")
+        raise InvalidOptionError(
+            f"{cfg.into} is a {moe.model_type or 'unknown'} model, not an MoE moekit builds.",
+            "Give the MoE that `moekit mix` (or tune) wrote.",
+        )
     record, found = _read_provenance(Path(cfg.into))
     if int(found.get("split") or 1) != 1:
         raise InvalidOptionError(
-            f"{cfg.into} was mixed with --split {found['split']}: each source FFN is several experts sharing a router row.",
+            f"{cfg.into} was mixed with --split {found['split']}: each source FFN is several experts sharing a "
+            "router row.",
             "Add experts to MoEs mixed without --split.",
         )
     names = [str(n) for n in found["expert_names"]]
     if cfg.name in names:
-        raise InvalidOptionError(f"The MoE already has an expert named '{cfg.name}' ({', '.join(names)}).", "Name the new expert differently.")
+        raise InvalidOptionError(
+            f"The MoE already has an expert named '{cfg.name}' ({', '.join(names)}).",
+            "Name the new expert differently.",
+        )
     branch, branch_adapter = open_dense_model(Path(cfg.branch), target=moe.model_type)
     if branch_adapter.moe_type != adapter.moe_type:
-        raise IncompatibleModelsError(f"The branch {cfg.branch} ({branch.model_type}) cannot join a {moe.model_type} MoE.", "Use a branch of the MoE's seed.")
+        raise IncompatibleModelsError(
+            f"The branch {cfg.branch} ({branch.model_type}) cannot join a {moe.model_type} MoE.",
+            "Use a branch of the MoE's seed.",
+        )
     experts = int(moe.config[adapter.num_experts_keys[0]])
     if experts != len(names):
-        raise InvalidOptionError(f"{cfg.into}: config.json has {experts} experts, its moekit.yaml names {len(names)}.", "The provenance does not belong to these weights; re-mix the MoE.")
+        raise InvalidOptionError(
+            f"{cfg.into}: config.json has {experts} experts, its moekit.yaml names {len(names)}.",
+            "The provenance does not belong to these weights; re-mix the MoE.",
+        )
     layers = _moe_layers(moe, adapter)
     _check_shapes(moe, branch, adapter, layers, experts)
     notes: list[str] = []

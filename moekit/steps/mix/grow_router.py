@@ -31,8 +31,11 @@ import torch
 
 _GRID = np.concatenate([[0.0], np.geomspace(1e-2, 1e2, 41)])  # multiples of the layer's logit-scale ratio
 _BATCH = 8  # calibration blocks per forward
-_FIT_TOKENS = 1024  # tokens per domain (strided sample) on which the row is chosen: memory is layers x domains x this x hidden x 2 bytes
-FPR_WEIGHT = 4.0  # an existing domain's token sent to the new expert costs four new-domain tokens kept from it: the old domains come first
+# tokens per domain (strided sample) on which the row is chosen: memory is layers x domains x this x hidden x 2 bytes
+_FIT_TOKENS = 1024
+# an existing domain's token sent to the new expert costs four new-domain tokens kept from it: the old domains come
+# first
+FPR_WEIGHT = 4.0
 
 
 @dataclass
@@ -40,7 +43,9 @@ class AddedRows:
     """The new router row of every MoE layer, and how well it separates the domains at the start."""
 
     rows: np.ndarray  # [layers, hidden] fp32
-    new_top_k: list[float] = field(default_factory=list)  # per layer: share of new-domain tokens with the new expert in their top-k
+    new_top_k: list[float] = field(
+        default_factory=list
+    )  # per layer: share of new-domain tokens with the new expert in their top-k
     old_top_k: list[float] = field(default_factory=list)  # per layer: share of existing-domain tokens with it
 
     def summary(self) -> dict[str, Any]:
@@ -53,7 +58,9 @@ class AddedRows:
         }
 
 
-def _router_inputs(model: torch.nn.Module, routers: list[tuple[str, torch.nn.Module]], blocks: torch.Tensor, visit: Any) -> None:
+def _router_inputs(
+    model: torch.nn.Module, routers: list[tuple[str, torch.nn.Module]], blocks: torch.Tensor, visit: Any
+) -> None:
     """Run ``blocks`` through ``model``; call ``visit(layer, x)`` with each router's input [tokens, hidden] (fp32)."""
 
     def hook(layer: int) -> Any:
@@ -67,13 +74,15 @@ def _router_inputs(model: torch.nn.Module, routers: list[tuple[str, torch.nn.Mod
     try:
         with torch.no_grad():
             for start in range(0, blocks.shape[0], _BATCH):
-                model(input_ids=blocks[start:start + _BATCH].to(model.device))
+                model(input_ids=blocks[start : start + _BATCH].to(model.device))
     finally:
         for handle in handles:
             handle.remove()
 
 
-def _domain_means(model: torch.nn.Module, routers: list[Any], blocks: dict[str, torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+def _domain_means(
+    model: torch.nn.Module, routers: list[Any], blocks: dict[str, torch.Tensor]
+) -> dict[str, list[torch.Tensor]]:
     """Per domain, the mean router input of every layer."""
     means: dict[str, list[torch.Tensor]] = {}
     for domain, domain_blocks in blocks.items():
@@ -89,7 +98,9 @@ def _domain_means(model: torch.nn.Module, routers: list[Any], blocks: dict[str, 
     return means
 
 
-def _candidate_directions(means: dict[str, list[torch.Tensor]], new_domain: str, old_domains: list[str], layer: int) -> torch.Tensor:
+def _candidate_directions(
+    means: dict[str, list[torch.Tensor]], new_domain: str, old_domains: list[str], layer: int
+) -> torch.Tensor:
     """Unit directions from the existing domains' centroids to the new one's [C, H]: from their mean, and from each.
 
     The contrast with the mean separates the new domain from all at once; the contrast with one
@@ -101,8 +112,11 @@ def _candidate_directions(means: dict[str, list[torch.Tensor]], new_domain: str,
     return deltas / deltas.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
-def _best_offset(margin: np.ndarray, common: np.ndarray | None, is_new: np.ndarray) -> tuple[float, float, float, float]:
-    """The offset b maximising TPR - FPR_WEIGHT x FPR for membership ``margin - b * common > 0``: (objective, b, TPR, FPR).
+def _best_offset(
+    margin: np.ndarray, common: np.ndarray | None, is_new: np.ndarray
+) -> tuple[float, float, float, float]:
+    """The offset b maximising TPR - FPR_WEIGHT x FPR for membership ``margin - b * common > 0``: (objective, b, TPR,
+    FPR).
 
     ``common`` (each token's component along the mean hidden state) is positive for every token, so
     the offset acts as the bias the router lacks: membership is ``margin / common > b``, and the best
@@ -126,8 +140,9 @@ def _best_offset(margin: np.ndarray, common: np.ndarray | None, is_new: np.ndarr
     return float(objective[j]), float((ratio[order[j]] + below) / 2), float(tpr[j]), float(fpr[j])
 
 
-def _choose_row(base: np.ndarray, projections: np.ndarray, common: np.ndarray | None, threshold: np.ndarray,
-                is_new: np.ndarray) -> tuple[int, float, float, float, float]:
+def _choose_row(
+    base: np.ndarray, projections: np.ndarray, common: np.ndarray | None, threshold: np.ndarray, is_new: np.ndarray
+) -> tuple[int, float, float, float, float]:
     """(direction, a, b, TPR, FPR) of the row ``w_bar + a u - b m`` that best separates the domains."""
     spread = float(np.std(base)) or 1.0
     best = (-np.inf, 0, 0.0, 0.0, 0.0, 0.0)
@@ -151,8 +166,11 @@ def _load_for_calibration(moe_dir: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(moe_dir, dtype=torch.float32).eval()
 
 
-def _fit_row(start: torch.Tensor, x: np.ndarray, threshold: np.ndarray, is_new: np.ndarray, steps: int = 60) -> tuple[np.ndarray, float, float]:
-    """Refine the centroid row by a weighted logistic fit of "the new expert is in the top-k" (old rows fixed): (row, TPR, FPR)."""
+def _fit_row(
+    start: torch.Tensor, x: np.ndarray, threshold: np.ndarray, is_new: np.ndarray, steps: int = 60
+) -> tuple[np.ndarray, float, float]:
+    """Refine the centroid row by a weighted logistic fit of "the new expert is in the top-k" (old rows fixed): (row,
+    TPR, FPR)."""
     inputs, limit = torch.from_numpy(x).float(), torch.from_numpy(threshold).float()
     target = torch.from_numpy(is_new)
     sign = target.float() * 2 - 1
@@ -174,9 +192,15 @@ def _fit_row(start: torch.Tensor, x: np.ndarray, threshold: np.ndarray, is_new: 
 
 
 def added_router_rows(
-    moe_dir: Path, new_domain: str, blocks: dict[str, torch.Tensor], scoring: str, top_k: int, biases: list[np.ndarray] | None,
+    moe_dir: Path,
+    new_domain: str,
+    blocks: dict[str, torch.Tensor],
+    scoring: str,
+    top_k: int,
+    biases: list[np.ndarray] | None,
 ) -> AddedRows:
-    """The new expert's router row per layer (see the module docstring); ``blocks``: calibration token blocks per domain.
+    """The new expert's router row per layer (see the module docstring); ``blocks``: calibration token blocks per
+    domain.
 
     ``biases``: each layer's selection bias [E] (sigmoid-scoring families), or None.
     """
@@ -190,9 +214,13 @@ def added_router_rows(
     centres = [torch.stack([means[d][layer] for d in blocks]).mean(0) for layer in range(len(routers))]
     centres = [c / c.norm().clamp_min(1e-12) for c in centres]
     weights = [module.weight.detach().float().cpu() for _, module in routers]
-    gathered: list[dict[str, list[np.ndarray]]] = [{"logits": [], "projection": [], "common": [], "x": [], "is_new": []} for _ in routers]
+    gathered: list[dict[str, list[np.ndarray]]] = [
+        {"logits": [], "projection": [], "common": [], "x": [], "is_new": []} for _ in routers
+    ]
     for domain, domain_blocks in blocks.items():
-        stride = max(1, -(-domain_blocks.numel() // _FIT_TOKENS))  # the row is chosen on at most _FIT_TOKENS tokens per domain
+        stride = max(
+            1, -(-domain_blocks.numel() // _FIT_TOKENS)
+        )  # the row is chosen on at most _FIT_TOKENS tokens per domain
 
         def keep(layer: int, x: torch.Tensor, is_new: bool = domain == new_domain, stride: int = stride) -> None:
             store = gathered[layer]

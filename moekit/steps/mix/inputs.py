@@ -59,8 +59,14 @@ def experts_from_run_dir(run_dir: Path) -> tuple[str, list[tuple[str, Path]]]:
     return manifest.seed.path, [(name, manifest.branch_dir(run_dir, name)) for name in manifest.branches]
 
 
-def mix_sources(run_dir: Path | None, experts: list[tuple[str, Path]], upcycle: str | None, seed_model: str | None,
-                seed_as: str, out: Path | None) -> tuple[str, list[tuple[str, Path]], Path]:
+def mix_sources(
+    run_dir: Path | None,
+    experts: list[tuple[str, Path]],
+    upcycle: str | None,
+    seed_model: str | None,
+    seed_as: str,
+    out: Path | None,
+) -> tuple[str, list[tuple[str, Path]], Path]:
     """(seed, experts, output directory) for the three ways to name mix's inputs.
 
     A run directory (its seed and branches; output RUN_DIR/mixed by default), ``--upcycle SEED``, or
@@ -68,7 +74,9 @@ def mix_sources(run_dir: Path | None, experts: list[tuple[str, Path]], upcycle: 
     only serves when the seed's FFN takes no part: ``--seed-as none``).
     """
     if sum(x is not None and x != [] for x in (run_dir, experts or None, upcycle)) != 1:
-        raise InvalidOptionError("Give exactly one input: RUN_DIR, --expert DIR ..., or --upcycle SEED.", "See moekit mix --help.")
+        raise InvalidOptionError(
+            "Give exactly one input: RUN_DIR, --expert DIR ..., or --upcycle SEED.", "See moekit mix --help."
+        )
     if run_dir is not None:
         seed, experts = experts_from_run_dir(run_dir)
         out = out or run_dir / "mixed"
@@ -76,7 +84,10 @@ def mix_sources(run_dir: Path | None, experts: list[tuple[str, Path]], upcycle: 
         seed = upcycle
     else:
         if seed_model is None and seed_as != "none":
-            raise InvalidOptionError(f"--expert mode with --seed-as {seed_as} needs --seed-model SEED.", "Pass --seed-model, or --seed-as none.")
+            raise InvalidOptionError(
+                f"--expert mode with --seed-as {seed_as} needs --seed-model SEED.",
+                "Pass --seed-model, or --seed-as none.",
+            )
         seed = seed_model or str(experts[0][1])
     if out is None:
         raise InvalidOptionError("No output directory.", "Pass --out DIR.")
@@ -131,18 +142,23 @@ def check_compatible(seed: Checkpoint, branches: list[tuple[str, Checkpoint]]) -
         where = f"Branch '{name}' ({branch.path})"
         fix = "All branches must be trained copies of the same seed (moekit branch makes them)."
         if branch.model_type != seed.model_type:
-            raise IncompatibleModelsError(f"{where} is a {branch.model_type} model but the seed is {seed.model_type}.", fix)
+            raise IncompatibleModelsError(
+                f"{where} is a {branch.model_type} model but the seed is {seed.model_type}.", fix
+            )
         diffs, seed_config, branch_config = _configs_differ(seed, branch)
         if diffs:
             shown = ", ".join(f"{k}: {seed_config.get(k)!r} vs {branch_config.get(k)!r}" for k in diffs[:4])
             raise IncompatibleModelsError(f"{where} differs from the seed in config.json ({shown}).", fix)
-        missing = sorted((set(seed.tensors) ^ set(branch.tensors)) - redundant_tied_copies(branch_config, branch.tensors))
+        missing = sorted(
+            (set(seed.tensors) ^ set(branch.tensors)) - redundant_tied_copies(branch_config, branch.tensors)
+        )
         if missing:
             raise IncompatibleModelsError(f"{where} and the seed have different tensors (e.g. {missing[0]}).", fix)
         for tensor, info in seed.tensors.items():
             if branch.tensors[tensor].shape != info.shape:
                 raise IncompatibleModelsError(
-                    f"{where}: tensor {tensor} has shape {branch.tensors[tensor].shape}, the seed's is {info.shape}.", fix
+                    f"{where}: tensor {tensor} has shape {branch.tensors[tensor].shape}, the seed's is {info.shape}.",
+                    fix,
                 )
         if tokenizer_fingerprint(branch.path) != seed_tokenizer:
             raise IncompatibleModelsError(
@@ -179,7 +195,9 @@ def open_mix_inputs(cfg: MixConfig) -> MixInputs:
         branches = [(name, open_dense_model(Path(path), target=cfg.target)[0]) for name, path in cfg.experts]
         names = [n for n, _ in branches]
         if len(set(names)) != len(names) or (cfg.seed_as == "routed" and "seed" in names):
-            raise InvalidOptionError(f"Expert names must be unique (got {', '.join(names)}).", "Name them with --expert NAME=DIR.")
+            raise InvalidOptionError(
+                f"Expert names must be unique (got {', '.join(names)}).", "Name them with --expert NAME=DIR."
+            )
         check_compatible(seed, branches)
         experts = [ExpertSource(n, c, "branch") for n, c in branches]
         if cfg.seed_as == "routed":

@@ -55,7 +55,9 @@ def _trim(delta: np.ndarray, density: float) -> np.ndarray:
     return np.where(np.abs(delta) >= threshold, delta, np.float32(0))
 
 
-def merge_chunk(seed: np.ndarray, branches: list[np.ndarray], weights: list[float], spec: MergeSpec, name: str, chunk: int) -> np.ndarray:
+def merge_chunk(
+    seed: np.ndarray, branches: list[np.ndarray], weights: list[float], spec: MergeSpec, name: str, chunk: int
+) -> np.ndarray:
     """The merged fp32 values of one chunk (``seed`` and ``branches`` are fp32 arrays of one shape)."""
     deltas = [branch - seed for branch in branches]
     w = [np.float32(x) for x in weights]

@@ -22,7 +22,9 @@ def _json_is_complete(dense: dict[str, Any], adapter: ArchAdapter) -> bool:
     return all(key in dense for key in needed)
 
 
-def build_moe_config(seed_dir: Path, adapter: ArchAdapter, plan: BlockPlan, dtype: Any, exact: bool = False) -> dict[str, Any]:
+def build_moe_config(
+    seed_dir: Path, adapter: ArchAdapter, plan: BlockPlan, dtype: Any, exact: bool = False
+) -> dict[str, Any]:
     """The MoE's portable config.json dict, built from the seed's config.
 
     When the seed's config.json holds every value the MoE copies (configs written by
@@ -36,11 +38,17 @@ def build_moe_config(seed_dir: Path, adapter: ArchAdapter, plan: BlockPlan, dtyp
     dense = with_rope_parameters(load_config_json(seed_dir))
 
     def kwargs_for(config: dict[str, Any]) -> dict[str, Any]:
-        return adapter.moe_config_kwargs(config, plan.experts, plan.top_k, plan.expert_size, plan.shared_size, plan.config_scale)
+        return adapter.moe_config_kwargs(
+            config, plan.experts, plan.top_k, plan.expert_size, plan.shared_size, plan.config_scale
+        )
 
     if not exact and _json_is_complete(dense, adapter):
-        data = {**kwargs_for(dense), "model_type": adapter.moe_type,
-                "architectures": [adapter.moe_architecture], "dtype": dtype_name(dtype)}
+        data = {
+            **kwargs_for(dense),
+            "model_type": adapter.moe_type,
+            "architectures": [adapter.moe_architecture],
+            "dtype": dtype_name(dtype),
+        }
         return portable_config(data, expert_count_keys=adapter.num_experts_keys)
     from transformers import CONFIG_MAPPING, AutoConfig
 
@@ -59,27 +67,31 @@ def write_model_card(out_dir: Path, record: dict[str, Any], adapter: ArchAdapter
     routing = record["router"]
     init_stats = ""
     if routing.get("init_in_domain_top1"):
-        init_stats = "\nShare of each domain's calibration tokens whose top-1 expert is its own, averaged over layers: " + ", ".join(
-            f"{d} {v:.0%}" for d, v in routing["init_in_domain_top1"].items()
-        ) + ".\n"
+        init_stats = (
+            "\nShare of each domain's calibration tokens whose top-1 expert is its own, averaged over layers: "
+            + ", ".join(f"{d} {v:.0%}" for d, v in routing["init_in_domain_top1"].items())
+            + ".\n"
+        )
+    upcycled = record["mode"] == "upcycle"
+    how = "by sparse upcycling (every expert starts as a copy of the seed FFN)" if upcycled else "with Branch-Train-MiX"
     card = f"""---
 library_name: transformers
-tags: [moe, mixture-of-experts, moekit, {'sparse-upcycling' if record['mode'] == 'upcycle' else 'btx'}]
-base_model: {record['seed']}
+tags: [moe, mixture-of-experts, moekit, {"sparse-upcycling" if record["mode"] == "upcycle" else "btx"}]
+base_model: {record["seed"]}
 ---
 
 # {name}
 
 A {adapter.moe_architecture} Mixture-of-Experts model built by moekit
-{'by sparse upcycling (every expert starts as a copy of the seed FFN)' if record['mode'] == 'upcycle' else 'with Branch-Train-MiX'}
-from the dense {adapter.dense_type} model `{record['seed']}`.
+{how}
+from the dense {adapter.dense_type} model `{record["seed"]}`.
 
 | expert | name | from | source |
 |---|---|---|---|
 {rows}
 
-- Attention, norms, embeddings and LM head: {_merge_words(record)} (fp32, cast to {record['dtype']}).
-- Routing: top-{record['top_k']} of {len(record['experts'])} experts; router initialised `{routing['init']}`.
+- Attention, norms, embeddings and LM head: {_merge_words(record)} (fp32, cast to {record["dtype"]}).
+- Routing: top-{record["top_k"]} of {len(record["experts"])} experts; router initialised `{routing["init"]}`.
   The router is new: fine-tune the model (router first) before judging it.{init_stats}
 - {adapter.notes}
 
@@ -102,5 +114,7 @@ def _merge_words(record: dict[str, Any]) -> str:
     merge = record.get("merge") or {"method": "mean"}
     if merge["method"] == "mean":
         return f"`{record['average']}` average of the branches"
-    knobs = f"scale {merge['scale']}" + (f", density {merge['density']}" if merge["method"] != "task-arithmetic" else "")
+    knobs = f"scale {merge['scale']}" + (
+        f", density {merge['density']}" if merge["method"] != "task-arithmetic" else ""
+    )
     return f"the seed plus the branches' deltas merged by `{merge['method']}` ({knobs})"

@@ -63,7 +63,8 @@ class BlockPlan:
 
 
 def plan_block(cfg: MixConfig, adapter: ArchAdapter, sources: int, intermediate: int) -> BlockPlan:
-    """The block plan for ``sources`` source FFNs of width ``intermediate``; InvalidOptionError if it cannot be built."""
+    """The block plan for ``sources`` source FFNs of width ``intermediate``; InvalidOptionError if it cannot be
+    built."""
     if intermediate % cfg.split:
         raise InvalidOptionError(
             f"--split {cfg.split} does not divide the FFN width {intermediate}.",
@@ -79,9 +80,16 @@ def plan_block(cfg: MixConfig, adapter: ArchAdapter, sources: int, intermediate:
         assert adapter.shared is not None
         shared_down = 0.5 / adapter.shared.gate_value  # Qwen2-MoE's zero gate already halves: sigmoid(0) = 0.5
     return BlockPlan(
-        sources=sources, split=cfg.split, experts=sources * cfg.split, top_k=cfg.top_k * cfg.split,
-        expert_size=intermediate // cfg.split, shared_size=intermediate if has_shared else None, seed_shared=seed_shared,
-        config_scale=config_scale, down_scale=weight_scale * cfg.expert_scale, shared_down_scale=shared_down,
+        sources=sources,
+        split=cfg.split,
+        experts=sources * cfg.split,
+        top_k=cfg.top_k * cfg.split,
+        expert_size=intermediate // cfg.split,
+        shared_size=intermediate if has_shared else None,
+        seed_shared=seed_shared,
+        config_scale=config_scale,
+        down_scale=weight_scale * cfg.expert_scale,
+        shared_down_scale=shared_down,
     )
 
 

@@ -38,7 +38,11 @@ class CentroidInit:
 
     def _expert_of(self, domain: str) -> int | None:
         names = [e.name for e in self.inputs.experts]
-        return names.index(domain) if domain in names and self.inputs.experts[names.index(domain)].kind == "branch" else None
+        return (
+            names.index(domain)
+            if domain in names and self.inputs.experts[names.index(domain)].kind == "branch"
+            else None
+        )
 
     def see_embedding(self, embedding: torch.Tensor) -> None:
         """Receive the averaged input embedding (fp32) as it streams by; it starts the calibration."""
@@ -73,7 +77,8 @@ class CentroidInit:
             router = centroid_router(torch.stack(rows), overall, everything[::step], self.sharpness)
         except ValueError:
             raise InvalidOptionError(
-                f"Centroid routers of layer {layer} are all zero: every domain's data gives the same mean hidden state.",
+                f"Centroid routers of layer {layer} are all zero: every domain's data gives the same mean "
+                "hidden state.",
                 "Use distinct data per domain (or --router random).",
             )
         for domain, values in self.in_domain_top1.items():
@@ -110,14 +115,16 @@ def prepare_centroid_init(cfg: MixConfig, inputs: MixInputs) -> CentroidInit:
         raise InvalidOptionError(
             "--router centroid needs data from at least two domains: router rows are domain means minus the "
             "overall mean, so a single domain gives all-zero rows.",
-            "Add --router-data for another expert, or general data for the seed expert (e.g. --router-data general=PATH).",
+            "Add --router-data for another expert, or general data for the seed expert (e.g. --router-data "
+            "general=PATH).",
         )
     has_seed = any(e.kind == "seed" for e in inputs.experts)
     extra = [d for d in cfg.router_data if d not in branch_names]
     if extra and not has_seed:
         raise InvalidOptionError(
             f"Router data for {', '.join(extra)} matches no expert.",
-            f"Name domains after the experts ({', '.join(branch_names)}), or keep the seed expert to absorb general data.",
+            f"Name domains after the experts ({', '.join(branch_names)}), or keep the seed expert to absorb "
+            "general data.",
         )
     check_context_length(inputs.seed.path, cfg.router_block_size, "--router-seq-len")
     started = time.perf_counter()

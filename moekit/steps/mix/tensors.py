@@ -53,8 +53,11 @@ def _identical(raw: list[tuple[np.ndarray, str]]) -> bool:
 
 
 def average_rows(
-    sources: list[tuple[Checkpoint, float]], name: str, chunk_elements: int = CHUNK_ELEMENTS,
-    merge: MergeSpec | None = None, seed: Checkpoint | None = None,
+    sources: list[tuple[Checkpoint, float]],
+    name: str,
+    chunk_elements: int = CHUNK_ELEMENTS,
+    merge: MergeSpec | None = None,
+    seed: Checkpoint | None = None,
 ) -> Iterator[np.ndarray]:
     """Yield the merge of tensor ``name`` over ``sources`` as float32 row chunks of about ``chunk_elements`` values.
 
@@ -97,14 +100,21 @@ def average_rows(
         if not finite(total, "F32"):  # NaN and inf propagate into the sum: only then look for the damaged input
             for (values, code), (checkpoint, _) in zip(raw, sources):
                 checked(values, code, name, checkpoint)
-            raise NonFiniteError(f"The mean of {name} overflows float32 (its inputs are finite but huge).",
-                                 "The inputs hold values near the float32 limit: they are damaged; check them.")
+            raise NonFiniteError(
+                f"The mean of {name} overflows float32 (its inputs are finite but huge).",
+                "The inputs hold values near the float32 limit: they are damaged; check them.",
+            )
         yield total
 
 
 def write_average(
-    writer: StreamingShardWriter, inputs: MixInputs, name: str, code: str, keep: dict[str, Any] | None,
-    chunk_elements: int = CHUNK_ELEMENTS, out_name: str | None = None,
+    writer: StreamingShardWriter,
+    inputs: MixInputs,
+    name: str,
+    code: str,
+    keep: dict[str, Any] | None,
+    chunk_elements: int = CHUNK_ELEMENTS,
+    out_name: str | None = None,
 ) -> None:
     """Average tensor ``name`` into the writer (as ``out_name``, default the same), chunk by chunk.
 
@@ -124,7 +134,9 @@ def write_average(
     parts: list[np.ndarray] = []
 
     def stored_chunks() -> Iterator[np.ndarray]:
-        for chunk in average_rows(inputs.average, name, chunk_elements if order is None else math.prod(shape), inputs.merge, inputs.seed):
+        for chunk in average_rows(
+            inputs.average, name, chunk_elements if order is None else math.prod(shape), inputs.merge, inputs.seed
+        ):
             if keep is not None:
                 parts.append(chunk)
             yield from_float32(chunk if order is None else chunk[order], code)
@@ -140,7 +152,9 @@ def random_router(num_experts: int, hidden: int, std: float, seed: int) -> np.nd
     """A [num_experts, hidden] fp32 router drawn from N(0, std^2); std must be > 0 (zeros tie every logit)."""
     if std <= 0:
         raise ValueError("router std must be positive")
-    return (np.random.default_rng(seed).standard_normal((num_experts, hidden), dtype=np.float32) * np.float32(std)).astype(np.float32)
+    return (
+        np.random.default_rng(seed).standard_normal((num_experts, hidden), dtype=np.float32) * np.float32(std)
+    ).astype(np.float32)
 
 
 def chunk_of(ffn: dict[str, Any], chunk: int, chunks: int) -> dict[str, Any]:
@@ -149,11 +163,16 @@ def chunk_of(ffn: dict[str, Any], chunk: int, chunks: int) -> dict[str, Any]:
         return ffn
     width = ffn["gate_proj"].shape[0] // chunks
     units = slice(chunk * width, (chunk + 1) * width)
-    return {"gate_proj": ffn["gate_proj"][units], "up_proj": ffn["up_proj"][units], "down_proj": ffn["down_proj"][:, units].contiguous()}
+    return {
+        "gate_proj": ffn["gate_proj"][units],
+        "up_proj": ffn["up_proj"][units],
+        "down_proj": ffn["down_proj"][:, units].contiguous(),
+    }
 
 
 def expert_ffn(inputs: MixInputs, cfg: MixConfig, layer: int, expert: int, down_scale: float = 1.0) -> dict[str, Any]:
-    """One source expert's gate/up/down weights as torch tensors: the source FFN, with drop-upcycling and output scaling.
+    """One source expert's gate/up/down weights as torch tensors: the source FFN, with drop-upcycling and output
+    scaling.
 
     The computed path (experts that are not copied file to file). Unmodified tensors keep their
     stored dtype; modified ones are fp32. Randomness is seeded per (random seed, layer, expert),
@@ -167,7 +186,12 @@ def expert_ffn(inputs: MixInputs, cfg: MixConfig, layer: int, expert: int, down_
     ffn = {}
     for projection, name in names.items():
         code = source.checkpoint.tensors[name].dtype
-        checked(source.checkpoint.array_rows(name, 0, source.checkpoint.tensors[name].shape[0]), code, name, source.checkpoint)
+        checked(
+            source.checkpoint.array_rows(name, 0, source.checkpoint.tensors[name].shape[0]),
+            code,
+            name,
+            source.checkpoint,
+        )
         ffn[projection] = source.checkpoint.get(name)
     fraction = cfg.upcycle.drop_fraction if cfg.upcycle else 0.0
     if fraction > 0:

@@ -1,4 +1,5 @@
-"""What ``tune`` reads: the MoE and its data (from a run directory, a model of a run, or given), and the checks on them."""
+"""What ``tune`` reads: the MoE and its data (from a run directory, a model of a run, or given), and the checks on
+them."""
 
 from __future__ import annotations
 
@@ -14,7 +15,11 @@ from moekit.provenance import origin, read_provenance, recorded
 
 def work_dir_for(cfg: TuneConfig) -> Path:
     """Where checkpoints and metrics live while tuning: RUN_DIR/tune, or OUT.work next to OUT."""
-    return cfg.run_dir / cfg.stage.replace(":", "-") if cfg.run_dir is not None else cfg.out.parent / f"{cfg.out.name}.work"
+    return (
+        cfg.run_dir / cfg.stage.replace(":", "-")
+        if cfg.run_dir is not None
+        else cfg.out.parent / f"{cfg.out.name}.work"
+    )
 
 
 def mixed_split(model_dir: Path) -> int:
@@ -48,7 +53,9 @@ def tune_inputs(cfg: TuneConfig) -> list[Path]:
     record = origin(read_provenance(cfg.model), "seed")  # an unreadable one names no inputs
     if isinstance(record, dict):
         inputs += [Path(str(record["seed"]))] if record.get("seed") else []
-        inputs += [Path(str(e["source"])) for e in record.get("experts") or [] if isinstance(e, dict) and e.get("source")]
+        inputs += [
+            Path(str(e["source"])) for e in record.get("experts") or [] if isinstance(e, dict) and e.get("source")
+        ]
     if cfg.run_dir is not None:
         manifest = load_manifest(cfg.run_dir)
         inputs += [Path(manifest.seed.path)] + [manifest.branch_dir(cfg.run_dir, n) for n in manifest.branches]
@@ -65,17 +72,34 @@ def tune_sources(model: Path, data: dict[str, str], val_data: dict[str, str], ou
         branches = load_manifest(model).branches
         remembered = {name: record.data for name, record in branches.items() if record.data}
         remembered_val = {name: record.val_data for name, record in branches.items() if record.val_data and record.data}
-        return {"model": model / "mixed", "data": {**remembered, **given}, "val_data": {**remembered_val, **given_val},
-                "out": out or model / "tuned", "run_dir": model}
+        return {
+            "model": model / "mixed",
+            "data": {**remembered, **given},
+            "val_data": {**remembered_val, **given_val},
+            "out": out or model / "tuned",
+            "run_dir": model,
+        }
     run_dir = model.absolute().parent
     if model.name not in ("mixed", "tuned") and (run_dir / "branches").is_dir() and (run_dir / MANIFEST_NAME).is_file():
         # a model a run made besides its own mixed one (mix --add-expert's RUN_DIR/grown): the run's data unless --data
         # is given (as for `tune RUN_DIR`, whose recorded held-out splits are kept: a different split is refused)
         branches = load_manifest(run_dir).branches
         remembered = {name: record.data for name, record in branches.items() if record.data} if not given else {}
-        remembered_val = {name: record.val_data for name, record in branches.items() if record.val_data and record.data} if not given else {}
-        return {"model": model, "data": {**remembered, **given}, "val_data": {**remembered_val, **given_val},
-                "out": out or run_dir / f"{model.name}-tuned", "run_dir": run_dir, "stage": f"tune:{model.name}"}
+        remembered_val = (
+            {name: record.val_data for name, record in branches.items() if record.val_data and record.data}
+            if not given
+            else {}
+        )
+        return {
+            "model": model,
+            "data": {**remembered, **given},
+            "val_data": {**remembered_val, **given_val},
+            "out": out or run_dir / f"{model.name}-tuned",
+            "run_dir": run_dir,
+            "stage": f"tune:{model.name}",
+        }
     if out is None:
-        raise InvalidOptionError("No output directory.", "Pass --out DIR (or give a run directory, whose default is RUN_DIR/tuned).")
+        raise InvalidOptionError(
+            "No output directory.", "Pass --out DIR (or give a run directory, whose default is RUN_DIR/tuned)."
+        )
     return {"model": model, "data": given, "val_data": given_val, "out": out, "run_dir": None}

@@ -23,7 +23,8 @@ _PER_EXPERT = re.compile(r"\.experts\.(\d+)\.")
 
 
 def added_expert_index(model_dir: Path) -> int:
-    """The index of the expert ``mix --add-expert`` added (from the MoE's provenance); InvalidOptionError if none was."""
+    """The index of the expert ``mix --add-expert`` added (from the MoE's provenance); InvalidOptionError if none
+    was."""
     from moekit.provenance import recorded
 
     added = recorded(model_dir, "added")  # a tuned grown model's provenance wraps the grown one's
@@ -36,27 +37,39 @@ def added_expert_index(model_dir: Path) -> int:
 
 
 def is_stacked_experts(name: str) -> bool:
-    """Whether a parameter holds every routed expert of a layer (transformers 5's ``experts.gate_up_proj``/``down_proj``)."""
+    """Whether a parameter holds every routed expert of a layer (transformers 5's
+    ``experts.gate_up_proj``/``down_proj``)."""
     return ".experts." in f"{name}." and _PER_EXPERT.search(f"{name}.") is None
 
 
-def new_expert_only(model: torch.nn.Module, index: int, shard: str) -> tuple[Callable[[str], bool], Callable[[str], bool], list[Any]]:
+def new_expert_only(
+    model: torch.nn.Module, index: int, shard: str
+) -> tuple[Callable[[str], bool], Callable[[str], bool], list[Any]]:
     """(trainable-expert predicate, no-decay predicate, gradient-hook handles) for training expert ``index`` alone."""
     if shard != "none":
         raise InvalidOptionError(
-            "--train new-expert+router runs unsharded: FSDP2 splits the stacked expert parameters along the expert axis.",
+            "--train new-expert+router runs unsharded: FSDP2 splits the stacked expert parameters along the "
+            "expert axis.",
             "Drop --shard fsdp (several processes still work, as DDP).",
         )
     handles = []
     for name, param in model.named_parameters():
         if is_stacked_experts(name):
             if param.shape[0] <= index:
-                raise InvalidOptionError(f"{name} holds {param.shape[0]} experts; the added expert is number {index}.",
-                                         "The provenance does not match the weights: grow the MoE again.")
+                raise InvalidOptionError(
+                    f"{name} holds {param.shape[0]} experts; the added expert is number {index}.",
+                    "The provenance does not match the weights: grow the MoE again.",
+                )
             keep = torch.zeros(param.shape[0], *([1] * (param.ndim - 1)), dtype=torch.bool)
             keep[index] = True
             # where, not a product: an inf gradient times 0 would be NaN in the frozen slices
-            handles.append(param.register_hook(lambda grad, keep=keep: torch.where(keep.to(grad.device), grad, torch.zeros((), dtype=grad.dtype, device=grad.device))))
+            handles.append(
+                param.register_hook(
+                    lambda grad, keep=keep: torch.where(
+                        keep.to(grad.device), grad, torch.zeros((), dtype=grad.dtype, device=grad.device)
+                    )
+                )
+            )
 
     def trainable(name: str) -> bool:
         match = _PER_EXPERT.search(f"{name}.")

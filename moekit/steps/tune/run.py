@@ -24,8 +24,7 @@ import torch
 
 from moekit.arch import router_scoring
 from moekit.config import TuneConfig
-from moekit.data.blocks import MixtureBlocks
-from moekit.data.domains import DomainData, domains_data, record_heldout
+from moekit.data.domains import DomainData, domains_data, heldout_sets, record_heldout, training_mixture
 from moekit.io.atomic import check_output_apart, check_output_dir
 from moekit.io.config_json import dtype_name
 from moekit.io.loading import load_causal_lm
@@ -58,7 +57,9 @@ class TuneResult:
 
 def tune(cfg: TuneConfig, show_progress: bool = True) -> TuneResult:
     """Tune the MoE at ``cfg.model`` on the data mixture and write it to ``cfg.out``."""
-    check_model_dir(cfg.model, "The MoE to tune,", "Mix the branches first (moekit mix RUN_DIR), or pass the MoE's directory.")
+    check_model_dir(
+        cfg.model, "The MoE to tune,", "Mix the branches first (moekit mix RUN_DIR), or pass the MoE's directory."
+    )
     check_context_length(cfg.model, cfg.loop.seq_len)
     check_output_dir(cfg.out, cfg.force)
     check_output_apart(cfg.out, tune_inputs(cfg), cfg.run_dir)
@@ -76,10 +77,14 @@ def _tune(cfg: TuneConfig, engine: Engine, show_progress: bool) -> TuneResult:
     model = load_causal_lm(cfg.model, torch.float32)
     scoring = router_scoring(str(model.config.model_type))
     assert cfg.capacity_factor is not None and cfg.aux_coef is not None  # filled in by TuneConfig
-    controller = RoutingController(model, settings=RoutingSettings(cfg.routing, cfg.capacity_factor, scoring, cfg.temperature))
+    controller = RoutingController(
+        model, settings=RoutingSettings(cfg.routing, cfg.capacity_factor, scoring, cfg.temperature)
+    )
     bias = selection_bias(model, controller, cfg) if cfg.balance == "bias" else None
     domains = _tune_data(cfg, engine)
-    objective = BalancedObjective(controller, BalanceSettings(cfg.balance, cfg.aux_coef, cfg.z_coef, cfg.balance_scope, scoring), bias)
+    objective = BalancedObjective(
+        controller, BalanceSettings(cfg.balance, cfg.aux_coef, cfg.z_coef, cfg.balance_scope, scoring), bias
+    )
     heldout: dict[str, Any] = {}
     job = _loop_job(cfg, model, controller, domains, objective, engine, heldout, show_progress)
     job.save_dtype = save_dtype
@@ -88,8 +93,16 @@ def _tune(cfg: TuneConfig, engine: Engine, show_progress: bool) -> TuneResult:
     routing = heldout_summary(heldout.get("counts"))
     saved = _save(cfg, model, result, save_dtype, routing) if engine.is_main_process else None
     engine.wait_for_everyone()
-    return TuneResult(cfg.out, result.steps, result.resumed_from, result.last_row, result.eval, dtype_name(save_dtype),
-                      saved.unchanged_share if saved else None, routing)
+    return TuneResult(
+        cfg.out,
+        result.steps,
+        result.resumed_from,
+        result.last_row,
+        result.eval,
+        dtype_name(save_dtype),
+        saved.unchanged_share if saved else None,
+        routing,
+    )
 
 
 def _tune_data(cfg: TuneConfig, engine: Engine) -> dict[str, DomainData]:
@@ -100,20 +113,44 @@ def _tune_data(cfg: TuneConfig, engine: Engine) -> dict[str, DomainData]:
     cache_dir = (cfg.run_dir or cfg.out.parent) / ".cache" / "tokens"
     manifest = load_manifest(cfg.run_dir) if cfg.run_dir is not None else None
     with engine.main_process_first():  # rank 0 tokenises, the others read its stores
-        domains = domains_data(tokenizer, cfg.data, cfg.val_data, cfg.loop.seq_len, cfg.val_fraction, cfg.text_field, cache_dir, manifest)
+        domains = domains_data(
+            tokenizer, cfg.data, cfg.val_data, cfg.loop.seq_len, cfg.val_fraction, cfg.text_field, cache_dir, manifest
+        )
     if cfg.run_dir is not None and engine.is_main_process:
         record_heldout(cfg.run_dir, domains)
     return domains
 
 
-def _loop_job(cfg: TuneConfig, model: torch.nn.Module, controller: RoutingController, domains: dict[str, DomainData],
-              objective: BalancedObjective, engine: Engine, heldout: dict[str, Any], show_progress: bool) -> LoopJob:
-    """The training loop's job: the data mixture, what trains, the balancing objective, evaluation with the model's own routing."""
+def _loop_job(
+    cfg: TuneConfig,
+    model: torch.nn.Module,
+    controller: RoutingController,
+    domains: dict[str, DomainData],
+    objective: BalancedObjective,
+    engine: Engine,
+    heldout: dict[str, Any],
+    show_progress: bool,
+) -> LoopJob:
+    """The training loop's job: the data mixture, what trains, the balancing objective, evaluation with the model's
+    own routing."""
     ratios = cfg.mixture or {d: 1.0 for d in cfg.data}
-    pool = MixtureBlocks({d: domain.train for d, domain in domains.items()}, ratios, cfg.loop.seed)
-    eval_sets = {d: domain.heldout.head(cfg.loop.eval_blocks) for d, domain in domains.items() if len(domain.heldout)}
-    options = cfg.model_dump(mode="json", include={"train", "balance", "aux_coef", "z_coef", "balance_scope", "routing", "capacity_factor",
-                                                   "bias_rate", "bias_rule", "temperature"})
+    pool = training_mixture(domains, ratios, cfg.loop.seed)
+    eval_sets = heldout_sets(domains, cfg.loop.eval_blocks)
+    options = cfg.model_dump(
+        mode="json",
+        include={
+            "train",
+            "balance",
+            "aux_coef",
+            "z_coef",
+            "balance_scope",
+            "routing",
+            "capacity_factor",
+            "bias_rate",
+            "bias_rule",
+            "temperature",
+        },
+    )
     options["mixture"] = {d: ratios[d] / sum(ratios.values()) for d in sorted(ratios)}  # as shares, however written
     frozen = set(objective.bias.names) if objective.bias is not None else set()
     new_expert, no_decay = None, (lambda name: False)
@@ -133,25 +170,49 @@ def _loop_job(cfg: TuneConfig, model: torch.nn.Module, controller: RoutingContro
         controller.progress = step / max(1, steps - 1)  # sample_top1's temperature schedule
 
     return LoopJob(
-        model, pool, eval_sets, cfg.loop, work_dir_for(cfg), cfg.resume, cfg.stage, show_progress,
-        compute_loss=objective, trainable=trainable_predicate(cfg, controller, frozen, new_expert), step_metrics=objective.step_metrics,
-        no_decay=no_decay, fingerprint_extra={"tune": options}, eval_context=evaluation_routing, on_step_start=on_step_start,
+        model,
+        pool,
+        eval_sets,
+        cfg.loop,
+        work_dir_for(cfg),
+        cfg.resume,
+        cfg.stage,
+        show_progress,
+        compute_loss=objective,
+        trainable=trainable_predicate(cfg, controller, frozen, new_expert),
+        step_metrics=objective.step_metrics,
+        no_decay=no_decay,
+        fingerprint_extra={"tune": options},
+        eval_context=evaluation_routing,
+        on_step_start=on_step_start,
     )
 
 
-def _save(cfg: TuneConfig, model: torch.nn.Module, result: LoopResult, save_dtype: torch.dtype, routing: dict[str, Any]) -> SavedModel:
+def _save(
+    cfg: TuneConfig, model: torch.nn.Module, result: LoopResult, save_dtype: torch.dtype, routing: dict[str, Any]
+) -> SavedModel:
     """Write the tuned MoE (with provenance and model card), drop the checkpoints, record the stage in the run."""
     assert result.state_dict is not None
     work_dir = work_dir_for(cfg)
-    state = {k: v for k, v in result.state_dict.items() if not is_training_only(k)}  # noisy top-k's W_noise is not part of the model
+    state = {
+        k: v for k, v in result.state_dict.items() if not is_training_only(k)
+    }  # noisy top-k's W_noise is not part of the model
     provenance = provenance_writer(cfg.model, cfg, result.last_row, routing)
-    saved = write_trained_model(cfg.out, cfg.model, model, state, save_dtype, [work_dir / "metrics.jsonl"], cfg.force, provenance)
+    saved = write_trained_model(
+        cfg.out, cfg.model, model, state, save_dtype, [work_dir / "metrics.jsonl"], cfg.force, provenance
+    )
     shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)
     if cfg.run_dir is not None:
         with updating_manifest(cfg.run_dir) as manifest:
             params = cfg.model_dump(mode="json", exclude={"force", "resume", "run_dir", "stage"})
             flops = training_flops(cfg.model, result.tokens, cfg.loop.seq_len)
-            outputs = {"out": str(cfg.out), "tokens": result.tokens, "flops": flops, "eval_loss": result.eval,
-                       "saved_dtype": dtype_name(save_dtype), "unchanged_share": saved.unchanged_share}
+            outputs = {
+                "out": str(cfg.out),
+                "tokens": result.tokens,
+                "flops": flops,
+                "eval_loss": result.eval,
+                "saved_dtype": dtype_name(save_dtype),
+                "unchanged_share": saved.unchanged_share,
+            }
             manifest.stages.append(StageRecord(stage=cfg.stage, params=params, outputs=outputs))
     return saved

@@ -19,7 +19,9 @@ def is_routed_expert(name: str) -> bool:
     return ".experts." in f"{name}."
 
 
-def trainable_predicate(cfg: TuneConfig, controller: RoutingController, frozen: set[str] = frozenset(), new_expert: Any = None) -> Any:
+def trainable_predicate(
+    cfg: TuneConfig, controller: RoutingController, frozen: set[str] = frozenset(), new_expert: Any = None
+) -> Any:
     """Which parameters learn, by name (never those in ``frozen``, e.g. the selection biases).
 
     ``all`` (BTX); ``router``; ``router+attn`` (routers and attention only: embeddings, norms,
@@ -35,7 +37,9 @@ def trainable_predicate(cfg: TuneConfig, controller: RoutingController, frozen: 
         chosen = lambda name: name.startswith(router_prefixes)  # noqa: E731
     elif cfg.train == "all-but-experts":
         chosen = lambda name: not is_routed_expert(name)  # noqa: E731
-    elif cfg.train == "new-expert+router":  # the routers and the expert mix --add-expert added (moekit.steps.tune.new_expert)
+    elif (
+        cfg.train == "new-expert+router"
+    ):  # the routers and the expert mix --add-expert added (moekit.steps.tune.new_expert)
         chosen = lambda name: name.startswith(router_prefixes) or new_expert(name)  # noqa: E731
     else:
         chosen = lambda name: name.startswith(router_prefixes) or ".self_attn." in name  # noqa: E731
@@ -51,11 +55,14 @@ def selection_bias(model: torch.nn.Module, controller: RoutingController, cfg: T
             "bias that changes which experts are selected, also at inference (DeepSeek-V3 stores it as "
             f"e_score_correction_bias), and {type(model).__name__}'s routers have no such tensor. The "
             "bias would be lost on export and the saved model would route differently from the tuned one.",
-            f"Mix with {_bias_target_list()}, or use --balance switch (optionally with --balance-scope global) or --balance btx.",
+            f"Mix with {_bias_target_list()}, or use --balance switch (optionally with --balance-scope global) "
+            "or --balance btx.",
         )
     return SelectionBias(biases, cfg.bias_rate, cfg.bias_rule)
 
 
 def _bias_target_list() -> str:
     """``--target glm4_moe (llama, qwen2 seeds) or ...`` for the refusal of --balance bias."""
-    return " or ".join(f"--target {name} ({', '.join(families)} seeds)" for name, families in selection_bias_targets().items())
+    return " or ".join(
+        f"--target {name} ({', '.join(families)} seeds)" for name, families in selection_bias_targets().items()
+    )

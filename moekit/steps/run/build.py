@@ -1,0 +1,211 @@
+"""The stages that build the models: seed, branch, train, mix, average, tune."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from moekit.config import MixConfig, TrainConfig, TuneConfig
+from moekit.data import absolute_spec
+from moekit.errors import MoekitError
+from moekit.manifest import MANIFEST_NAME, load_manifest, updating_manifest
+from moekit.steps.run.base import RunBase, claim_work_dir, stage_hash
+
+
+class BuildStages(RunBase):
+    """seed -> branch -> train -> mix (and the weight average) -> tune."""
+
+    def stage_seed(self) -> None:
+        spec = self.recipe.seed
+        if spec.build is None:
+            self.fingerprints["seed"] = stage_hash(str(self.seed_dir()))
+            return
+        out = self.workdir / "seed"
+        pretrain_data = {"pretrain": [self._local(s) for s in spec.pretrain_data]} if spec.pretrain_data else self.data
+        fingerprint = stage_hash(
+            spec.model_dump(mode="json"), self._data_print(pretrain_data) if spec.build == "pretrained-small" else ""
+        )
+        marker = out / "moekit-seed.json"
+        self.fingerprints["seed"] = fingerprint
+        if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
+            self.outcome.stages["seed"] = "skipped (done, inputs unchanged)"
+            return
+        self.log("[bold]seed[/] ...")
+        claim_work_dir(self.workdir / "seed.work", fingerprint)
+        if spec.build == "tiny-random":
+            from moekit.tiny import build_tiny_model
+
+            if out.exists():
+                import shutil
+
+                shutil.rmtree(out)
+            build_tiny_model(out, "llama")
+        else:
+            from moekit.steps.seed import build_pretrained_seed
+
+            assert spec.pretrain is not None
+            build_pretrained_seed(
+                out,
+                pretrain_data,
+                spec.pretrain,
+                spec.size,
+                val_fraction=self.recipe.val_fraction,
+                show_progress=self.show_progress,
+            )
+        marker.write_text(json.dumps({"fingerprint": fingerprint, "build": spec.build}))
+        self.outcome.stages["seed"] = "ran"
+
+    def stage_branch(self) -> None:
+        from moekit.steps.branch import branch
+
+        domains = list(self.recipe.domains)
+        fingerprint = stage_hash(self.fingerprints["seed"], domains)
+
+        def work() -> None:
+            if (self.run_dir / MANIFEST_NAME).is_file():
+                stages = [s.stage for s in load_manifest(self.run_dir).stages]
+                if "run:branch" not in stages:
+                    raise MoekitError(
+                        f"{self.run_dir} holds a run that this recipe did not make.", "Use another workdir."
+                    )
+                import shutil
+
+                shutil.rmtree(self.run_dir)  # made by this recipe from another seed or domains: all of it is stale
+            branch(str(self.seed_dir()), self.run_dir, domains)
+            with updating_manifest(self.run_dir) as manifest:  # eval and tune find the data there, even without train
+                for domain in domains:
+                    manifest.branches[domain].data = [absolute_spec(s) for s in self.data[domain]]
+                    manifest.branches[domain].val_data = [absolute_spec(s) for s in self.val_data.get(domain, [])]
+
+        self._stage("branch", self.run_dir / MANIFEST_NAME, fingerprint, work)
+
+    def stage_train(self) -> None:
+        from moekit.steps.branch import relink_branch
+        from moekit.steps.train import train
+
+        if self.recipe.train is None:
+            self.fingerprints["train"] = self.fingerprints["branch"]  # branches stay copies of the seed
+            return
+        for domain in self.recipe.domains:
+            data = {domain: self.data[domain]}
+            fingerprint = stage_hash(
+                self.fingerprints["branch"], self._data_print(data), self._train_options(), self.recipe.val_fraction
+            )
+            cfg = TrainConfig(
+                run_dir=self.run_dir,
+                branches=[domain],
+                data=data,
+                val_data={k: v for k, v in self.val_data.items() if k == domain},
+                val_fraction=self.recipe.val_fraction,
+                text_field=self.recipe.text_field,
+                resume=True,
+                train=self.recipe.train.train,
+                loop=self.recipe.train.loop(),
+            )
+
+            def work(cfg: TrainConfig = cfg, domain: str = domain, fingerprint: str = fingerprint) -> None:
+                trained_before = any(
+                    s.stage == "train" and s.params.get("branch") == domain for s in load_manifest(self.run_dir).stages
+                )
+                if claim_work_dir(self.run_dir / "train" / domain, fingerprint) or trained_before:
+                    relink_branch(
+                        self.run_dir, domain
+                    )  # new inputs: start again from the seed, not from the old branch
+                train(cfg, self.show_progress)
+
+            self._stage(f"train:{domain}", self.run_dir / "branches" / domain, fingerprint, work)
+        self.fingerprints["train"] = stage_hash(*(self.fingerprints[f"train:{d}"] for d in self.recipe.domains))
+
+    def _train_options(self) -> dict[str, Any]:
+        """The train section as fingerprinted (``train: all``, the default, left out so older runs keep their
+        fingerprints)."""
+        assert self.recipe.train is not None
+        return self.recipe.train.model_dump(
+            mode="json", exclude={"train"} if self.recipe.train.train == "all" else set()
+        )
+
+    def stage_mix(self) -> None:
+        from moekit.steps.mix import mix
+
+        options = self.recipe.mix.model_dump(mode="json", exclude={"upcycle_experts", "drop_fraction"})
+        upcycle = self.recipe.mix.upcycle_experts
+        fingerprint = stage_hash(
+            self.fingerprints.get("train") if not upcycle else self.fingerprints["seed"],
+            self.recipe.mix.model_dump(mode="json"),
+        )
+        if upcycle:  # the baseline: copies of the seed FFN, no branches
+            options.update(average="uniform", weights=None, router="random", seed_as="routed")
+            cfg = MixConfig(
+                out=self.run_dir / "mixed",
+                seed=str(self.seed_dir()),
+                run_dir=self.run_dir,
+                force=True,
+                upcycle={"num_experts": upcycle, "drop_fraction": self.recipe.mix.drop_fraction},
+                **{
+                    k: v
+                    for k, v in options.items()
+                    if k not in ("average", "weights", "router_sharpness", "router_tokens")
+                },
+            )
+        else:
+            router_data = (
+                {d: specs[0] for d, specs in self.data.items()} if self.recipe.mix.router == "centroid" else {}
+            )
+            cfg = MixConfig(
+                out=self.run_dir / "mixed",
+                seed=str(self.seed_dir()),
+                experts=[(d, self.run_dir / "branches" / d) for d in self.recipe.domains],
+                run_dir=self.run_dir,
+                router_data=router_data,
+                force=True,
+                **options,
+            )
+        self._stage("mix", self.run_dir / "mixed", fingerprint, lambda: None if mix(cfg, self.show_progress) else None)
+
+    def stage_average(self) -> None:
+        from moekit.steps.mix.average import average_models
+
+        branches = [self.run_dir / "branches" / d for d in self.recipe.domains]
+        self._stage(
+            "average",
+            self.run_dir / "averaged",
+            stage_hash(self.fingerprints["train"]),
+            lambda: None if average_models(branches, self.run_dir / "averaged", force=True) else None,
+        )
+
+    def stage_tune(self) -> None:
+        from moekit.steps.tune import tune
+
+        spec = self.recipe.tune
+        if spec is None:
+            return
+        fingerprint = stage_hash(self.fingerprints["mix"], spec.model_dump(mode="json"), self._data_print(self.data))
+        cfg = TuneConfig(
+            model=self.run_dir / "mixed",
+            out=self.run_dir / "tuned",
+            run_dir=self.run_dir,
+            data=self.data,
+            val_data=self.val_data,
+            mixture=spec.mixture,
+            train=spec.train,
+            balance=spec.balance,
+            aux_coef=spec.aux_coef,
+            z_coef=spec.z_coef,
+            balance_scope=spec.balance_scope,
+            routing=spec.routing,
+            capacity_factor=spec.capacity_factor,
+            bias_rate=spec.bias_rate,
+            bias_rule=spec.bias_rule,
+            temperature=spec.temperature,
+            val_fraction=self.recipe.val_fraction,
+            text_field=self.recipe.text_field,
+            resume=True,
+            force=True,
+            loop=spec.loop,
+        )
+
+        def work() -> None:
+            claim_work_dir(self.run_dir / "tune", fingerprint)
+            tune(cfg, self.show_progress)
+
+        self._stage("tune", self.run_dir / "tuned", fingerprint, work)

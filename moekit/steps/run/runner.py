@@ -1,0 +1,79 @@
+"""Running a recipe: every stage in order, in one process."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+from moekit.errors import MoekitError
+from moekit.recipe import Recipe
+from moekit.steps.run.base import RunOutcome
+from moekit.steps.run.build import BuildStages
+from moekit.steps.run.judge import JudgeStages
+
+
+class RecipeRun(BuildStages, JudgeStages):
+    """Runs one recipe; each ``stage_*`` method does one stage."""
+
+
+WORKDIR_MARKER = "recipe.yaml"  # every recipe work directory has it at its root
+
+
+def check_workdir(workdir: Path) -> None:
+    """Refuse a recipe ``workdir`` that is a file or lies under one, or whose location cannot be written."""
+    from moekit.io.atomic import check_writable_parent
+
+    for path in [workdir, *workdir.parents]:
+        if path.exists() and not path.is_dir():
+            raise MoekitError(
+                f"The recipe's workdir {workdir} cannot be created: {path} is a file.",
+                "Set workdir to a directory path (workdir=DIR).",
+            )
+    if not workdir.is_dir():
+        check_writable_parent(workdir)
+    elif not os.access(workdir, os.W_OK | os.X_OK):
+        raise MoekitError(
+            f"The recipe's workdir {workdir} is not writable.", "Choose a workdir you can write to (workdir=DIR)."
+        )
+
+
+def clear_workdir(workdir: Path) -> None:
+    """Delete a recipe work directory (``demo --force``); refuse one that is not a recipe's."""
+    import shutil
+
+    if not workdir.exists():
+        return
+    if not workdir.is_dir() or (any(workdir.iterdir()) and not (workdir / WORKDIR_MARKER).is_file()):
+        raise MoekitError(
+            f"{workdir} is not a moekit work directory (no {WORKDIR_MARKER}); --force would delete it and "
+            "everything in it.",
+            "Choose a new --out directory, or one an earlier demo or run wrote.",
+        )
+    shutil.rmtree(workdir)
+
+
+def run_recipe(
+    recipe: Recipe, show_progress: bool = True, log: Callable[[str], None] = lambda message: None
+) -> RunOutcome:
+    """Run every stage of ``recipe`` in order (skipping finished ones); return what happened."""
+    check_workdir(recipe.workdir)
+    runner = RecipeRun(recipe, show_progress, log)
+    runner.workdir.mkdir(parents=True, exist_ok=True)
+    (runner.workdir / WORKDIR_MARKER).write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    for stage in (
+        runner.stage_seed,
+        runner.stage_branch,
+        runner.stage_train,
+        runner.stage_mix,
+        runner.stage_average,
+        runner.stage_tune,
+        runner.stage_dense,
+        runner.stage_upcycle,
+        runner.stage_eval,
+        runner.stage_inspect,
+    ):
+        stage()
+    return runner.outcome
