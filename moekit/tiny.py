@@ -8,6 +8,7 @@ second on text generated here, and models are random-initialised from a config b
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,8 @@ def sample_corpus(num_lines: int = 400, seed: int = 0) -> str:
     return "".join(domain_corpus(d, num_lines // 3, seed) for d in ("code", "prose", "math"))
 
 
-def build_tokenizer(out_dir: Path, vocab_size: int = 512) -> Any:
-    """Train a byte-level BPE tokenizer on ``sample_corpus`` and save it as a HF fast tokenizer."""
+def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: Path) -> Any:
+    """A byte-level BPE trained on ``texts`` (with <s>, </s> and <pad>), saved to ``out_dir`` as a HF fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -38,10 +39,15 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 512) -> Any:
         special_tokens=["<s>", "</s>", "<pad>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tokenizer.train_from_iterator(sample_corpus().splitlines(), trainer=trainer)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     fast.save_pretrained(out_dir)
     return fast
+
+
+def build_tokenizer(out_dir: Path, vocab_size: int = 512) -> Any:
+    """Train a byte-level BPE tokenizer on ``sample_corpus`` and save it as a HF fast tokenizer."""
+    return train_bpe(sample_corpus().splitlines(), vocab_size, out_dir)
 
 
 def tiny_config(model_type: str, vocab_size: int = 512, **overrides: Any) -> Any:

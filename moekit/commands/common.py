@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import typer
+from pydantic import BaseModel
 
 from moekit.config import DEFAULT_TEXT_FIELD, InspectConfig, default_of
 
@@ -170,6 +171,12 @@ def given_options(values: dict[str, Any], command: Callable[..., Any]) -> list[s
         name: getattr(p.default, "default", p.default) for name, p in inspect.signature(command).parameters.items()
     }
     return [f"--{name.replace('_', '-')}" for name, value in values.items() if value != defaults[name]]
+
+
+def fields_of(config: type[BaseModel], options: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``options`` (a command's parameters, ``locals()``) named like fields of ``config``: the
+    options that go into the config as they were given."""
+    return {name: value for name, value in options.items() if name in config.model_fields}
 
 
 def only_given(**values: Any) -> dict[str, Any]:

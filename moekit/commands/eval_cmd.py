@@ -12,6 +12,7 @@ from moekit.commands.common import (
     MAX_TOKENS_OPTION,
     SEQ_LEN_OPTION,
     TEXT_FIELD_OPTION,
+    fields_of,
     parse_key_values,
 )
 from moekit.config import EvalConfig, default_of
@@ -80,22 +81,8 @@ def eval_command(
         raise InvalidOptionError(
             "--scmoe scores a generation task; held-out loss has no decoding.", "Add --task arithmetic."
         )
-    cfg = EvalConfig(
-        models=models,
-        data={d: [p] for d, p in parse_key_values(data, "--data").items()},
-        seq_len=seq_len,
-        batch_size=batch_size,
-        max_tokens=max_tokens,
-        text_field=text_field,
-        json_path=json_path,
-        task=task,
-        problems=problems,
-        max_new_tokens=max_new_tokens,
-        scmoe=scmoe,
-        scmoe_beta=scmoe_beta,
-        scmoe_alpha=scmoe_alpha,
-        scmoe_rank=scmoe_rank,
-    )
+    specs = {d: [p] for d, p in parse_key_values(data, "--data").items()}
+    cfg = EvalConfig(**{**fields_of(EvalConfig, locals()), "data": specs})
     console = Console()
     if task is not None:
         report = evaluate_task(cfg)

@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 import typer
 
+from moekit.commands.common import fields_of
 from moekit.config import GenerateConfig, default_of
 
 
@@ -105,22 +106,7 @@ def generate_command(
         raise InvalidOptionError(
             "--json needs a prompt (--prompt, --prompt-file or stdin); interactive use prints text.", "Give --prompt."
         )
-    cfg = GenerateConfig(
-        model=model,
-        max_new_tokens=max_new_tokens,
-        raw=raw,
-        sample=sample,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        random_seed=random_seed,
-        dtype=dtype,
-        routing_layer=routing_layer,
-        scmoe=scmoe,
-        scmoe_beta=scmoe_beta,
-        scmoe_alpha=scmoe_alpha,
-        scmoe_rank=scmoe_rank,
-    )
+    cfg = GenerateConfig(**fields_of(GenerateConfig, locals()))
     generator = Generator(cfg)
     console = Console(stderr=json_path == "-", highlight=False)
     if prompt is None:

@@ -12,6 +12,7 @@ from moekit.commands.common import (
     MAX_TOKENS_OPTION,
     SEQ_LEN_OPTION,
     TEXT_FIELD_OPTION,
+    fields_of,
     parse_key_values,
 )
 
@@ -55,18 +56,8 @@ def inspect_command(
 
     quiet_transformers()
 
-    cfg = InspectConfig(
-        model=model,
-        data={d: [p] for d, p in parse_key_values(data, "--data").items()},
-        seq_len=seq_len,
-        batch_size=batch_size,
-        max_tokens=max_tokens,
-        text_field=text_field,
-        json_path=json_path,
-        plot_dir=plot,
-        tokens=tokens,
-        tokens_layer=tokens_layer,
-    )
+    specs = {d: [p] for d, p in parse_key_values(data, "--data").items()}
+    cfg = InspectConfig(**{**fields_of(InspectConfig, locals()), "data": specs, "plot_dir": plot})
     console = Console()
     report, written = inspect_model(cfg, on_static=lambda static: render_static(console, static, detail))
     if report["routing"] is not None:

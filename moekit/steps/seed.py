@@ -16,6 +16,7 @@ import torch
 from moekit.config import LoopSettings
 from moekit.data.domains import domains_data, heldout_sets, training_mixture
 from moekit.data.sources import iter_spec_documents
+from moekit.tiny import train_bpe
 
 SIZES: dict[str, dict[str, Any]] = {
     # about 4.2M parameters with a 4096-token vocabulary and tied embeddings
@@ -41,9 +42,6 @@ _TOKENIZER_SAMPLE_CHARS = 2_000_000
 
 def train_tokenizer(specs: dict[str, list[str]], vocab_size: int, out_dir: Path) -> Any:
     """A byte-level BPE trained on an equal sample of every domain; saved as a HF fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     per_domain = _TOKENIZER_SAMPLE_CHARS // max(1, len(specs))
 
     def sample() -> Any:
@@ -55,18 +53,7 @@ def train_tokenizer(specs: dict[str, list[str]], vocab_size: int, out_dir: Path)
                 if budget <= 0:
                     break
 
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<s>", "</s>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tokenizer.train_from_iterator(sample(), trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    fast.save_pretrained(out_dir)
-    return fast
+    return train_bpe(sample(), vocab_size, out_dir)
 
 
 def build_pretrained_seed(
