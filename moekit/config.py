@@ -312,6 +312,7 @@ class _DataPass(_Strict):
     max_tokens: int = Field(65536, ge=1, description="tokens per domain")
     text_field: str = DEFAULT_TEXT_FIELD
     json_path: Path | None = None
+    force: bool = Field(False, description="replace an earlier --json (and --plot) output of the same kind")
 
     @field_validator("json_path")
     @classmethod

@@ -33,7 +33,7 @@ class InputNotFoundError(MoekitError):
 
 
 class CorruptCheckpointError(MoekitError):
-    """A safetensors file or config cannot be parsed."""
+    """A safetensors file, config or training checkpoint cannot be read (damaged, or refused as unsafe)."""
 
 
 class IncompatibleModelsError(MoekitError):
@@ -68,3 +68,7 @@ class DiskFullError(MoekitError):
     """A write failed because the disk is full."""
 
     exit_code = 1
+
+
+class BusyError(MoekitError):
+    """Another job holds the output (a branch being trained, a model being tuned)."""

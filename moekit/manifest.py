@@ -139,9 +139,16 @@ def load_manifest(run_dir: Path) -> RunManifest:
         )
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise ManifestError(f"Cannot read {path}: {exc}.", "Fix the YAML or recreate the run directory.")
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ManifestError(f"Cannot read {path}: {reason}.", "Fix the YAML or recreate the run directory.")
     version = raw.get("manifest_version") if isinstance(raw, dict) else None
+    if version is None and isinstance(raw, dict) and ({"stage", "tune", "moekit_version"} & set(raw)):
+        raise ManifestError(
+            f"{run_dir} is a model directory (its {MANIFEST_NAME} records how moekit made the model), "
+            "not a run directory.",
+            "Give the run directory the model belongs to (e.g. the parent of mixed/ or tuned/).",
+        )
     if not isinstance(version, int):
         raise ManifestError(f"{path} has no integer manifest_version.", "Recreate the run directory.")
     if version > MANIFEST_VERSION:

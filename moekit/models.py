@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from moekit.arch import ArchAdapter, get_adapter
-from moekit.errors import InputNotFoundError, InvalidOptionError
+from moekit.errors import DataError, InputNotFoundError, InvalidOptionError
 from moekit.io.checkpoint import Checkpoint
 from moekit.io.files import tokenizer_fingerprint
 
@@ -30,6 +31,27 @@ def open_dense_model(
     return checkpoint, adapter
 
 
+def load_tokenizer(model_dir: Path) -> Any:
+    """The tokenizer saved with a model; InputNotFoundError (not transformers' misleading advice to install
+    sentencepiece) when the directory holds no tokenizer files, or they cannot be read."""
+    from transformers import AutoTokenizer
+
+    if Path(model_dir).is_dir() and not tokenizer_fingerprint(Path(model_dir)):
+        raise InputNotFoundError(
+            f"{model_dir} has no tokenizer files (tokenizer.json, tokenizer.model or vocab files).",
+            "Give the model whose tokenizer to use (the seed), or save its tokenizer next to it: "
+            "AutoTokenizer.from_pretrained(...).save_pretrained(dir).",
+        )
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise InputNotFoundError(
+            f"The tokenizer of {model_dir} cannot be loaded ({reason}).",
+            "Save a working tokenizer next to the model (AutoTokenizer.save_pretrained).",
+        ) from exc
+
+
 def check_context_length(model_dir: Path, seq_len: int, option: str = "--seq-len") -> None:
     """Refuse blocks longer than the model's context (``max_position_embeddings``): positions past it were
     never trained, and the numbers would say little about the model."""
@@ -44,6 +66,18 @@ def check_context_length(model_dir: Path, seq_len: int, option: str = "--seq-len
             f"{option} {seq_len} is longer than the context of {model_dir} ({limit} positions, "
             "max_position_embeddings).",
             f"Use {option} {limit} or less.",
+        )
+
+
+def check_token_ids(largest: int, model: Any, what: str) -> None:
+    """Refuse data whose largest token id the model cannot embed (an IndexError on a CPU, a device-side assert on a
+    GPU)."""
+    rows = model.get_input_embeddings().num_embeddings
+    if largest >= rows:
+        raise DataError(
+            f"{what} holds token id {largest}, but the model embeds only {rows:,} ids: the data was tokenised for "
+            "another vocabulary, or is damaged.",
+            "Prepare the data again with this model's tokenizer (or give the model the data was prepared for).",
         )
 
 

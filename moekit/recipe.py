@@ -261,6 +261,18 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     return recipe
 
 
+def _check_seed(recipe: Recipe, root: yaml.Node | None, path: Path) -> None:
+    """A seed path that is no hub id (org/name) must exist here, before any work starts."""
+    from moekit.io.source import looks_like_hub_id
+
+    seed = recipe.seed.path
+    if seed and not Path(seed).expanduser().exists() and not looks_like_hub_id(seed):
+        where = f"{path}:{_line_of(root, ('seed', 'path')) or '?'}: seed.path"
+        raise RecipeError(
+            f"{where}: the seed {seed} does not exist.", "Give an existing model directory or a hub id (org/name)."
+        )
+
+
 def _check_data(recipe: Recipe, root: yaml.Node | None, path: Path) -> None:
     """Every local data path exists and every built-in name is known, before any work starts."""
     from moekit.builtin_data import BUILTIN_PREFIX, builtin_names
@@ -324,5 +336,6 @@ def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
             "Fix the keys and values listed (see recipes/ and docs/recipes.md).",
         )
     recipe = _resolve_paths(recipe, path.parent.resolve())
+    _check_seed(recipe, root, path)
     _check_data(recipe, root, path)
     return recipe

@@ -50,7 +50,7 @@ def environment_failure(exc: BaseException) -> tuple[str, str] | None:
         if code in (errno.ENOSPC, errno.EDQUOT) or any(t in str(item) for t in _DISK_FULL_TEXTS):
             return (
                 f"The disk is full: writing failed{where}.",
-                "Free space on that disk, or write outputs elsewhere (--out). Unfinished outputs were removed; "
+                "Free space on that disk, or write to another disk. Unfinished outputs were removed; "
                 "train/tune checkpoints written before are kept for --resume.",
             )
         if code == errno.EROFS:

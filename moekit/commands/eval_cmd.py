@@ -34,6 +34,7 @@ def eval_command(
     batch_size: int = BATCH_SIZE_OPTION,
     text_field: str = TEXT_FIELD_OPTION,
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
+    force: bool = typer.Option(False, "--force", help="Replace the --json file if it holds an earlier eval report."),
     task: Optional[str] = typer.Option(
         None,
         "--task",

@@ -79,6 +79,7 @@ def generate_command(
     json_path: Optional[str] = typer.Option(
         None, "--json", help="Write the result as JSON to this file ('-' for stdout, nothing streamed)."
     ),
+    force: bool = typer.Option(False, "--force", help="Replace the --json file if it holds an earlier generation."),
 ) -> None:
     """Generate text with a model, streaming it, and show which expert each token went to.
 
@@ -93,7 +94,7 @@ def generate_command(
 
     from moekit.errors import InvalidOptionError
     from moekit.progress import quiet_transformers
-    from moekit.steps.generate import Generator, write_generation
+    from moekit.steps.generate import Generator, guard_generation_json, write_generation
 
     quiet_transformers()
     prompt = _read_prompt(prompt, prompt_file)
@@ -106,6 +107,8 @@ def generate_command(
         raise InvalidOptionError(
             "--json needs a prompt (--prompt, --prompt-file or stdin); interactive use prints text.", "Give --prompt."
         )
+    if json_path not in (None, "-"):
+        guard_generation_json(Path(json_path), force, model)
     cfg = GenerateConfig(**fields_of(GenerateConfig, locals()))
     generator = Generator(cfg)
     console = Console(stderr=json_path == "-", highlight=False)
@@ -116,7 +119,7 @@ def generate_command(
     elif json_path == "-":
         print(json.dumps(generator.generate(prompt).as_dict(routing_layer), indent=1))
     else:
-        write_generation(generator.generate(prompt), Path(json_path), routing_layer)
+        write_generation(generator.generate(prompt), Path(json_path), routing_layer, force)
         console.print(f"wrote {json_path}")
 
 
@@ -129,7 +132,10 @@ def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> Optional
     if prompt_file is not None:
         if not prompt_file.is_file():
             raise InputNotFoundError(f"--prompt-file {prompt_file} does not exist.", "Give an existing text file.")
-        return prompt_file.read_text()
+        try:
+            return prompt_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise InvalidOptionError(f"--prompt-file {prompt_file} is not UTF-8 text.", "Give a text file.") from None
     if prompt is None and not sys.stdin.isatty():
         return sys.stdin.read().removesuffix("\n")  # the newline echo and editors end a piped prompt with
     return prompt

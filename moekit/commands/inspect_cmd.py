@@ -30,6 +30,9 @@ def inspect_command(
         None, "--json", help="Write every number to this JSON file (schema: docs/commands/inspect.md)."
     ),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write PNG heatmaps and report.html to this directory."),
+    force: bool = typer.Option(
+        False, "--force", help="Replace --json and --plot outputs that hold an earlier inspection."
+    ),
     detail: bool = typer.Option(False, "--detail", help="Show every layer and expert instead of a summary."),
     tokens: Optional[str] = typer.Option(
         None, "--tokens", help="Show DOMAIN's first block coloured by each token's top expert."

@@ -33,6 +33,7 @@ def report_command(
         help="Inspect the MoE's routing on the run's data where the run has no (current) inspection; recorded "
         "in RUN_DIR/inspect/.",
     ),
+    force: bool = typer.Option(False, "--force", help="Replace the --out file if it holds an earlier report."),
 ) -> None:
     """Write one self-contained HTML page for a run: stages and provenance, training curves, the eval table and
     chart, routing heatmaps, token-level routing and generations.
@@ -49,9 +50,7 @@ def report_command(
 
     quiet_transformers()
     prompts = parse_key_values(prompt, "--prompt") or None
-    report, target = report_run(
-        run_dir, out, prompts, generations=generate, max_new_tokens=max_new_tokens, inspect=inspect
-    )
+    report, target = report_run(run_dir, out, prompts, generate, max_new_tokens, inspect, force)
     console = Console()
     for note in report.missing:
         console.print(f"[yellow]Note:[/] {note}", soft_wrap=True)

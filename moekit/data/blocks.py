@@ -46,6 +46,11 @@ class BlockSource(Protocol):
         """Identity of the blocks (for resume checks), from metadata, never from reading the tokens."""
         ...
 
+    @property
+    def max_token_id(self) -> int:
+        """The largest token id the blocks can hold (from the stores' metadata)."""
+        ...
+
 
 class TokenSequence:
     """Several stores read as one sequence of tokens (a domain's data specs, in order)."""
@@ -55,6 +60,11 @@ class TokenSequence:
         self.starts = list(np.cumsum([0] + [s.num_tokens for s in stores[:-1]]).tolist())
         self.num_tokens = sum(s.num_tokens for s in stores)
         self.key = hashlib.sha256("|".join(s.key for s in stores).encode()).hexdigest()[:32]
+
+    @property
+    def max_token_id(self) -> int:
+        """The largest token id of the stores."""
+        return max((s.max_token_id for s in self.stores), default=-1)
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Tokens ``start:stop`` (int64), across stores."""
@@ -119,6 +129,11 @@ class BlockView:
         tokens = self.sequence.read(self.start, self.start + count * self.block_size)
         return torch.from_numpy(tokens).reshape(count, self.block_size)
 
+    @property
+    def max_token_id(self) -> int:
+        """The largest token id of the sequence the view reads."""
+        return self.sequence.max_token_id
+
     def fingerprint(self) -> str:
         """Identity: the sequence's stores, the token range and the block size."""
         return hashlib.sha256(f"{self.sequence.key}|{self.start}|{self.stop}|{self.block_size}".encode()).hexdigest()[
@@ -146,6 +161,11 @@ class TensorBlocks:
     def head(self, count: int) -> torch.Tensor:
         """The first ``count`` blocks."""
         return self.blocks[:count].long()
+
+    @property
+    def max_token_id(self) -> int:
+        """The largest token id of the blocks."""
+        return int(self.blocks.max()) if self.blocks.numel() else -1
 
     def fingerprint(self) -> str:
         """A hash of the tokens (the blocks are small)."""
@@ -194,6 +214,11 @@ class MixtureBlocks:
             where = (domains == index).nonzero().flatten()
             out[where] = self.sources[index].get(self.block_of[indices[where]])
         return out
+
+    @property
+    def max_token_id(self) -> int:
+        """The largest token id of the sources."""
+        return max(s.max_token_id for s in self.sources)
 
     def fingerprint(self) -> str:
         """The sources, the shares and the seed."""

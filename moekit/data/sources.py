@@ -54,6 +54,21 @@ def expand_data_paths(spec: str | Path) -> list[Path]:
 STORE_META_NAME = "moekit-store.json"  # marks a directory as a prepared token store (moekit prepare)
 
 
+def spec_paths(specs: Iterable[str | Path]) -> list[Path]:
+    """The local files and directories that data specs read (globs expanded; ``hf:`` specs read none): what an
+    output must never overwrite."""
+    paths: list[Path] = []
+    for spec in specs:
+        text = str(spec)
+        if text.startswith(HUB_PREFIX):
+            continue
+        if any(ch in text for ch in "*?[") and not Path(text).exists():
+            paths += [Path(p) for p in glob.glob(text, recursive=True)]
+        elif Path(text).exists():
+            paths.append(Path(text))
+    return paths
+
+
 def is_store_dir(spec: str | Path) -> bool:
     """Whether ``spec`` is a directory written by ``moekit prepare``."""
     return not str(spec).startswith(HUB_PREFIX) and (Path(spec) / STORE_META_NAME).is_file()

@@ -30,6 +30,8 @@ import hashlib
 import json
 import multiprocessing
 import os
+import shutil
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +54,7 @@ from moekit.data.sources import (
     iter_spec_pieces,
     spec_fingerprint,
 )
+from moekit.data.store_check import check_meta, check_vocabulary, largest_token_id
 from moekit.errors import DataError
 
 STORE_FORMAT = 1
@@ -123,6 +126,7 @@ class _StoreWriter:
         self.directory, self.dtype, self.shard_tokens = directory, dtype, shard_tokens
         self.shards: list[dict[str, Any]] = []
         self.tokens = self.documents = 0
+        self.max_id = -1  # recorded: a reader checks it against its vocabulary without reading the tokens
         self._handle: BinaryIO | None = None
         self._documents = open(directory / DOCUMENTS_FILE, "wb")
 
@@ -148,6 +152,7 @@ class _StoreWriter:
             self.shards[-1]["tokens"] += len(part)
             start += len(part)
         self.tokens += len(ids)
+        self.max_id = max(self.max_id, int(ids.max())) if len(ids) else self.max_id
 
     def close(self) -> None:
         """Flush and close every file."""
@@ -191,12 +196,12 @@ def prepare_store(
 
     ``progress(characters)`` is called after each batch when given.
     """
-    from moekit.io.atomic import atomic_output_dir
+    from moekit.io.outputs import atomic_output_dir
 
     specs = specs if isinstance(specs, list) else [specs]
     vocab = vocabulary_size(tokenizer)
     dtype = np.dtype(np.uint16 if vocab <= 1 << 16 else np.uint32)
-    with atomic_output_dir(out, force=force) as tmp:
+    with atomic_output_dir(out, "store", force=force) as tmp:
         writer = _StoreWriter(tmp, dtype, shard_tokens)
         try:
             for ids, ends, chars in encoded_batches(tokenizer, specs, text_field, workers or default_workers()):
@@ -220,6 +225,7 @@ def prepare_store(
             "tokenizer_fingerprint": tokenizer_fingerprint_of(tokenizer),
             "eos_token_id": tokenizer.eos_token_id,
             "vocab_size": vocab,
+            "max_token_id": writer.max_id,
             "text_field": text_field,
             "sources": [
                 {
@@ -243,6 +249,7 @@ def open_prepared(tokenizer: Any, path: Path) -> TokenStore:
             "mean other things.",
             "Prepare it again with --tokenizer set to this model (or its seed).",
         )
+    check_vocabulary(store.path, store.max_token_id, vocabulary_size(tokenizer), "this model's tokenizer")
     return store
 
 
@@ -254,8 +261,14 @@ def cached_store(
     if is_store_dir(spec):
         return open_prepared(tokenizer, Path(spec))
     path = Path(cache_dir) / store_key(tokenizer, spec, text_field)
-    if (path / STORE_META).is_file():
-        return TokenStore(path)
+    if path.exists():
+        try:
+            store = TokenStore(path)
+            check_vocabulary(store.path, store.max_token_id, vocabulary_size(tokenizer), "this model's tokenizer")
+            return store
+        except DataError as exc:  # the cache is moekit's own: a damaged entry is prepared again
+            print(f"warning: {exc.message} Preparing it again.", file=sys.stderr, flush=True)
+            shutil.rmtree(path)
     return prepare_store(tokenizer, [spec], path, text_field, workers)
 
 
@@ -273,6 +286,7 @@ class TokenStore:
     """A prepared store, read with positioned reads; nothing of it is held in memory."""
 
     def __init__(self, path: Path) -> None:
+        self._fds: dict[Path, int] = {}  # first: close() must work whatever fails below
         self.path = Path(path)
         try:
             self.meta: dict[str, Any] = json.loads((self.path / STORE_META).read_text(encoding="utf-8"))
@@ -281,6 +295,7 @@ class TokenStore:
                 f"{self.path} is not a readable token store ({exc}).",
                 "Prepare it again (moekit prepare), or delete it.",
             )
+        check_meta(self.path, self.meta, DOCUMENTS_FILE, STORE_FORMAT)
         if self.meta.get("format") != STORE_FORMAT:
             raise DataError(
                 f"{self.path} is a token store of format {self.meta.get('format')}; this moekit reads {STORE_FORMAT}.",
@@ -292,7 +307,7 @@ class TokenStore:
             self._shards.append(_Shard(self.path / shard["file"], first, int(shard["tokens"])))
             first += int(shard["tokens"])
         self._starts = [s.first for s in self._shards]
-        self._fds: dict[Path, int] = {}
+        self._largest: int | None = self.meta.get("max_token_id")
 
     @property
     def num_tokens(self) -> int:
@@ -303,6 +318,13 @@ class TokenStore:
     def num_documents(self) -> int:
         """Documents in the store."""
         return int(self.meta["documents"])
+
+    @property
+    def max_token_id(self) -> int:
+        """The largest token id in the store (recorded at prepare time; found once for earlier stores)."""
+        if self._largest is None:
+            self._largest = largest_token_id(self.read, self.num_tokens)
+        return self._largest
 
     @property
     def key(self) -> str:

@@ -1,16 +1,13 @@
-"""Atomic output directories, and the guards that keep ``--force`` from deleting what it must not.
+"""Atomic writes: temporary directories and files renamed into place, free space, a full disk named as such.
 
-Every step writes its output into a temporary directory next to the final path (same parent,
-so the final ``os.rename`` is atomic on one filesystem) and renames it into place only when
-everything succeeded. A crash, a Ctrl-C, a SIGTERM or a user error leaves no half-written
-output: the temporary directory is removed on any exception. A SIGKILL cannot be caught, so the
-temporary directory's name carries the host and process id (``.NAME.tmp-HOST-PID-XXXX``); the
-next write of the same output removes those whose process is gone (never one a live process
-owns, never one of another host).
-
-``--force`` replaces an output directory. It never replaces (or takes with it) an input, a run
-directory it reads, or a directory moekit did not write: :func:`check_output_apart` and
-:func:`check_output_dir` refuse those before any work starts.
+Every output is written into a temporary directory (or file) next to its final path (same
+parent, so the final ``os.rename`` is atomic on one filesystem) and renamed into place only when
+everything succeeded (``moekit.io.outputs.atomic_output_dir``, :func:`write_text_atomic`). A
+crash, a Ctrl-C, a SIGTERM or a user error leaves no half-written output. A SIGKILL cannot be
+caught, so a temporary directory's name carries the host and process id
+(``.NAME.tmp-HOST-PID-XXXX``); the next write of the same output removes those whose process is
+gone (never one a live process owns, never one of another host). What an output may replace is
+decided by ``moekit.io.outputs``.
 """
 
 from __future__ import annotations
@@ -21,18 +18,15 @@ import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from moekit.errors import (
     DiskFullError,
     InvalidOptionError,
     MoekitError,
-    OutputExistsError,
 )
 
-# Files that mark a directory as something moekit (or save_pretrained) wrote: a model or a run.
-_OUTPUT_MARKERS = ("config.json", "moekit.yaml", "moekit-store.json")
 _STALE = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<host>[^-]+)-(?P<pid>\d+)-")
 
 
@@ -65,57 +59,13 @@ def remove_stale_temporaries(parent: Path, name: str) -> list[Path]:
     return removed
 
 
-def _temporary_dir(parent: Path, name: str, kind: str) -> Path:
+def temporary_dir(parent: Path, name: str, kind: str) -> Path:
     """A new directory ``parent/.NAME.KIND-HOST-PID-XXXX``, readable as the umask allows (mkdtemp makes 0700)."""
     path = Path(tempfile.mkdtemp(prefix=f".{name}.{kind}-{_host()}-{os.getpid()}-", dir=parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o777 & ~umask)
     return path
-
-
-def check_output_dir(out: Path, force: bool) -> None:
-    """Refuse an output that is a file, a non-empty directory without ``force``, or one moekit did not write.
-
-    With ``force``, a non-empty directory is replaced only if it holds a model or a run
-    (config.json or moekit.yaml): ``--force`` on a home directory or a data directory by mistake
-    must not delete it.
-    """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(
-            f"The output path {out} exists and is a file, not a directory.",
-            "Choose another --out path or remove the file.",
-        )
-    if out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise OutputExistsError(
-                f"The output directory {out} already exists and is not empty.",
-                "Choose another --out path, or pass --force to replace it.",
-            )
-        if not any((out / marker).is_file() for marker in _OUTPUT_MARKERS):
-            raise OutputExistsError(
-                f"The output directory {out} is not a model or run directory (no config.json or moekit.yaml); "
-                "--force replaces only what moekit writes, and would delete everything in it.",
-                "Choose an --out path that is new, empty, or an earlier moekit output.",
-            )
-    check_writable_parent(out)
-
-
-def check_writable_parent(out: Path) -> None:
-    """Refuse an output whose nearest existing ancestor cannot be written (read-only disk, permissions)."""
-    ancestor = Path(out).absolute().parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise InvalidOptionError(
-            f"Cannot create {out}: {ancestor} is not a directory.", "Choose an output path under a directory."
-        )
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise InvalidOptionError(
-            f"Cannot write {out}: {ancestor} is not writable (read-only file system or no permission).",
-            "Choose an output location you can write to.",
-        )
 
 
 _LOW_SPACE_BYTES = 64 << 20  # a write that fails with less than this free is taken to have filled the disk
@@ -151,7 +101,7 @@ def writing(path: Path, what: str) -> Iterator[None]:
             raise DiskFullError(
                 f"The disk is full: writing {what} failed ({_last_line(exc)}); the disk holding {path} has "
                 f"{free / 1e6:.1f} MB free.",
-                "Free space on that disk, or write elsewhere (--out). Unfinished outputs were removed; "
+                "Free space on that disk, or write to another disk. Unfinished outputs were removed; "
                 "checkpoints written before are kept for --resume.",
             ) from exc
         raise
@@ -165,56 +115,8 @@ def check_free_space(out: Path, needed_bytes: int) -> None:
         raise InvalidOptionError(
             f"Not enough disk space for {out}: it needs about {needed_bytes / 1e9:.2f} GB, and {ancestor} has "
             f"{free / 1e9:.2f} GB free.",
-            "Free space on that disk, or write the output elsewhere (--out).",
+            "Free space on that disk, or write the output to another disk.",
         )
-
-
-def check_output_apart(out: Path, inputs: Iterable[Path], run_dir: Path | None = None) -> None:
-    """Refuse an output that is, contains or lies inside an input, or is or contains the run directory.
-
-    (``--force`` replaces the output directory: it must never take inputs with it.)
-    """
-    target = Path(out).resolve()
-    run = Path(run_dir).resolve() if run_dir is not None else None
-    if run is not None and run.is_relative_to(target):
-        raise InvalidOptionError(
-            f"The output {out} is or contains the run directory {run_dir}; writing it would destroy the run.",
-            "Use the default output inside the run directory, or another directory.",
-        )
-    for path in inputs:
-        source = Path(path).resolve()
-        if source.is_relative_to(target) or target.is_relative_to(source):
-            raise InvalidOptionError(
-                f"The output {out} overlaps the input {path}; writing it would destroy inputs.",
-                "Choose an output directory outside the seed, the branches and the other inputs.",
-            )
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that becomes ``out`` when the block exits without error.
-
-    An existing ``out`` is replaced only as :func:`check_output_dir` allows; the old directory
-    is moved aside first and deleted only after the new one is in place.
-    """
-    out = Path(out).absolute()
-    check_output_dir(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out.parent, out.name)
-    tmp = _temporary_dir(out.parent, out.name, "tmp")
-    try:
-        with writing(out, str(out)):
-            yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():
-        old = _temporary_dir(out.parent, out.name, "old")
-        os.rename(out, old / "replaced")
-    os.rename(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

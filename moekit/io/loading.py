@@ -18,6 +18,7 @@ from moekit.errors import CorruptCheckpointError, InputNotFoundError
 
 def load_causal_lm(model_dir: Path, dtype: torch.dtype = torch.float32, **kwargs: Any) -> Any:
     """``AutoModelForCausalLM.from_pretrained(model_dir)`` in ``dtype``; a clear error if it is not whole."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     model_dir = Path(model_dir)
@@ -29,10 +30,11 @@ def load_causal_lm(model_dir: Path, dtype: torch.dtype = torch.float32, **kwargs
         )
     try:
         model, info = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, output_loading_info=True, **kwargs)
-    except (ValueError, KeyError, RuntimeError) as exc:  # transformers' own refusals: unknown type, bad shapes
+    except (ValueError, KeyError, RuntimeError, OSError, SafetensorError) as exc:  # unknown type, bad shapes, damage
+        reason = str(exc).splitlines()[0][:300] if str(exc) else ""
         raise CorruptCheckpointError(
-            f"transformers cannot load {model_dir}: {type(exc).__name__}: {exc}",
-            "Check that config.json and the weights belong together (re-save the model).",
+            f"transformers cannot load {model_dir}: {type(exc).__name__}: {reason}",
+            "Check that config.json and the weights belong together and are whole (re-save or re-download the model).",
         )
     missing = sorted(str(k) for k in info.get("missing_keys", ()))
     mismatched = [str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys", ())]

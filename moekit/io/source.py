@@ -12,6 +12,11 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
 
 
+def looks_like_hub_id(source: str) -> bool:
+    """Whether ``source`` has the shape of a hub id (org/name)."""
+    return bool(_HUB_ID.match(str(source)))
+
+
 def resolve_model_dir(source: str | Path, revision: str | None = None) -> Path:
     """Return a local directory for ``source``: the directory itself, or a hub snapshot."""
     path = Path(source).expanduser()

@@ -14,7 +14,6 @@ def write_plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
     """PNG heatmaps (layer x expert load; domain x expert, mean and per layer) and report.html; return the paths
     written."""
     routing = report["routing"]
-    out_dir.mkdir(parents=True, exist_ok=True)
     names = expert_labels(routing)
     domains = list(routing["domain_matrix_mean"])
     layer_rows = [f"layer {layer['layer']}" for layer in routing["layers"]]

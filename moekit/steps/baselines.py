@@ -169,13 +169,12 @@ def train_dense_baseline(
 
 def _branch_domains(run_dir: Path, manifest: RunManifest, seq_len: int, text_field: str) -> dict[str, Any]:
     """Every branch's training and held-out blocks, on the splits the run recorded."""
-    from transformers import AutoTokenizer
-
     from moekit.data.domains import domains_data
+    from moekit.models import load_tokenizer
 
     data = {name: record.data for name, record in manifest.branches.items() if record.data}
     val_data = {name: record.val_data for name, record in manifest.branches.items() if record.val_data}
-    tokenizer = AutoTokenizer.from_pretrained(manifest.seed.path)
+    tokenizer = load_tokenizer(manifest.seed.path)
     return domains_data(tokenizer, data, val_data, seq_len, None, text_field, run_dir / ".cache" / "tokens", manifest)
 
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moekit.errors import InvalidOptionError
-from moekit.io.atomic import atomic_output_dir, check_output_apart
 from moekit.io.checkpoint import Checkpoint
 from moekit.io.files import (
     TOKENIZER_AND_GENERATION_FILES,
@@ -21,6 +20,7 @@ from moekit.io.files import (
     sha256_files,
     write_tokenizer_file,
 )
+from moekit.io.outputs import atomic_output_dir, guard_output
 from moekit.io.source import resolve_model_dir
 from moekit.manifest import (
     BranchRecord,
@@ -66,11 +66,11 @@ def branch(seed: str, run_dir: Path, domains: list[str], copy: bool = False, for
     validate_branch_names(domains)
     seed_dir = resolve_model_dir(seed)
     run_dir = Path(run_dir).absolute()
-    check_output_apart(run_dir, [seed_dir])  # --force must never delete the seed with the old run
+    guard_output(run_dir, "run", force, [seed_dir])  # --force must never delete the seed with the old run
     checkpoint, weights, extras = _seed_files(seed_dir)
     seed_sha256 = sha256_files(weights + [seed_dir / n for n in extras])
     modes: set[str] = set()
-    with atomic_output_dir(run_dir, force=force) as tmp:
+    with atomic_output_dir(run_dir, "run", force=force) as tmp:
         for name in domains:
             target = tmp / "branches" / name
             target.mkdir(parents=True)
@@ -124,7 +124,7 @@ def add_branches(seed: str, run_dir: Path, domains: list[str], copy: bool = Fals
     try:
         for name in domains:
             target = run_dir / "branches" / name
-            with atomic_output_dir(target) as tmp:
+            with atomic_output_dir(target, "branch") as tmp:
                 modes |= _clone_seed(seed_dir, weights, extras, tmp, copy)
             created[name] = target
         link_mode = "copy" if "copy" in modes else ("hardlink" if "hardlink" in modes else "reflink")
@@ -149,5 +149,5 @@ def relink_branch(run_dir: Path, name: str) -> None:
     manifest = load_manifest(run_dir)
     seed_dir = Path(manifest.seed.path)
     _, weights, extras = _seed_files(seed_dir)
-    with atomic_output_dir(manifest.branch_dir(run_dir, name), force=True) as tmp:
+    with atomic_output_dir(manifest.branch_dir(run_dir, name), "branch", force=True) as tmp:
         _clone_seed(seed_dir, weights, extras, tmp, copy=False)

@@ -82,8 +82,7 @@ def _samples(run_dir: Path, problems: int) -> tuple[list[tuple[str, str, Any]], 
 
 def write_demo_report(run_dir: Path) -> Path:
     """The run's HTML report (moekit report), with the demo's prompts for the generation samples."""
-    from moekit.report.run_page import write_report
-    from moekit.steps.report import gather_run
+    from moekit.steps.report import report_run
 
     prompts = {d: DEMO_PROMPTS[d] for d in load_manifest(run_dir).branches if d in DEMO_PROMPTS}
-    return write_report(gather_run(run_dir, prompts or None), run_dir / "report.html")
+    return report_run(run_dir, prompts=prompts or None)[1]

@@ -18,14 +18,15 @@ import torch
 
 from moekit.config import EvalConfig
 from moekit.data.domains import recorded_heldout
+from moekit.data.sources import spec_paths
 from moekit.data.store import tokenizer_fingerprint_of
 from moekit.data.tokens import evaluation_blocks
 from moekit.errors import InvalidOptionError
-from moekit.io.atomic import write_text_atomic
 from moekit.io.loading import load_causal_lm
+from moekit.io.outputs import guard_output, write_file
 from moekit.io.source import resolve_model_dir
 from moekit.manifest import MANIFEST_NAME, load_manifest
-from moekit.models import check_context_length, check_model_dir
+from moekit.models import check_context_length, check_model_dir, check_token_ids
 from moekit.progress import progress_bar
 from moekit.steps.baselines import DENSE_DIR, UPCYCLED_DIR, run_compute
 from moekit.train.evaluation import block_losses, perplexity
@@ -101,7 +102,7 @@ def _run_dir_heldout(cfg: EvalConfig, tokenizer: Any) -> dict[str, torch.Tensor]
 
 def evaluate_models(cfg: EvalConfig, show_progress: bool = True) -> dict[str, Any]:
     """Per-model, per-domain held-out loss/perplexity, averages and the best model per domain."""
-    from transformers import AutoTokenizer
+    from moekit.models import load_tokenizer
 
     models = expand_models(cfg.models)
     if not cfg.data and not any(Path(m).is_dir() and is_run_dir(Path(m)) for m in cfg.models):
@@ -112,10 +113,11 @@ def evaluate_models(cfg: EvalConfig, show_progress: bool = True) -> dict[str, An
     for label, directory in models.items():  # every model checked before the first one is evaluated
         check_model_dir(directory, f"Model '{label}',")
         check_context_length(directory, cfg.seq_len)
+    guard_eval_outputs(cfg, models)
     blocks_by_tokenizer: dict[str, dict[str, torch.Tensor]] = {}
     results: dict[str, dict[str, dict[str, float]]] = {}
     for label, directory in models.items():
-        tokenizer = AutoTokenizer.from_pretrained(directory)
+        tokenizer = load_tokenizer(directory)
         key = tokenizer_fingerprint_of(tokenizer)
         if key not in blocks_by_tokenizer:
             blocks_by_tokenizer[key] = (
@@ -155,14 +157,25 @@ def record_eval(cfg: EvalConfig, report: dict[str, Any]) -> tuple[Path | None, P
     """
     text = json.dumps(report, indent=1)
     if cfg.json_path is not None:
-        cfg.json_path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(cfg.json_path, text)
-    runs = [Path(m) for m in cfg.models if is_run_dir(Path(m))]
-    recorded = None
-    if cfg.task is None and not cfg.data and len(cfg.models) == 1 and runs:
-        recorded = runs[0] / "eval.json"
-        write_text_atomic(recorded, text)
+        write_file(cfg.json_path, text, "eval report", cfg.force)
+    recorded = run_record_path(cfg)
+    if recorded is not None:
+        write_file(recorded, text, "eval report", force=True)  # the run's own record, replaced by each eval of the run
     return cfg.json_path, recorded
+
+
+def run_record_path(cfg: EvalConfig) -> Path | None:
+    """RUN_DIR/eval.json when ``cfg`` evaluates one run directory on its recorded split (no --data, no --task)."""
+    runs = [Path(m) for m in cfg.models if is_run_dir(Path(m))]
+    return runs[0] / "eval.json" if cfg.task is None and not cfg.data and len(cfg.models) == 1 and runs else None
+
+
+def guard_eval_outputs(cfg: EvalConfig, models: dict[str, Path]) -> None:
+    """Refuse, before any model is loaded, a --json path that would overwrite an input or a file eval did not write."""
+    if cfg.json_path is not None:
+        runs = [Path(m) for m in cfg.models if is_run_dir(Path(m))]
+        read = [*models.values(), *spec_paths(s for specs in cfg.data.values() for s in specs)]
+        guard_output(cfg.json_path, "eval report", cfg.force, read, runs[0] if runs else None)
 
 
 def _evaluate_one(
@@ -170,6 +183,8 @@ def _evaluate_one(
 ) -> dict[str, dict[str, float]]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_causal_lm(directory, torch.float32).to(device).eval()
+    for domain, domain_blocks in blocks.items():
+        check_token_ids(int(domain_blocks.max()) if domain_blocks.numel() else -1, model, f"The data of {domain}")
     scores = {}
     with torch.no_grad(), progress_bar(f"eval {label}", sum(len(b) for b in blocks.values()), show_progress) as advance:
         for domain, domain_blocks in blocks.items():

@@ -31,8 +31,7 @@ def _contrast_applies(model: torch.nn.Module, rank: int) -> bool:
 
 def evaluate_task(cfg: EvalConfig, show_progress: bool = True) -> dict[str, Any]:
     """Per model: the task's exact-match accuracy greedy, and with SCMoE where it applies (else None)."""
-    from transformers import AutoTokenizer
-
+    from moekit.models import load_tokenizer
     from moekit.routing.contrast import SelfContrast
 
     assert cfg.task is not None
@@ -44,7 +43,7 @@ def evaluate_task(cfg: EvalConfig, show_progress: bool = True) -> dict[str, Any]
     results: dict[str, dict[str, float | None]] = {}
     for label, directory in models.items():
         model = load_causal_lm(directory, torch.float32).to(device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(directory)
+        tokenizer = load_tokenizer(directory)
         scmoe = cfg.scmoe and _contrast_applies(model, cfg.scmoe_rank)
         with progress_bar(f"{cfg.task} {label}", len(problems) * (2 if scmoe else 1), show_progress) as advance:
             greedy = exact_match_accuracy(model, tokenizer, problems, cfg.max_new_tokens, advance=advance)

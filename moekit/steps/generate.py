@@ -81,23 +81,29 @@ class Generation:
         }
 
 
-def write_generation(generation: Generation, path: Path, layer: int | None = None) -> Path:
+def guard_generation_json(path: Path, force: bool, model: str) -> None:
+    """Refuse, before the model loads, a --json path that would overwrite the model or a file generate did not write."""
+    from moekit.io.outputs import guard_output
+
+    model_dir = Path(model)
+    guard_output(path, "generation", force, [model_dir] if model_dir.exists() else [])
+
+
+def write_generation(generation: Generation, path: Path, layer: int | None = None, force: bool = False) -> Path:
     """Write ``generation`` as JSON to ``path`` (atomically; ``layer``: the MoE layer of each token's expert, None
     for the majority)."""
     import json
 
-    from moekit.io.atomic import write_text_atomic
+    from moekit.io.outputs import write_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(generation.as_dict(layer), indent=1))
-    return path
+    return write_file(path, json.dumps(generation.as_dict(layer), indent=1), "generation", force)
 
 
 class Generator:
     """A loaded model and tokenizer, ready to generate for one prompt after another (interactive use)."""
 
     def __init__(self, cfg: GenerateConfig) -> None:
-        from transformers import AutoTokenizer
+        from moekit.models import load_tokenizer
 
         self.cfg = cfg
         self.model_dir = resolve_model_dir(cfg.model)
@@ -107,7 +113,7 @@ class Generator:
         if dtype is None:  # auto: full precision on a CPU, the checkpoint's half precision on a GPU
             dtype = torch.float32 if self.device == "cpu" else torch.bfloat16
         self.model = load_causal_lm(self.model_dir, dtype).to(self.device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.tokenizer = load_tokenizer(self.model_dir)
         self.routers = _routers_or_none(self.model)
         if cfg.scmoe and self.routers is None:
             raise InvalidOptionError(

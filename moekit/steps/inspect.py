@@ -11,14 +11,15 @@ import torch
 
 from moekit.config import InspectConfig
 from moekit.data import evaluation_blocks
+from moekit.data.sources import spec_paths
 from moekit.errors import InvalidOptionError
 from moekit.inspection.routing import collect_routing, routing_report
 from moekit.inspection.static import static_report
-from moekit.io.atomic import write_text_atomic
 from moekit.io.checkpoint import Checkpoint
 from moekit.io.loading import load_causal_lm
+from moekit.io.outputs import atomic_output_dir, guard_output, write_file
 from moekit.io.source import resolve_model_dir
-from moekit.models import check_context_length
+from moekit.models import check_context_length, check_token_ids
 from moekit.progress import progress_bar
 from moekit.provenance import expert_names
 
@@ -33,6 +34,7 @@ def inspect_model(
     ``static``, ``routing``: None without data) and the paths written.
     """
     model_dir, static = inspect_static(cfg.model)
+    guard_inspect_outputs(cfg, model_dir)
     if on_static is not None:
         on_static(static)
     report = {"model": str(model_dir), "static": static, "routing": None}
@@ -51,7 +53,7 @@ def inspect_routing(
     cfg: InspectConfig, model_dir: Path, static: dict[str, Any], show_progress: bool = True
 ) -> dict[str, Any]:
     """Run the data through the MoE and return the routing report (adds files for --json/--plot)."""
-    from transformers import AutoTokenizer
+    from moekit.models import load_tokenizer
 
     if not static["is_moe"]:
         raise InvalidOptionError(
@@ -60,7 +62,7 @@ def inspect_routing(
             "Run `moekit inspect MODEL` without --data for its static statistics, or inspect an MoE.",
         )
     check_context_length(model_dir, cfg.seq_len)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     blocks = {
         d: evaluation_blocks(tokenizer, specs, cfg.seq_len, cfg.max_tokens, cfg.text_field)
         for d, specs in cfg.data.items()
@@ -68,6 +70,8 @@ def inspect_routing(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = Checkpoint(model_dir).dtype() if device == "cuda" else torch.float32
     model = load_causal_lm(model_dir, dtype).to(device)
+    for domain, domain_blocks in blocks.items():
+        check_token_ids(int(domain_blocks.max()) if domain_blocks.numel() else -1, model, f"The data of {domain}")
     with progress_bar("routing blocks", sum(len(b) for b in blocks.values()), show_progress) as advance:
         tally = collect_routing(model, blocks, cfg.batch_size, advance, cfg.tokens_layer)
     report = routing_report(tally, expert_names(model_dir))
@@ -82,10 +86,21 @@ def write_outputs(cfg: InspectConfig, report: dict[str, Any]) -> list[Path]:
     from moekit.report.inspect_page import write_plots
 
     written = []
-    if cfg.json_path is not None:
-        cfg.json_path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(cfg.json_path, json.dumps(report, indent=1))
-        written.append(cfg.json_path)
     if cfg.plot_dir is not None and report.get("routing"):
-        written += write_plots(report, cfg.plot_dir)
+        with atomic_output_dir(cfg.plot_dir, "plots", cfg.force) as tmp:
+            names = [p.name for p in write_plots(report, tmp)]
+        written += [cfg.plot_dir / name for name in names]
+    if cfg.json_path is not None:
+        written.append(write_file(cfg.json_path, json.dumps(report, indent=1), "routing report", cfg.force))
     return written
+
+
+def guard_inspect_outputs(cfg: InspectConfig, model_dir: Path) -> None:
+    """Refuse, before the routing pass, --json and --plot paths that would overwrite an input or what inspect did not
+    write."""
+    read = [model_dir, *spec_paths(s for specs in cfg.data.values() for s in specs)]
+    if cfg.plot_dir is not None:
+        guard_output(cfg.plot_dir, "plots", cfg.force, read)
+    if cfg.json_path is not None:
+        inside = cfg.plot_dir is not None and Path(cfg.json_path).absolute().parent == Path(cfg.plot_dir).absolute()
+        guard_output(cfg.json_path, "routing report", cfg.force or inside, read)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moekit.data.sources import absolute_spec, expand_data_paths
+from moekit.data.sources import absolute_spec, expand_data_paths, spec_paths
 from moekit.data.store import TokenStore, prepare_store
-from moekit.io.atomic import check_output_dir
+from moekit.io.outputs import guard_output
 from moekit.io.source import resolve_model_dir
 from moekit.progress import progress_bar
 
@@ -27,10 +27,10 @@ def prepare(
 ) -> TokenStore:
     """Tokenise ``specs`` (in order, one token sequence) with the tokenizer of ``tokenizer_source`` into a store at
     ``out``."""
-    from transformers import AutoTokenizer
+    from moekit.models import load_tokenizer
 
     absolute = [absolute_spec(s) for s in specs]  # clear errors for missing data before anything else
-    check_output_dir(out, force)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(tokenizer_source))
+    guard_output(out, "store", force, [*spec_paths(absolute), resolve_model_dir(tokenizer_source)])
+    tokenizer = load_tokenizer(resolve_model_dir(tokenizer_source))
     with progress_bar("tokenising (characters)", _text_size(absolute), show_progress) as advance:
         return prepare_store(tokenizer, absolute, out, text_field, workers, progress=advance, force=force)

@@ -10,9 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from moekit.config import REPORT_SAMPLE_TOKENS
+from moekit.data.sources import spec_paths
 from moekit.errors import InvalidOptionError
+from moekit.io.outputs import guard_output, write_file
 from moekit.manifest import RunManifest, load_manifest
-from moekit.report.run_page import RunReport, write_report
+from moekit.report.run_page import RunReport, render_page
+from moekit.steps.evaluate import expand_models
 
 EVAL_FILE = "eval.json"  # written by the recipe's eval stage and by `moekit eval RUN_DIR`
 ROUTING_FILE = Path("inspect") / "routing.json"  # written by the recipe's inspect stage
@@ -116,6 +119,7 @@ def inspect_run(run_dir: Path, manifest: RunManifest, moe: Path) -> dict[str, An
         max_tokens=16384,
         json_path=out / ROUTING_FILE.name,
         plot_dir=out,
+        force=True,  # the run's own record
     )
     return inspect_model(cfg, show_progress=False)[0]
 
@@ -127,15 +131,21 @@ def report_run(
     generations: bool = True,
     max_new_tokens: int = REPORT_SAMPLE_TOKENS,
     inspect: bool = True,
+    force: bool = False,
 ) -> tuple[RunReport, Path]:
-    """``moekit report``: gather the run's report and write its page to ``out`` (default RUN_DIR/report.html)."""
-    load_manifest(run_dir)  # a clear error for what is not a run, before anything is created
+    """``moekit report``: gather the run's report and write its page to ``out`` (default RUN_DIR/report.html,
+    the run's own page, replaced by each report; an --out file is replaced only with ``force``)."""
+    manifest = load_manifest(run_dir)  # a clear error for what is not a run, before anything is created
     target = out or Path(run_dir) / "report.html"
     if target.is_dir():
         raise InvalidOptionError(f"--out {target} is a directory.", "Give a file name, e.g. --out report.html.")
-    target.parent.mkdir(parents=True, exist_ok=True)  # before minutes of inspection and generation, not after
+    read = [
+        *expand_models([str(run_dir)]).values(),
+        *spec_paths(s for r in manifest.branches.values() for s in r.data + r.val_data),
+    ]
+    guard_output(target, "page", force or out is None, read, run_dir)  # before minutes of inspection and generation
     report = gather_run(run_dir, prompts, generations=generations, max_new_tokens=max_new_tokens, inspect=inspect)
-    return report, write_report(report, target)
+    return report, write_file(target, render_page(report), "page", force or out is None)
 
 
 def gather_run(
@@ -150,8 +160,6 @@ def gather_run(
     With ``inspect``, routing is inspected (and recorded in ``RUN_DIR/inspect/routing.json``) where the
     run has no inspection of its tuned (else mixed) MoE, or one older than that model.
     """
-    from moekit.steps.evaluate import expand_models
-
     run_dir = Path(run_dir)
     manifest = load_manifest(run_dir)
     models = expand_models([str(run_dir)])

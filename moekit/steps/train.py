@@ -9,6 +9,7 @@ seed by hard links are never written into.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,11 +26,12 @@ from moekit.data.sources import absolute_spec
 from moekit.errors import DataError, InvalidOptionError
 from moekit.io.config_json import dtype_name
 from moekit.io.loading import load_causal_lm
+from moekit.io.locks import exclusive
 from moekit.manifest import RunManifest, StageRecord, load_manifest, updating_manifest
 from moekit.models import check_context_length, check_model_dir
 from moekit.train.compute import training_flops
 from moekit.train.engine import Engine
-from moekit.train.loop import LoopJob, make_loop_engine, run_loop
+from moekit.train.loop import LoopJob, is_main_process, make_loop_engine, run_loop
 from moekit.train.saving import resolve_save_dtype, write_trained_model
 
 
@@ -175,20 +177,24 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> list[BranchTrainResul
     for name in names:
         check_model_dir(manifest.branch_dir(cfg.run_dir, name), f"Branch '{name}' directory")
         check_context_length(manifest.branch_dir(cfg.run_dir, name), cfg.loop.seq_len)
-    engine = make_loop_engine(cfg.loop)
-    try:
-        return _train_branches(cfg, manifest, names, engine, show_progress)
-    finally:
-        engine.close()
+    with contextlib.ExitStack() as held:
+        if is_main_process():  # one job per branch: a second train of a branch that is training is refused
+            for name in names:
+                held.enter_context(exclusive(cfg.run_dir / f".train-{name}.lock", f"Branch '{name}' of {cfg.run_dir}"))
+        engine = make_loop_engine(cfg.loop)
+        try:
+            return _train_branches(cfg, manifest, names, engine, show_progress)
+        finally:
+            engine.close()
 
 
 def _train_branches(
     cfg: TrainConfig, manifest: RunManifest, names: list[str], engine: Engine, show_progress: bool
 ) -> list[BranchTrainResult]:
     """Prepare the data (rank 0 first) and train each selected branch in turn."""
-    from transformers import AutoTokenizer
+    from moekit.models import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(manifest.branch_dir(cfg.run_dir, names[0]))
+    tokenizer = load_tokenizer(manifest.branch_dir(cfg.run_dir, names[0]))
     with engine.main_process_first():  # rank 0 tokenises, the others read its stores
         domains = prepare_data(manifest, cfg, tokenizer)
     if engine.is_main_process:
@@ -236,7 +242,7 @@ def _train_branch(
     if engine.is_main_process:
         assert result.state_dict is not None
         saved = write_trained_model(
-            branch_dir, branch_dir, model, result.state_dict, dtype, [work_dir / "metrics.jsonl"]
+            branch_dir, branch_dir, model, result.state_dict, dtype, [work_dir / "metrics.jsonl"], kind="branch"
         )
         shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)
         outputs = {

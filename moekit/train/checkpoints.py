@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,10 @@ import torch
 
 from moekit.config import LoopSettings
 from moekit.data.blocks import BlockSource
-from moekit.errors import MoekitError
+from moekit.errors import CorruptCheckpointError, MoekitError
 from moekit.io.atomic import writing
 from moekit.train.engine import Engine
+from moekit.train.safe_dcp import check_checkpoint
 
 CHECKPOINT_PREFIX = "step-"
 
@@ -27,10 +29,21 @@ CHECKPOINT_PREFIX = "step-"
 STATE_FILE = "trainer_state.json"
 
 
+def complete_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """The complete checkpoints (those with a trainer state file), newest first."""
+    if not checkpoint_dir.is_dir():
+        return []
+    complete = [
+        p
+        for p in checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}*")
+        if (p / STATE_FILE).is_file() and p.name.removeprefix(CHECKPOINT_PREFIX).isdigit()
+    ]
+    return sorted(complete, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)), reverse=True)
+
+
 def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
     """The newest complete checkpoint (one with a trainer state file), or None."""
-    complete = [p for p in checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_FILE).is_file()]
-    return max(complete, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)), default=None)
+    return next(iter(complete_checkpoints(checkpoint_dir)), None)
 
 
 def read_state(checkpoint: Path) -> dict[str, Any]:
@@ -45,7 +58,7 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
             raise ValueError("no integer step and tokens")
         return state
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise MoekitError(
+        raise CorruptCheckpointError(
             f"Checkpoint {checkpoint} is damaged: {STATE_FILE} cannot be read ({exc}).",
             f"Delete {checkpoint} to resume from an older checkpoint, or delete the checkpoints directory to "
             "start over.",
@@ -54,11 +67,7 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
 
 def prune_checkpoints(checkpoint_dir: Path, keep: int) -> None:
     """Delete all but the newest ``keep`` complete checkpoints, and any incomplete ones."""
-    complete = sorted(
-        (p for p in checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_FILE).is_file()),
-        key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)),
-    )
-    for path in complete[:-keep]:
+    for path in complete_checkpoints(checkpoint_dir)[keep:]:
         shutil.rmtree(path, ignore_errors=True)
     for path in checkpoint_dir.glob(f".{CHECKPOINT_PREFIX}*"):
         shutil.rmtree(path, ignore_errors=True)
@@ -129,26 +138,83 @@ def save_checkpoint(
 
 
 def resume_point(
-    checkpoint_dir: Path, resume: bool, engine: Engine, model: torch.nn.Module, optimizer: Any, fingerprint: dict
+    checkpoint_dir: Path,
+    resume: bool,
+    engine: Engine,
+    model: torch.nn.Module,
+    optimizer: Any,
+    fingerprint: dict,
+    steps: int,
+    tokens_per_step: int,
 ) -> tuple[int, int]:
-    """Load the newest checkpoint in ``checkpoint_dir`` when resuming; return (step, tokens) to start from.
+    """Load the newest usable checkpoint in ``checkpoint_dir`` when resuming; return (step, tokens) to start from.
 
-    Checkpoints there without ``resume`` are refused (they belong to an unfinished run).
+    Checkpoints there without ``resume`` are refused (they belong to an unfinished run). A damaged
+    checkpoint (unreadable state or metadata, a missing or short shard, a value that would run code)
+    is skipped with a warning for the next older one; when none is usable the run stops with the
+    path and the fix. A checkpoint of other settings is refused (no fallback: it is not damaged).
     """
-    latest = latest_checkpoint(checkpoint_dir) if checkpoint_dir.exists() else None
-    if latest is None:
+    candidates = complete_checkpoints(checkpoint_dir)
+    if not candidates:
         return 0, 0
     if not resume:
         raise MoekitError(
-            f"{checkpoint_dir} holds checkpoints of an earlier, unfinished run (newest: {latest.name}).",
+            f"{checkpoint_dir} holds checkpoints of an earlier, unfinished run (newest: {candidates[0].name}).",
             "Pass --resume to continue it, or delete that directory to start over.",
         )
-    state = read_state(latest)
+    problems = []
+    for checkpoint in candidates:
+        try:
+            state = read_state(checkpoint)
+            _check_fingerprint(checkpoint, state, fingerprint)
+            _check_position(checkpoint, state, steps, tokens_per_step)
+            check_checkpoint(checkpoint)
+            _load(engine, checkpoint, model, optimizer)
+        except CorruptCheckpointError as exc:
+            problems.append(exc.message)
+            if engine.is_main_process:
+                print(f"warning: {exc.message} Trying an older checkpoint.", file=sys.stderr, flush=True)
+            continue
+        return int(state["step"]), int(state["tokens"])
+    raise CorruptCheckpointError(
+        f"No checkpoint in {checkpoint_dir} can be resumed from: {' '.join(problems)}",
+        f"Delete {checkpoint_dir} to start the run over from step 0 (or restore the checkpoints from a copy).",
+    )
+
+
+def _check_fingerprint(checkpoint: Path, state: dict[str, Any], fingerprint: dict) -> None:
     differences = [k for k in fingerprint if state.get(k) != fingerprint[k]]
     if differences:
         raise MoekitError(
-            f"Cannot resume from {latest}: it was made with different {', '.join(differences)}.",
+            f"Cannot resume from {checkpoint}: it was made with different {', '.join(differences)}.",
             "Resume with the same data, batch and optimiser options, or delete the checkpoints to start over.",
         )
-    engine.load_checkpoint(latest, model, optimizer)
-    return int(state["step"]), int(state["tokens"])
+
+
+def _check_position(checkpoint: Path, state: dict[str, Any], steps: int, tokens_per_step: int) -> None:
+    """A checkpoint is written after step s with 0 < s < steps, having seen s global batches of tokens."""
+    step, tokens = int(state["step"]), int(state["tokens"])
+    if not 0 < step < steps or tokens != step * tokens_per_step:
+        raise CorruptCheckpointError(
+            f"Checkpoint {checkpoint} is damaged: its {STATE_FILE} says step {step} and {tokens:,} tokens, which a run "
+            f"of {steps} steps of {tokens_per_step:,} tokens never writes.",
+            f"Delete {checkpoint}.",
+        )
+
+
+def _load(engine: Engine, checkpoint: Path, model: torch.nn.Module, optimizer: Any) -> None:
+    """Load ``checkpoint``; a failure of the files themselves (truncated, zeroed) is a CorruptCheckpointError."""
+    try:
+        engine.load_checkpoint(checkpoint, model, optimizer)
+    except (MoekitError, KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # DCP wraps what failed in a CheckpointException (a BaseException) per rank
+        failures = [error for error, _ in getattr(exc, "failures", {}).values()]
+        ours = next((error for error in failures if isinstance(error, MoekitError)), None)
+        if ours is not None:
+            raise ours from None
+        lines = [line.strip() for line in str(failures[0] if failures else exc).splitlines() if line.strip()]
+        reason = (lines[-1] if lines else type(exc).__name__)[:200]
+        raise CorruptCheckpointError(
+            f"Checkpoint {checkpoint} is damaged: loading it failed ({reason}).", f"Delete {checkpoint}."
+        ) from exc

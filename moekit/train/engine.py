@@ -198,10 +198,14 @@ class Engine:
             set_state_dict,
         )
 
+        from moekit.train.safe_dcp import SafeLoadPlanner, SafeReader
+
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optim": optim_state}
-        with _single_process_quiet():
-            dcp.load(state, checkpoint_id=str(directory), no_dist=not self.distributed)
+        with _single_process_quiet():  # read without running code from the files (moekit.train.safe_dcp)
+            dcp.load(
+                state, storage_reader=SafeReader(directory), planner=SafeLoadPlanner(), no_dist=not self.distributed
+            )
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:

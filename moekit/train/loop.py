@@ -27,6 +27,7 @@ import torch
 from moekit.config import LoopSettings
 from moekit.data.blocks import TensorBlocks
 from moekit.errors import MoekitError, NonFiniteError
+from moekit.models import check_token_ids
 from moekit.train.checkpoints import latest_checkpoint, resume_point, run_fingerprint, save_checkpoint
 from moekit.train.engine import Engine, make_engine
 from moekit.train.evaluation import evaluate
@@ -149,6 +150,7 @@ class _Run:
     tokens_per_step: int
     fingerprint: dict[str, Any]
     trainable: list[torch.nn.Parameter]  # what gradient clipping sees
+    vocabulary: int  # token ids the model embeds
 
 
 def _prepare(job: LoopJob, engine: Engine) -> _Run:
@@ -160,6 +162,9 @@ def _prepare(job: LoopJob, engine: Engine) -> _Run:
         enable = getattr(job.model, "activation_checkpointing_enable", None) or job.model.gradient_checkpointing_enable
         enable()
         job.model.config.use_cache = False  # restored by run_loop, so the saved config is unchanged
+    check_token_ids(blocks.max_token_id, job.model, "The training data")
+    for domain, held in job.eval_sets.items():
+        check_token_ids(int(held.max()) if held.numel() else -1, job.model, f"The held-out data of {domain}")
     select_trainable(job.model, job.trainable)
     undecayed = frozenset(id(p) for n, p in job.model.named_parameters() if job.no_decay(n))
     model = engine.prepare(job.model)
@@ -167,9 +172,9 @@ def _prepare(job: LoopJob, engine: Engine) -> _Run:
     schedule = BlockSchedule(len(blocks), settings.batch_size, settings.grad_accum, engine.world, settings.seed)
     fingerprint = {**run_fingerprint(settings, blocks, engine.world, engine.precision), **job.fingerprint_extra}
     trainable = [p for p in model.parameters() if p.requires_grad]
-    return _Run(
-        model, optimizer, schedule, total_steps(settings, tokens_per_step), tokens_per_step, fingerprint, trainable
-    )
+    vocabulary = job.model.get_input_embeddings().num_embeddings
+    steps = total_steps(settings, tokens_per_step)
+    return _Run(model, optimizer, schedule, steps, tokens_per_step, fingerprint, trainable, vocabulary)
 
 
 def _train_step(job: LoopJob, engine: Engine, run: _Run, step: int, tokens: int) -> dict[str, Any]:
@@ -182,7 +187,10 @@ def _train_step(job: LoopJob, engine: Engine, run: _Run, step: int, tokens: int)
         job.on_step_start(step, run.steps)
     loss_sum, extras = torch.zeros((), device=engine.device), {}
     for micro in range(settings.grad_accum):
-        ids = job.train_blocks.get(run.schedule.indices(step, micro, engine.rank)).to(engine.device)
+        ids = job.train_blocks.get(run.schedule.indices(step, micro, engine.rank))
+        if int(ids.max()) >= run.vocabulary:  # a damaged store: one max per micro-batch, before the embedding sees it
+            check_token_ids(int(ids.max()), job.model, f"The training data (step {step + 1})")
+        ids = ids.to(engine.device)
         with engine.gradient_sync(run.model, sync=micro == settings.grad_accum - 1), engine.autocast():
             loss, extras = job.compute_loss(run.model, ids)
         engine.backward(loss / settings.grad_accum)  # accumulated gradients are the global batch's mean
@@ -228,7 +236,9 @@ def run_loop(job: LoopJob, engine: Engine) -> LoopResult:
     settings, checkpoint_dir = job.settings, job.work_dir / "checkpoints"
     use_cache = job.model.config.use_cache
     run = _prepare(job, engine)
-    start_step, tokens = resume_point(checkpoint_dir, job.resume, engine, run.model, run.optimizer, run.fingerprint)
+    start_step, tokens = resume_point(
+        checkpoint_dir, job.resume, engine, run.model, run.optimizer, run.fingerprint, run.steps, run.tokens_per_step
+    )
     logger = MetricsLogger(job.work_dir, engine.is_main_process, settings.report_to, start_step)
     row: dict[str, Any] = {}
     run.model.train()

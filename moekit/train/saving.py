@@ -29,10 +29,11 @@ import torch
 
 from moekit.arch import expert_count_keys
 from moekit.errors import NonFiniteError
-from moekit.io.atomic import atomic_output_dir, check_free_space, check_output_dir
+from moekit.io.atomic import check_free_space
 from moekit.io.checkpoint import Checkpoint
 from moekit.io.config_json import make_config_portable
 from moekit.io.files import copy_tokenizer_and_generation_files
+from moekit.io.outputs import OutputKind, atomic_output_dir, guard_output
 
 _COMPARE_CHUNK_ELEMENTS = 8 << 20  # values compared per read when measuring unchanged weights
 
@@ -140,23 +141,25 @@ def write_trained_model(
     extra_files: list[Path] | None = None,
     force: bool = True,
     add_files: Callable[[Path], None] | None = None,
+    kind: OutputKind = "model",
 ) -> SavedModel:
     """Save ``state_dict`` (cast to ``dtype``) with ``model``'s config into ``out_dir`` atomically.
 
     Tokenizer and generation files come from ``source_dir`` (made portable); ``extra_files``
     are copied in. The directory is built aside and renamed into place, so files of the old
     ``out_dir`` (which may be hard links shared with a seed) are never written into.
-    ``add_files(tmp)`` may write more files (provenance, model card) before the rename.
+    ``add_files(tmp)`` may write more files (provenance, model card) before the rename. ``kind``:
+    what ``out_dir`` is (``branch`` for a branch trained in place), for the output guard.
     """
     state = saved_state_dict(model, state_dict, dtype)
-    check_output_dir(out_dir, force)
+    guard_output(out_dir, kind, force)
     check_free_space(out_dir, sum(t.numel() * t.element_size() for t in state.values()))
     if hasattr(model, "_weight_conversions") and not model._weight_conversions:
         # Loaded from a fused (save_original_format=False) checkpoint, transformers records no
         # conversion and would save fused again, which transformers 4.x, vLLM and llama.cpp cannot
         # read. Without a record it reverts the family's default mapping: the per-expert hub layout.
         model._weight_conversions = None
-    with atomic_output_dir(out_dir, force=force) as tmp:
+    with atomic_output_dir(out_dir, kind, force=force) as tmp:
         model.save_pretrained(tmp, state_dict=state)
         del state
         make_config_portable(tmp, dtype, expert_count_keys(str(model.config.model_type)))

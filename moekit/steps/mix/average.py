@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moekit.io.atomic import atomic_output_dir
 from moekit.io.checkpoint import Checkpoint
 from moekit.io.config_json import portable_config, write_config_json
 from moekit.io.files import copy_tokenizer_and_generation_files
 from moekit.io.floats import from_float32
+from moekit.io.outputs import atomic_output_dir, guard_output
 from moekit.io.writer import PlannedTensor, StreamingShardWriter, parse_size
 from moekit.models import open_dense_model
 from moekit.steps.mix.inputs import check_compatible, redundant_tied_copies
@@ -31,7 +31,8 @@ def average_models(models: list[Path], out: Path, force: bool = False, shard_siz
         PlannedTensor(name, code, info.shape) for name, info in sorted(reference.tensors.items()) if name not in skipped
     ]
     sources = [(c, 1.0 / len(checkpoints)) for c in checkpoints]
-    with atomic_output_dir(out, force=force) as tmp:
+    guard_output(out, "model", force, models)
+    with atomic_output_dir(out, "model", force=force) as tmp:
         writer = StreamingShardWriter(tmp, plan, parse_size(shard_size))
         try:
             for tensor in plan:

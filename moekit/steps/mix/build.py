@@ -24,10 +24,11 @@ import numpy as np
 
 from moekit.arch.base import DENSE_FFN_PROJECTIONS, LAYER_TENSOR, MoeTensor
 from moekit.config import MixConfig
-from moekit.io.atomic import atomic_output_dir, check_free_space, check_output_dir
+from moekit.io.atomic import check_free_space
 from moekit.io.config_json import dtype_name
 from moekit.io.files import copy_tokenizer_and_generation_files
 from moekit.io.floats import CODES, from_float32, stored_dtype
+from moekit.io.outputs import atomic_output_dir
 from moekit.io.writer import PlannedTensor, StreamingShardWriter, parse_size
 from moekit.manifest import StageRecord, updating_manifest
 from moekit.progress import progress_bar
@@ -197,11 +198,10 @@ def mix(cfg: MixConfig, show_progress: bool = False) -> MixResult:
 
         centroid = prepare_centroid_init(cfg, inputs)
     plan = _plan(inputs, code, block)
-    check_output_dir(cfg.out, cfg.force)  # writable, and replaceable: before the free-space check and any work
     check_free_space(cfg.out, sum(t.nbytes for t in plan))
     globals_, per_layer = _split_tensor_names(inputs)
     num_layers = inputs.seed.config["num_hidden_layers"]
-    with atomic_output_dir(cfg.out, force=cfg.force) as tmp, background_scans() as scans:
+    with atomic_output_dir(cfg.out, "model", force=cfg.force) as tmp, background_scans() as scans:
         writer = StreamingShardWriter(
             tmp, plan, max_shard, copy_workers=1
         )  # verbatim experts copy while averages compute

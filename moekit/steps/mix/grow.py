@@ -30,12 +30,14 @@ import numpy as np
 
 from moekit.arch.base import DENSE_FFN_PROJECTIONS
 from moekit.config import GrowConfig
+from moekit.data.sources import spec_paths
 from moekit.errors import InvalidOptionError
-from moekit.io.atomic import atomic_output_dir, check_free_space, check_output_apart, check_output_dir
+from moekit.io.atomic import check_free_space
 from moekit.io.checkpoint import Checkpoint
 from moekit.io.config_json import dtype_name
 from moekit.io.files import copy_tokenizer_and_generation_files
 from moekit.io.floats import from_float32, to_float32
+from moekit.io.outputs import atomic_output_dir, guard_output
 from moekit.io.writer import PlannedTensor, StreamingShardWriter, parse_size
 from moekit.manifest import StageRecord, load_manifest, updating_manifest
 from moekit.progress import progress_bar
@@ -178,11 +180,10 @@ def calibration_blocks(cfg: GrowConfig, tokenizer: Any) -> dict[str, Any]:
 
 
 def _router_rows(cfg: GrowConfig, inputs: GrowInputs) -> Any:
-    from transformers import AutoTokenizer
-
+    from moekit.models import load_tokenizer
     from moekit.steps.mix.grow_router import added_router_rows
 
-    blocks = calibration_blocks(cfg, AutoTokenizer.from_pretrained(inputs.moe.path))
+    blocks = calibration_blocks(cfg, load_tokenizer(inputs.moe.path))
     biases = None
     if inputs.adapter.selection_bias is not None:
         biases = [
@@ -202,13 +203,13 @@ def add_expert(cfg: GrowConfig, show_progress: bool = False) -> GrowResult:
 
     inputs = open_grow_inputs(cfg)
     try:
-        check_output_apart(cfg.out, [inputs.moe.path, inputs.branch.path], cfg.run_dir)
-        check_output_dir(cfg.out, cfg.force)
+        read = [inputs.moe.path, inputs.branch.path, *spec_paths(cfg.router_data.values())]
+        guard_output(cfg.out, "model", cfg.force, read, cfg.run_dir)
         added = _router_rows(cfg, inputs)
         planned = plan_grown(inputs)
         check_free_space(cfg.out, sum(t.nbytes for t in planned))
         names = [*[str(n) for n in inputs.model_record["expert_names"]], cfg.name]
-        with atomic_output_dir(cfg.out, force=cfg.force) as tmp, background_scans() as scans:
+        with atomic_output_dir(cfg.out, "model", force=cfg.force) as tmp, background_scans() as scans:
             writer = StreamingShardWriter(tmp, planned, parse_size(cfg.shard_size), copy_workers=1)
             try:
                 moe_tensors = len(inputs.moe.tensors)

@@ -12,11 +12,12 @@ from typing import Literal
 
 from moekit.arch import ArchAdapter
 from moekit.config import MixConfig
+from moekit.data.sources import spec_paths
 from moekit.errors import IncompatibleModelsError, InvalidOptionError
-from moekit.io.atomic import check_output_apart
 from moekit.io.checkpoint import Checkpoint
 from moekit.io.config_json import with_rope_parameters
 from moekit.io.files import tokenizer_fingerprint
+from moekit.io.outputs import guard_output
 from moekit.io.source import resolve_model_dir
 from moekit.models import open_dense_model
 from moekit.steps.mix.merge import MergeSpec
@@ -183,7 +184,8 @@ def open_mix_inputs(cfg: MixConfig) -> MixInputs:
     """Open and check the seed and branches (or the upcycling seed); decide expert order and averaging."""
     seed, adapter = open_dense_model(resolve_model_dir(cfg.seed), target=cfg.target)
     check_seed_as(cfg, adapter)
-    check_output_apart(cfg.out, [seed.path, *(p for _, p in cfg.experts)], cfg.run_dir)
+    read = [seed.path, *(p for _, p in cfg.experts), *spec_paths(cfg.router_data.values())]
+    guard_output(cfg.out, "model", cfg.force, read, cfg.run_dir)  # before any work
     if cfg.upcycle is not None:
         if cfg.experts:
             raise InvalidOptionError("--upcycle cannot be combined with branch experts.", "Use one or the other.")

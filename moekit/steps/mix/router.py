@@ -97,7 +97,9 @@ class CentroidInit:
 
 def prepare_centroid_init(cfg: MixConfig, inputs: MixInputs) -> CentroidInit:
     """Check the router data against the experts, tokenise it, and return the initialiser."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
+
+    from moekit.models import load_tokenizer
 
     if cfg.upcycle is not None:
         raise InvalidOptionError(
@@ -128,7 +130,7 @@ def prepare_centroid_init(cfg: MixConfig, inputs: MixInputs) -> CentroidInit:
         )
     check_context_length(inputs.seed.path, cfg.router_block_size, "--router-seq-len")
     started = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(inputs.seed.path)
+    tokenizer = load_tokenizer(inputs.seed.path)
     blocks = {
         domain: load_token_blocks(tokenizer, path, cfg.router_block_size, cfg.router_tokens)
         for domain, path in cfg.router_data.items()

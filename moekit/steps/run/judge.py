@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from moekit.config import EvalConfig, InspectConfig, MixConfig, TuneConfig
+from moekit.io.outputs import write_file
 from moekit.steps.run.base import RunBase, claim_work_dir, stage_hash
 
 
@@ -117,7 +118,7 @@ class JudgeStages(RunBase):
                 max_tokens=self.recipe.eval.max_tokens,
                 text_field=self.recipe.text_field,
             )
-            out.write_text(json.dumps(evaluate_models(cfg, self.show_progress), indent=1))
+            write_file(out, json.dumps(evaluate_models(cfg, self.show_progress), indent=1), "eval report", force=True)
 
         self._stage("eval", out, fingerprint, work)
         self.outcome.eval_report = json.loads(out.read_text()) if out.is_file() else None
@@ -144,6 +145,7 @@ class JudgeStages(RunBase):
                 text_field=self.recipe.text_field,
                 json_path=out / "routing.json",
                 plot_dir=out,
+                force=True,  # the run's own record
             )
             inspect_model(cfg, self.show_progress)
 

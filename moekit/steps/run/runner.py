@@ -22,9 +22,10 @@ class RecipeRun(BuildStages, JudgeStages):
 WORKDIR_MARKER = "recipe.yaml"  # every recipe work directory has it at its root
 
 
-def check_workdir(workdir: Path) -> None:
-    """Refuse a recipe ``workdir`` that is a file or lies under one, or whose location cannot be written."""
-    from moekit.io.atomic import check_writable_parent
+def check_workdir(workdir: Path, inputs: list[Path] | None = None) -> None:
+    """Refuse a recipe ``workdir`` that is a file or lies under one, whose location cannot be written, that holds
+    something else than an earlier recipe run, or that is, contains or lies inside an input (the seed, the data)."""
+    from moekit.io.outputs import check_writable_parent, guard_output
 
     for path in [workdir, *workdir.parents]:
         if path.exists() and not path.is_dir():
@@ -38,6 +39,26 @@ def check_workdir(workdir: Path) -> None:
         raise MoekitError(
             f"The recipe's workdir {workdir} is not writable.", "Choose a workdir you can write to (workdir=DIR)."
         )
+    guard_output(workdir, "workdir", True, inputs or [])  # an earlier run of a recipe is continued, nothing else
+
+
+def recipe_inputs(recipe: Recipe) -> list[Path]:
+    """What a recipe reads from outside its workdir: the seed (unless it builds one) and the data."""
+    from moekit.builtin_data import BUILTIN_PREFIX
+    from moekit.data.sources import spec_paths
+
+    specs = [
+        s
+        for domain in recipe.domains.values()
+        for s in domain.data + domain.val_data
+        if not s.startswith(BUILTIN_PREFIX)
+    ]
+    seed = (
+        [Path(recipe.seed.path)]
+        if recipe.seed.build is None and recipe.seed.path and Path(recipe.seed.path).exists()
+        else []
+    )
+    return [*seed, *spec_paths(specs)]
 
 
 def clear_workdir(workdir: Path) -> None:
@@ -59,7 +80,7 @@ def run_recipe(
     recipe: Recipe, show_progress: bool = True, log: Callable[[str], None] = lambda message: None
 ) -> RunOutcome:
     """Run every stage of ``recipe`` in order (skipping finished ones); return what happened."""
-    check_workdir(recipe.workdir)
+    check_workdir(recipe.workdir, recipe_inputs(recipe))
     runner = RecipeRun(recipe, show_progress, log)
     runner.workdir.mkdir(parents=True, exist_ok=True)
     (runner.workdir / WORKDIR_MARKER).write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))

@@ -22,6 +22,13 @@ def work_dir_for(cfg: TuneConfig) -> Path:
     )
 
 
+def lock_path(cfg: TuneConfig) -> Path:
+    """The lock one tune job holds: RUN_DIR/.tune-STAGE.lock, or .OUT.lock next to the output."""
+    if cfg.run_dir is not None:
+        return cfg.run_dir / f".{cfg.stage.replace(':', '-')}.lock"
+    return cfg.out.absolute().parent / f".{cfg.out.name}.lock"
+
+
 def mixed_split(model_dir: Path) -> int:
     """The ``mix --split`` the MoE was built with (1 when unknown)."""
     split = recorded(model_dir, "split")

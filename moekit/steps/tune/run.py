@@ -25,19 +25,20 @@ import torch
 from moekit.arch import router_scoring
 from moekit.config import TuneConfig
 from moekit.data.domains import DomainData, domains_data, heldout_sets, record_heldout, training_mixture
-from moekit.io.atomic import check_output_apart, check_output_dir
 from moekit.io.config_json import dtype_name
 from moekit.io.loading import load_causal_lm
+from moekit.io.locks import exclusive
+from moekit.io.outputs import guard_output
 from moekit.manifest import StageRecord, load_manifest, updating_manifest
 from moekit.models import check_context_length, check_model_dir
 from moekit.routing.control import RoutingController, RoutingSettings, is_training_only
 from moekit.routing.objective import BalancedObjective, BalanceSettings, all_reduce_sum
-from moekit.steps.tune.inputs import check_routing_mode, tune_inputs, work_dir_for
+from moekit.steps.tune.inputs import check_routing_mode, lock_path, tune_inputs, work_dir_for
 from moekit.steps.tune.record import heldout_summary, provenance_writer
 from moekit.steps.tune.trainable import selection_bias, trainable_predicate
 from moekit.train.compute import training_flops
 from moekit.train.engine import Engine
-from moekit.train.loop import LoopJob, LoopResult, make_loop_engine, run_loop
+from moekit.train.loop import LoopJob, LoopResult, is_main_process, make_loop_engine, run_loop
 from moekit.train.saving import SavedModel, resolve_save_dtype, write_trained_model
 
 
@@ -61,13 +62,15 @@ def tune(cfg: TuneConfig, show_progress: bool = True) -> TuneResult:
         cfg.model, "The MoE to tune,", "Mix the branches first (moekit mix RUN_DIR), or pass the MoE's directory."
     )
     check_context_length(cfg.model, cfg.loop.seq_len)
-    check_output_dir(cfg.out, cfg.force)
-    check_output_apart(cfg.out, tune_inputs(cfg), cfg.run_dir)
-    engine = make_loop_engine(cfg.loop)
-    try:
-        return _tune(cfg, engine, show_progress)
-    finally:
-        engine.close()
+    guard_output(cfg.out, "model", cfg.force, tune_inputs(cfg), cfg.run_dir)
+    with contextlib.ExitStack() as held:
+        if is_main_process():  # one job per output: a second tune into the same output is refused
+            held.enter_context(exclusive(lock_path(cfg), f"The tune output {cfg.out}"))
+        engine = make_loop_engine(cfg.loop)
+        try:
+            return _tune(cfg, engine, show_progress)
+        finally:
+            engine.close()
 
 
 def _tune(cfg: TuneConfig, engine: Engine, show_progress: bool) -> TuneResult:
@@ -107,9 +110,9 @@ def _tune(cfg: TuneConfig, engine: Engine, show_progress: bool) -> TuneResult:
 
 def _tune_data(cfg: TuneConfig, engine: Engine) -> dict[str, DomainData]:
     """Each domain's training and held-out blocks (stores prepared by rank 0 first; the split recorded in the run)."""
-    from transformers import AutoTokenizer
+    from moekit.models import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    tokenizer = load_tokenizer(cfg.model)
     cache_dir = (cfg.run_dir or cfg.out.parent) / ".cache" / "tokens"
     manifest = load_manifest(cfg.run_dir) if cfg.run_dir is not None else None
     with engine.main_process_first():  # rank 0 tokenises, the others read its stores
