@@ -75,3 +75,30 @@ def load(model_dir: Path):
 def assert_clean_load(info: dict) -> None:
     """No missing, unexpected or mismatched keys and no errors."""
     assert all(len(v) == 0 for v in info.values()), info
+
+
+def assert_added_expert_is_the_branch(grown_dir: Path, branch_dir: Path) -> None:
+    """The expert ``mix --add-expert`` appended holds the branch's FFN exactly (down projection times the MoE's
+    routed scale), in every layer, in per-expert and stacked layouts alike."""
+    import yaml
+
+    from moekit.arch import get_adapter
+    from moekit.io.checkpoint import Checkpoint
+
+    grown, branch = Checkpoint(grown_dir), Checkpoint(branch_dir)
+    added = yaml.safe_load((Path(grown_dir) / "moekit.yaml").read_text())["added"]
+    index, scale = int(added["expert_index"]), float(added["down_scale"])
+    adapter = get_adapter(branch.model_type, grown.model_type)
+    for layer in range(int(grown.config["num_hidden_layers"])):
+        dense = {p: branch.get(adapter.dense_ffn_name(layer, p)) for p in ("gate_proj", "up_proj", "down_proj")}
+        dense["down_proj"] = (dense["down_proj"].float() * scale).to(dense["down_proj"].dtype)
+        if adapter.fused_experts is None:
+            got = {p: grown.get(adapter.expert_name(layer, index, p)) for p in dense}
+        else:
+            gate_up, down = (
+                grown.get(f"model.layers.{layer}.{adapter.moe_block}.{n}")[index] for n in adapter.fused_experts
+            )
+            rows = dense["gate_proj"].shape[0]
+            got = {"gate_proj": gate_up[:rows], "up_proj": gate_up[rows:], "down_proj": down}
+        for projection, expected in dense.items():
+            assert torch.equal(got[projection], expected.to(got[projection].dtype)), (layer, projection)

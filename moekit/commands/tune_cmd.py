@@ -217,8 +217,10 @@ def _refuse_unused_options(
 def _report(console: Any, cfg: Any, result: Any) -> None:
     """The tuned model's last step, held-out loss and the rounding note."""
     row = result.last_row
+    resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""
     console.print(
-        f"[green]Tuned[/] {cfg.model} -> {result.out}: {result.steps} steps, loss {row.get('loss', float('nan')):.4f}, "
+        f"[green]Tuned[/] {cfg.model} -> {result.out}: {result.steps} steps{resumed}, "
+        f"loss {row.get('loss', float('nan')):.4f}, "
         f"load imbalance {row.get('load_imbalance', float('nan')):.2f}, MaxVio "
         f"{row.get('maxvio', float('nan')):.2f}, dead experts {row.get('dead_experts')}"
     )

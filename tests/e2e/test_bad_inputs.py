@@ -66,11 +66,12 @@ def world(tmp_path_factory) -> World:
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    """Relative path -> content hash of every file (directories as ''), without caches, locks and scratch copies."""
+    """Relative path -> content hash of every file (directories as ''), caches and locks aside; the cases' own
+    inputs in scratch/ (a stranger's thesis.tex among them) are included."""
     result = {}
     for path in sorted(root.rglob("*")):
         relative = path.relative_to(root).as_posix()
-        if relative.startswith("scratch") or "/.cache" in f"/{relative}" or path.name == ".moekit.lock":
+        if "/.cache" in f"/{relative}" or path.name == ".moekit.lock":
             continue
         result[relative] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
     return result

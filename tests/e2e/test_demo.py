@@ -118,8 +118,16 @@ def test_a_run_killed_in_train_resumes_to_the_same_result(tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run_recipe(recipe, show_progress=False)
     assert (tmp_path / "killed" / "run" / "train" / "math" / "checkpoints" / "step-10").is_dir()
-    monkeypatch.setattr(train_step, "run_loop", real)
+    steps = []
+
+    def counting(job, engine):  # the resumed math branch must continue after step-10, not start over
+        job.on_step_end = lambda step, row: steps.append(step)
+        return real(job, engine)
+
+    monkeypatch.setattr(train_step, "run_loop", counting)
     resumed = run_recipe(recipe, show_progress=False)
+    assert steps[0] == 11 and steps[-1] == 30
+    monkeypatch.setattr(train_step, "run_loop", real)
     assert resumed.stages["train:code"].startswith("skipped") and resumed.stages["train:math"] == "ran"
     a, b = (Checkpoint(tmp_path / d / "run" / "tuned") for d in ("straight", "killed"))
     for name in a.tensors:
@@ -142,16 +150,17 @@ def test_average_is_the_mean_of_the_branches(tmp_path):
         assert torch.allclose(averaged.get(name).float(), mean, atol=1e-6), name
 
 
-@pytest.mark.slow
 def test_changed_train_options_retrain_from_the_seed(tmp_path):
     """Re-running with other train options must equal a fresh run with them, not train further."""
-    stages = "stages=[seed,branch,train]"
-    run_recipe(load_recipe(TINY, [f"workdir={tmp_path / 'a'}", stages]), show_progress=False)
+    stages, small = "stages=[seed,branch,train]", ["train.max_steps=4", "train.eval_every=0"]
+    run_recipe(load_recipe(TINY, [f"workdir={tmp_path / 'a'}", stages, *small]), show_progress=False)
     changed = run_recipe(
-        load_recipe(TINY, [f"workdir={tmp_path / 'a'}", stages, "train.max_steps=12"]), show_progress=False
+        load_recipe(TINY, [f"workdir={tmp_path / 'a'}", stages, *small, "train.max_steps=6"]), show_progress=False
     )
     assert changed.stages["train:code"] == "ran" and changed.stages["branch"].startswith("skipped")
-    run_recipe(load_recipe(TINY, [f"workdir={tmp_path / 'b'}", stages, "train.max_steps=12"]), show_progress=False)
+    run_recipe(
+        load_recipe(TINY, [f"workdir={tmp_path / 'b'}", stages, *small, "train.max_steps=6"]), show_progress=False
+    )
     for domain in ("code", "math"):
         a, b = (Checkpoint(tmp_path / w / "run" / "branches" / domain) for w in ("a", "b"))
         for name in a.tensors:

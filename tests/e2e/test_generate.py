@@ -54,6 +54,42 @@ def test_scmoe_beta_zero_is_greedy_decoding(models):
     assert _tokens(models["distinct"], scmoe=True, scmoe_beta=0.0) == _tokens(models["distinct"])
 
 
+def _second_expert_only(router):
+    """An independent weak routing for the oracle below: each token to its 2nd-ranked expert, gate 1."""
+    native = type(router).forward
+
+    def forward(hidden_states, *args, **kwargs):
+        logits, weights, indices = native(router, hidden_states, *args, **kwargs)[:3]
+        second = indices.gather(-1, weights.float().topk(2, dim=-1).indices[..., 1:2])
+        return logits, torch.ones(second.shape, dtype=weights.dtype), second
+
+    return forward
+
+
+def test_scmoe_decodes_the_contrast_of_top2_and_2nd_expert_routing(models):
+    """End to end, beta 0.5: each token is the argmax of 1.5 z_top2 - 0.5 z_2nd-only over the plausible tokens."""
+    generator = Generator(GenerateConfig(model=str(models["distinct"]), raw=True, max_new_tokens=6))
+    model, ids = generator.model, generator.prompt_ids(PROMPT)
+    routers = [r for _, r in find_routers(model)]
+    expected = []
+    with torch.no_grad():
+        for _ in range(6):  # greedy over the whole sequence each step: no cache involved in the oracle
+            strong = model(input_ids=ids).logits[:, -1].float()
+            for router in routers:
+                router.forward = _second_expert_only(router)
+            try:
+                weak = model(input_ids=ids).logits[:, -1].float()
+            finally:
+                for router in routers:
+                    del router.forward
+            plausible = strong >= strong.max() + math.log(0.1)
+            token = torch.where(plausible, 1.5 * strong - 0.5 * weak, -math.inf).argmax(dim=-1)
+            expected.append(int(token))
+            ids = torch.cat([ids, token[:, None]], dim=1)
+    assert expected != _tokens(models["distinct"])[:6]  # the contrast changes the decoding of this model
+    assert _tokens(models["distinct"], scmoe=True, scmoe_beta=0.5)[:6] == expected
+
+
 def test_contrast_formula_and_plausibility_mask():
     strong = torch.tensor([[2.0, 1.0, -5.0, 1.9]])
     weak = torch.tensor([[1.0, 3.0, 0.0, -1.0]])
@@ -154,5 +190,126 @@ def test_eval_task_scores_greedy_and_scmoe(models, tmp_path):
     assert report["problems"] == 6 and set(report["results"]) == {"llama", "distinct-moe"}
     assert report["results"]["llama"]["scmoe"] is None  # dense: no SCMoE figure
     assert 0.0 <= report["results"]["distinct-moe"]["scmoe"] <= 1.0
+    from moekit.tasks import task_problems
+
+    # the scorer counts what it should: a model that answers every problem right scores 1, half right 0.5
+    problems = task_problems("arithmetic", 6)
+    tokenizer = Generator(GenerateConfig(model=str(models["seed"]), raw=True)).tokenizer
+    assert _scored(problems, tokenizer, wrong=set()) == 1.0
+    assert _scored(problems, tokenizer, wrong={p.prompt for p in problems[::2]}) == 0.5
+    assert _scored(problems, tokenizer, wrong={p.prompt for p in problems}) == 0.0
     bad = runner.invoke(build_app(), ["eval", str(models["seed"]), "--scmoe", "--data", "x=y"])
     assert bad.exit_code == 2 and "--task" in bad.output
+
+
+def _scored(problems, tokenizer, wrong: set[str]) -> float:
+    """exact_match_accuracy of a scripted model that continues each prompt with its answer (or a wrong one)."""
+    from moekit.tasks import exact_match_accuracy
+
+    answers = {p.prompt: p.answer for p in problems}
+
+    class Scripted(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def generate(self, input_ids, max_new_tokens, pad_token_id, **kwargs):
+            rows = []
+            for row in input_ids:
+                prompt = tokenizer.decode(row, skip_special_tokens=True)
+                answer = "-1234567" if prompt in wrong else answers[prompt]
+                new = tokenizer(f" {answer} and more", add_special_tokens=False).input_ids[:max_new_tokens]
+                rows.append(torch.cat([row, torch.tensor(new)]))
+            width = max(len(r) for r in rows)
+            return torch.stack([torch.cat([r, torch.full((width - len(r),), pad_token_id)]) for r in rows])
+
+    return exact_match_accuracy(Scripted(), tokenizer, problems, max_new_tokens=12)
+
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<s>{{ message['role'] }}: {{ message['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant:{% endif %}"
+)
+
+
+def test_the_chat_template_wraps_the_prompt(models, tmp_path):
+    """Without --raw a tokenizer's chat template is applied: the model sees the templated ids, generates after them."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "chat"
+    shutil.copytree(models["distinct"], model)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(model)
+    templated = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
+    templated = templated["input_ids"] if isinstance(templated, dict) or hasattr(templated, "keys") else templated
+    runner = CliRunner()
+    out = tmp_path / "chat.json"
+    result = runner.invoke(
+        build_app(), ["generate", str(model), "-p", PROMPT, "--max-new-tokens", "5", "--json", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    chat = json.loads(out.read_text())
+    raw = Generator(GenerateConfig(model=str(model), raw=True)).prompt_ids(PROMPT)
+    assert chat["prompt_tokens"] == len(templated) > raw.shape[1]
+    # greedy from the templated ids, token for token
+    generator = Generator(GenerateConfig(model=str(model), max_new_tokens=5))
+    ids = torch.tensor([templated])
+    with torch.no_grad():
+        expected = generator.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=5,
+            do_sample=False,
+            pad_token_id=tokenizer.eos_token_id,
+        )[0, ids.shape[1] :]
+    assert [t["id"] for t in chat["tokens"]] == expected.tolist()
+
+
+def test_sampling_is_reproducible_with_a_seed(models):
+    sampled = [_tokens(models["distinct"], sample=True, random_seed=seed) for seed in (1, 1, 2)]
+    assert sampled[0] == sampled[1]  # the same seed: the same tokens
+    assert sampled[0] != sampled[2] and sampled[0] != _tokens(models["distinct"])  # another seed, and greedy, differ
+
+
+def test_interactive_mode_answers_each_line_until_ctrl_d(models):
+    """On a terminal without a prompt: '> ', a generation per line typed, and a clean end on Ctrl-D (EOF)."""
+    import os
+    import pty
+    import subprocess
+    import sys
+    import time
+
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moekit", "generate", str(models["distinct"]), "--raw", "--max-new-tokens", "3"],
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+        close_fds=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    os.close(follower)
+    output = b""
+
+    def read_until(marker: bytes, timeout: float = 120) -> None:
+        """Read until ``marker`` appears in what arrives from now on."""
+        nonlocal output
+        start, deadline = len(output), time.monotonic() + timeout
+        while marker not in output[start:] and time.monotonic() < deadline:
+            try:
+                output += os.read(leader, 4096)
+            except OSError:
+                break
+
+    read_until(b"> ")
+    os.write(leader, b"def value\n")
+    read_until(b"> ")  # the answer, its timing line, and the next prompt
+    os.write(leader, b"\x04")  # Ctrl-D: EOF at the prompt
+    assert process.wait(timeout=60) == 0
+    os.close(leader)
+    text = output.decode(errors="replace")
+    assert "type a prompt and Enter; Ctrl-D ends" in text and text.count("> ") >= 2
+    assert "3 tokens in" in text

@@ -22,7 +22,7 @@ from moekit.steps.branch import add_branches, branch
 from moekit.steps.mix import mix
 from moekit.steps.mix.grow import add_expert
 from moekit.tiny import domain_corpus
-from tests.conftest import assert_clean_load, load
+from tests.conftest import assert_added_expert_is_the_branch, assert_clean_load, load
 from tests.e2e.test_centroid_router import _train_branch
 
 runner = CliRunner()
@@ -86,7 +86,8 @@ def test_grown_moe_keeps_the_old_one(make_seed, tmp_path, family, target, dtype)
             run_dir=run.run_dir,
         )
     ).out
-    add_branches(str(seed), run.run_dir, ["prose"])  # an untrained branch: the seed's FFN
+    add_branches(str(seed), run.run_dir, ["prose"])
+    _train_branch(run.run_dir / "branches" / "prose", load_token_blocks(tokenizer, data["prose"], 32), steps=3)
     result = add_expert(
         GrowConfig(
             into=mixed,
@@ -109,9 +110,10 @@ def test_grown_moe_keeps_the_old_one(make_seed, tmp_path, family, target, dtype)
             old_bytes = _bytes(old, name)
             if new.tensors[name].shape[0] == info.shape[0] + 1:
                 assert _bytes(new, name)[: len(old_bytes)] == old_bytes, name
-    if grown_names:  # per-expert layouts: the new expert is the seed's FFN byte for byte
+    if grown_names:  # per-expert layouts: the new expert's tensors are new names
         assert all(".experts.3." in n for n in grown_names)
         assert len(grown_names) == 3 * seed_ckpt.config["num_hidden_layers"]
+    assert_added_expert_is_the_branch(result.out, run.run_dir / "branches" / "prose")
     config = json.loads((result.out / "config.json").read_text())
     assert any(config.get(k) == 4 for k in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"))
     record = yaml.safe_load((result.out / "moekit.yaml").read_text())
@@ -240,6 +242,7 @@ def test_grow_a_run_through_the_cli(make_seed, tmp_path):
     record = yaml.safe_load((run / "grown" / "moekit.yaml").read_text())
     assert record["added"]["into"] == str((run / "tuned").absolute())  # a tuned MoE is grown by default
     assert record["input"]["tune"]["stage"] == "tune" and record["input"]["input"]["stage"] == "mix"
+    assert_added_expert_is_the_branch(run / "grown", run / "branches" / "prose")
     tuned, grown = Checkpoint(run / "tuned"), Checkpoint(run / "grown")
     assert all(
         _bytes(grown, n) == _bytes(tuned, n) for n, i in tuned.tensors.items() if grown.tensors[n].shape == i.shape

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from moekit.cli import build_app
 from moekit.config import EvalConfig
-from moekit.data.domains import token_sequence
+from moekit.data.domains import domains_data, token_sequence
 from moekit.manifest import load_manifest
 from moekit.steps.evaluate import _run_dir_heldout
 from moekit.tiny import domain_corpus
@@ -45,10 +45,15 @@ def test_eval_of_a_run_never_scores_training_tokens(train_len, val_fraction, eva
     assert result.exit_code == 0, result.output
     record = load_manifest(tmp_path / "run").branches["code"].heldout
     assert record is not None and record.val_fraction == float(val_fraction)
-    trained_until = record.start // train_len * train_len  # the last training block ends here
-    assert trained_until <= record.start
-
+    # the training side: the view train reads ends before the split, whatever the block length
     tokenizer = AutoTokenizer.from_pretrained(seed)
+    manifest = load_manifest(tmp_path / "run")
+    specs = {"code": manifest.branches["code"].data}
+    cache = tmp_path / "run" / ".cache" / "tokens"
+    domain = domains_data(tokenizer, specs, {}, train_len, None, "text", cache, manifest)["code"]
+    assert domain.heldout.start == record.start and len(domain.train) > 0
+    assert domain.train.start + len(domain.train) * train_len <= record.start
+
     held = _run_dir_heldout(EvalConfig(models=[str(tmp_path / "run")], seq_len=eval_len, max_tokens=10**9), tokenizer)[
         "code"
     ]

@@ -188,12 +188,13 @@ def test_two_processes_match_one_process_with_the_same_global_batch(run):
 def test_tokenised_data_is_cached(run, monkeypatch):
     args = ["train", run / "run", "--branch", "math", "--data", run / "math.txt", "--max-steps", "1", *TRAIN]
     assert cli(*args).exit_code == 0
-    import moekit.data
+    import moekit.data.store
 
     def no_tokenising(*_args, **_kwargs):
         raise AssertionError("tokenised again despite the cache")
 
-    monkeypatch.setattr(moekit.data, "tokenize_documents", no_tokenising)
+    # every path from data to tokens (cached_store, prepare) goes through prepare_store
+    monkeypatch.setattr(moekit.data.store, "prepare_store", no_tokenising)
     result = cli("train", run / "run", "--branch", "math", "--max-steps", "1", *TRAIN)  # data remembered
     assert result.exit_code == 0, result.output
 

@@ -180,9 +180,16 @@ def test_tune_resume_after_a_crash(mixed, tmp_path, monkeypatch):
     monkeypatch.setattr(tune_step, "run_loop", crashing)
     assert cli(*args, "--out", tmp_path / "resumed").exit_code == 130
     assert not (tmp_path / "resumed").exists()
-    monkeypatch.setattr(tune_step, "run_loop", real)
+    ran = []
+
+    def counting(job, engine):  # the resumed job must run steps 5 and 6 only, not start over
+        job.on_step_end = lambda step, row: ran.append(step)
+        return real(job, engine)
+
+    monkeypatch.setattr(tune_step, "run_loop", counting)
     result = cli(*args, "--out", tmp_path / "resumed", "--resume")
     assert result.exit_code == 0, result.output
+    assert "resumed at step 4" in result.output and ran == [5, 6]
     a, b = Checkpoint(tmp_path / "straight"), Checkpoint(tmp_path / "resumed")
     for name in a.tensors:
         assert torch.allclose(a.get(name), b.get(name), atol=1e-6), name

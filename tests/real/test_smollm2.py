@@ -22,6 +22,7 @@ from moekit.builtin_data import materialize
 from moekit.cli import build_app
 from moekit.io.checkpoint import Checkpoint
 from tests.assets import smollm2_checkpoint
+from tests.conftest import assert_added_expert_is_the_branch
 from tests.formats import assert_portable_checkpoint
 
 LOOP = [
@@ -134,6 +135,7 @@ def test_btx_pipeline_on_smollm2(seed, data, tmp_path):
         else:
             assert stored.shape == (info.shape[0] + 1, *info.shape[1:]), name
     assert json.loads((grown / "config.json").read_text())["num_local_experts"] == experts + 1
+    assert_added_expert_is_the_branch(grown, run / "branches" / "math")
     cli("tune", grown, "--train", "router", *LOOP)
     cli("eval", run, "--seq-len", "32", "--max-tokens", "64")
     recorded = json.loads((run / "eval.json").read_text())

@@ -108,9 +108,7 @@ class BuildStages(RunBase):
                     s.stage == "train" and s.params.get("branch") == domain for s in load_manifest(self.run_dir).stages
                 )
                 if claim_work_dir(self.run_dir / "train" / domain, fingerprint) or trained_before:
-                    relink_branch(
-                        self.run_dir, domain
-                    )  # new inputs: start again from the seed, not from the old branch
+                    relink_branch(self.run_dir, domain)  # new inputs: start again from the seed, not the old branch
                 train(cfg, self.show_progress)
 
             self._stage(f"train:{domain}", self.run_dir / "branches" / domain, fingerprint, work)
