@@ -15,6 +15,7 @@ DEFAULT_TEXT_FIELD = "text"  # the text field of .jsonl/.json/.parquet records
 DEFAULT_AUX_COEF = 0.01  # the balancing loss coefficient (0 with balance=bias)
 DEFAULT_Z_COEF = 1e-3  # the router z-loss coefficient when the z-loss is on
 DEFAULT_CAPACITY_FACTOR = {"switch": 1.5, "expert_choice": 1.0}  # by training-time routing
+DEVICE_HELP = "cpu, cuda, cuda:N or mps (default: $MOEKIT_DEVICE, else this process's GPU, else the CPU)"
 REPORT_SAMPLE_TOKENS = 24  # the length of each generation sample of `moekit report`
 
 
@@ -214,6 +215,9 @@ class TrainConfig(_Strict):
         description="what learns: everything, only the FFNs (the rest stays the seed's, FlexOlmo-style), or "
         "FFNs and norms",
     )
+    device: str | None = Field(
+        None, description="cpu, cuda, cuda:N or mps (default: $MOEKIT_DEVICE, else this rank's GPU, else the CPU)"
+    )
     resume: bool = False
     loop: LoopSettings
 
@@ -254,6 +258,9 @@ class TuneConfig(_Strict):
         None, ge=0, lt=1, description="share of each domain's tokens held out (default: the recorded split, else 0.05)"
     )
     text_field: str = DEFAULT_TEXT_FIELD
+    device: str | None = Field(
+        None, description="cpu, cuda, cuda:N or mps (default: $MOEKIT_DEVICE, else this rank's GPU, else the CPU)"
+    )
     resume: bool = False
     force: bool = False
     stage: str = Field("tune", description="the run-manifest stage name (baselines tune under their own)")
@@ -312,6 +319,9 @@ class _DataPass(_Strict):
     max_tokens: int = Field(65536, ge=1, description="tokens per domain")
     text_field: str = DEFAULT_TEXT_FIELD
     json_path: Path | None = None
+    device: str | None = Field(
+        None, description="cpu, cuda, cuda:N or mps (default: $MOEKIT_DEVICE, else this rank's GPU, else the CPU)"
+    )
     force: bool = Field(False, description="replace an earlier --json (and --plot) output of the same kind")
 
     @field_validator("json_path")
@@ -379,6 +389,9 @@ class GenerateConfig(_Scmoe):
     top_k: int = Field(0, ge=0, description="sample from the k most likely tokens (0: all)")
     random_seed: int = 0
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str | None = Field(
+        None, description="cpu, cuda, cuda:N or mps (default: $MOEKIT_DEVICE, else this rank's GPU, else the CPU)"
+    )
     routing_layer: int | None = Field(
         None, ge=0, description="MoE layer whose top expert is shown (None: the majority over layers)"
     )

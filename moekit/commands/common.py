@@ -15,7 +15,7 @@ from typing import Any
 import typer
 from pydantic import BaseModel
 
-from moekit.config import DEFAULT_TEXT_FIELD, InspectConfig, default_of
+from moekit.config import DEFAULT_TEXT_FIELD, DEVICE_HELP, InspectConfig, default_of
 
 
 def _print_error(message: str, hint: str = "") -> None:
@@ -206,3 +206,4 @@ SEQ_LEN_OPTION = typer.Option(default_of(InspectConfig, "seq_len"), "--seq-len",
 BATCH_SIZE_OPTION = typer.Option(
     default_of(InspectConfig, "batch_size"), "--batch-size", help="Blocks per forward pass."
 )
+DEVICE_OPTION = typer.Option(None, "--device", help=f"Where to compute: {DEVICE_HELP}.")

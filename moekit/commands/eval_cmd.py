@@ -9,6 +9,7 @@ import typer
 
 from moekit.commands.common import (
     BATCH_SIZE_OPTION,
+    DEVICE_OPTION,
     MAX_TOKENS_OPTION,
     SEQ_LEN_OPTION,
     TEXT_FIELD_OPTION,
@@ -34,6 +35,7 @@ def eval_command(
     batch_size: int = BATCH_SIZE_OPTION,
     text_field: str = TEXT_FIELD_OPTION,
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
+    device: Optional[str] = DEVICE_OPTION,
     force: bool = typer.Option(False, "--force", help="Replace the --json file if it holds an earlier eval report."),
     task: Optional[str] = typer.Option(
         None,

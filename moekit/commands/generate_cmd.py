@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import typer
 
-from moekit.commands.common import fields_of
+from moekit.commands.common import DEVICE_OPTION, fields_of
 from moekit.config import GenerateConfig, default_of
 
 
@@ -79,6 +79,7 @@ def generate_command(
     json_path: Optional[str] = typer.Option(
         None, "--json", help="Write the result as JSON to this file ('-' for stdout, nothing streamed)."
     ),
+    device: Optional[str] = DEVICE_OPTION,
     force: bool = typer.Option(False, "--force", help="Replace the --json file if it holds an earlier generation."),
 ) -> None:
     """Generate text with a model, streaming it, and show which expert each token went to.

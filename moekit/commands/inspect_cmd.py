@@ -9,6 +9,7 @@ import typer
 
 from moekit.commands.common import (
     BATCH_SIZE_OPTION,
+    DEVICE_OPTION,
     MAX_TOKENS_OPTION,
     SEQ_LEN_OPTION,
     TEXT_FIELD_OPTION,
@@ -30,6 +31,7 @@ def inspect_command(
         None, "--json", help="Write every number to this JSON file (schema: docs/commands/inspect.md)."
     ),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write PNG heatmaps and report.html to this directory."),
+    device: Optional[str] = DEVICE_OPTION,
     force: bool = typer.Option(
         False, "--force", help="Replace --json and --plot outputs that hold an earlier inspection."
     ),

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import typer
 
-from moekit.commands.common import TEXT_FIELD_OPTION
+from moekit.commands.common import DEVICE_OPTION, TEXT_FIELD_OPTION
 from moekit.commands.loop_options import saved_weights_note, with_loop_options
 from moekit.config import TrainConfig, default_of
 
@@ -36,6 +36,7 @@ def train_command(
         help="What learns: all | ffn (only the FFNs: attention, norms and embeddings stay the seed's, so mix "
         "averages nothing that diverged) | ffn+norms.",
     ),
+    device: Optional[str] = DEVICE_OPTION,
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint of an interrupted run."),
     loop: Any = None,  # a LoopSettings, built by with_loop_options from the shared loop options
 ) -> None:
@@ -66,6 +67,7 @@ def train_command(
         text_field=text_field,
         train=train_params,
         resume=resume,
+        device=device,
         loop=loop,
     )
     results = train(cfg)

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import typer
 
-from moekit.commands.common import TEXT_FIELD_OPTION, only_given, parse_key_values, said
+from moekit.commands.common import DEVICE_OPTION, TEXT_FIELD_OPTION, only_given, parse_key_values, said
 from moekit.commands.loop_options import saved_weights_note, with_loop_options
 from moekit.config import DEFAULT_AUX_COEF, DEFAULT_CAPACITY_FACTOR, DEFAULT_Z_COEF, TuneConfig, default_of
 
@@ -24,6 +24,7 @@ _AS_GIVEN = (
     "resume",
     "force",
     "loop",
+    "device",
 )
 
 
@@ -143,6 +144,7 @@ def tune_command(
         help="Share of each domain's tokens held out (default: the split the run recorded, else 0.05).",
     ),
     text_field: str = TEXT_FIELD_OPTION,
+    device: Optional[str] = DEVICE_OPTION,
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint of an interrupted run."),
     force: bool = typer.Option(False, "--force", help="Replace the output directory if it exists."),
     loop: Any = None,  # a LoopSettings, built by with_loop_options from the shared loop options

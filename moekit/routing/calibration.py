@@ -28,7 +28,12 @@ class LayerwiseCalibrator:
     """Push token blocks through a dense model one decoder layer at a time."""
 
     def __init__(
-        self, dense_config: Any, embed_weight: torch.Tensor, blocks: dict[str, torch.Tensor], batch: int = 8
+        self,
+        dense_config: Any,
+        embed_weight: torch.Tensor,
+        blocks: dict[str, torch.Tensor],
+        batch: int = 8,
+        device: torch.device | None = None,
     ) -> None:
         from transformers import AutoModelForCausalLM
 
@@ -39,10 +44,13 @@ class LayerwiseCalibrator:
             self.skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         self.skeleton.eval()  # no dropout: the hidden states the model produces at inference
         self.config = config
-        self.rotary = type(self.skeleton.model.rotary_emb)(config=config)
+        self.device = device or torch.device("cpu")  # fp32 on whichever device: one layer's weights at a time
+        self.rotary = type(self.skeleton.model.rotary_emb)(config=config).to(self.device)
         self.batch = batch
-        embed = embed_weight.float()
-        self.hidden = {domain: torch.nn.functional.embedding(ids, embed) for domain, ids in blocks.items()}
+        embed = embed_weight.float().to(self.device)
+        self.hidden = {
+            domain: torch.nn.functional.embedding(ids.to(self.device), embed) for domain, ids in blocks.items()
+        }
 
     def run_layer(self, layer: int, layer_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Run layer ``layer`` (tensors named as inside the layer, fp32) on every domain.
@@ -51,7 +59,7 @@ class LayerwiseCalibrator:
         states to the layer's output.
         """
         module = self.skeleton.model.layers[layer]
-        module.load_state_dict(layer_state, strict=True, assign=True)
+        module.load_state_dict({k: v.to(self.device) for k, v in layer_state.items()}, strict=True, assign=True)
         captured: list[torch.Tensor] = []
         hook = module.mlp.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach()))
         mlp_inputs: dict[str, torch.Tensor] = {}
@@ -82,10 +90,11 @@ class LayerwiseCalibrator:
         if window is None or length <= window:
             return None  # sdpa is causal without a mask
         query, key = torch.arange(length)[:, None], torch.arange(length)[None, :]
-        return ((key <= query) & (query - key < window))[None, None]  # the window transformers uses: q - k < window
+        mask = (key <= query) & (query - key < window)  # the window transformers uses: q - k < window
+        return mask[None, None].to(self.device)
 
     def _forward(self, module: torch.nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        positions = torch.arange(hidden.shape[1]).unsqueeze(0).expand(hidden.shape[0], -1)
+        positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0).expand(hidden.shape[0], -1)
         rotary = self.rotary(hidden, positions)
         out = module(hidden, attention_mask=mask, position_ids=positions, position_embeddings=rotary)
         return out[0] if isinstance(out, tuple) else out

@@ -21,6 +21,7 @@ from moekit.data.domains import recorded_heldout
 from moekit.data.sources import spec_paths
 from moekit.data.store import tokenizer_fingerprint_of
 from moekit.data.tokens import evaluation_blocks
+from moekit.devices import choose_device
 from moekit.errors import InvalidOptionError
 from moekit.io.loading import load_causal_lm
 from moekit.io.outputs import guard_output, write_file
@@ -181,7 +182,7 @@ def guard_eval_outputs(cfg: EvalConfig, models: dict[str, Path]) -> None:
 def _evaluate_one(
     directory: Path, blocks: dict[str, torch.Tensor], cfg: EvalConfig, label: str, show_progress: bool
 ) -> dict[str, dict[str, float]]:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = choose_device(cfg.device)  # fp32 on any device: held-out losses are compared to the third decimal
     model = load_causal_lm(directory, torch.float32).to(device).eval()
     for domain, domain_blocks in blocks.items():
         check_token_ids(int(domain_blocks.max()) if domain_blocks.numel() else -1, model, f"The data of {domain}")

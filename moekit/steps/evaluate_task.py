@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from moekit.config import EvalConfig
+from moekit.devices import choose_device
 from moekit.errors import MoekitError
 from moekit.io.loading import load_causal_lm
 from moekit.models import check_model_dir
@@ -39,7 +40,7 @@ def evaluate_task(cfg: EvalConfig, show_progress: bool = True) -> dict[str, Any]
     for label, directory in models.items():
         check_model_dir(directory, f"Model '{label}',")
     problems = task_problems(cfg.task, cfg.problems)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = choose_device(cfg.device)
     results: dict[str, dict[str, float | None]] = {}
     for label, directory in models.items():
         model = load_causal_lm(directory, torch.float32).to(device).eval()

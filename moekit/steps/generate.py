@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from moekit.config import GenerateConfig
+from moekit.devices import choose_device
 from moekit.errors import InvalidOptionError
 from moekit.io.loading import load_causal_lm
 from moekit.io.source import resolve_model_dir
@@ -108,10 +109,10 @@ class Generator:
         self.cfg = cfg
         self.model_dir = resolve_model_dir(cfg.model)
         check_model_dir(self.model_dir, "The model", "Give a model directory written by save_pretrained (or a hub id).")
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = choose_device(cfg.device)
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype)
-        if dtype is None:  # auto: full precision on a CPU, the checkpoint's half precision on a GPU
-            dtype = torch.float32 if self.device == "cpu" else torch.bfloat16
+        if dtype is None:  # auto: full precision on a CPU, half precision on a GPU
+            dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
         self.model = load_causal_lm(self.model_dir, dtype).to(self.device).eval()
         self.tokenizer = load_tokenizer(self.model_dir)
         self.routers = _routers_or_none(self.model)

@@ -7,11 +7,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from moekit.config import InspectConfig
 from moekit.data import evaluation_blocks
 from moekit.data.sources import spec_paths
+from moekit.devices import choose_device, inference_dtype
 from moekit.errors import InvalidOptionError
 from moekit.inspection.routing import collect_routing, routing_report
 from moekit.inspection.static import static_report
@@ -67,8 +66,8 @@ def inspect_routing(
         d: evaluation_blocks(tokenizer, specs, cfg.seq_len, cfg.max_tokens, cfg.text_field)
         for d, specs in cfg.data.items()
     }
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = Checkpoint(model_dir).dtype() if device == "cuda" else torch.float32
+    device = choose_device(cfg.device)
+    dtype = inference_dtype(device, Checkpoint(model_dir).dtype())
     model = load_causal_lm(model_dir, dtype).to(device)
     for domain, domain_blocks in blocks.items():
         check_token_ids(int(domain_blocks.max()) if domain_blocks.numel() else -1, model, f"The data of {domain}")

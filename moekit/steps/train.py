@@ -181,7 +181,7 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> list[BranchTrainResul
         if is_main_process():  # one job per branch: a second train of a branch that is training is refused
             for name in names:
                 held.enter_context(exclusive(cfg.run_dir / f".train-{name}.lock", f"Branch '{name}' of {cfg.run_dir}"))
-        engine = make_loop_engine(cfg.loop)
+        engine = make_loop_engine(cfg.loop, cfg.device)
         try:
             return _train_branches(cfg, manifest, names, engine, show_progress)
         finally:

@@ -31,14 +31,26 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
+from moekit.devices import choose_device, supports_bf16
+from moekit.errors import InvalidOptionError
+
 ShardMode = Literal["none", "fsdp"]
 
 
-def _resolve_precision(choice: str) -> str:
-    """fp32 | bf16 | fp16; ``auto`` is bf16 on a GPU that supports it, else fp32 (CPU bf16 backward is ~14x slower)."""
-    if choice != "auto":
-        return choice
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+def _resolve_precision(choice: str, device: torch.device) -> str:
+    """fp32 | bf16 | fp16; ``auto`` is bf16 on a GPU that supports it, else fp32 (CPU bf16 backward is ~14x slower).
+
+    bf16 runs on a CPU too (autocast, or FSDP2's policy): correct, and slow. fp16 needs a GPU: it
+    relies on a loss scaler that moekit runs on CUDA only.
+    """
+    if choice == "auto":
+        return "bf16" if supports_bf16(device) else "fp32"
+    if choice == "fp16" and device.type != "cuda":
+        raise InvalidOptionError(
+            f"--precision fp16 needs a GPU (fp16 training relies on a loss scaler); this run is on {device}.",
+            "Use --precision bf16 (or fp32) on a CPU.",
+        )
+    return choice
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -133,10 +145,11 @@ class Engine:
         return model
 
     def autocast(self) -> Any:
-        """Mixed-precision autocast for unsharded GPU training (FSDP2 casts through its policy instead)."""
-        if self.shard == "fsdp" or self.precision == "fp32" or self.device.type != "cuda":
+        """Mixed-precision autocast for unsharded training, on a GPU or a CPU (FSDP2 casts through its policy
+        instead)."""
+        if self.shard == "fsdp" or self.precision == "fp32":
             return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
 
     @contextlib.contextmanager
     def gradient_sync(self, model: torch.nn.Module, sync: bool) -> Iterator[None]:
@@ -234,25 +247,27 @@ class Engine:
             self.owns_group = False
 
 
-def make_engine(shard: ShardMode = "none", precision: str = "auto") -> Engine:
-    """The engine for this process: rank, world and device from the launcher's environment.
+def make_engine(shard: ShardMode = "none", precision: str = "auto", device: str | None = None) -> Engine:
+    """The engine for this process: rank and world from the launcher's environment, the device from
+    ``moekit.devices.choose_device`` (``device``, ``MOEKIT_DEVICE``, else this rank's GPU, else the CPU).
 
     A multi-process launch (or ``--shard fsdp`` in a single process, which FSDP2 needs) gets a
-    process group; one that exists already (e.g. made by the caller) is reused.
+    process group (NCCL on GPUs, gloo on CPUs); one that exists already is reused.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    chosen = choose_device(device, local_rank)
+    resolved = _resolve_precision(precision, chosen)  # refuses fp16 on a CPU before any process group is made
+    cuda = chosen.type == "cuda"
     if cuda:
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(chosen)
     owns = False
     if (world > 1 or shard == "fsdp") and not (dist.is_available() and dist.is_initialized()):
         backend = "nccl" if cuda else "gloo"
         if world > 1:
-            dist.init_process_group(backend, device_id=device if cuda else None)
+            dist.init_process_group(backend, device_id=chosen if cuda else None)
         else:  # a one-process group, so that FSDP2 has a mesh
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         owns = True
-    return Engine(shard, _resolve_precision(precision), world, rank, local_rank, device, owns)
+    return Engine(shard, resolved, world, rank, local_rank, chosen, owns)

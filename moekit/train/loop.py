@@ -87,9 +87,10 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def make_loop_engine(settings: LoopSettings) -> Engine:
-    """The engine for the settings' shard mode and precision (process group from the launcher's environment)."""
-    return make_engine(settings.shard, settings.precision)
+def make_loop_engine(settings: LoopSettings, device: str | None = None) -> Engine:
+    """The engine for the settings' shard mode and precision on ``device`` (default: this rank's GPU, else the CPU;
+    process group from the launcher's environment)."""
+    return make_engine(settings.shard, settings.precision, device)
 
 
 def select_trainable(model: torch.nn.Module, trainable: Callable[[str], bool]) -> None:

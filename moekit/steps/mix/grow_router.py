@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from moekit.devices import choose_device
+
 _GRID = np.concatenate([[0.0], np.geomspace(1e-2, 1e2, 41)])  # multiples of the layer's logit-scale ratio
 _BATCH = 8  # calibration blocks per forward
 # tokens per domain (strided sample) on which the row is chosen: memory is layers x domains x this x hidden x 2 bytes
@@ -161,7 +163,7 @@ def _load_for_calibration(moe_dir: Path) -> torch.nn.Module:
     accelerate's device map, so an MoE larger than one GPU still runs. Router inputs are taken in fp32 either way."""
     from transformers import AutoModelForCausalLM
 
-    if torch.cuda.is_available():
+    if choose_device().type == "cuda":
         return AutoModelForCausalLM.from_pretrained(moe_dir, dtype=torch.bfloat16, device_map="auto").eval()
     return AutoModelForCausalLM.from_pretrained(moe_dir, dtype=torch.float32).eval()
 

@@ -15,6 +15,7 @@ import torch
 
 from moekit.config import MixConfig
 from moekit.data import load_token_blocks
+from moekit.devices import choose_device
 from moekit.errors import InvalidOptionError
 from moekit.models import check_context_length
 from moekit.routing.calibration import LayerwiseCalibrator
@@ -49,16 +50,16 @@ class CentroidInit:
         started = time.perf_counter()
         key = self.inputs.adapter.embedding_multiplier_key
         scale = float(self.inputs.seed.config.get(key, 1.0)) if key else 1.0
-        self.calibrator = LayerwiseCalibrator(self.dense_config, embedding * scale, self.blocks)
+        self.calibrator = LayerwiseCalibrator(self.dense_config, embedding * scale, self.blocks, device=choose_device())
         self.seconds += time.perf_counter() - started
 
     def router_for_layer(self, layer: int, layer_tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Run the averaged layer on the calibration data and return its router [E, hidden] (fp32)."""
+        """Run the averaged layer on the calibration data and return its router [E, hidden] (fp32, on the CPU)."""
         if self.calibrator is None:
             raise RuntimeError("embedding tensor not seen before the first layer")
         started = time.perf_counter()
         try:
-            return self._router(layer, layer_tensors)
+            return self._router(layer, layer_tensors).cpu()
         finally:
             self.seconds += time.perf_counter() - started
 

@@ -66,7 +66,7 @@ def tune(cfg: TuneConfig, show_progress: bool = True) -> TuneResult:
     with contextlib.ExitStack() as held:
         if is_main_process():  # one job per output: a second tune into the same output is refused
             held.enter_context(exclusive(lock_path(cfg), f"The tune output {cfg.out}"))
-        engine = make_loop_engine(cfg.loop)
+        engine = make_loop_engine(cfg.loop, cfg.device)
         try:
             return _tune(cfg, engine, show_progress)
         finally:
