@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 #   make TORCH_INSTALL="torch --index-url https://download.pytorch.org/whl/cpu"
 TORCH_INSTALL ?= torch==2.13.0
 
-.PHONY: install demo test test-all test-real bench clean
+.PHONY: install demo test test-all test-real bench device-check clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -36,6 +36,10 @@ bench: install
 	$(PY) bench/train.py
 	$(PY) bench/tune.py
 	$(PY) bench/routing_inspect.py
+
+# Every GPU path once, with figures (on a CPU: make device-check DEVICE_CHECK="--device cpu --size tiny").
+device-check: install
+	$(PY) bench/device_check.py $(DEVICE_CHECK)
 
 clean:
 	rm -rf $(VENV) demo-out bench-out .pytest_cache
