@@ -41,6 +41,5 @@ def demo_command(
         render_generation_routing(console, generation, None)
     if result.arithmetic is not None:
         render_task_table(console, result.arithmetic)
-    console.print(
-        f"[green]Report:[/] {result.report} (open it in a browser)", soft_wrap=True
-    )  # a path must stay copyable
+    # soft_wrap: a path must stay copyable
+    console.print(f"[green]Report:[/] {result.report} (open it in a browser)", soft_wrap=True)

@@ -206,9 +206,8 @@ class StreamingShardWriter:
 
     def _start_shard(self, shard_index: int) -> None:
         shard = self.shards[shard_index]
-        self._fd = os.open(
-            self.out_dir / shard.filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666
-        )  # less the umask, as open() does
+        # 0o666 less the umask, as open() does
+        self._fd = os.open(self.out_dir / shard.filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         self._fds.append(self._fd)  # kept open until close: copies into it may still be running
         self._offset = 0
         self._put(memoryview(_header_bytes(shard.tensors)))

@@ -28,9 +28,8 @@ class RunReport:
     evaluation: dict[str, Any] | None = None
     routing: dict[str, Any] | None = None  # inspect's "routing" report, with "model"
     routing_model: str | None = None
-    generations: list[dict[str, Any]] = field(
-        default_factory=list
-    )  # {domain, model, prompt, tokens: [{text, expert}], experts}
+    # each {domain, model, prompt, tokens: [{text, expert}], experts}
+    generations: list[dict[str, Any]] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # what the run lacks, with the command that makes it
 
 

@@ -97,9 +97,8 @@ class RoutingController:
                 self._handles.append(router.register_forward_hook(self._recording_hook(layer)))
             else:
                 if self.mode == "noisy":
-                    noise = torch.zeros_like(
-                        router.weight, dtype=torch.float32
-                    )  # Shazeer et al.: W_noise starts at zero
+                    # Shazeer et al.: W_noise starts at zero
+                    noise = torch.zeros_like(router.weight, dtype=torch.float32)
                     router.register_parameter(NOISE_PARAMETER, torch.nn.Parameter(noise))
                 router.forward = self._replacement(layer, router)  # instance attribute shadows the class method
 

@@ -100,9 +100,8 @@ def expert_choice(logits: torch.Tensor, scoring: str, top_k: int, capacity_facto
     probs = logits.softmax(dim=-1) if scoring == "softmax" else logits.sigmoid()
     capacity = min(tokens, math.ceil(tokens * top_k / experts * capacity_factor))
     chosen_tokens = probs.T.topk(capacity, dim=-1).indices  # [E, capacity]
-    mask = (
-        torch.zeros(experts, tokens, dtype=torch.bool, device=logits.device).scatter_(1, chosen_tokens, True).T
-    )  # [N, E]
+    # [N, E]: True where expert e chose token n
+    mask = torch.zeros(experts, tokens, dtype=torch.bool, device=logits.device).scatter_(1, chosen_tokens, True).T
     gated = probs * mask
     weights = gated / gated.sum(dim=-1, keepdim=True).clamp_min(1e-20) * scale
     indices = torch.arange(experts, device=logits.device).expand(tokens, -1)

@@ -49,8 +49,7 @@ def average_models(models: list[Path], out: Path, force: bool = False, shard_siz
         finally:
             for checkpoint in checkpoints:
                 checkpoint.close()
-        write_config_json(
-            tmp, portable_config(reference.config, code)
-        )  # the dtype written, whatever the reference's config says
+        # the dtype written, whatever the reference's config says
+        write_config_json(tmp, portable_config(reference.config, code))
         copy_tokenizer_and_generation_files(reference.path, tmp)
     return out

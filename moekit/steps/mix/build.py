@@ -202,9 +202,8 @@ def mix(cfg: MixConfig, show_progress: bool = False) -> MixResult:
     globals_, per_layer = _split_tensor_names(inputs)
     num_layers = inputs.seed.config["num_hidden_layers"]
     with atomic_output_dir(cfg.out, "model", force=cfg.force) as tmp, background_scans() as scans:
-        writer = StreamingShardWriter(
-            tmp, plan, max_shard, copy_workers=1
-        )  # verbatim experts copy while averages compute
+        # verbatim experts copy while averages compute
+        writer = StreamingShardWriter(tmp, plan, max_shard, copy_workers=1)
         try:
             for name, source in globals_.items():
                 needed = centroid is not None and name == inputs.adapter.embed_name

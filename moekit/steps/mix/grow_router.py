@@ -45,9 +45,8 @@ class AddedRows:
     """The new router row of every MoE layer, and how well it separates the domains at the start."""
 
     rows: np.ndarray  # [layers, hidden] fp32
-    new_top_k: list[float] = field(
-        default_factory=list
-    )  # per layer: share of new-domain tokens with the new expert in their top-k
+    # per layer: share of new-domain tokens with the new expert in their top-k
+    new_top_k: list[float] = field(default_factory=list)
     old_top_k: list[float] = field(default_factory=list)  # per layer: share of existing-domain tokens with it
 
     def summary(self) -> dict[str, Any]:
@@ -220,9 +219,8 @@ def added_router_rows(
         {"logits": [], "projection": [], "common": [], "x": [], "is_new": []} for _ in routers
     ]
     for domain, domain_blocks in blocks.items():
-        stride = max(
-            1, -(-domain_blocks.numel() // _FIT_TOKENS)
-        )  # the row is chosen on at most _FIT_TOKENS tokens per domain
+        # the row is chosen on at most _FIT_TOKENS tokens per domain
+        stride = max(1, -(-domain_blocks.numel() // _FIT_TOKENS))
 
         def keep(layer: int, x: torch.Tensor, is_new: bool = domain == new_domain, stride: int = stride) -> None:
             store = gathered[layer]
