@@ -23,7 +23,10 @@ def choose_device(requested: str | None = None, local_rank: int | None = None) -
     text = requested or os.environ.get(DEVICE_ENV) or None
     rank = int(os.environ.get("LOCAL_RANK", "0")) if local_rank is None else local_rank
     if text is None:
-        return torch.device(f"cuda:{rank}") if torch.cuda.is_available() else torch.device("cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        # a process that sees fewer GPUs than its local rank (e.g. one GPU per Slurm task) takes one of its own
+        return torch.device(f"cuda:{rank % torch.cuda.device_count()}")
     try:
         device = torch.device(text)
     except RuntimeError:
@@ -34,7 +37,12 @@ def choose_device(requested: str | None = None, local_rank: int | None = None) -
                 f"--device {text}: torch sees no GPU here (a CPU build of torch, or no driver).",
                 "Use --device cpu, or install a CUDA build of torch.",
             )
-        index = rank if device.index is None else device.index
+        if device.index is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise InvalidOptionError(
+                f"--device {text} names one GPU, but this is one of several processes: they would all use it.",
+                "Give --device cuda (each process takes cuda:LOCAL_RANK), or limit the GPUs with CUDA_VISIBLE_DEVICES.",
+            )
+        index = rank % torch.cuda.device_count() if device.index is None else device.index
         if index >= torch.cuda.device_count():
             raise InvalidOptionError(
                 f"--device {text}: this machine has {torch.cuda.device_count()} GPU(s).",

@@ -266,7 +266,9 @@ def cached_store(
             store = TokenStore(path)
             check_vocabulary(store.path, store.max_token_id, vocabulary_size(tokenizer), "this model's tokenizer")
             return store
-        except DataError as exc:  # the cache is moekit's own: a damaged entry is prepared again
+        except DataError as exc:  # the cache is moekit's own: the main process prepares a damaged entry again
+            if os.environ.get("RANK", "0") != "0":
+                raise
             print(f"warning: {exc.message} Preparing it again.", file=sys.stderr, flush=True)
             shutil.rmtree(path)
     return prepare_store(tokenizer, [spec], path, text_field, workers)
@@ -324,7 +326,19 @@ class TokenStore:
         """The largest token id in the store (recorded at prepare time; found once for earlier stores)."""
         if self._largest is None:
             self._largest = largest_token_id(self.read, self.num_tokens)
+            self._record_largest()
         return self._largest
+
+    def _record_largest(self) -> None:
+        """Keep the scan's result in the metadata of a store written before it was recorded (when it can be written)."""
+        from moekit.io.atomic import write_text_atomic
+
+        try:
+            write_text_atomic(
+                self.path / STORE_META, json.dumps({**self.meta, "max_token_id": self._largest}, indent=1) + "\n"
+            )
+        except OSError:
+            pass  # a read-only store is scanned again next time
 
     @property
     def key(self) -> str:

@@ -1,7 +1,7 @@
 """One writer per output: a lock held for the whole of a ``train`` or ``tune`` job.
 
 The lock is ``fcntl.flock`` on a hidden file beside the output (``RUN_DIR/.train-NAME.lock`` for
-a branch, ``RUN_DIR/.tune-STAGE.lock`` or ``.OUT.lock`` next to a tune's output). The kernel
+a branch, ``.OUT.lock`` next to a tune's output, e.g. ``RUN_DIR/.tuned.lock``). The kernel
 releases it when the process ends, however it ends (a crash, SIGKILL, a node that reboots): a
 lock left by a dead job is simply free, and the next job takes it. The holder writes its pid, host
 and start time into the file, so a refused job can name it; the file is removed when the job ends.
@@ -76,3 +76,15 @@ def exclusive(path: Path, what: str) -> Iterator[None]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # while still holding the lock: a job that opened it meanwhile retries on a new file
         os.close(fd)
+
+
+@contextlib.contextmanager
+def idle_run(run_dir: Path) -> Iterator[None]:
+    """Hold every job lock of a run directory (``.train-NAME.lock``, ``.tuned.lock``, ...) for the block: replacing
+    or relinking a run's branches while a job writes them would mix two runs; BusyError names the job."""
+    with contextlib.ExitStack() as held:
+        if Path(run_dir).is_dir():
+            for path in sorted(Path(run_dir).glob(".*.lock")):
+                if path.name != ".moekit.lock":  # the manifest's own lock, held only for moments
+                    held.enter_context(exclusive(path, f"The run {run_dir}"))
+        yield

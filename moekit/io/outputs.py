@@ -40,7 +40,8 @@ DIRECTORY_KINDS = ("model", "branch", "run", "store", "workdir", "plots")
 # The names of the files that say what a directory is (the manifest and a model's provenance share the name).
 MOEKIT_YAML = "moekit.yaml"
 STORE_MARKER = "moekit-store.json"
-WORKDIR_MARKER = "recipe.yaml"
+WORKDIR_MARKER = ".moekit-workdir"  # written by `moekit run` into its work directory (next to recipe.yaml)
+_RECIPE_AS_RUN = "recipe.yaml"  # the recipe as run; marks the work directories of earlier versions
 _JSON_KEYS: dict[str, set[str]] = {  # the keys every JSON report of that kind has
     "eval report": {"results", "best"},
     "task report": {"results", "task"},
@@ -51,7 +52,7 @@ _JSON_KEYS: dict[str, set[str]] = {  # the keys every JSON report of that kind h
 _NOT_OURS = {
     "model": "not a model or run directory (no config.json or moekit.yaml)",
     "store": "not a token store (no moekit-store.json)",
-    "workdir": "not a moekit work directory (no recipe.yaml)",
+    "workdir": "not a moekit work directory (no .moekit-workdir)",
     "plots": "not an inspect --plot directory (no report.html of moekit inspect)",
 }
 _NOT_OURS["run"] = _NOT_OURS["branch"] = _NOT_OURS["model"]
@@ -70,6 +71,18 @@ def is_run_dir(path: Path) -> bool:
     """Whether ``path`` holds a run manifest (``moekit.yaml`` with a ``manifest_version``)."""
     record = _yaml_mapping(Path(path) / MOEKIT_YAML)
     return record is not None and "manifest_version" in record
+
+
+def is_workdir(path: Path) -> bool:
+    """Whether ``path`` is the work directory of a recipe run: its marker, or (written before the marker) a
+    ``recipe.yaml`` that is a recipe as run, naming this very directory as its resolved workdir."""
+    path = Path(path)
+    if (path / WORKDIR_MARKER).is_file():
+        return True
+    recipe = _yaml_mapping(path / _RECIPE_AS_RUN)
+    if recipe is None or "recipe_version" not in recipe or not isinstance(recipe.get("workdir"), str):
+        return False
+    return Path(recipe["workdir"]).is_absolute() and Path(recipe["workdir"]).resolve() == path.resolve()
 
 
 def _json_keys(path: Path) -> set[str]:
@@ -103,12 +116,11 @@ def recognise(path: Path) -> str | None:
         return "run"
     if (path / STORE_MARKER).is_file():
         return "store"
-    if (path / WORKDIR_MARKER).is_file():
+    if is_workdir(path):
         return "workdir"
     if (path / "config.json").is_file():
         return _model_kind(path)
-    inspect_page = _PAGE_TITLES["plots"] in _page_title(path / "report.html")
-    if inspect_page or recognise(path / "routing.json") == "routing report":
+    if _PAGE_TITLES["plots"] in _page_title(path / "report.html"):
         return "plots"
     return None
 
@@ -121,7 +133,7 @@ def _model_kind(path: Path) -> str | None:
         return "branch"
     if _yaml_mapping(path / MOEKIT_YAML) is not None:
         return "model"
-    if is_run_dir(absolute.parent) or (absolute.parent / WORKDIR_MARKER).is_file():
+    if is_run_dir(absolute.parent) or is_workdir(absolute.parent):
         return "model"
     return None
 
@@ -240,6 +252,11 @@ def atomic_output_dir(out: Path, kind: OutputKind, force: bool = False) -> Itera
     try:
         with writing(out, str(out)):
             yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:  # again: another job may have written the output meanwhile (without --force, it is not replaced)
+        _check_replaceable(out, kind, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

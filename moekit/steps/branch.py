@@ -20,6 +20,7 @@ from moekit.io.files import (
     sha256_files,
     write_tokenizer_file,
 )
+from moekit.io.locks import exclusive, idle_run
 from moekit.io.outputs import atomic_output_dir, guard_output
 from moekit.io.source import resolve_model_dir
 from moekit.manifest import (
@@ -70,7 +71,7 @@ def branch(seed: str, run_dir: Path, domains: list[str], copy: bool = False, for
     checkpoint, weights, extras = _seed_files(seed_dir)
     seed_sha256 = sha256_files(weights + [seed_dir / n for n in extras])
     modes: set[str] = set()
-    with atomic_output_dir(run_dir, "run", force=force) as tmp:
+    with idle_run(run_dir), atomic_output_dir(run_dir, "run", force=force) as tmp:  # no job writes the old run
         for name in domains:
             target = tmp / "branches" / name
             target.mkdir(parents=True)
@@ -149,5 +150,6 @@ def relink_branch(run_dir: Path, name: str) -> None:
     manifest = load_manifest(run_dir)
     seed_dir = Path(manifest.seed.path)
     _, weights, extras = _seed_files(seed_dir)
-    with atomic_output_dir(manifest.branch_dir(run_dir, name), "branch", force=True) as tmp:
+    lock = exclusive(Path(run_dir) / f".train-{name}.lock", f"Branch '{name}' of {run_dir}")
+    with lock, atomic_output_dir(manifest.branch_dir(run_dir, name), "branch", force=True) as tmp:
         _clone_seed(seed_dir, weights, extras, tmp, copy=False)

@@ -162,24 +162,59 @@ def resume_point(
             f"{checkpoint_dir} holds checkpoints of an earlier, unfinished run (newest: {candidates[0].name}).",
             "Pass --resume to continue it, or delete that directory to start over.",
         )
-    problems = []
-    for checkpoint in candidates:
+    problems, skipped = [], []
+    for checkpoint in _agreed(engine, candidates):  # every rank the same list, in the same order
         try:
-            state = read_state(checkpoint)
-            _check_fingerprint(checkpoint, state, fingerprint)
-            _check_position(checkpoint, state, steps, tokens_per_step)
-            check_checkpoint(checkpoint)
-            _load(engine, checkpoint, model, optimizer)
+            state = _agreed(engine, _checked_state(checkpoint, fingerprint, steps, tokens_per_step))
+            _load(engine, checkpoint, model, optimizer)  # a collective: a failure on one rank fails them all
         except CorruptCheckpointError as exc:
             problems.append(exc.message)
+            skipped.append(checkpoint)
             if engine.is_main_process:
                 print(f"warning: {exc.message} Trying an older checkpoint.", file=sys.stderr, flush=True)
             continue
+        if engine.is_main_process:  # resumed: the damaged ones no longer hold slots of --keep-checkpoints
+            for damaged in skipped:
+                _set_aside(damaged)
         return int(state["step"]), int(state["tokens"])
     raise CorruptCheckpointError(
         f"No checkpoint in {checkpoint_dir} can be resumed from: {' '.join(problems)}",
         f"Delete {checkpoint_dir} to start the run over from step 0 (or restore the checkpoints from a copy).",
     )
+
+
+def _checked_state(checkpoint: Path, fingerprint: dict, steps: int, tokens_per_step: int) -> Any:
+    """The checkpoint's state after every check that reads no weights, or the error that stops it (as a value)."""
+    try:
+        state = read_state(checkpoint)
+        _check_fingerprint(checkpoint, state, fingerprint)
+        _check_position(checkpoint, state, steps, tokens_per_step)
+        check_checkpoint(checkpoint)
+        return state
+    except MoekitError as exc:
+        return exc
+
+
+def _agreed(engine: Engine, value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (ranks that see a shared filesystem differently must still choose alike);
+    an exception value is raised on every rank."""
+    if engine.distributed and engine.world > 1:
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        value = box[0]
+    if isinstance(value, BaseException):
+        raise value
+    return value
+
+
+def _set_aside(checkpoint: Path) -> None:
+    """Rename a checkpoint that was passed over (damaged-step-N, kept for a look), so it keeps no slot of
+    --keep-checkpoints."""
+    target = checkpoint.parent / f"damaged-{checkpoint.name}"
+    shutil.rmtree(target, ignore_errors=True)
+    checkpoint.rename(target)
 
 
 def _check_fingerprint(checkpoint: Path, state: dict[str, Any], fingerprint: dict) -> None:

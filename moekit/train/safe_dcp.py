@@ -28,7 +28,18 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from moekit.errors import CorruptCheckpointError
 
 _METADATA_FILE = ".metadata"
+_METADATA_CLASSES = {  # what DCP's metadata is made of (torch 2.4 to 2.14)
+    "Metadata",
+    "StorageMeta",
+    "MetadataIndex",
+    "TensorProperties",
+    "ChunkStorageMetadata",
+    "TensorStorageMetadata",
+    "BytesStorageMetadata",
+    "_MEM_FORMAT_ENCODING",
+}
 _ALLOWED = {
+    *(("torch.distributed.checkpoint.metadata", name) for name in _METADATA_CLASSES),
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
     ("torch", "Size"),
     ("torch.serialization", "_get_layout"),
@@ -41,9 +52,8 @@ class _MetadataUnpickler(pickle.Unpickler):
     """Admits DCP's metadata classes, torch sizes, dtypes and layouts, and paths; nothing else."""
 
     def find_class(self, module: str, name: str) -> Any:
-        if module == "torch.distributed.checkpoint.metadata" and not name.startswith("__"):
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+        # exact names only: a dotted name ("os.system") would reach through a module's own imports
+        if module == "torch" and "." not in name and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         if (module, name) in _ALLOWED:
             return super().find_class(module, name)
@@ -62,7 +72,7 @@ def read_metadata(directory: Path) -> Any:
             "when loaded, or a damaged one).",
             f"Do not resume from checkpoints you did not write; delete {directory}.",
         )
-    except (OSError, EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:
+    except (OSError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, RecursionError) as exc:
         raise CorruptCheckpointError(
             f"Checkpoint {directory} is damaged: its {_METADATA_FILE} cannot be read ({exc or type(exc).__name__}).",
             f"Delete {directory}.",

@@ -297,3 +297,59 @@ def test_two_jobs_started_together_train_the_branch_once(base, tmp_path):
     assert any("in use by another job" in " ".join(o.split()) for o in outputs)
     trainings = [s for s in yaml.safe_load((run / "moekit.yaml").read_text())["stages"] if s["stage"] == "train"]
     assert len(trainings) == 1
+
+
+def test_a_dotted_name_cannot_reach_through_the_metadata_module(tmp_path):
+    """A protocol-4 pickle may name 'os.system' inside an allowed module; the unpickler admits exact names only."""
+    from moekit.errors import CorruptCheckpointError
+    from moekit.train.safe_dcp import read_metadata
+
+    marker = tmp_path / "pwned"
+    module, name = b"torch.distributed.checkpoint.metadata", b"os.system"
+    command = f"touch {marker}".encode()
+
+    def unicode(text: bytes) -> bytes:  # SHORT_BINUNICODE
+        return b"\x8c" + bytes([len(text)]) + text
+
+    payload = (
+        b"\x80\x04" + unicode(module) + unicode(name) + b"\x93" + unicode(command) + b"\x85R."
+    )  # call, tuple1, reduce
+    step = tmp_path / "step-2"
+    step.mkdir()
+    (step / ".metadata").write_bytes(payload)
+    with pytest.raises(CorruptCheckpointError, match="refused"):
+        read_metadata(step)
+    assert not marker.exists()
+
+
+def test_replacing_a_run_waits_for_its_jobs(run, base):
+    """branch --force (and a recipe's re-branch) refuse a run whose branch a live job is training."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(run / ".train-code.lock"), "train code"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = cli("branch", base["seed"], run, "--domain", "code", "--force")
+        assert result.exit_code == 2 and "in use by another job" in " ".join(result.output.split()), result.output
+        assert (run / "train" / "code" / "checkpoints" / "step-4").is_dir()  # the run is untouched
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_two_tunes_of_one_output_share_one_lock(tmp_path):
+    from moekit.config import LoopSettings, TuneConfig
+    from moekit.steps.tune.inputs import lock_path
+
+    loop = LoopSettings(max_steps=1)
+    run_tune = TuneConfig(
+        model=tmp_path / "run" / "mixed",
+        out=tmp_path / "run" / "tuned",
+        run_dir=tmp_path / "run",
+        data={"code": ["x"]},
+        loop=loop,
+    )
+    plain_tune = TuneConfig(
+        model=tmp_path / "run" / "mixed", out=tmp_path / "run" / ".." / "run" / "tuned", data={"code": ["x"]}, loop=loop
+    )
+    assert lock_path(run_tune) == lock_path(plain_tune) == (tmp_path / "run" / ".tuned.lock").resolve()

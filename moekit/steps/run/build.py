@@ -8,6 +8,7 @@ from typing import Any
 from moekit.config import MixConfig, TrainConfig, TuneConfig
 from moekit.data import absolute_spec
 from moekit.errors import MoekitError
+from moekit.io.locks import idle_run
 from moekit.manifest import MANIFEST_NAME, load_manifest, updating_manifest
 from moekit.steps.run.base import RunBase, claim_work_dir, stage_hash
 
@@ -70,7 +71,8 @@ class BuildStages(RunBase):
                     )
                 import shutil
 
-                shutil.rmtree(self.run_dir)  # made by this recipe from another seed or domains: all of it is stale
+                with idle_run(self.run_dir):  # made by this recipe from another seed or domains: all of it is stale
+                    shutil.rmtree(self.run_dir)
             branch(str(self.seed_dir()), self.run_dir, domains)
             with updating_manifest(self.run_dir) as manifest:  # eval and tune find the data there, even without train
                 for domain in domains:

@@ -9,6 +9,8 @@ from pathlib import Path
 import yaml
 
 from moekit.errors import MoekitError
+from moekit.io.atomic import write_text_atomic
+from moekit.io.outputs import WORKDIR_MARKER, is_workdir
 from moekit.recipe import Recipe
 from moekit.steps.run.base import RunOutcome
 from moekit.steps.run.build import BuildStages
@@ -19,7 +21,7 @@ class RecipeRun(BuildStages, JudgeStages):
     """Runs one recipe; each ``stage_*`` method does one stage."""
 
 
-WORKDIR_MARKER = "recipe.yaml"  # every recipe work directory has it at its root
+RECIPE_AS_RUN = "recipe.yaml"  # the recipe as run (overrides applied, paths resolved), rewritten by every run
 
 
 def check_workdir(workdir: Path, inputs: list[Path] | None = None) -> None:
@@ -67,7 +69,7 @@ def clear_workdir(workdir: Path) -> None:
 
     if not workdir.exists():
         return
-    if not workdir.is_dir() or (any(workdir.iterdir()) and not (workdir / WORKDIR_MARKER).is_file()):
+    if not workdir.is_dir() or (any(workdir.iterdir()) and not is_workdir(workdir)):
         raise MoekitError(
             f"{workdir} is not a moekit work directory (no {WORKDIR_MARKER}); --force would delete it and "
             "everything in it.",
@@ -83,7 +85,8 @@ def run_recipe(
     check_workdir(recipe.workdir, recipe_inputs(recipe))
     runner = RecipeRun(recipe, show_progress, log)
     runner.workdir.mkdir(parents=True, exist_ok=True)
-    (runner.workdir / WORKDIR_MARKER).write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    write_text_atomic(runner.workdir / RECIPE_AS_RUN, yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    (runner.workdir / WORKDIR_MARKER).write_text("a moekit recipe's work directory\n")
     for stage in (
         runner.stage_seed,
         runner.stage_branch,

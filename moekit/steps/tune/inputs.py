@@ -23,10 +23,10 @@ def work_dir_for(cfg: TuneConfig) -> Path:
 
 
 def lock_path(cfg: TuneConfig) -> Path:
-    """The lock one tune job holds: RUN_DIR/.tune-STAGE.lock, or .OUT.lock next to the output."""
-    if cfg.run_dir is not None:
-        return cfg.run_dir / f".{cfg.stage.replace(':', '-')}.lock"
-    return cfg.out.absolute().parent / f".{cfg.out.name}.lock"
+    """The lock one tune job holds: ``.OUT.lock`` next to its output (RUN_DIR/.tuned.lock for a run's tune), so
+    two jobs writing one output exclude each other however they name it."""
+    out = cfg.out.resolve()
+    return out.parent / f".{out.name}.lock"
 
 
 def mixed_split(model_dir: Path) -> int:
