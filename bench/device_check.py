@@ -1,6 +1,6 @@
 """Every GPU path of moekit, run once and measured, in one command (also runs on a CPU, tiny, which CI does).
 
-    python bench/device_check.py                           # on a GPU: a ~0.8B Llama, bf16 (a few minutes)
+    python bench/device_check.py                           # on a GPU: a ~0.9B Llama, bf16 (a few minutes)
     python bench/device_check.py --device cpu --size tiny  # the same parts on a CPU in about a minute
 
 Parts, each printed as one line ``PASS|FAIL  what: figure``:
@@ -32,8 +32,10 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuB
 
 import torch  # noqa: E402
 
+from moekit.steps.seed import SIZES as SEED_SIZES  # noqa: E402
+
 SIZES = {
-    # ~0.82B parameters (tied embeddings): 16 layers of hidden 2048, FFN 5632, GQA 16/8 heads of 128
+    # ~0.89B parameters: 16 layers of hidden 2048, FFN 5632, GQA 16/8 heads of 128, a 32k vocabulary (untied)
     "gpu": dict(
         hidden_size=2048,
         intermediate_size=5632,
@@ -46,18 +48,7 @@ SIZES = {
         steps=12,
         warmup=4,
     ),
-    "tiny": dict(
-        hidden_size=64,
-        intermediate_size=192,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        seq=64,
-        batch=4,
-        steps=6,
-        warmup=2,
-    ),
+    "tiny": dict(**SEED_SIZES["tiny"], seq=64, batch=4, steps=6, warmup=2),  # the size of a tiny pretrained seed
 }
 # Dense bf16 peak FLOP/s of the cards moekit is likely to meet (the makers' figures, without sparsity).
 PEAK_TFLOPS = {
