@@ -27,6 +27,7 @@ from moekit.commands import (
     prepare_cmd,
     report_cmd,
     run_cmd,
+    status_cmd,
     train_cmd,
     tune_cmd,
 )
@@ -50,6 +51,7 @@ COMMANDS: list[tuple[str, Callable[..., Any]]] = [
     ("report", report_cmd.report_command),
     ("validate", run_cmd.validate_command),
     ("run", run_cmd.run_command),
+    ("status", status_cmd.status_command),
     ("train", train_cmd.train_command),
     ("tune", tune_cmd.tune_command),
 ]

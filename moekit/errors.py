@@ -72,3 +72,14 @@ class DiskFullError(MoekitError):
 
 class BusyError(MoekitError):
     """Another job holds the output (a branch being trained, a model being tuned)."""
+
+
+class ClusterError(MoekitError):
+    """The job scheduler is missing, does not answer, or cannot give what a recipe asks for."""
+
+
+class StoppedToRequeue(MoekitError):
+    """A training job was asked to stop (its time limit is near, or it is preempted): it saved a checkpoint and
+    stopped, so that its requeued job resumes from there."""
+
+    exit_code = 75  # EX_TEMPFAIL: try again later

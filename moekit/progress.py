@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -77,6 +78,28 @@ class PlainProgress:
         print(line, file=self.stream, flush=True)
 
 
+_PLAIN_LINE = re.compile(
+    r"^\[(?P<at>[\d:]{8})\] (?P<what>.+?): (?P<done>\d+)/(?P<total>\d+)(?: \(\d+%\))?(?P<rest>.*)$"
+)
+
+
+def parse_plain_line(line: str) -> dict[str, str] | None:
+    """The fields of one line :class:`PlainProgress` printed (``at``, ``what``, ``done``, ``total``, each named
+    field, ``elapsed`` and ``ETA``, or ``finished``); None for any other line. ``moekit status`` reads a job's
+    log with it."""
+    match = _PLAIN_LINE.match(line.strip())
+    if match is None:
+        return None
+    fields = {key: match[key] for key in ("at", "what", "done", "total")}
+    for part in match["rest"].split(", ")[1:]:
+        name, _, value = part.rpartition(" ")
+        if part == "done":
+            fields["finished"] = "yes"
+        elif name:
+            fields[name] = value
+    return fields
+
+
 def _on_terminal() -> bool:
     return sys.stderr.isatty()
 
@@ -125,10 +148,13 @@ def _training_fields(row: dict) -> dict[str, str]:
 
 @contextlib.contextmanager
 def training_progress(description: str, total: int, start: int, enabled: bool) -> Iterator[Callable[[dict], None]]:
-    """Yield ``update(row)``; report step, loss, tokens/s and ETA on stderr when ``enabled``."""
+    """Yield ``update(row)``; report step, loss, tokens/s and ETA on stderr when ``enabled`` (and, first, the step
+    a resumed run continues from)."""
     if not enabled:
         yield lambda row: None
         return
+    if start:
+        print(f"[{time.strftime('%H:%M:%S')}] {description}: resuming at step {start}/{total}", file=sys.stderr)
     if not _on_terminal():
         plain = PlainProgress(f"{description} step", total, start)
         yield lambda row: plain.update(1, _training_fields(row))

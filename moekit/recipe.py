@@ -16,9 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from moekit.config import LoopSettings
 from moekit.errors import MoekitError
+from moekit.launch_spec import STAGE_KINDS, LauncherSpec
 
 RECIPE_VERSION = 1
-STAGES = ("seed", "branch", "train", "mix", "average", "tune", "dense", "upcycle", "eval", "inspect")
+STAGES = STAGE_KINDS
 
 
 class RecipeError(MoekitError):
@@ -166,6 +167,7 @@ class Recipe(_Strict):
         default_factory=lambda: list(STAGES),
         description="dense and upcycle are the equal-compute baselines (they need train and tune)",
     )
+    launcher: LauncherSpec = Field(default_factory=LauncherSpec, description="where the stages run")
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
@@ -185,6 +187,7 @@ class Recipe(_Strict):
             raise ValueError(f"mix.top_k {self.mix.top_k} exceeds the {experts} experts this recipe makes")
         if self.mix.weights is not None and len(self.mix.weights) != len(self.domains):
             raise ValueError(f"mix.weights needs one weight per domain ({len(self.domains)})")
+        self.launcher.check_stage_names(list(self.domains))
         from moekit.manifest import validate_branch_names
 
         try:

@@ -266,3 +266,53 @@ def format_flops(flops: float) -> str:
         if flops >= scale:
             return f"{flops / scale:.3g} {prefix}FLOP"
     return f"{flops:.3g} FLOP"
+
+
+_STATE_STYLE = {"done": "green", "running": "cyan", "failed": "red", "cancelled": "red", "not run": "red"}
+
+
+def render_run_status(console: Any, status: Any) -> None:
+    """``moekit status``: a row per stage (state, job, step / total, loss, tokens/s, ETA, log)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=f"{status.recipe}: {status.workdir} (launcher {status.launcher})")
+    for name in ("stage", "state", "job", "step", "loss", "tok/s", "ETA", "log"):
+        table.add_column(name, justify="right" if name in ("job", "step", "loss", "tok/s", "ETA") else "left")
+    for stage in status.stages:
+        progress = stage.progress
+        step = f"{progress['done']}/{progress['total']}" if progress else ""
+        style = _STATE_STYLE.get(stage.state, "yellow")
+        state = f"[{style}]{escape(stage.state)}[/]" + (f" ({escape(stage.detail)})" if stage.detail else "")
+        log = str(stage.log.relative_to(status.workdir)) if stage.log else ""
+        eta = progress.get("ETA", "done" if progress.get("finished") else "")
+        table.add_row(
+            stage.stage, state, stage.job_id, step, progress.get("loss", ""), progress.get("tok/s", ""), eta, log
+        )
+    console.print(table)
+    if status.scheduler_note:
+        console.print(f"[yellow]{escape(status.scheduler_note)}[/]")
+
+
+def render_launch_outcome(console: Any, outcome: Any) -> None:
+    """What a launched run did: the failures with their logs' last lines, then the eval and routing summary."""
+    from rich.markup import escape
+
+    if not outcome.waited:
+        submitted = [s.stage for s in outcome.statuses if s.state not in ("done", "to run")]
+        console.print(
+            f"{len(submitted)} stage(s) submitted. Follow them with: moekit status {outcome.run.workdir}; a failed or "
+            "cancelled stage is run again by running the recipe again."
+        )
+        return
+    if not outcome.failures:
+        render_run_outcome(console, outcome.run)
+        return
+    console.print("stages: " + ", ".join(f"{s.stage} {s.state}" for s in outcome.statuses))
+    for stage, what in outcome.failures.items():
+        console.print(f"[bold red]{escape(stage)}[/]: {escape(what)}", soft_wrap=True)
+    console.print(
+        "[yellow]fix:[/] see the logs under "
+        f"{escape(str(outcome.run.workdir / 'jobs' / 'logs'))}; running the recipe again starts only what is "
+        "unfinished (trainings resume from their checkpoints)."
+    )

@@ -32,6 +32,7 @@ from moekit.train.checkpoints import latest_checkpoint, resume_point, run_finger
 from moekit.train.engine import Engine, make_engine
 from moekit.train.evaluation import evaluate
 from moekit.train.metrics import MetricsLogger
+from moekit.train.preempt import stop_requested, stopped
 from moekit.train.saving import round_to_saved_dtype
 from moekit.train.schedule import BlockSchedule, learning_rate, total_steps
 
@@ -258,17 +259,14 @@ def run_loop(job: LoopJob, engine: Engine) -> LoopResult:
                 break
             if settings.eval_every and (step + 1) % settings.eval_every == 0:
                 _evaluate_logged(job, engine, run.model, logger, step + 1)
-            if settings.save_every and (step + 1) % settings.save_every == 0:
+            stop = stop_requested(engine)  # the scheduler's notice: save this step and stop, to be requeued
+            if stop or (settings.save_every and (step + 1) % settings.save_every == 0):
                 save_checkpoint(
-                    engine,
-                    run.model,
-                    run.optimizer,
-                    checkpoint_dir,
-                    step + 1,
-                    tokens,
-                    run.fingerprint,
+                    engine, run.model, run.optimizer, checkpoint_dir, step + 1, tokens, run.fingerprint,
                     settings.keep_checkpoints,
-                )
+                )  # fmt: skip
+            if stop:
+                raise stopped(step + 1, run.steps, checkpoint_dir)
     if job.save_dtype is not None:
         round_to_saved_dtype(run.model, job.save_dtype)
     final_eval = _evaluate_logged(job, engine, run.model, logger, run.steps)

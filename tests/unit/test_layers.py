@@ -26,6 +26,8 @@ LAYERS: list[tuple[str, int]] = [
     ("moekit.train", 3),
     ("moekit.report", 3),
     ("moekit.recipe", 2),
+    ("moekit.launch_spec", 2),
+    ("moekit.cluster", 2),
     ("moekit.config", 2),
     ("moekit.manifest", 2),
     ("moekit.provenance", 2),

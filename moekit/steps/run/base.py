@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,11 @@ class RunOutcome:
     stages: dict[str, str] = field(default_factory=dict)
     eval_report: dict[str, Any] | None = None
     routing: dict[str, Any] | None = None
+
+
+def main_process() -> bool:
+    """Whether this is the main process of its job (rank 0 under torchrun, or the only process)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def stage_hash(*parts: Any) -> str:
@@ -47,10 +53,24 @@ def claim_work_dir(work_dir: Path, fingerprint: str) -> bool:
 
 
 class RunBase:
-    """A recipe run's state and bookkeeping; the stages are methods of the subclasses."""
+    """A recipe run's state and bookkeeping; the stages are methods of the subclasses.
 
-    def __init__(self, recipe: Recipe, show_progress: bool, log: Callable[[str], None]) -> None:
+    ``only`` runs that one stage (its upstream stages must be done) and ``plan`` runs none: every
+    stage method still computes its fingerprint and whether it is done (``planned``), which is how
+    a launcher learns what is left to run.
+    """
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        show_progress: bool,
+        log: Callable[[str], None],
+        only: str | None = None,
+        plan: bool = False,
+    ) -> None:
         self.recipe, self.show_progress, self.log = recipe, show_progress, log
+        self.only, self.plan = only, plan
+        self.planned: dict[str, bool] = {}  # stage -> done (with the current fingerprint), in run order
         self.workdir = recipe.workdir
         self.run_dir = self.workdir / "run"
         self.outcome = RunOutcome(self.workdir)
@@ -84,19 +104,45 @@ class RunBase:
                 )
             )
 
-    def _stage(self, stage: str, output: Path, fingerprint: str, work: Callable[[], None]) -> None:
+    def _stage(
+        self,
+        stage: str,
+        output: Path,
+        fingerprint: str,
+        work: Callable[[], None],
+        done: Callable[[], bool] | None = None,
+    ) -> None:
+        """Run ``stage`` unless it is done (``done``, by default: its output exists and the run records its
+        fingerprint); under ``plan`` or ``only`` (another stage), only note its fingerprint and whether it is done."""
         self.fingerprints[stage] = fingerprint
-        if stage.split(":")[0] not in self.recipe.stages:
+        if stage != "seed" and stage.split(":")[0] not in self.recipe.stages:  # a recipe's own seed is always built
             return
-        if self._done(stage, output):
+        finished = done() if done is not None else self._done(stage, output)
+        self.planned[stage] = finished
+        if self.plan or (self.only is not None and stage != self.only):
+            return
+        if finished:
             self.outcome.stages[stage] = "skipped (done, inputs unchanged)"
             self.log(f"[dim]{stage}: done earlier with the same inputs and options; skipped[/]")
             return
         self.log(f"[bold]{stage}[/] ...")
         work()
-        if (self.run_dir / MANIFEST_NAME).is_file():
+        if (self.run_dir / MANIFEST_NAME).is_file() and done is None and main_process():
             self._record(stage)
         self.outcome.stages[stage] = "ran"
+
+    def _main_first(self, prepare: Callable[[], None]) -> None:
+        """Run ``prepare`` (a stage's bookkeeping before it trains: claiming its work directory, relinking a
+        branch) in the main process only, while the others of a torchrun job wait for it."""
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            prepare()
+            return
+        from moekit.train.engine import make_engine
+
+        engine = make_engine()  # the job's process group (the stage's own engine reuses it)
+        if engine.is_main_process:
+            prepare()
+        engine.wait_for_everyone()
 
     # ----- stages ---------------------------------------------------------------------------
     def seed_dir(self) -> Path:

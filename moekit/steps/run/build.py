@@ -27,34 +27,35 @@ class BuildStages(RunBase):
             spec.model_dump(mode="json"), self._data_print(pretrain_data) if spec.build == "pretrained-small" else ""
         )
         marker = out / "moekit-seed.json"
-        self.fingerprints["seed"] = fingerprint
-        if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
-            self.outcome.stages["seed"] = "skipped (done, inputs unchanged)"
-            return
-        self.log("[bold]seed[/] ...")
-        claim_work_dir(self.workdir / "seed.work", fingerprint)
-        if spec.build == "tiny-random":
-            from moekit.tiny import build_tiny_model
 
-            if out.exists():
-                import shutil
+        def done() -> bool:  # the seed lies outside the run directory: its marker, not the manifest, records it
+            return marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint
 
-                shutil.rmtree(out)
-            build_tiny_model(out, "llama")
-        else:
-            from moekit.steps.seed import build_pretrained_seed
+        def work() -> None:
+            claim_work_dir(self.workdir / "seed.work", fingerprint)
+            if spec.build == "tiny-random":
+                from moekit.tiny import build_tiny_model
 
-            assert spec.pretrain is not None
-            build_pretrained_seed(
-                out,
-                pretrain_data,
-                spec.pretrain,
-                spec.size,
-                val_fraction=self.recipe.val_fraction,
-                show_progress=self.show_progress,
-            )
-        marker.write_text(json.dumps({"fingerprint": fingerprint, "build": spec.build}))
-        self.outcome.stages["seed"] = "ran"
+                if out.exists():
+                    import shutil
+
+                    shutil.rmtree(out)
+                build_tiny_model(out, "llama")
+            else:
+                from moekit.steps.seed import build_pretrained_seed
+
+                assert spec.pretrain is not None
+                build_pretrained_seed(
+                    out,
+                    pretrain_data,
+                    spec.pretrain,
+                    spec.size,
+                    val_fraction=self.recipe.val_fraction,
+                    show_progress=self.show_progress,
+                )
+            marker.write_text(json.dumps({"fingerprint": fingerprint, "build": spec.build}))
+
+        self._stage("seed", out, fingerprint, work, done=done)
 
     def stage_branch(self) -> None:
         from moekit.steps.branch import branch
@@ -106,11 +107,15 @@ class BuildStages(RunBase):
             )
 
             def work(cfg: TrainConfig = cfg, domain: str = domain, fingerprint: str = fingerprint) -> None:
-                trained_before = any(
-                    s.stage == "train" and s.params.get("branch") == domain for s in load_manifest(self.run_dir).stages
-                )
-                if claim_work_dir(self.run_dir / "train" / domain, fingerprint) or trained_before:
-                    relink_branch(self.run_dir, domain)  # new inputs: start again from the seed, not the old branch
+                def prepare() -> None:
+                    trained_before = any(
+                        s.stage == "train" and s.params.get("branch") == domain
+                        for s in load_manifest(self.run_dir).stages
+                    )
+                    if claim_work_dir(self.run_dir / "train" / domain, fingerprint) or trained_before:
+                        relink_branch(self.run_dir, domain)  # new inputs: start again from the seed, not the old one
+
+                self._main_first(prepare)
                 train(cfg, self.show_progress)
 
             self._stage(f"train:{domain}", self.run_dir / "branches" / domain, fingerprint, work)
@@ -205,7 +210,7 @@ class BuildStages(RunBase):
         )
 
         def work() -> None:
-            claim_work_dir(self.run_dir / "tune", fingerprint)
+            self._main_first(lambda: None if claim_work_dir(self.run_dir / "tune", fingerprint) else None)
             tune(cfg, self.show_progress)
 
         self._stage("tune", self.run_dir / "tuned", fingerprint, work)

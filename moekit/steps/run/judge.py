@@ -6,7 +6,7 @@ import json
 
 from moekit.config import EvalConfig, InspectConfig, MixConfig, TuneConfig
 from moekit.io.outputs import write_file
-from moekit.steps.run.base import RunBase, claim_work_dir, stage_hash
+from moekit.steps.run.base import RunBase, claim_work_dir, main_process, stage_hash
 
 
 class JudgeStages(RunBase):
@@ -38,7 +38,7 @@ class JudgeStages(RunBase):
         )
 
         def work() -> None:
-            claim_work_dir(self.run_dir / "baseline-dense", fingerprint)
+            self._main_first(lambda: None if claim_work_dir(self.run_dir / "baseline-dense", fingerprint) else None)
             train_dense_baseline(self.run_dir, self.recipe.train.loop(), self.recipe.text_field, self.show_progress)  # type: ignore[union-attr]
 
         self._stage("dense", self.run_dir / DENSE_DIR, fingerprint, work)
@@ -64,7 +64,7 @@ class JudgeStages(RunBase):
         )
         init = self.run_dir / ".upcycle-init"
 
-        def work() -> None:
+        def prepare() -> None:
             if claim_work_dir(self.run_dir / UPCYCLE_STAGE.replace(":", "-"), fingerprint):
                 shutil.rmtree(init, ignore_errors=True)  # made with other options: start again from the seed
             if not (init / "config.json").is_file():
@@ -75,6 +75,9 @@ class JudgeStages(RunBase):
                     ),
                     self.show_progress,
                 )
+
+        def work() -> None:
+            self._main_first(prepare)
             tokens = upcycle_budget_tokens(init, self.run_dir, spec.loop.seq_len)
             balancing = spec.model_dump(
                 include={"mixture", "balance", "aux_coef", "z_coef", "balance_scope", "bias_rate", "bias_rule"}
@@ -94,7 +97,8 @@ class JudgeStages(RunBase):
                 **balancing,
             )
             tune(cfg, self.show_progress)
-            shutil.rmtree(init, ignore_errors=True)
+            if main_process():
+                shutil.rmtree(init, ignore_errors=True)
 
         self._stage("upcycle", self.run_dir / UPCYCLED_DIR, fingerprint, work)
 

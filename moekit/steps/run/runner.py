@@ -20,6 +20,23 @@ from moekit.steps.run.judge import JudgeStages
 class RecipeRun(BuildStages, JudgeStages):
     """Runs one recipe; each ``stage_*`` method does one stage."""
 
+    def run_stages(self) -> RunOutcome:
+        """Every stage method, in the run's order (each runs, skips or only plans, as the run was made)."""
+        for stage in (
+            self.stage_seed,
+            self.stage_branch,
+            self.stage_train,
+            self.stage_mix,
+            self.stage_average,
+            self.stage_tune,
+            self.stage_dense,
+            self.stage_upcycle,
+            self.stage_eval,
+            self.stage_inspect,
+        ):
+            stage()
+        return self.outcome
+
 
 RECIPE_AS_RUN = "recipe.yaml"  # the recipe as run (overrides applied, paths resolved), rewritten by every run
 
@@ -78,26 +95,23 @@ def clear_workdir(workdir: Path) -> None:
     shutil.rmtree(workdir)
 
 
+def open_workdir(recipe: Recipe) -> None:
+    """Check the recipe's workdir and write the recipe as run into it (and the marker that makes it a work
+    directory)."""
+    check_workdir(recipe.workdir, recipe_inputs(recipe))
+    recipe.workdir.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    as_run = recipe.workdir / RECIPE_AS_RUN
+    if not as_run.is_file() or as_run.read_text(encoding="utf-8") != text:
+        write_text_atomic(as_run, text)
+    marker = recipe.workdir / WORKDIR_MARKER
+    if not marker.is_file():
+        marker.write_text("a moekit recipe's work directory\n")
+
+
 def run_recipe(
     recipe: Recipe, show_progress: bool = True, log: Callable[[str], None] = lambda message: None
 ) -> RunOutcome:
-    """Run every stage of ``recipe`` in order (skipping finished ones); return what happened."""
-    check_workdir(recipe.workdir, recipe_inputs(recipe))
-    runner = RecipeRun(recipe, show_progress, log)
-    runner.workdir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(runner.workdir / RECIPE_AS_RUN, yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
-    (runner.workdir / WORKDIR_MARKER).write_text("a moekit recipe's work directory\n")
-    for stage in (
-        runner.stage_seed,
-        runner.stage_branch,
-        runner.stage_train,
-        runner.stage_mix,
-        runner.stage_average,
-        runner.stage_tune,
-        runner.stage_dense,
-        runner.stage_upcycle,
-        runner.stage_eval,
-        runner.stage_inspect,
-    ):
-        stage()
-    return runner.outcome
+    """Run every stage of ``recipe`` in order, in this process (skipping finished ones); return what happened."""
+    open_workdir(recipe)
+    return RecipeRun(recipe, show_progress, log).run_stages()
