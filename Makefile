@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 #   make TORCH_INSTALL="torch --index-url https://download.pytorch.org/whl/cpu"
 TORCH_INSTALL ?= torch==2.13.0
 
-.PHONY: install demo test test-all test-real bench device-check clean
+.PHONY: install demo test test-all test-real test-launchers bench device-check clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,12 +30,18 @@ test-real: install
 	MOEKIT_REAL_TESTS=1 $(PY) -m tests.assets
 	MOEKIT_REAL_TESTS=1 $(PY) -m pytest -q tests/real
 
+# The launcher tier: recipe runs as local jobs and on a one-node Slurm cluster the tests start (needs root and
+# Debian's slurm-wlm and munge: apt-get install slurm-wlm munge); CI runs it.
+test-launchers: install
+	MOEKIT_LAUNCHER_TESTS=1 $(PY) -m pytest -q tests/launchers
+
 bench: install
 	$(PY) bench/data.py --sizes 100MB,400MB
 	$(PY) bench/mix.py
 	$(PY) bench/train.py
 	$(PY) bench/tune.py
 	$(PY) bench/routing_inspect.py
+	$(PY) bench/launch.py
 
 # Every GPU path once, with figures (on a CPU: make device-check DEVICE_CHECK="--device cpu --size tiny").
 device-check: install

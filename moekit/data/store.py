@@ -56,6 +56,7 @@ from moekit.data.sources import (
 )
 from moekit.data.store_check import check_meta, check_vocabulary, largest_token_id
 from moekit.errors import DataError
+from moekit.io.locks import waiting_lock
 
 STORE_FORMAT = 1
 STORE_META = STORE_META_NAME
@@ -261,6 +262,11 @@ def cached_store(
     if is_store_dir(spec):
         return open_prepared(tokenizer, Path(spec))
     path = Path(cache_dir) / store_key(tokenizer, spec, text_field)
+    with waiting_lock(path.parent / f".{path.name}.lock"):  # jobs of one run (the two baselines) share the cache
+        return _cached_store(tokenizer, spec, text_field, path, workers)
+
+
+def _cached_store(tokenizer: Any, spec: str | Path, text_field: str, path: Path, workers: int | None) -> TokenStore:
     if path.exists():
         try:
             store = TokenStore(path)

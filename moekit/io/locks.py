@@ -88,3 +88,25 @@ def idle_run(run_dir: Path) -> Iterator[None]:
                 if path.name != ".moekit.lock":  # the manifest's own lock, held only for moments
                     held.enter_context(exclusive(path, f"The run {run_dir}"))
         yield
+
+
+@contextlib.contextmanager
+def waiting_lock(path: Path) -> Iterator[None]:
+    """Hold the lock ``path`` for the block, waiting while another process holds it (for short work that two jobs
+    may both start, such as preparing one cache entry; the file stays, as a waiting process may hold it open).
+
+    Where the lock file cannot be made (a read-only cache, which nothing will write either), the block runs
+    unlocked.
+    """
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a")
+    except OSError:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

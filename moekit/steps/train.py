@@ -115,7 +115,10 @@ def prepare_data(manifest: RunManifest, cfg: TrainConfig, tokenizer: Any) -> dic
 
     Each domain's held-out split is the one recorded in the manifest, or a new one.
     """
-    data = {name: record.data for name, record in manifest.branches.items() if record.data}
+    # The branches this job trains first: jobs that train other branches of the run at the same time prepare
+    # their own domains' stores meanwhile, and each then finds the others' in the shared cache.
+    order = [*cfg.branches, *(name for name in manifest.branches if name not in cfg.branches)]
+    data = {name: manifest.branches[name].data for name in order if manifest.branches[name].data}
     val_data = {name: record.val_data for name, record in manifest.branches.items() if record.val_data}
     cache_dir = cfg.run_dir / ".cache" / "tokens"
     return domains_data(

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from moekit.errors import MoekitError
 from moekit.recipe import Recipe
-from moekit.steps.run.base import RunOutcome
+from moekit.steps.run.base import RunOutcome, main_process
 from moekit.steps.run.jobs import job_state
 from moekit.steps.run.runner import RecipeRun, open_workdir
 
@@ -86,7 +86,8 @@ def run_one_stage(recipe: Recipe, stage: str, show_progress: bool, log: Callable
             f"Stage {stage} needs {', '.join(missing)}, which {'has' if len(missing) == 1 else 'have'} not finished.",
             "Run the whole recipe (moekit run RECIPE), or those stages first (--only STAGE).",
         )
-    runner = RecipeRun(recipe, show_progress, log, only=stage)
+    quiet = main_process() is False  # the other processes of a torchrun job: rank 0 speaks for the job
+    runner = RecipeRun(recipe, show_progress, (lambda message: None) if quiet else log, only=stage)
     with job_state(recipe.workdir, stage):
         outcome = runner.run_stages()
     _end_process_group()
