@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from moekit.errors import DataError
-from moekit.tiny import domain_corpus
 
 BUILTIN_PREFIX = "builtin:"
 _CODE_BUDGET_BYTES = 3_000_000  # enough stdlib code to match the other domains' scale
@@ -70,6 +69,8 @@ def arithmetic_lines(count: int = 60_000, seed: int = 0) -> Iterator[str]:
 
 
 def _synthetic(domain: str) -> Iterator[str]:
+    from moekit.tiny import domain_corpus  # moekit.tiny imports torch: only when this data is written
+
     yield from domain_corpus(domain, 600).splitlines()
 
 

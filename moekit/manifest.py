@@ -30,6 +30,9 @@ MANIFEST_VERSION = 2  # 2: branches record their held-out split (version 1 manif
 # are the run's own model directories.
 _BRANCH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 RESERVED_NAMES = {"seed", "mixed", "tuned"}
+# The equal-compute baselines: their stage records and their model directories in a run.
+DENSE_STAGE, UPCYCLE_STAGE = "baseline:dense", "baseline:upcycle"
+DENSE_DIR, UPCYCLED_DIR = "dense", "upcycled"
 
 
 def validate_branch_names(domains: list[str]) -> None:

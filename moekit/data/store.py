@@ -258,26 +258,22 @@ def cached_store(
     tokenizer: Any, spec: str | Path, text_field: str, cache_dir: Path, workers: int | None = None
 ) -> TokenStore:
     """The store of ``spec``: the spec itself when it is a prepared store, else one under ``cache_dir``, prepared now
-    if missing."""
+    if missing (under a lock: jobs of one run, such as the two baselines, share the cache)."""
     if is_store_dir(spec):
         return open_prepared(tokenizer, Path(spec))
     path = Path(cache_dir) / store_key(tokenizer, spec, text_field)
-    with waiting_lock(path.parent / f".{path.name}.lock"):  # jobs of one run (the two baselines) share the cache
-        return _cached_store(tokenizer, spec, text_field, path, workers)
-
-
-def _cached_store(tokenizer: Any, spec: str | Path, text_field: str, path: Path, workers: int | None) -> TokenStore:
-    if path.exists():
-        try:
-            store = TokenStore(path)
-            check_vocabulary(store.path, store.max_token_id, vocabulary_size(tokenizer), "this model's tokenizer")
-            return store
-        except DataError as exc:  # the cache is moekit's own: the main process prepares a damaged entry again
-            if os.environ.get("RANK", "0") != "0":
-                raise
-            print(f"warning: {exc.message} Preparing it again.", file=sys.stderr, flush=True)
-            shutil.rmtree(path)
-    return prepare_store(tokenizer, [spec], path, text_field, workers)
+    with waiting_lock(path.parent / f".{path.name}.lock"):
+        if path.exists():
+            try:
+                store = TokenStore(path)
+                check_vocabulary(store.path, store.max_token_id, vocabulary_size(tokenizer), "this model's tokenizer")
+                return store
+            except DataError as exc:  # the cache is moekit's own: the main process prepares a damaged entry again
+                if os.environ.get("RANK", "0") != "0":
+                    raise
+                print(f"warning: {exc.message} Preparing it again.", file=sys.stderr, flush=True)
+                shutil.rmtree(path)
+        return prepare_store(tokenizer, [spec], path, text_field, workers)
 
 
 # ----- reading -----------------------------------------------------------------------------

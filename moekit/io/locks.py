@@ -90,23 +90,38 @@ def idle_run(run_dir: Path) -> Iterator[None]:
         yield
 
 
+def _wait_for(path: Path) -> int | None:
+    """A descriptor of ``path`` holding its lock, after waiting for it; None when the file cannot be made."""
+    while True:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:
+            return None
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # else the holder removed it while we waited: wait on the new file
+            return fd
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def waiting_lock(path: Path) -> Iterator[None]:
     """Hold the lock ``path`` for the block, waiting while another process holds it (for short work that two jobs
-    may both start, such as preparing one cache entry; the file stays, as a waiting process may hold it open).
+    may both start, such as preparing one cache entry). The file is removed on the way out, as :func:`exclusive`
+    does, so nothing is left behind.
 
     Where the lock file cannot be made (a read-only cache, which nothing will write either), the block runs
     unlocked.
     """
+    fd = _wait_for(Path(path))
     try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        handle = open(path, "a")
-    except OSError:
         yield
-        return
-    with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    finally:
+        if fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # while still holding it: a process that opened it meanwhile retries on a new file
+            os.close(fd)

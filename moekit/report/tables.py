@@ -272,24 +272,29 @@ _STATE_STYLE = {"done": "green", "running": "cyan", "failed": "red", "cancelled"
 
 
 def render_run_status(console: Any, status: Any) -> None:
-    """``moekit status``: a row per stage (state, job, step / total, loss, tokens/s, ETA, log)."""
+    """``moekit status``: a row per stage (state, job, step / total, loss, tokens/s, ETA, log), then the details of
+    the stages that have any (why pending, how failed)."""
     from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"{status.recipe}: {status.workdir} (launcher {status.launcher})")
-    for name in ("stage", "state", "job", "step", "loss", "tok/s", "ETA", "log"):
-        table.add_column(name, justify="right" if name in ("job", "step", "loss", "tok/s", "ETA") else "left")
+    logs = status.workdir / "jobs" / "logs"
+    wide = console.width >= 100  # else the log column goes: the caption says where the logs are
+    caption = f"logs: {logs}" + ("" if wide else "/STAGE.log (train:code -> train-code.log)")
+    table = Table(title=f"{status.recipe}: {status.workdir} (launcher {status.launcher})", caption=caption)
+    for name in ("stage", "state", "job", "step", "loss", "tok/s", "ETA") + (("log",) if wide else ()):
+        table.add_column(name, justify="left" if name in ("stage", "state", "log") else "right", no_wrap=True)
     for stage in status.stages:
         progress = stage.progress
         step = f"{progress['done']}/{progress['total']}" if progress else ""
-        style = _STATE_STYLE.get(stage.state, "yellow")
-        state = f"[{style}]{escape(stage.state)}[/]" + (f" ({escape(stage.detail)})" if stage.detail else "")
-        log = str(stage.log.relative_to(status.workdir)) if stage.log else ""
-        eta = progress.get("ETA", "done" if progress.get("finished") else "")
-        table.add_row(
-            stage.stage, state, stage.job_id, step, progress.get("loss", ""), progress.get("tok/s", ""), eta, log
-        )
+        state = f"[{_STATE_STYLE.get(stage.state, 'yellow')}]{escape(stage.state)}[/]"
+        eta = progress.get("ETA", "") if stage.state == "running" else ""  # an ended job's last ETA means nothing
+        log = stage.log.name if stage.log else ""
+        cells = [stage.stage, state, stage.job_id, step, progress.get("loss", ""), progress.get("tok/s", ""), eta, log]
+        table.add_row(*cells[: len(table.columns)])
     console.print(table)
+    for stage in status.stages:
+        if stage.detail:
+            console.print(f"{escape(stage.stage)}: {escape(stage.detail)}", soft_wrap=True)
     if status.scheduler_note:
         console.print(f"[yellow]{escape(status.scheduler_note)}[/]")
 

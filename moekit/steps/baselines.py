@@ -23,11 +23,17 @@ import torch
 from moekit.config import LoopSettings
 from moekit.data.domains import heldout_sets, training_mixture
 from moekit.errors import MoekitError
-from moekit.manifest import RunManifest, StageRecord, load_manifest, updating_manifest
+from moekit.manifest import (
+    DENSE_DIR,
+    DENSE_STAGE,
+    UPCYCLE_STAGE,
+    UPCYCLED_DIR,
+    RunManifest,
+    StageRecord,
+    load_manifest,
+    updating_manifest,
+)
 from moekit.train.compute import model_compute, training_flops
-
-DENSE_STAGE, UPCYCLE_STAGE = "baseline:dense", "baseline:upcycle"
-DENSE_DIR, UPCYCLED_DIR = "dense", "upcycled"
 
 
 @dataclass(frozen=True)

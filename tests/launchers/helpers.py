@@ -76,3 +76,9 @@ def last_step(workdir: Path, stage: str) -> int:
     path = workdir / "jobs" / "logs" / f"{stage.replace(':', '-')}.log"
     steps = [parse_plain_line(line) for line in path.read_text().splitlines()] if path.is_file() else []
     return max((int(s["done"]) for s in steps if s and s["what"].endswith("step")), default=0)
+
+
+def status_rows(output: str) -> dict[str, list[str]]:
+    """The rows of ``moekit status``'s table by stage: [stage, state, job, step, loss, tok/s, ETA, log]."""
+    rows = [line.split("│")[1:-1] for line in output.splitlines() if line.count("│") > 5]
+    return {cells[0].strip(): [cell.strip() for cell in cells] for cells in rows}

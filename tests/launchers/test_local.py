@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from tests.launchers.helpers import TINY, TWO_DOMAINS, assert_same_models, inline_run, job_state, log_of, moekit
+from tests.launchers.helpers import (
+    TINY,
+    TWO_DOMAINS,
+    assert_same_models,
+    inline_run,
+    job_state,
+    log_of,
+    moekit,
+    status_rows,
+)
 
 SMALL = [TWO_DOMAINS, "stages=[seed,branch,train,mix,tune]"]
 LOCAL = ["--launcher", "local", "launcher.local.max_parallel=2"]
@@ -21,9 +30,9 @@ def test_local_launcher_with_two_jobs_at_a_time_equals_inline(tmp_path):
 
     status = moekit("status", work)
     assert status.returncode == 0, status.stderr
-    rows = [line for line in status.stdout.splitlines() if line.count("│") > 5]
-    assert [row.split("│")[1].strip() for row in rows] == ["seed", "branch", "train:code", "train:math", "mix", "tune"]
-    assert all("done" in row and "jobs/logs/" in row for row in rows)
+    rows = status_rows(status.stdout)
+    assert list(rows) == ["seed", "branch", "train:code", "train:math", "mix", "tune"]
+    assert all(row[1] == "done" and row[7] == f"{stage.replace(':', '-')}.log" for stage, row in rows.items())
 
 
 def test_a_failed_local_job_stops_only_what_needs_it_and_the_rerun_runs_only_that(tmp_path):

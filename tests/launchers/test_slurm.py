@@ -20,6 +20,7 @@ from tests.launchers.helpers import (
     last_step,
     log_of,
     moekit,
+    status_rows,
     wait_for,
 )
 
@@ -101,10 +102,12 @@ def test_scancel_and_requeue_mid_training_then_the_rerun_resumes(tmp_path, slurm
     wait_for(lambda: last_step(work, "train:code") >= 45 and last_step(work, "train:math") >= 45, "both branches")
     status = moekit("status", work / "run")
     assert status.returncode == 0, status.stderr
-    rows = {line.split("│")[1].strip(): line for line in status.stdout.splitlines() if line.count("│") > 5}
+    rows = status_rows(status.stdout)
     for stage in ("train:code", "train:math"):
-        assert "running" in rows[stage] and _job_id(work, stage) in rows[stage] and "/800" in rows[stage]
-    assert "done" in rows["branch"] and "pending" in rows["mix"]
+        state, job, step, loss, speed, eta = rows[stage][1:7]
+        assert state == "running" and job == _job_id(work, stage) and step.endswith("/800")
+        assert float(loss) > 0 and int(speed.replace(",", "")) > 0 and eta.count(":") == 2
+    assert rows["branch"][1] == "done" and rows["mix"][1] == "pending"
 
     code, math = _job_id(work, "train:code"), _job_id(work, "train:math")
     subprocess.run(["scancel", code], check=True)
@@ -117,9 +120,9 @@ def test_scancel_and_requeue_mid_training_then_the_rerun_resumes(tmp_path, slurm
     assert "attempt 2" in math_log and "requeueing" in math_log and "resuming at step" in math_log
 
     status = moekit("status", work)
-    rows = {line.split("│")[1].strip(): line for line in status.stdout.splitlines() if line.count("│") > 5}
-    assert "cancelled" in rows["train:code"] and "done" in rows["train:math"]
-    wait_for(lambda: "cancelled" in moekit("status", work).stdout.split("mix")[1].split("\n")[0], "mix cancelled")
+    rows = status_rows(status.stdout)
+    assert rows["train:code"][1] == "cancelled" and rows["train:math"][1] == "done"
+    wait_for(lambda: status_rows(moekit("status", work).stdout)["mix"][1] == "cancelled", "mix cancelled")
 
     rerun = moekit("run", TINY, f"workdir={work}", *overrides, *SLURM)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr

@@ -54,3 +54,30 @@ def test_models_branches_and_strangers(tmp_path):
     assert recognise(config) is None
     with pytest.raises(OutputExistsError):
         guard_output(config, "eval report", force=True)
+
+
+def test_waiting_lock_makes_the_second_process_wait_and_leaves_nothing(tmp_path):
+    """Two processes preparing one cache entry: the second waits for the first, and no lock file is left."""
+    import multiprocessing
+    import time
+
+    from moekit.io.locks import waiting_lock
+
+    lock, log = tmp_path / "cache" / ".entry.lock", tmp_path / "order.txt"
+
+    def hold(name: str, seconds: float) -> None:
+        with waiting_lock(lock):
+            with open(log, "a") as handle:
+                handle.write(f"{name} in\n")
+            time.sleep(seconds)
+            with open(log, "a") as handle:
+                handle.write(f"{name} out\n")
+
+    first = multiprocessing.get_context("fork").Process(target=hold, args=("first", 1.0))
+    first.start()
+    while not log.exists():
+        time.sleep(0.01)
+    hold("second", 0)
+    first.join()
+    assert log.read_text().split("\n")[:4] == ["first in", "first out", "second in", "second out"]
+    assert not lock.exists()

@@ -58,12 +58,12 @@ class BuildStages(RunBase):
         self._stage("seed", out, fingerprint, work, done=done)
 
     def stage_branch(self) -> None:
-        from moekit.steps.branch import branch
-
         domains = list(self.recipe.domains)
         fingerprint = stage_hash(self.fingerprints["seed"], domains)
 
         def work() -> None:
+            from moekit.steps.branch import branch
+
             if (self.run_dir / MANIFEST_NAME).is_file():
                 stages = [s.stage for s in load_manifest(self.run_dir).stages]
                 if "run:branch" not in stages:
@@ -83,9 +83,6 @@ class BuildStages(RunBase):
         self._stage("branch", self.run_dir / MANIFEST_NAME, fingerprint, work)
 
     def stage_train(self) -> None:
-        from moekit.steps.branch import relink_branch
-        from moekit.steps.train import train
-
         if self.recipe.train is None:
             self.fingerprints["train"] = self.fingerprints["branch"]  # branches stay copies of the seed
             return
@@ -107,6 +104,9 @@ class BuildStages(RunBase):
             )
 
             def work(cfg: TrainConfig = cfg, domain: str = domain, fingerprint: str = fingerprint) -> None:
+                from moekit.steps.branch import relink_branch
+                from moekit.steps.train import train
+
                 def prepare() -> None:
                     trained_before = any(
                         s.stage == "train" and s.params.get("branch") == domain
@@ -130,8 +130,6 @@ class BuildStages(RunBase):
         )
 
     def stage_mix(self) -> None:
-        from moekit.steps.mix import mix
-
         options = self.recipe.mix.model_dump(mode="json", exclude={"upcycle_experts", "drop_fraction"})
         upcycle = self.recipe.mix.upcycle_experts
         fingerprint = stage_hash(
@@ -165,22 +163,24 @@ class BuildStages(RunBase):
                 force=True,
                 **options,
             )
-        self._stage("mix", self.run_dir / "mixed", fingerprint, lambda: None if mix(cfg, self.show_progress) else None)
+
+        def work() -> None:
+            from moekit.steps.mix import mix
+
+            mix(cfg, self.show_progress)
+
+        self._stage("mix", self.run_dir / "mixed", fingerprint, work)
 
     def stage_average(self) -> None:
-        from moekit.steps.mix.average import average_models
+        def work() -> None:
+            from moekit.steps.mix.average import average_models
 
-        branches = [self.run_dir / "branches" / d for d in self.recipe.domains]
-        self._stage(
-            "average",
-            self.run_dir / "averaged",
-            stage_hash(self.fingerprints["train"]),
-            lambda: None if average_models(branches, self.run_dir / "averaged", force=True) else None,
-        )
+            branches = [self.run_dir / "branches" / d for d in self.recipe.domains]
+            average_models(branches, self.run_dir / "averaged", force=True)
+
+        self._stage("average", self.run_dir / "averaged", stage_hash(self.fingerprints["train"]), work)
 
     def stage_tune(self) -> None:
-        from moekit.steps.tune import tune
-
         spec = self.recipe.tune
         if spec is None:
             return
@@ -210,6 +210,8 @@ class BuildStages(RunBase):
         )
 
         def work() -> None:
+            from moekit.steps.tune import tune
+
             self._main_first(lambda: None if claim_work_dir(self.run_dir / "tune", fingerprint) else None)
             tune(cfg, self.show_progress)
 

@@ -133,6 +133,7 @@ def job_state(workdir: Path, stage: str) -> Iterator[None]:
         "job_id": os.environ.get("SLURM_JOB_ID", ""),
         "attempt": int(os.environ.get("SLURM_RESTART_COUNT", "0")) + 1,
         "started": time.time(),
+        "scheduled": float(os.environ.get("MOEKIT_JOB_STARTED", "0") or 0),  # when its batch script began (Slurm)
     }
     _write_state(files.state, state="running", **me)
     try:

@@ -6,6 +6,7 @@ import json
 
 from moekit.config import EvalConfig, InspectConfig, MixConfig, TuneConfig
 from moekit.io.outputs import write_file
+from moekit.manifest import DENSE_DIR, UPCYCLE_STAGE, UPCYCLED_DIR
 from moekit.steps.run.base import RunBase, claim_work_dir, main_process, stage_hash
 
 
@@ -26,8 +27,6 @@ class JudgeStages(RunBase):
 
     def stage_dense(self) -> None:
         """The data-matched dense baseline: the seed trained on all domains for the branches' + tune's tokens."""
-        from moekit.steps.baselines import DENSE_DIR, train_dense_baseline
-
         if self._baseline_missing("dense"):
             return
         assert self.recipe.train is not None
@@ -38,6 +37,8 @@ class JudgeStages(RunBase):
         )
 
         def work() -> None:
+            from moekit.steps.baselines import train_dense_baseline
+
             self._main_first(lambda: None if claim_work_dir(self.run_dir / "baseline-dense", fingerprint) else None)
             train_dense_baseline(self.run_dir, self.recipe.train.loop(), self.recipe.text_field, self.show_progress)  # type: ignore[union-attr]
 
@@ -46,10 +47,6 @@ class JudgeStages(RunBase):
     def stage_upcycle(self) -> None:
         """Sparse upcycling with BTX's experts and top-k, tuned for the FLOPs of the branches + tune."""
         import shutil
-
-        from moekit.steps.baselines import UPCYCLE_STAGE, UPCYCLED_DIR, upcycle_budget_tokens, with_token_budget
-        from moekit.steps.mix import mix
-        from moekit.steps.tune import tune
 
         if self._baseline_missing("upcycle"):
             return
@@ -65,6 +62,8 @@ class JudgeStages(RunBase):
         init = self.run_dir / ".upcycle-init"
 
         def prepare() -> None:
+            from moekit.steps.mix import mix
+
             if claim_work_dir(self.run_dir / UPCYCLE_STAGE.replace(":", "-"), fingerprint):
                 shutil.rmtree(init, ignore_errors=True)  # made with other options: start again from the seed
             if not (init / "config.json").is_file():
@@ -77,6 +76,9 @@ class JudgeStages(RunBase):
                 )
 
         def work() -> None:
+            from moekit.steps.baselines import upcycle_budget_tokens, with_token_budget
+            from moekit.steps.tune import tune
+
             self._main_first(prepare)
             tokens = upcycle_budget_tokens(init, self.run_dir, spec.loop.seq_len)
             balancing = spec.model_dump(
@@ -106,8 +108,6 @@ class JudgeStages(RunBase):
         return self.recipe.eval.seq_len or (self.recipe.train.seq_len if self.recipe.train else 512)
 
     def stage_eval(self) -> None:
-        from moekit.steps.evaluate import evaluate_models
-
         upstream = [
             self.fingerprints.get(s, "") for s in ("branch", "train", "mix", "average", "tune", "dense", "upcycle")
         ]
@@ -115,6 +115,8 @@ class JudgeStages(RunBase):
         out = self.run_dir / "eval.json"
 
         def work() -> None:
+            from moekit.steps.evaluate import evaluate_models
+
             cfg = EvalConfig(
                 models=[str(self.run_dir)],
                 seq_len=self._eval_seq_len(),
@@ -128,8 +130,6 @@ class JudgeStages(RunBase):
         self.outcome.eval_report = json.loads(out.read_text()) if out.is_file() else None
 
     def stage_inspect(self) -> None:
-        from moekit.steps.inspect import inspect_model
-
         model = self.run_dir / ("tuned" if (self.run_dir / "tuned" / "config.json").is_file() else "mixed")
         fingerprint = stage_hash(
             self.fingerprints.get("tune", ""),
@@ -140,6 +140,8 @@ class JudgeStages(RunBase):
         data = {d: (self.val_data.get(d) or specs)[:1] for d, specs in self.data.items()}
 
         def work() -> None:
+            from moekit.steps.inspect import inspect_model
+
             cfg = InspectConfig(
                 model=str(model),
                 data=data,

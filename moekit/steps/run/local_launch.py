@@ -119,6 +119,7 @@ class LocalRun:
 
     def _environment(self, gpus: list[str]) -> dict[str, str]:
         env = dict(os.environ)
+        env.pop("MOEKIT_JOB_STARTED", None)  # a Slurm job's own mark, not this job's
         env.update(MOEKIT_PROGRESS_EVERY=f"{self.recipe.launcher.progress_every:g}", PYTHONUNBUFFERED="1")
         threads = str(self.slots.threads_per_job)
         env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)

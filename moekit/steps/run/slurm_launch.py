@@ -127,6 +127,7 @@ def job_script(recipe: Recipe, stage: str, fingerprint: str) -> str:
         lines.append(f"#SBATCH --signal=B:USR1@{spec.signal_seconds}")
     lines += [f"# moekit run: stage {stage} of {recipe.workdir} (submitted again on a requeue)", "set -u"]
     lines += spec.setup
+    lines.append("MOEKIT_JOB_STARTED=$(date +%s.%N); export MOEKIT_JOB_STARTED  # when Slurm started the job")
     env = {
         "MOEKIT_PROGRESS_EVERY": f"{recipe.launcher.progress_every:g}",
         "MOEKIT_STOP_FILE": str(files.stop),
