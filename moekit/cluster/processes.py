@@ -35,7 +35,16 @@ def spawn(command: list[str], log: Path, env: dict[str, str], cwd: Path | None =
 
 
 def alive(pid: int, started: str | None) -> bool:
-    """Whether process ``pid`` still runs and is the one that started at ``started``."""
+    """Whether process ``pid`` still runs and is the one that started at ``started`` (without /proc, as on macOS:
+    whether a process ``pid`` exists)."""
+    if not Path("/proc/self/stat").exists():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
     now = start_time(pid)
     if now is None:
         return False

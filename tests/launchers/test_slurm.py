@@ -114,7 +114,9 @@ def test_scancel_and_requeue_mid_training_then_the_rerun_resumes(tmp_path, slurm
     subprocess.run(["scancel", "--signal=USR1", "--batch", math], check=True)
     wait_for(lambda: job_state(work, "train:math").get("state") == "stopped", "train:math to stop at a checkpoint")
     wait_for(lambda: _squeue_state(math) == "PENDING", "train:math to be requeued")
-    subprocess.run(["scontrol", "update", f"JobId={math}", "StartTime=now"], check=True)  # skip Slurm's requeue hold
+    # Slurm holds a requeued job ~2 minutes; release it sooner, but a few seconds on: slurmd refuses a start within
+    # the second its old credential was revoked ("Job credential revoked").
+    subprocess.run(["scontrol", "update", f"JobId={math}", "StartTime=now+3"], check=True)
     wait_for(lambda: job_state(work, "train:math").get("state") == "done", "the requeued train:math", timeout=300)
     math_log = log_of(work, "train:math")
     assert "attempt 2" in math_log and "requeueing" in math_log and "resuming at step" in math_log

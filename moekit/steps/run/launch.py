@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from moekit.errors import MoekitError
 from moekit.io.locks import exclusive
 from moekit.recipe import Recipe
 from moekit.steps.run.base import RunOutcome
@@ -64,8 +65,25 @@ def launch_recipe(recipe: Recipe, log: Callable[[str], None] = lambda message: N
     return _outcome(recipe, waited)
 
 
+class StoppedFollowing(MoekitError):
+    """Ctrl-C (or SIGTERM) while ``moekit run`` follows Slurm jobs: the jobs go on."""
+
+    exit_code = 130
+
+
 def follow(recipe: Recipe, log: Callable[[str], None]) -> None:
     """Log each stage's changes of state until no job of the run may still run."""
+    try:
+        _follow(recipe, log)
+    except KeyboardInterrupt:
+        raise StoppedFollowing(
+            "Stopped following the run's jobs; they keep running under Slurm.",
+            f"Follow them with: moekit status {recipe.workdir}; cancel them with: moekit status {recipe.workdir} "
+            "--cancel.",
+        ) from None
+
+
+def _follow(recipe: Recipe, log: Callable[[str], None]) -> None:
     seen: dict[str, str] = {}
     while True:
         statuses, note = stage_statuses(recipe.workdir, plan_run(recipe), load_jobs(recipe.workdir))

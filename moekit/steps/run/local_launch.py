@@ -117,11 +117,11 @@ class LocalRun:
                 self.waiting.remove(stage)
                 self.running[stage.name] = _Running(stage, job, None, [])
 
-    def _environment(self, gpus: list[str]) -> dict[str, str]:
+    def _environment(self, gpus: list[str], processes: int) -> dict[str, str]:
         env = dict(os.environ)
         env.pop("MOEKIT_JOB_STARTED", None)  # a Slurm job's own mark, not this job's
         env.update(MOEKIT_PROGRESS_EVERY=f"{self.recipe.launcher.progress_every:g}", PYTHONUNBUFFERED="1")
-        threads = str(self.slots.threads_per_job)
+        threads = str(max(1, self.slots.threads_per_job // processes))  # the job's threads, shared by its processes
         env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
         if self.slots.gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
@@ -146,7 +146,9 @@ class LocalRun:
         with open(files.log, "a", encoding="utf-8") as handle:
             handle.write(f"[moekit] {time.strftime('%H:%M:%S')} stage {stage.name} on {socket.gethostname()}\n")
         submitted = time.time()
-        process = processes.spawn(_command(self.recipe, stage.name, self.slots), files.log, self._environment(gpus))
+        command = _command(self.recipe, stage.name, self.slots)
+        workers = self.slots.processes_per_job if "torch.distributed.run" in command else 1
+        process = processes.spawn(command, files.log, self._environment(gpus, workers))
         record = JobRecord(
             stage.name, "local", str(process.pid), stage.fingerprint, submitted, socket.gethostname(),
             processes.start_time(process.pid),

@@ -102,7 +102,9 @@ def _command(recipe: Recipe, stage: str, python: str) -> str:
         return f"{python} {moekit}"
     return (
         'HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)\n'
-        f"srun --ntasks-per-node=1 --kill-on-bad-exit=1 {python} -m torch.distributed.run "
+        # srun does not inherit the job's --cpus-per-task (Slurm >= 22.05): give it on, or each task gets one CPU
+        "srun --ntasks-per-node=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK} --kill-on-bad-exit=1 "
+        f"{python} -m torch.distributed.run "
         f'--nnodes="$SLURM_NNODES" --nproc-per-node={per_node} --rdzv-id="$SLURM_JOB_ID" --rdzv-backend=c10d '
         f'--rdzv-endpoint="$HEAD:$((29500 + SLURM_JOB_ID % 20000))" {moekit}'
     )
@@ -125,8 +127,9 @@ def job_script(recipe: Recipe, stage: str, fingerprint: str) -> str:
     ]
     if spec.requeue and trains and spec.signal_seconds:
         lines.append(f"#SBATCH --signal=B:USR1@{spec.signal_seconds}")
-    lines += [f"# moekit run: stage {stage} of {recipe.workdir} (submitted again on a requeue)", "set -u"]
-    lines += spec.setup
+    lines.append(f"# moekit run: stage {stage} of {recipe.workdir} (run again from the top on a requeue)")
+    for line in spec.setup:  # a failed setup line fails the job, with the line in its log
+        lines.append(f"{line} || {{ echo {shlex.quote(f'[moekit] setup line failed: {line}')}; exit 1; }}")
     lines.append("MOEKIT_JOB_STARTED=$(date +%s.%N); export MOEKIT_JOB_STARTED  # when Slurm started the job")
     env = {
         "MOEKIT_PROGRESS_EVERY": f"{recipe.launcher.progress_every:g}",

@@ -10,6 +10,7 @@ exited, and from another machine that sees the work directory.
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,8 +107,8 @@ def _slurm_final(job: slurm.JobState, said: dict[str, str]) -> tuple[str, str]:
 
 def _job_state(workdir: Path, job: JobRecord, known: dict[str, slurm.JobState] | None) -> tuple[str, str]:
     said = read_state(workdir, job.stage)
-    if said.get("started", 0) < job.submitted - 5:  # written by an earlier job of the stage
-        said = {}
+    if str(said.get("job_id" if job.launcher == "slurm" else "pid", "")) != job.job_id:
+        said = {}  # written by an earlier job of the stage (or none yet)
     if job.launcher == "slurm" and known is None:  # Slurm could not be asked: what the job said, if anything
         return (said.get("state") or "pending"), "as the job last recorded it"
     if job.launcher == "slurm":
@@ -115,6 +116,8 @@ def _job_state(workdir: Path, job: JobRecord, known: dict[str, slurm.JobState] |
         state = known.get(job.job_id)
         if state is not None:
             return _slurm_live(state) if state.live else _slurm_final(state, said)
+    elif job.host and job.host != socket.gethostname():  # a local job of another machine: what it recorded
+        return (said.get("state") or "to run"), f"process {job.job_id} on {job.host}"
     elif processes.alive(int(job.job_id), job.process_start):
         return "running", ""
     return _from_job(said)  # ended, and forgotten by Slurm (MinJobAge)
@@ -182,6 +185,6 @@ def cancel_run(path: Path) -> list[str]:
         slurm.cancel(slurm_ids)
     for s in live:
         job = jobs[s.stage]
-        if job.launcher == "local":
+        if job.launcher == "local" and job.host == socket.gethostname():
             processes.terminate(int(job.job_id), job.process_start)
     return [s.stage for s in live]
