@@ -156,6 +156,7 @@ def bench_slurm(work: Path) -> None:
             "launcher.slurm.cpus_per_task=1",
             "launcher.poll_seconds=1",
             "domains={code: {data: [builtin:code-lines]}}",
+            "mix.router=random",
             "stages=[seed,branch,train,mix,tune,eval]",
         )  # fmt: skip  (a chain: each job finds the node idle, so its wait is Slurm's alone)
         wall, _, _ = measure(command)
@@ -192,7 +193,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--slurm", action="store_true", help="also time the slurm launcher on a one-node cluster")
     args = parser.parse_args()
-    for hidden in (int(size) for size in args.sizes.split(",")):
+    for hidden in (int(size) for size in args.sizes.split(",") if size):  # --sizes "": the Slurm part only
         steps = max(10, args.tokens // (SEQ_LEN * BATCH) // max(1, hidden // 64))  # wider: fewer steps, similar time
         with tempfile.TemporaryDirectory(prefix="moekit-bench-launch-") as tmp:
             bench_parallel(Path(tmp), hidden, steps, args.repeats)

@@ -185,6 +185,12 @@ class Recipe(_Strict):
         experts = self.mix.upcycle_experts or len(self.domains) + int(self.mix.seed_as == "routed")
         if self.mix.top_k > experts:
             raise ValueError(f"mix.top_k {self.mix.top_k} exceeds the {experts} experts this recipe makes")
+        one_domain = len(self.domains) < 2 and not self.mix.upcycle_experts
+        if "mix" in self.stages and self.mix.router == "centroid" and one_domain:
+            raise ValueError(
+                "mix.router centroid needs at least two domains (a router row is a domain's mean minus the mean "
+                "over domains); use mix.router: random with one domain"
+            )
         if self.mix.weights is not None and len(self.mix.weights) != len(self.domains):
             raise ValueError(f"mix.weights needs one weight per domain ({len(self.domains)})")
         self.launcher.check_stage_names(list(self.domains))

@@ -13,6 +13,7 @@ workdir: out
 seed: {{build: tiny-random}}
 domains:
   code: {{data: ["{data}"]}}
+mix: {{router: random}}
 train: {{max_steps: 2, seq_len: 16}}
 tune:
   loop: {{max_steps: 2, seq_len: 16}}
@@ -42,10 +43,10 @@ def test_good_recipe_and_overrides(tmp_path):
 @pytest.mark.parametrize(
     ("edit", "fragments"),
     [
-        (("train: {max_steps", "trian: {max_steps"), ["recipe.yaml:6", "trian", "unknown key"]),
+        (("train: {max_steps", "trian: {max_steps"), ["recipe.yaml:7", "trian", "unknown key"]),
         (
             ("  loop: {max_steps", "  balanse: switch\n  loop: {max_steps"),
-            ["recipe.yaml:8", "tune.balanse", "unknown key"],
+            ["recipe.yaml:9", "tune.balanse", "unknown key"],
         ),
         (("code.txt", "missing.txt"), ["recipe.yaml:5", "domains.code.data.0", "does not exist"]),
         (("tiny-random", "huge-random"), ["recipe.yaml:3", "seed.build"]),
@@ -66,3 +67,10 @@ def test_bad_override(tmp_path):
         load_recipe(_write(tmp_path, GOOD), ["train.max_steps"])
     with pytest.raises(RecipeError, match="unknown key"):
         load_recipe(_write(tmp_path, GOOD), ["train.max_stepz=3"])
+
+
+def test_a_centroid_router_needs_two_domains(tmp_path):
+    """Caught before any work starts, not at the mix stage after the branches have trained."""
+    with pytest.raises(RecipeError, match="centroid needs at least two domains"):
+        load_recipe(_write(tmp_path, GOOD), ["mix.router=centroid"])
+    assert load_recipe(_write(tmp_path, GOOD), ["mix.router=centroid", "stages=[seed,branch,train]"])
