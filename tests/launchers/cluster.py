@@ -80,6 +80,7 @@ class OneNodeSlurm:
             "AccountingStorageType=accounting_storage/none",
             "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_Core_Memory",
+            "DefMemPerCPU=1000",  # as most clusters set: a job that gives no --mem does not take the whole node
             "SchedulerType=sched/backfill",
             "MpiDefault=none",
             "ReturnToService=2",
