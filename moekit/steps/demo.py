@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from moekit.config import EvalConfig, GenerateConfig
+from moekit.errors import MoekitError
 from moekit.manifest import load_manifest
-from moekit.recipe import load_recipe
-from moekit.steps.run import RunOutcome, clear_workdir, run_recipe
+from moekit.recipe import Recipe, load_recipe
+from moekit.steps.run import RunOutcome, clear_workdir, launch_recipe, run_recipe
 
 # A prompt per demo domain for the generation samples (the tiny demo's domains have the same names).
 # Prompts end at a word, not a space: a byte-level BPE attaches the space to the next word.
@@ -53,12 +54,26 @@ def run_demo(out: Path | None, tiny: bool, force: bool, overrides: list[str], lo
         clear_workdir(workdir)
     recipe = load_recipe(packaged_recipe(name), [f"workdir={workdir}", *overrides])
     log(f"moekit demo ({name}): work directory {workdir}")
-    result = DemoResult(workdir, run_recipe(recipe, log=log))
+    result = DemoResult(workdir, _run(recipe, log))
     run_dir = workdir / "run"
     if (run_dir / "tuned" / "config.json").is_file():
         result.generations, result.arithmetic = _samples(run_dir, problems=40 if tiny else 200)
     result.report = write_demo_report(run_dir)
     return result
+
+
+def _run(recipe: Recipe, log: Callable[[str], None]) -> RunOutcome:
+    """The recipe's stages, under its launcher (``launcher.kind=local`` runs the branches at once)."""
+    if recipe.launcher.kind == "inline":
+        return run_recipe(recipe, log=log)
+    launched = launch_recipe(recipe, log=log)
+    if not launched.finished:
+        states = ", ".join(f"{s.stage} {s.state}" for s in launched.statuses if s.state != "done")
+        raise MoekitError(
+            f"The demo's stages did not all finish: {states}.",
+            f"See the logs under {recipe.workdir / 'jobs' / 'logs'}; running the demo again finishes them.",
+        )
+    return launched.run
 
 
 def _samples(run_dir: Path, problems: int) -> tuple[list[tuple[str, str, Any]], dict[str, Any]]:
