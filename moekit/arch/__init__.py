@@ -34,6 +34,8 @@ def _load_all() -> None:
         for module in _ADAPTER_MODULES:
             importlib.import_module(f"moekit.arch.{module}")
         _loaded = True
+        # moekit's own family: a target of several families, registered once they are
+        importlib.import_module("moekit.arch.moekit_moe").register_all()
 
 
 def supported_families() -> dict[str, str]:

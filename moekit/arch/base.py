@@ -134,6 +134,8 @@ class ArchAdapter:
         embed_name: the input embedding tensor (calibration starts from it).
         embedding_multiplier_key: config key of a factor the model applies to its embeddings.
         notes: one line for the model card and ``moekit mix --help``-style listings.
+        ships_modeling: the target is moekit's own family: its modeling code goes into every output
+            (``auto_map``), and readers load it with ``trust_remote_code=True``.
     """
 
     dense_type: str
@@ -164,6 +166,7 @@ class ArchAdapter:
     embed_name: str = "model.embed_tokens.weight"
     embedding_multiplier_key: str | None = None
     notes: str = ""
+    ships_modeling: bool = False
 
     # ----- names -------------------------------------------------------------------------
     def dense_ffn_name(self, layer: int, projection: str) -> str:

@@ -21,8 +21,8 @@ _ZEROS_REFUSAL = (
     "--router zeros is refused: with an all-zero router every logit ties, top-k then sends every "
     "token to the same experts and their gradients are identical, so the experts never separate."
 )
-# Options that go into MixConfig as they are given.
-_AS_GIVEN = (
+# Options that shape a new mix (with --add-expert the MoE keeps its own) and go into MixConfig as they are given.
+_SHAPING = (
     "target",
     "split",
     "merge",
@@ -32,12 +32,14 @@ _AS_GIVEN = (
     "router_std",
     "expert_scale",
     "random_seed",
-    "shard_size",
-    "force",
-    "run_dir",
+    "attention_experts",
+    "attention_kv",
+    "attention_top_k",
 )
-# Options that shape a new mix; with --add-expert the MoE keeps its own.
+_AS_GIVEN = (*_SHAPING, "shard_size", "force", "run_dir")
+# Every option that shapes a new mix; refused with --add-expert.
 _MIXING = (
+    *_SHAPING,
     "expert",
     "seed_model",
     "upcycle",
@@ -45,19 +47,10 @@ _MIXING = (
     "drop_fraction",
     "seed_as",
     "seed_expert",
-    "target",
-    "split",
     "average",
-    "merge",
     "merge_density",
     "merge_scale",
-    "dtype",
-    "top_k",
-    "router",
-    "router_std",
     "router_sharpness",
-    "expert_scale",
-    "random_seed",
 )
 
 
@@ -204,6 +197,26 @@ def mix_command(
     ),
     shard_size: str = typer.Option(
         default_of(MixConfig, "shard_size"), "--shard-size", help="Maximum size of one safetensors shard."
+    ),
+    attention_experts: bool = typer.Option(
+        False,
+        "--attention-experts",
+        help="Branch-Attend-Mix: each source's attention becomes an attention expert under a router per layer, "
+        "instead of being averaged. Builds moekit's own family (target moekit_moe; loads with "
+        "trust_remote_code=True; not vLLM or llama.cpp).",
+    ),
+    attention_kv: str = typer.Option(
+        default_of(MixConfig, "attention_kv"),
+        "--attention-kv",
+        help="With --attention-experts: shared (key/value projections averaged, query/output per expert: BAM's "
+        "compute-matched variant) | expert (every projection per expert, a KV cache per expert).",
+    ),
+    attention_top_k: int = typer.Option(
+        default_of(MixConfig, "attention_top_k"),
+        "--attention-top-k",
+        min=0,
+        help="With --attention-experts: 0 = soft routing (every attention expert, softmax weights; BAM's best) | "
+        "k = top-k.",
     ),
     force: bool = typer.Option(False, "--force", help="Replace the output directory if it exists and is not empty."),
     add_expert: Optional[str] = typer.Option(
@@ -373,7 +386,10 @@ def _report(console: Console, result: MixResult) -> None:
     if shares:
         listing = ", ".join(f"{d} {v:.0%}" for d, v in shares.items())
         console.print(f"Initial routing, share of each domain's tokens whose top-1 is its own expert: {listing}")
+    from moekit.modeling import MODEL_TYPE
+
+    remote = ", trust_remote_code=True (moekit's own family)" if result.moe_type == MODEL_TYPE else ""
     console.print(
-        "Load it with AutoModelForCausalLM.from_pretrained. Its router is new: fine-tune the model (router "
-        "first) before judging it."
+        f"Load it with AutoModelForCausalLM.from_pretrained{remote}. Its router is new: fine-tune the model "
+        "(router first) before judging it."
     )

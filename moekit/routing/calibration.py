@@ -47,6 +47,8 @@ class LayerwiseCalibrator:
         self.device = device or torch.device("cpu")  # fp32 on whichever device: one layer's weights at a time
         self.rotary = type(self.skeleton.model.rotary_emb)(config=config).to(self.device)
         self.batch = batch
+        self.capture_attention = False  # also keep each domain's attention inputs (attention-expert routers)
+        self.attention_inputs: dict[str, torch.Tensor] = {}
         embed = embed_weight.float().to(self.device)
         self.hidden = {
             domain: torch.nn.functional.embedding(ids.to(self.device), embed) for domain, ids in blocks.items()
@@ -56,13 +58,23 @@ class LayerwiseCalibrator:
         """Run layer ``layer`` (tensors named as inside the layer, fp32) on every domain.
 
         Returns each domain's MLP inputs flattened to [tokens, hidden] and advances the hidden
-        states to the layer's output.
+        states to the layer's output. With ``capture_attention``, each domain's attention inputs
+        are kept in ``attention_inputs`` the same way.
         """
         module = self.skeleton.model.layers[layer]
         module.load_state_dict({k: v.to(self.device) for k, v in layer_state.items()}, strict=True, assign=True)
         captured: list[torch.Tensor] = []
-        hook = module.mlp.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach()))
+        attended: list[torch.Tensor] = []
+        hooks = [module.mlp.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach()))]
+        if self.capture_attention:
+            hooks.append(
+                module.self_attn.register_forward_pre_hook(
+                    lambda _m, args, kwargs: attended.append((args[0] if args else kwargs["hidden_states"]).detach()),
+                    with_kwargs=True,
+                )
+            )
         mlp_inputs: dict[str, torch.Tensor] = {}
+        self.attention_inputs = {}
         try:
             with torch.no_grad():
                 for domain, hidden in self.hidden.items():
@@ -70,9 +82,13 @@ class LayerwiseCalibrator:
                     outputs = [self._forward(module, chunk, mask) for chunk in hidden.split(self.batch)]
                     self.hidden[domain] = torch.cat(outputs)
                     mlp_inputs[domain] = torch.cat([c.reshape(-1, c.shape[-1]) for c in captured])
+                    if attended:
+                        self.attention_inputs[domain] = torch.cat([c.reshape(-1, c.shape[-1]) for c in attended])
                     captured.clear()
+                    attended.clear()
         finally:
-            hook.remove()
+            for hook in hooks:
+                hook.remove()
             module.to("meta")  # release the layer's weights
         return mlp_inputs
 

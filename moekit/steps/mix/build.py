@@ -33,6 +33,14 @@ from moekit.io.writer import PlannedTensor, StreamingShardWriter, parse_size
 from moekit.manifest import StageRecord, updating_manifest
 from moekit.progress import progress_bar
 from moekit.provenance import write_provenance
+from moekit.steps.mix.attention import (
+    AttentionPlan,
+    attention_plan,
+    planned_layer,
+    planned_router,
+    write_expert_tensor,
+)
+from moekit.steps.mix.attention import write_router as write_attention_router
 from moekit.steps.mix.experts import background_scans, write_experts, write_shared
 from moekit.steps.mix.inputs import (
     TIED_HEAD,
@@ -40,7 +48,7 @@ from moekit.steps.mix.inputs import (
     open_mix_inputs,
     redundant_tied_copies,
 )
-from moekit.steps.mix.output import build_moe_config, write_model_card
+from moekit.steps.mix.output import build_moe_config, copy_modeling_files, write_model_card
 from moekit.steps.mix.plan import BlockPlan, plan_block
 from moekit.steps.mix.tensors import (
     CHUNK_ELEMENTS,
@@ -104,14 +112,16 @@ def _moe_block(inputs: MixInputs, layer: int, plan: BlockPlan) -> list[MoeTensor
     return inputs.adapter.moe_block_tensors(layer, plan.experts, experts, hidden, shared)
 
 
-def _plan(inputs: MixInputs, dtype: str, plan: BlockPlan) -> list[PlannedTensor]:
+def _plan(inputs: MixInputs, dtype: str, plan: BlockPlan, attn: AttentionPlan | None) -> list[PlannedTensor]:
     """Every output tensor, in the order ``mix`` produces them."""
     seed = inputs.seed
     globals_, per_layer = _split_tensor_names(inputs)
     planned = [PlannedTensor(n, dtype, seed.tensors[source].shape) for n, source in globals_.items()]
     for layer in range(seed.config["num_hidden_layers"]):
-        planned += [PlannedTensor(n, dtype, seed.tensors[n].shape) for n in per_layer.get(layer, [])]
+        planned += planned_layer(inputs, per_layer.get(layer, []), dtype, attn)
         planned += [PlannedTensor(t.name, t.dtype or dtype, t.shape) for t in _moe_block(inputs, layer, plan)]
+        if attn is not None:
+            planned.append(planned_router(inputs, layer, dtype, attn))
     return planned
 
 
@@ -146,11 +156,35 @@ def _mix_layer(
     code: str,
     names: list[str],
     centroid: Any,
+    attn: AttentionPlan | None = None,
 ) -> None:
-    """Write one layer: averaged tensors, then the MoE block tensor by tensor."""
+    """Write one layer: averaged tensors (or attention experts'), the MoE block tensor by tensor, the attention
+    router."""
     kept: dict[str, Any] | None = {} if centroid is not None else None
     for name in names:
-        write_average(writer, inputs, name, code, kept, _CHUNK_ELEMENTS)
+        role = attn.role(name) if attn is not None else None
+        if role is None:
+            write_average(writer, inputs, name, code, kept, _CHUNK_ELEMENTS)
+        else:
+            assert attn is not None
+            write_expert_tensor(writer, inputs, name, role, code, attn, kept)
+    _mix_block(layer, inputs, cfg, plan, writer, code, centroid, kept)
+    if attn is not None:
+        rows = centroid.attention_router(layer) if centroid is not None else None
+        write_attention_router(writer, inputs, cfg, layer, code, attn, rows)
+
+
+def _mix_block(
+    layer: int,
+    inputs: MixInputs,
+    cfg: MixConfig,
+    plan: BlockPlan,
+    writer: StreamingShardWriter,
+    code: str,
+    centroid: Any,
+    kept: dict[str, Any] | None,
+) -> None:
+    """Write one layer's MoE block: router, selection bias, experts, shared expert."""
     cache: dict[int, dict[str, Any]] = {}
 
     def ffn_of(expert: int) -> dict[str, Any]:
@@ -189,7 +223,8 @@ def mix(cfg: MixConfig, show_progress: bool = False) -> MixResult:
     code = resolve_dtype(cfg.dtype, inputs)
     max_shard = parse_size(cfg.shard_size)
     block = block_plan(inputs, cfg)
-    config_json = build_moe_config(inputs.seed.path, inputs.adapter, block, code)
+    attn = attention_plan(cfg, inputs)
+    config_json = build_moe_config(inputs.seed.path, inputs.adapter, block, code, attention=attn)
     centroid = None
     if cfg.router == "centroid":
         from moekit.steps.mix.router import (
@@ -197,7 +232,8 @@ def mix(cfg: MixConfig, show_progress: bool = False) -> MixResult:
         )
 
         centroid = prepare_centroid_init(cfg, inputs)
-    plan = _plan(inputs, code, block)
+        centroid.capture_attention = attn is not None
+    plan = _plan(inputs, code, block, attn)
     check_free_space(cfg.out, sum(t.nbytes for t in plan))
     globals_, per_layer = _split_tensor_names(inputs)
     num_layers = inputs.seed.config["num_hidden_layers"]
@@ -213,7 +249,7 @@ def mix(cfg: MixConfig, show_progress: bool = False) -> MixResult:
                     centroid.see_embedding(kept[source])
             with progress_bar("mixing layers", num_layers, show_progress) as advance:
                 for layer in range(num_layers):
-                    _mix_layer(layer, inputs, cfg, block, writer, code, per_layer.get(layer, []), centroid)
+                    _mix_layer(layer, inputs, cfg, block, writer, code, per_layer.get(layer, []), centroid, attn)
                     advance()
             scans.finish()  # every verbatim copy checked for NaN/inf before the output is published
             writer.close()
@@ -222,7 +258,7 @@ def mix(cfg: MixConfig, show_progress: bool = False) -> MixResult:
             raise
         finally:
             inputs.close()
-        _write_metadata(tmp, cfg, inputs, block, config_json, code, centroid)
+        _write_metadata(tmp, cfg, inputs, block, config_json, code, centroid, attn)
     stats = centroid.summary() if centroid else {}
     result = MixResult(Path(cfg.out), expert_names(inputs, block), inputs.adapter.moe_type, len(plan), stats)
     if cfg.run_dir is not None:
@@ -246,12 +282,20 @@ def expert_names(inputs: MixInputs, plan: BlockPlan) -> list[str]:
 
 
 def _write_metadata(
-    tmp: Path, cfg: MixConfig, inputs: MixInputs, plan: BlockPlan, config_json: dict, dtype: str, centroid: Any
+    tmp: Path,
+    cfg: MixConfig,
+    inputs: MixInputs,
+    plan: BlockPlan,
+    config_json: dict,
+    dtype: str,
+    centroid: Any,
+    attn: AttentionPlan | None,
 ) -> None:
     import json
 
     (tmp / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     copy_tokenizer_and_generation_files(inputs.seed.path, tmp)
+    copy_modeling_files(inputs.adapter, tmp)
     router: dict[str, Any] = {
         "init": cfg.router,
         "top_k": plan.top_k,
@@ -285,6 +329,7 @@ def _write_metadata(
         "upcycle": cfg.upcycle.model_dump() if cfg.upcycle else None,
         "expert_scale": cfg.expert_scale,
         "random_seed": cfg.random_seed,
+        "attention_experts": None if attn is None else {**attn.config(), "names": [e.name for e in inputs.experts]},
     }
     write_provenance(tmp, record)
     write_model_card(tmp, record, inputs.adapter, Path(cfg.out).name)

@@ -216,6 +216,13 @@ def open_grow_inputs(cfg: GrowConfig) -> GrowInputs:
             f"{cfg.into} is a {moe.model_type or 'unknown'} model, not an MoE moekit builds.",
             "Give the MoE that `moekit mix` (or tune) wrote.",
         )
+    if int(moe.config.get("attention_experts") or 0) > 0:
+        raise InvalidOptionError(
+            f"{cfg.into} has attention experts (mix --attention-experts); --add-expert grows FFN experts only, "
+            "and a new branch's attention would need a new attention expert and router row in every layer, "
+            "which moekit does not build yet.",
+            "Mix the new branch in from the start: moekit mix with all the branches and --attention-experts.",
+        )
     record, found = _read_provenance(Path(cfg.into))
     if int(found.get("split") or 1) != 1:
         raise InvalidOptionError(

@@ -13,7 +13,7 @@ from typing import Literal
 from moekit.arch import ArchAdapter
 from moekit.config import MixConfig
 from moekit.data.sources import spec_paths
-from moekit.errors import IncompatibleModelsError, InvalidOptionError
+from moekit.errors import IncompatibleModelsError, InvalidOptionError, UnsupportedArchitectureError
 from moekit.io.checkpoint import Checkpoint
 from moekit.io.config_json import with_rope_parameters
 from moekit.io.files import tokenizer_fingerprint
@@ -182,7 +182,7 @@ def _average_weights(cfg: MixConfig, count: int) -> list[float]:
 
 def open_mix_inputs(cfg: MixConfig) -> MixInputs:
     """Open and check the seed and branches (or the upcycling seed); decide expert order and averaging."""
-    seed, adapter = open_dense_model(resolve_model_dir(cfg.seed), target=cfg.target)
+    seed, adapter = _open_seed(cfg)
     check_seed_as(cfg, adapter)
     read = [seed.path, *(p for _, p in cfg.experts), *spec_paths(cfg.router_data.values())]
     guard_output(cfg.out, "model", cfg.force, read, cfg.run_dir)  # before any work
@@ -194,7 +194,7 @@ def open_mix_inputs(cfg: MixConfig) -> MixInputs:
     else:
         if not cfg.experts:
             raise InvalidOptionError("No experts to mix.", "Pass a run directory, --expert DIR ..., or --upcycle SEED.")
-        branches = [(name, open_dense_model(Path(path), target=cfg.target)[0]) for name, path in cfg.experts]
+        branches = [(name, open_dense_model(Path(path), target=cfg.effective_target)[0]) for name, path in cfg.experts]
         names = [n for n, _ in branches]
         if len(set(names)) != len(names) or (cfg.seed_as == "routed" and "seed" in names):
             raise InvalidOptionError(
@@ -211,8 +211,29 @@ def open_mix_inputs(cfg: MixConfig) -> MixInputs:
             f"{len(experts)} expert(s) cannot serve top-{cfg.top_k} routing.",
             f"Use --top-k {len(experts)} or less, or add experts.",
         )
+    if cfg.attention_top_k > len(experts):
+        raise InvalidOptionError(
+            f"{len(experts)} attention expert(s) cannot serve --attention-top-k {cfg.attention_top_k}.",
+            f"Use --attention-top-k {len(experts)} or less (0: soft routing over all of them).",
+        )
     merge = MergeSpec(cfg.merge, cfg.merge_density, cfg.merge_scale, cfg.random_seed)
     return MixInputs(seed, adapter, experts, average, merge)
+
+
+def _open_seed(cfg: MixConfig) -> tuple[Checkpoint, ArchAdapter]:
+    """The seed and the adapter of its family and target; a clear error when attention experts cannot be built."""
+    try:
+        return open_dense_model(resolve_model_dir(cfg.seed), target=cfg.effective_target)
+    except UnsupportedArchitectureError as error:
+        if not cfg.attention_experts or cfg.target is not None:
+            raise
+        from moekit.arch.moekit_moe import ATTENTION_FAMILIES
+
+        raise UnsupportedArchitectureError(
+            f"--attention-experts cannot be built from this seed: {error.message}",
+            f"Attention experts rebuild the attention of {', '.join(ATTENTION_FAMILIES)} seeds; "
+            "mix this one without --attention-experts.",
+        ) from error
 
 
 def check_seed_as(cfg: MixConfig, adapter: ArchAdapter) -> None:

@@ -23,7 +23,7 @@ def _json_is_complete(dense: dict[str, Any], adapter: ArchAdapter) -> bool:
 
 
 def build_moe_config(
-    seed_dir: Path, adapter: ArchAdapter, plan: BlockPlan, dtype: Any, exact: bool = False
+    seed_dir: Path, adapter: ArchAdapter, plan: BlockPlan, dtype: Any, exact: bool = False, attention: Any = None
 ) -> dict[str, Any]:
     """The MoE's portable config.json dict, built from the seed's config.
 
@@ -33,8 +33,20 @@ def build_moe_config(
     transformers' own classes, which fill in the dense family's defaults; the two paths give the
     same loaded config (tested for every family). Then come the fix-ups older readers need:
     rope_theta/rope_scaling next to rope_parameters, torch_dtype next to dtype, every
-    expert-count key the family's readers use, and head_dim as an integer.
+    expert-count key the family's readers use, and head_dim as an integer. moekit's own family
+    also gets ``auto_map`` (its modeling code ships with it) and the ``attention`` plan's keys.
     """
+    data = _moe_config(seed_dir, adapter, plan, dtype, exact)
+    if adapter.ships_modeling:
+        from moekit.modeling import AUTO_MAP
+
+        data["auto_map"] = dict(AUTO_MAP)
+    if attention is not None:
+        data.update(attention.config())
+    return data
+
+
+def _moe_config(seed_dir: Path, adapter: ArchAdapter, plan: BlockPlan, dtype: Any, exact: bool) -> dict[str, Any]:
     dense = with_rope_parameters(load_config_json(seed_dir))
 
     def kwargs_for(config: dict[str, Any]) -> dict[str, Any]:
@@ -52,6 +64,10 @@ def build_moe_config(
         return portable_config(data, expert_count_keys=adapter.num_experts_keys)
     from transformers import CONFIG_MAPPING, AutoConfig
 
+    if adapter.ships_modeling:
+        from moekit.modeling import register
+
+        register()
     kwargs = kwargs_for(AutoConfig.from_pretrained(seed_dir).to_dict())
     moe = CONFIG_MAPPING[adapter.moe_type](**kwargs)
     moe.architectures = [adapter.moe_architecture]
@@ -59,6 +75,17 @@ def build_moe_config(
     data["dtype"] = dtype_name(dtype)
     data["head_dim"] = int(kwargs["head_dim"])
     return portable_config(data, expert_count_keys=adapter.num_experts_keys)
+
+
+def copy_modeling_files(adapter: ArchAdapter, out_dir: Path) -> None:
+    """Copy moekit's own family's modeling code next to the weights (targets that need it), for ``auto_map``."""
+    if adapter.ships_modeling:
+        import shutil
+
+        from moekit.modeling import modeling_files
+
+        for path in modeling_files():
+            shutil.copyfile(path, out_dir / path.name)
 
 
 def write_model_card(out_dir: Path, record: dict[str, Any], adapter: ArchAdapter, name: str) -> None:
@@ -90,7 +117,7 @@ from the dense {adapter.dense_type} model `{record["seed"]}`.
 |---|---|---|---|
 {rows}
 
-- Attention, norms, embeddings and LM head: {_merge_words(record)} (fp32, cast to {record["dtype"]}).
+- {_attention_words(record)}Norms, embeddings and LM head: {_merge_words(record)} (fp32, cast to {record["dtype"]}).
 - Routing: top-{record["top_k"]} of {len(record["experts"])} experts; router initialised `{routing["init"]}`.
   The router is new: fine-tune the model (router first) before judging it.{init_stats}
 - {adapter.notes}
@@ -99,14 +126,46 @@ from the dense {adapter.dense_type} model `{record["seed"]}`.
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
-model = AutoModelForCausalLM.from_pretrained("{name}")
+model = AutoModelForCausalLM.from_pretrained("{name}"{_remote_code(adapter)})
 tokenizer = AutoTokenizer.from_pretrained("{name}")
 ```
 
-Weights use the per-expert tensor names that transformers, vLLM and llama.cpp's converter read.
+{_readers(adapter)}
 Full provenance: `moekit.yaml`.
 """
     (out_dir / "README.md").write_text(card, encoding="utf-8")
+
+
+def _remote_code(adapter: ArchAdapter) -> str:
+    return ", trust_remote_code=True" if adapter.ships_modeling else ""
+
+
+def _readers(adapter: ArchAdapter) -> str:
+    """Which readers load the model, for the model card."""
+    if adapter.ships_modeling:
+        return (
+            "This is moekit's own model family (`moekit_moe`): its modeling code ships with the weights\n"
+            "(`modeling_moekit_moe.py`), so transformers 4.57 and 5 load it with `trust_remote_code=True`\n"
+            "(moekit's commands load it without). vLLM and llama.cpp cannot read it."
+        )
+    return "Weights use the per-expert tensor names that transformers, vLLM and llama.cpp's converter read."
+
+
+def _attention_words(record: dict[str, Any]) -> str:
+    """The attention experts' line of the model card (empty without them)."""
+    attention = record.get("attention_experts")
+    if not attention:
+        return "Attention, "
+    routing = (
+        "soft routing over all of them"
+        if not attention["attention_top_k"]
+        else (f"top-{attention['attention_top_k']} routing")
+    )
+    kv = "shared (averaged) key/value projections" if attention["attention_kv"] == "shared" else "its own key/value"
+    return (
+        f"Attention experts (Branch-Attend-Mix): each source's attention ({', '.join(attention['names'])}) is an "
+        f"expert with its own query/output projections and {kv}; a router per layer, {routing}.\n- "
+    )
 
 
 def _merge_words(record: dict[str, Any]) -> str:

@@ -34,6 +34,7 @@ class CentroidInit:
         self.sharpness = sharpness
         self.dense_config = dense_config
         self.calibrator: LayerwiseCalibrator | None = None
+        self.capture_attention = False  # set for attention experts: their routers start from attention inputs
         self.seconds = 0.0  # time spent calibrating (tokenising, running layers), reported in the provenance
         self.in_domain_top1: dict[str, list[float]] = {d: [] for d in blocks if self._expert_of(d) is not None}
 
@@ -51,6 +52,7 @@ class CentroidInit:
         key = self.inputs.adapter.embedding_multiplier_key
         scale = float(self.inputs.seed.config.get(key, 1.0)) if key else 1.0
         self.calibrator = LayerwiseCalibrator(self.dense_config, embedding * scale, self.blocks, device=choose_device())
+        self.calibrator.capture_attention = self.capture_attention
         self.seconds += time.perf_counter() - started
 
     def router_for_layer(self, layer: int, layer_tensors: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -68,24 +70,34 @@ class CentroidInit:
         prefix = f"model.layers.{layer}."
         stored = self.inputs.seed.to_stored(layer_tensors)  # fused layouts are rebuilt for the dense layer
         mlp_inputs = self.calibrator.run_layer(layer, {k.removeprefix(prefix): v for k, v in stored.items()})
-        everything = torch.cat(list(mlp_inputs.values()))
+        router = self._centroid_rows(layer, mlp_inputs)
+        for domain, values in self.in_domain_top1.items():
+            top1 = (mlp_inputs[domain] @ router.T).argmax(dim=-1)
+            values.append(float((top1 == self._expert_of(domain)).float().mean()))
+        return router
+
+    def attention_router(self, layer: int) -> torch.Tensor:
+        """The centroid router of ``layer``'s attention experts [E, hidden] (fp32, CPU), from the attention inputs
+        the calibration of the layer's FFN router captured (``capture_attention``)."""
+        assert self.calibrator is not None and self.calibrator.attention_inputs
+        return self._centroid_rows(layer, self.calibrator.attention_inputs).cpu()
+
+    def _centroid_rows(self, layer: int, inputs_by_domain: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Router rows: each branch's domain mean, the overall mean for the seed; centred and scaled."""
+        everything = torch.cat(list(inputs_by_domain.values()))
         overall = everything.mean(dim=0)
         rows = []
         for expert in self.inputs.experts:
-            rows.append(mlp_inputs[expert.name].mean(dim=0) if expert.kind == "branch" else overall)
+            rows.append(inputs_by_domain[expert.name].mean(dim=0) if expert.kind == "branch" else overall)
         step = -(-everything.shape[0] // _MAX_SCALE_TOKENS)  # ceil: at most _MAX_SCALE_TOKENS tokens
         try:
-            router = centroid_router(torch.stack(rows), overall, everything[::step], self.sharpness)
+            return centroid_router(torch.stack(rows), overall, everything[::step], self.sharpness)
         except ValueError:
             raise InvalidOptionError(
                 f"Centroid routers of layer {layer} are all zero: every domain's data gives the same mean "
                 "hidden state.",
                 "Use distinct data per domain (or --router random).",
             )
-        for domain, values in self.in_domain_top1.items():
-            top1 = (mlp_inputs[domain] @ router.T).argmax(dim=-1)
-            values.append(float((top1 == self._expert_of(domain)).float().mean()))
-        return router
 
     def summary(self) -> dict[str, Any]:
         """Initial routing quality: per domain, the share of tokens whose top-1 is its own expert."""
