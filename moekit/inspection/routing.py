@@ -20,7 +20,7 @@ import torch
 
 from moekit.routing import balance
 from moekit.routing.bias import find_selection_biases
-from moekit.routing.control import RoutingController
+from moekit.routing.control import RoutingController, find_attention_routers
 from moekit.routing.modes import scores as router_scores
 
 
@@ -44,6 +44,8 @@ class RoutingTally:
     bias_changed: torch.Tensor | None = None  # [L] tokens whose chosen experts the bias changed
     shared_share_sum: torch.Tensor | None = None  # [L] sum over tokens of |shared| / (|shared| + |routed|)
     shared_tokens: torch.Tensor | None = None  # [L]
+    soft: bool = False  # soft routing (every expert runs): load counts each token at its largest-weight expert
+    attention: RoutingTally | None = None  # the attention experts' routing (mix --attention-experts)
 
     def __post_init__(self) -> None:
         self.coselection = torch.zeros(self.layers, self.experts, self.experts)
@@ -75,8 +77,8 @@ class RoutingTally:
         assert self.coselection is not None and self.entropy_sum is not None and self.z_sum is not None
         for layer, record in enumerate(records):
             indices = record.indices.reshape(record.logits.shape[0], -1)
-            counts[layer] = balance.assignment_counts(indices, self.experts).cpu()
             top1[layer] = balance.assignment_counts(indices[:, 0], self.experts).cpu()
+            counts[layer] = top1[layer] if self.soft else balance.assignment_counts(indices, self.experts).cpu()
             chosen = torch.zeros(indices.shape[0], self.experts, device=indices.device).scatter_(1, indices, 1.0)
             self.coselection[layer] += (chosen.T @ chosen).cpu()
             probs = balance.router_scores(record.logits, self.scoring)  # softmax, or normalised sigmoid scores
@@ -98,10 +100,22 @@ class RoutingTally:
             self.samples[domain] = (ids[0].tolist(), first.tolist())
 
 
+def _attention_tally(model: torch.nn.Module) -> tuple[RoutingController | None, RoutingTally | None]:
+    """A controller and a tally for the model's attention-expert routers, if it has any."""
+    routers = find_attention_routers(model)
+    if not routers:
+        return None, None
+    controller = RoutingController(model, routers=routers)
+    soft = not int(getattr(routers[0][1], "top_k", 0) or 0)
+    layers = [_decoder_layer(name, index) for index, (name, _) in enumerate(routers)]
+    return controller, RoutingTally(len(routers), controller.num_experts, decoder_layers=layers, soft=soft)
+
+
 def collect_routing(
     model: torch.nn.Module, blocks: dict[str, torch.Tensor], batch: int, progress: Any, sample_layer: int | None = None
 ) -> RoutingTally:
-    """Run every domain's blocks through ``model`` once and tally its routing."""
+    """Run every domain's blocks through ``model`` once and tally its routing (its attention experts' in
+    ``.attention``)."""
     controller = RoutingController(model)
     layers = len(controller.routers)
     if sample_layer is not None and sample_layer >= layers:
@@ -124,19 +138,27 @@ def collect_routing(
     device = next(model.parameters()).device
     model.eval()
     handles = _shared_expert_hooks(model, controller, tally)
+    attention_controller, tally.attention = _attention_tally(model)
+    sample = layers // 2 if sample_layer is None else sample_layer
     try:
         with torch.no_grad():
             for domain, domain_blocks in blocks.items():
                 for chunk in domain_blocks.split(batch):
                     controller.clear()
                     ids = chunk.long().to(device)
+                    if attention_controller is not None:
+                        attention_controller.clear()
                     model(input_ids=ids)
-                    tally.add(domain, controller, ids.cpu(), layers // 2 if sample_layer is None else sample_layer)
+                    tally.add(domain, controller, ids.cpu(), sample)
+                    if attention_controller is not None and tally.attention is not None:
+                        tally.attention.add(domain, attention_controller, ids.cpu(), tally.attention.layers // 2)
                     progress(len(chunk))
     finally:
         for handle in handles:
             handle.remove()
         controller.remove()
+        if attention_controller is not None:
+            attention_controller.remove()
     return tally
 
 
@@ -266,4 +288,7 @@ def routing_report(tally: RoutingTally, expert_names: list[str] | None) -> dict[
                 d: round(sum(mean_matrix[d][e] for e in ids), 6) for d, ids in own.items() if ids
             }
     report["samples"] = {d: {"ids": ids, "top1_expert": experts} for d, (ids, experts) in tally.samples.items()}
+    if tally.attention is not None:
+        names = expert_names if expert_names and len(expert_names) == tally.attention.experts else None
+        report["attention"] = {**routing_report(tally.attention, names), "soft": tally.attention.soft}
     return report

@@ -139,5 +139,25 @@ def write_tokenizer_file(
 
 
 def copy_tokenizer_and_generation_files(src_dir: Path, dst_dir: Path) -> list[str]:
-    """Copy tokenizer and generation-config files (tokenizer_config.json made portable); return the names."""
-    return [name for name in TOKENIZER_AND_GENERATION_FILES if write_tokenizer_file(src_dir, dst_dir, name)]
+    """Copy tokenizer and generation-config files (tokenizer_config.json made portable), and the modeling code
+    that config.json's ``auto_map`` names (moekit_moe's, or a third-party model's); return the names."""
+    copied = [name for name in TOKENIZER_AND_GENERATION_FILES if write_tokenizer_file(src_dir, dst_dir, name)]
+    return copied + copy_remote_code(src_dir, dst_dir)
+
+
+def copy_remote_code(src_dir: Path, dst_dir: Path) -> list[str]:
+    """Copy the Python files that ``auto_map`` in ``src_dir``'s config.json names (``module.Class`` entries, for
+    ``trust_remote_code=True``) that ``dst_dir`` lacks; return their names."""
+    config_path = Path(src_dir) / "config.json"
+    if not config_path.is_file():
+        return []
+    auto_map = json.loads(config_path.read_text(encoding="utf-8")).get("auto_map") or {}
+    references = [v for value in auto_map.values() for v in (value if isinstance(value, list) else [value]) if v]
+    modules = {ref.split("--")[-1].rsplit(".", 1)[0] for ref in references if isinstance(ref, str)}
+    copied = []
+    for module in sorted(modules):
+        source, target = Path(src_dir) / f"{module}.py", Path(dst_dir) / f"{module}.py"
+        if source.is_file() and not target.exists():
+            shutil.copy2(source, target)
+            copied.append(target.name)
+    return copied

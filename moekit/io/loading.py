@@ -21,6 +21,9 @@ def load_causal_lm(model_dir: Path, dtype: torch.dtype = torch.float32, **kwargs
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
+    from moekit.modeling import register
+
+    register()  # moekit's own family loads without trust_remote_code
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise InputNotFoundError(

@@ -83,6 +83,9 @@ class MoekitMoeConfig(PretrainedConfig):
         self.router_aux_loss_coef = float(router_aux_loss_coef)
         self.output_router_logits = bool(output_router_logits)
         super().__init__(**values)
+        for key, value in values.items():  # keys the base class sets aside (transformers 5: use_cache)
+            if not hasattr(self, key):
+                setattr(self, key, value)
 
     def base_config(self) -> PretrainedConfig:
         """The base family's own config class with this model's base values (for tools that need one)."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import types
 from typing import Any
 
 import torch
@@ -43,10 +44,13 @@ try:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 except ImportError:  # pragma: no cover
     from transformers.integrations import ALL_ATTENTION_FUNCTIONS
-try:
-    from transformers.utils.generic import OutputRecorder
-except ImportError:  # pragma: no cover
-    OutputRecorder = None
+try:  # transformers 5
+    from transformers.utils.output_capturing import OutputRecorder
+except ImportError:  # transformers 4.57
+    try:
+        from transformers.utils.generic import OutputRecorder
+    except ImportError:  # pragma: no cover
+        OutputRecorder = None
 
 from .configuration_moekit_moe import MoekitMoeConfig
 
@@ -79,11 +83,11 @@ class ExpertLinear(nn.Module):
         return F.linear(hidden, self.weight.reshape(-1, in_features), flat_bias).unflatten(-1, (experts, out_features))
 
 
-class MoekitRouter(nn.Module):
+class _Router(nn.Module):
     """A router: returns (logits [N, E], gate weights [N, s], expert indices [N, s]).
 
-    ``top_k`` 0: soft routing (s = E, every expert with its softmax weight); else the top-k of
-    the softmax, renormalised to sum to one.
+    ``top_k`` 0: soft routing (s = E, every expert with its softmax weight, largest first, so
+    column 0 is the top-1 expert); else the top-k of the softmax, renormalised to sum to one.
     """
 
     def __init__(self, hidden_size: int, experts: int, top_k: int) -> None:
@@ -97,14 +101,18 @@ class MoekitRouter(nn.Module):
         logits = F.linear(hidden, self.weight)
         probs = torch.softmax(logits.float(), dim=-1)
         if self.top_k <= 0 or self.top_k >= self.num_experts:
-            indices = torch.arange(self.num_experts, device=hidden.device).expand(hidden.shape[0], -1)
-            return logits, probs.to(hidden.dtype), indices
+            weights, indices = torch.sort(probs, dim=-1, descending=True)
+            return logits, weights.to(hidden.dtype), indices
         weights, indices = torch.topk(probs, self.top_k, dim=-1)
         weights = weights / weights.sum(dim=-1, keepdim=True)
         return logits, weights.to(hidden.dtype), indices
 
 
-class MoekitAttentionRouter(MoekitRouter):
+class MoekitRouter(_Router):
+    """The router of a layer's FFN experts."""
+
+
+class MoekitAttentionRouter(_Router):
     """The router of a layer's attention experts (a class of its own, so tools tell it from the FFN's)."""
 
 
@@ -288,7 +296,7 @@ class MoekitMoePreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
-        if isinstance(module, (ExpertLinear, MoekitRouter)):
+        if isinstance(module, (ExpertLinear, _Router)):
             module.weight.normal_(0.0, std)
             if getattr(module, "bias", None) is not None:
                 module.bias.zero_()
@@ -309,7 +317,9 @@ class MoekitMoeForCausalLM(MoekitMoePreTrainedModel, GenerationMixin):
     def __init__(self, config: MoekitMoeConfig) -> None:
         super().__init__(config)
         backbone, causal_lm = _base_classes(config)
-        self._base_causal_lm = causal_lm
+        # the base family's causal-LM forward (logit scaling, loss, logits_to_keep), bound to this model so that
+        # its signature is what callers inspect (transformers' generate, cache keyword)
+        self.forward = types.MethodType(causal_lm.forward, self)
         self.model = backbone(config)  # the base family's backbone, reading this config as its own
         mlp_class = type(self.model.layers[0].mlp)
         for index, layer in enumerate(self.model.layers):
@@ -334,8 +344,8 @@ class MoekitMoeForCausalLM(MoekitMoePreTrainedModel, GenerationMixin):
         self.lm_head = value
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """The base family's causal-LM forward (logit scaling, loss, logits_to_keep) on this model."""
-        return self._base_causal_lm.forward(self, *args, **kwargs)
+        """The base family's causal-LM forward (bound per instance in ``__init__``)."""
+        raise NotImplementedError  # pragma: no cover
 
 
 __all__ = ["MoekitMoeForCausalLM", "MoekitMoePreTrainedModel"]

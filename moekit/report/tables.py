@@ -107,6 +107,14 @@ def render_routing(console: Any, routing: dict[str, Any], detail: bool) -> None:
             "In-domain share (tokens routed to the expert named after their domain): "
             + ", ".join(f"{d} {v:.0%}" for d, v in routing["in_domain_share"].items())
         )
+    if routing.get("attention"):
+        how = (
+            "soft routing: every attention expert runs; load counts each token at its largest-weight expert"
+            if routing["attention"]["soft"]
+            else "top-k routing"
+        )
+        console.print(f"\n[bold]Attention experts[/] ({how})")
+        render_routing(console, routing["attention"], detail)
 
 
 def _load_table(routing: dict[str, Any], names: list[str], detail: bool) -> Any:

@@ -45,17 +45,33 @@ class LayerRecord:
         return balance.assignment_counts(self.indices, num_experts, self.mask)
 
 
-def find_routers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """The router modules of a transformers MoE, in layer order; MoekitError for dense models."""
-    recorders = [getattr(m, "_can_record_outputs", None) for m in (model, getattr(model, "model", None))]
-    router_class = next((r["router_logits"].target_class for r in recorders if r and "router_logits" in r), None)
-    routers = [(n, m) for n, m in model.named_modules() if router_class is not None and isinstance(m, router_class)]
+ATTENTION_ROUTERS = "attention_router_logits"  # the recorder key of moekit_moe's attention-expert routers
+
+
+def find_routers(model: torch.nn.Module, key: str = "router_logits") -> list[tuple[str, torch.nn.Module]]:
+    """The router modules of a transformers MoE, in layer order; MoekitError for dense models.
+
+    ``key``: the output the routers are recorded as (``router_logits``: the FFN experts' routers).
+    """
+    routers = _recorded_modules(model, key)
     if not routers:
         raise MoekitError(
             f"{type(model).__name__} has no routers: it is not a Mixture-of-Experts model.",
             "Give the MoE that `moekit mix` wrote.",
         )
     return routers
+
+
+def find_attention_routers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The routers of a model's attention experts (moekit_moe, ``mix --attention-experts``), in layer order; [] if
+    none."""
+    return _recorded_modules(model, ATTENTION_ROUTERS)
+
+
+def _recorded_modules(model: torch.nn.Module, key: str) -> list[tuple[str, torch.nn.Module]]:
+    recorders = [getattr(m, "_can_record_outputs", None) for m in (model, getattr(model, "model", None))]
+    router_class = next((r[key].target_class for r in recorders if r and key in r), None)
+    return [(n, m) for n, m in model.named_modules() if router_class is not None and isinstance(m, router_class)]
 
 
 def router_top_k(model: torch.nn.Module, router: torch.nn.Module) -> int:
@@ -82,9 +98,10 @@ class RoutingController:
         mode: RoutingMode = "topk",
         capacity_factor: float = 1.5,
         settings: RoutingSettings | None = None,
+        routers: list[tuple[str, torch.nn.Module]] | None = None,
     ) -> None:
         self.settings = settings or RoutingSettings(mode, capacity_factor)
-        self.routers = find_routers(model)
+        self.routers = routers if routers is not None else find_routers(model)
         self.mode, self.capacity_factor = self.settings.mode, self.settings.capacity_factor
         self.num_experts = int(self.routers[0][1].weight.shape[0])
         self.top_k = router_top_k(model, self.routers[0][1])

@@ -30,7 +30,7 @@ class ModelCompute:
     active_params: int  # matmul parameters a token passes through (routed experts weighted by top_k / E)
     total_params: int  # every parameter once (tied weights once)
     layers: int
-    attention_width: int  # num_attention_heads x head_dim
+    attention_width: int  # num_attention_heads x head_dim (x attention experts: each runs its own queries)
 
     def training_flops_per_token(self, seq_len: int) -> float:
         """Forward + backward FLOPs of one token at context ``seq_len``."""
@@ -51,7 +51,9 @@ def model_compute(model_dir: Path | str) -> ModelCompute:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from moekit.inspection.static import num_experts_of, top_k_of
+    from moekit.modeling import register
 
+    register()
     config_dict = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
@@ -76,7 +78,9 @@ def compute_of(model: Any, experts: int | None, top_k: int) -> ModelCompute:
     config = model.config
     heads = int(config.num_attention_heads)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
-    return ModelCompute(int(active), total, int(config.num_hidden_layers), heads * head_dim)
+    # attention experts (moekit_moe) attend with every expert's query heads: soft routing runs them all
+    attention_experts = max(1, int(getattr(config, "attention_experts", 0) or 0))
+    return ModelCompute(int(active), total, int(config.num_hidden_layers), heads * head_dim * attention_experts)
 
 
 def training_flops(model_dir: Path | str, tokens: int, seq_len: int) -> float:

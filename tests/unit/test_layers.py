@@ -41,7 +41,7 @@ LAYERS: list[tuple[str, int]] = [
     ("moekit.progress", 2),
     ("moekit.devices", 2),
     ("moekit.arch", 1),
-    ("moekit.modeling", 1),
+    ("moekit.modeling", 0),
     ("moekit.io", 0),
     ("moekit.errors", 0),
     ("moekit", 0),  # the package's __init__ only (not a prefix: every module must be listed)

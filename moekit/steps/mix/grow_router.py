@@ -162,6 +162,9 @@ def _load_for_calibration(moe_dir: Path) -> torch.nn.Module:
     accelerate's device map, so an MoE larger than one GPU still runs. Router inputs are taken in fp32 either way."""
     from transformers import AutoModelForCausalLM
 
+    from moekit.modeling import register
+
+    register()
     if choose_device().type == "cuda":
         return AutoModelForCausalLM.from_pretrained(moe_dir, dtype=torch.bfloat16, device_map="auto").eval()
     return AutoModelForCausalLM.from_pretrained(moe_dir, dtype=torch.float32).eval()

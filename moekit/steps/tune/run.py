@@ -31,7 +31,8 @@ from moekit.io.locks import exclusive
 from moekit.io.outputs import guard_output
 from moekit.manifest import StageRecord, load_manifest, updating_manifest
 from moekit.models import check_context_length, check_model_dir
-from moekit.routing.control import RoutingController, RoutingSettings, is_training_only
+from moekit.routing.attention_stats import AttentionRoutingStats
+from moekit.routing.control import RoutingController, RoutingSettings, find_attention_routers, is_training_only
 from moekit.routing.objective import BalancedObjective, BalanceSettings, all_reduce_sum
 from moekit.steps.tune.inputs import check_routing_mode, lock_path, tune_inputs, work_dir_for
 from moekit.steps.tune.record import heldout_summary, provenance_writer
@@ -89,10 +90,12 @@ def _tune(cfg: TuneConfig, engine: Engine, show_progress: bool) -> TuneResult:
         controller, BalanceSettings(cfg.balance, cfg.aux_coef, cfg.z_coef, cfg.balance_scope, scoring), bias
     )
     heldout: dict[str, Any] = {}
-    job = _loop_job(cfg, model, controller, domains, objective, engine, heldout, show_progress)
+    attention = AttentionRoutingStats(find_attention_routers(model), engine.device)
+    job = _loop_job(cfg, model, controller, domains, objective, engine, heldout, show_progress, attention)
     job.save_dtype = save_dtype
     result = run_loop(job, engine)
     controller.remove()
+    attention.remove()
     routing = heldout_summary(heldout.get("counts"))
     saved = _save(cfg, model, result, save_dtype, routing) if engine.is_main_process else None
     engine.wait_for_everyone()
@@ -133,6 +136,7 @@ def _loop_job(
     engine: Engine,
     heldout: dict[str, Any],
     show_progress: bool,
+    attention: AttentionRoutingStats,
 ) -> LoopJob:
     """The training loop's job: the data mixture, what trains, the balancing objective, evaluation with the model's
     own routing."""
@@ -182,8 +186,8 @@ def _loop_job(
         cfg.stage,
         show_progress,
         compute_loss=objective,
-        trainable=trainable_predicate(cfg, controller, frozen, new_expert),
-        step_metrics=objective.step_metrics,
+        trainable=trainable_predicate(cfg, controller, frozen, new_expert, find_attention_routers(model)),
+        step_metrics=lambda: {**objective.step_metrics(), **attention.step_metrics()},
         no_decay=no_decay,
         fingerprint_extra={"tune": options},
         eval_context=evaluation_routing,

@@ -20,7 +20,11 @@ def is_routed_expert(name: str) -> bool:
 
 
 def trainable_predicate(
-    cfg: TuneConfig, controller: RoutingController, frozen: set[str] = frozenset(), new_expert: Any = None
+    cfg: TuneConfig,
+    controller: RoutingController,
+    frozen: set[str] = frozenset(),
+    new_expert: Any = None,
+    attention_routers: list[tuple[str, Any]] = (),  # type: ignore[assignment]
 ) -> Any:
     """Which parameters learn, by name (never those in ``frozen``, e.g. the selection biases).
 
@@ -28,9 +32,9 @@ def trainable_predicate(
     LM head, experts and any shared expert stay frozen); ``all-but-experts`` (BTX's "frozen
     experts" ablation: everything but the routed experts learns); ``new-expert+router`` (the
     routers and the expert ``mix --add-expert`` added, by ``new_expert``). Noisy top-k's noise
-    weights belong to the routers.
+    weights belong to the routers, and so do attention experts' routers (``mix --attention-experts``).
     """
-    router_prefixes = tuple(f"{name}." for name, _ in controller.routers)
+    router_prefixes = tuple(f"{name}." for name, _ in [*controller.routers, *attention_routers])
     if cfg.train == "all":
         chosen = lambda name: True  # noqa: E731
     elif cfg.train == "router":
