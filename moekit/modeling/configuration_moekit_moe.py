@@ -14,7 +14,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import transformers
 from transformers import CONFIG_MAPPING, PretrainedConfig
+
+_TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 
 # moekit_moe's own keys; every other key belongs to the base family's config.
 MOEKIT_KEYS = (
@@ -67,6 +70,12 @@ class MoekitMoeConfig(PretrainedConfig):
             raise ValueError(f"moekit_moe: unknown base_model_type {base_model_type!r}")
         if attention_kv not in ("shared", "expert"):
             raise ValueError(f"moekit_moe: attention_kv must be 'shared' or 'expert', not {attention_kv!r}")
+        if "torch_dtype" in kwargs:  # the older readers' name, written next to dtype; transformers 5 warns on it
+            legacy = kwargs.pop("torch_dtype")
+            if _TRANSFORMERS_5:
+                kwargs.setdefault("dtype", legacy)
+            else:
+                kwargs["torch_dtype"] = legacy
         base_kwargs = {k: v for k, v in kwargs.items() if k not in _NOT_COPIED}
         # The base family's class fills in its defaults (and normalises RoPE settings); explicit
         # values win. Its keys become ours, so its modules find every attribute they read.
