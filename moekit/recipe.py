@@ -88,6 +88,17 @@ class MixStage(_Strict):
         None, ge=1, description="sparse upcycling baseline: this many copies of the seed FFN"
     )
     drop_fraction: float = Field(0.0, ge=0, le=1, description="drop-upcycling share (with upcycle_experts)")
+    attention_experts: bool = Field(False, description="BAM: attention experts too (moekit's own model family)")
+    attention_kv: Literal["shared", "expert"] = "shared"
+    attention_top_k: int = Field(0, ge=0, description="0: soft routing over all attention experts")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The options as fingerprinted; the attention-expert keys only when on, so runs of older recipes keep their
+        fingerprints."""
+        return self.model_dump(
+            mode="json",
+            exclude=set() if self.attention_experts else {"attention_experts", "attention_kv", "attention_top_k"},
+        )
 
     @model_validator(mode="before")
     @classmethod
@@ -111,6 +122,10 @@ class MixStage(_Strict):
             )
         if self.upcycle_experts is None and self.drop_fraction:
             raise ValueError("drop_fraction only applies with upcycle_experts")
+        if self.attention_experts and self.upcycle_experts is not None:
+            raise ValueError("attention_experts needs branches (upcycled copies of the seed's attention are identical)")
+        if not self.attention_experts and (self.attention_kv != "shared" or self.attention_top_k):
+            raise ValueError("attention_kv and attention_top_k apply with attention_experts: true")
         if (self.weights is not None) != (self.average == "weighted"):
             raise ValueError("give weights exactly when average is weighted")
         return self

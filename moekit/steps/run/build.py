@@ -133,8 +133,7 @@ class BuildStages(RunBase):
         options = self.recipe.mix.model_dump(mode="json", exclude={"upcycle_experts", "drop_fraction"})
         upcycle = self.recipe.mix.upcycle_experts
         fingerprint = stage_hash(
-            self.fingerprints.get("train") if not upcycle else self.fingerprints["seed"],
-            self.recipe.mix.model_dump(mode="json"),
+            self.fingerprints.get("train") if not upcycle else self.fingerprints["seed"], self.recipe.mix.fingerprint()
         )
         if upcycle:  # the baseline: copies of the seed FFN, no branches
             options.update(average="uniform", weights=None, router="random", seed_as="routed")
@@ -148,6 +147,7 @@ class BuildStages(RunBase):
                     k: v
                     for k, v in options.items()
                     if k not in ("average", "weights", "router_sharpness", "router_tokens")
+                    and not k.startswith("attention_")
                 },
             )
         else:

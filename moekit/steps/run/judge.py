@@ -56,7 +56,7 @@ class JudgeStages(RunBase):
         fingerprint = stage_hash(
             self.fingerprints.get("tune"),
             self.fingerprints.get("train"),
-            options.model_dump(mode="json"),
+            options.fingerprint(),
             spec.model_dump(mode="json"),
         )
         init = self.run_dir / ".upcycle-init"
