@@ -51,6 +51,9 @@ VARIANTS: dict[str, list[str]] = {
         "train.warmup_steps=12",
     ],  # twice the branch training: more drift, more specialisation
     "tune-lr1e-3": ["tune.loop.lr=1.0e-3"],
+    # Branch-Attend-Mix: the branches' attention become attention experts (soft routing) instead of being averaged
+    "bam-shared": ["mix.attention_experts=true", "mix.attention_kv=shared"],
+    "bam-expert": ["mix.attention_experts=true", "mix.attention_kv=expert"],
 }
 VARIANT_STAGES = "stages=[branch, train, mix, tune, eval]"
 

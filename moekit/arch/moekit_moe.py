@@ -52,7 +52,6 @@ class MoekitAdapter(ArchAdapter):
             num_local_experts=num_experts,
             num_experts_per_tok=top_k,
             moe_intermediate_size=expert_size if expert_size != dense.get("intermediate_size") else None,
-            output_router_logits=False,
         )
         return kwargs
 

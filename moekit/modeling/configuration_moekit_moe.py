@@ -28,8 +28,6 @@ MOEKIT_KEYS = (
     "attention_experts",
     "attention_kv",
     "attention_top_k",
-    "router_aux_loss_coef",
-    "output_router_logits",
 )
 _NOT_COPIED = ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path")
 
@@ -46,8 +44,9 @@ class MoekitMoeConfig(PretrainedConfig):
         attention_kv: ``shared`` (one key/value projection, per-expert query and output) or
             ``expert`` (every projection per expert).
         attention_top_k: 0 for soft routing over every attention expert, else top-k.
-        router_aux_loss_coef: weight of the load-balancing loss when ``output_router_logits``.
-        output_router_logits: return the FFN routers' logits and add the balancing loss.
+
+    The model's forward adds no load-balancing loss (``moekit tune`` adds its own); the routers'
+    outputs can be read with forward hooks on ``MoekitRouter`` and ``MoekitAttentionRouter``.
     """
 
     model_type = "moekit_moe"
@@ -62,8 +61,6 @@ class MoekitMoeConfig(PretrainedConfig):
         attention_experts: int = 0,
         attention_kv: str = "shared",
         attention_top_k: int = 0,
-        router_aux_loss_coef: float = 0.0,
-        output_router_logits: bool = False,
         **kwargs: Any,
     ) -> None:
         if base_model_type not in CONFIG_MAPPING:
@@ -89,8 +86,6 @@ class MoekitMoeConfig(PretrainedConfig):
         self.attention_experts = int(attention_experts)
         self.attention_kv = attention_kv
         self.attention_top_k = int(attention_top_k)
-        self.router_aux_loss_coef = float(router_aux_loss_coef)
-        self.output_router_logits = bool(output_router_logits)
         super().__init__(**values)
         for key, value in values.items():  # keys the base class sets aside (transformers 5: use_cache)
             if not hasattr(self, key):

@@ -14,8 +14,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
 def check(job: dict) -> dict:
+    remote = {"trust_remote_code": True} if job.get("remote_code") else {}  # moekit_moe: its code ships with it
     model, info = AutoModelForCausalLM.from_pretrained(
-        job["model"], output_loading_info=True, torch_dtype=torch.float32
+        job["model"], output_loading_info=True, torch_dtype=torch.float32, **remote
     )
     ids = torch.load(job["ids"])
     with torch.no_grad():
@@ -25,6 +26,7 @@ def check(job: dict) -> dict:
     return {
         "model": job["model"],
         "class": type(model).__name__,
+        "module": type(model).__module__,
         "loading_info": {k: sorted(map(str, v)) for k, v in info.items()},
         "max_abs_diff": float((logits - reference).abs().max()),
         "tokenizer": type(tokenizer).__name__,

@@ -79,6 +79,8 @@ EXTRA_TARGETS = {  # family -> (target, seed_as) built besides the default targe
     "qwen2": [("glm4_moe", "shared")],
     "qwen3": [("glm4_moe", "routed")],
 }
+BAM_OUTPUTS = [("llama", "shared"), ("qwen3", "expert"), ("qwen2", "expert"), ("granite", "shared")]
+BAM_NAMES = [f"{family}-bam-{kv}" for family, kv in BAM_OUTPUTS]
 EXTRA_NAMES = [f"{family}-{target}-{seed_as}" for family, pairs in EXTRA_TARGETS.items() for target, seed_as in pairs]
 
 
@@ -100,6 +102,11 @@ def outputs(tmp_path_factory) -> dict[str, Path]:
                 seed, root / f"{family}-{target}-{seed_as}", target=target, seed_as=seed_as
             )
     made.update(_trained_outputs(root))
+    for family, kv in BAM_OUTPUTS:  # moekit's own family: loaded with trust_remote_code=True
+        seed = root / f"{family}-seed"
+        made[f"{family}-bam-{kv}"] = _moe_from(
+            seed, root / f"{family}-bam-{kv}", attention_experts=True, attention_kv=kv
+        )
     return made
 
 
@@ -121,6 +128,7 @@ def reader_results(outputs, tmp_path_factory) -> dict[str, dict]:
                 "ids": str(root / "ids.pt"),
                 "logits": str(root / f"{name}.pt"),
                 "text": TEXT,
+                "remote_code": (model_dir / "modeling_moekit_moe.py").is_file(),
             }
         )
     (root / "jobs.json").write_text(json.dumps(jobs))
@@ -135,7 +143,7 @@ def reader_results(outputs, tmp_path_factory) -> dict[str, dict]:
 
 
 @pytest.mark.parametrize(
-    "name", [f"{f}-moe" for f in FAMILIES] + EXTRA_NAMES + ["llama-trained-branch", "mixtral-tuned"]
+    "name", [f"{f}-moe" for f in FAMILIES] + EXTRA_NAMES + BAM_NAMES + ["llama-trained-branch", "mixtral-tuned"]
 )
 def test_transformers_4_57_loads_the_output(name, outputs, reader_results):
     result = reader_results[name]
@@ -143,6 +151,8 @@ def test_transformers_4_57_loads_the_output(name, outputs, reader_results):
     assert all(not v for v in result["loading_info"].values()), result["loading_info"]
     assert result["max_abs_diff"] < 1e-4, result["max_abs_diff"]
     assert result["token_ids"] == Tokenizer.from_file(str(outputs[name] / "tokenizer.json")).encode(TEXT).ids
+    if name in BAM_NAMES:  # transformers 4.57 ran the modeling code shipped in the output directory
+        assert result["module"].startswith("transformers_modules."), result["module"]
 
 
 # --- llama.cpp's converter -----------------------------------------------------------------

@@ -145,3 +145,27 @@ def test_btx_pipeline_on_smollm2(seed, data, tmp_path):
     assert all(
         f'<section id="{s}">' in page for s in ("stages", "curves", "evaluation", "routing", "tokens", "generations")
     )
+
+
+@pytest.mark.parametrize("kv", ["shared", "expert"])
+def test_attention_experts_on_smollm2(kv, seed, tmp_path):
+    """BAM on the real bf16, tied, GQA seed: identical branches give the seed's logits (fp32 to 1e-4, bf16 within
+    its rounding) and its greedy text, with the KV cache and without."""
+    run = tmp_path / "run"
+    cli("branch", seed, run, "--domain", "code", "--domain", "prose")
+    out = tmp_path / f"bam-{kv}"
+    cli("mix", run, "--attention-experts", "--attention-kv", kv, "--out", out)
+    assert_portable_checkpoint(out, torch.bfloat16, tied=True, reference_tokenizer=seed)
+    tokenizer = AutoTokenizer.from_pretrained(seed)
+    ids = tokenizer("def fibonacci(n):\n    if n < 2:\n        return n\n", return_tensors="pt")["input_ids"]
+    for dtype, tolerance in ((torch.float32, 1e-4), (torch.bfloat16, 0.25)):
+        moe = AutoModelForCausalLM.from_pretrained(out, dtype=dtype).eval()
+        dense = AutoModelForCausalLM.from_pretrained(seed, dtype=dtype).eval()
+        with torch.no_grad():
+            got, expected = moe(ids).logits.float(), dense(ids).logits.float()
+        assert (got - expected).abs().max() < tolerance, (dtype, (got - expected).abs().max())
+        assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
+    assert _greedy(out, seed, new_tokens=32) == _greedy(seed, seed, new_tokens=32)
+    moe = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    uncached = moe.generate(ids, max_new_tokens=16, do_sample=False, use_cache=False)
+    assert torch.equal(moe.generate(ids, max_new_tokens=16, do_sample=False), uncached)
