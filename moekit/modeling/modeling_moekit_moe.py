@@ -84,7 +84,7 @@ class ExpertLinear(nn.Module):
 
 
 class _Router(nn.Module):
-    """A router: returns (logits [N, E], gate weights [N, s], expert indices [N, s]).
+    """A router: returns (logits [N, E], fp32 gate weights [N, s], expert indices [N, s]).
 
     ``top_k`` 0: soft routing (s = E, every expert with its softmax weight, largest first, so
     column 0 is the top-1 expert); else the top-k of the softmax, renormalised to sum to one.
@@ -102,10 +102,9 @@ class _Router(nn.Module):
         probs = torch.softmax(logits.float(), dim=-1)
         if self.top_k <= 0 or self.top_k >= self.num_experts:
             weights, indices = torch.sort(probs, dim=-1, descending=True)
-            return logits, weights.to(hidden.dtype), indices
+            return logits, weights, indices
         weights, indices = torch.topk(probs, self.top_k, dim=-1)
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-        return logits, weights.to(hidden.dtype), indices
+        return logits, weights / weights.sum(dim=-1, keepdim=True), indices
 
 
 class MoekitRouter(_Router):
@@ -130,12 +129,14 @@ class MoekitSparseMoeBlock(nn.Module):
         shape = hidden_states.shape
         flat = hidden_states.reshape(-1, shape[-1])
         _, weights, indices = self.gate(flat)
-        out = torch.zeros_like(flat)
+        # each expert's output in the model's dtype, the weighted sum in fp32 and rounded once (identical experts
+        # then give the dense FFN's output exactly, in bf16 too)
+        out = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)
         for expert in torch.unique(indices).tolist():
             rows, slot = torch.where(indices == expert)
-            produced = self.experts[expert](flat[rows]) * weights[rows, slot, None].to(flat.dtype)
+            produced = self.experts[expert](flat[rows]).float() * weights[rows, slot, None]
             out.index_add_(0, rows, produced)
-        return out.reshape(shape)
+        return out.to(flat.dtype).reshape(shape)
 
 
 def _per_expert_norms(norm: nn.Module, experts: int) -> nn.ModuleList:
@@ -239,9 +240,9 @@ class MoekitAttentionExperts(nn.Module):
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, length, hidden = hidden_states.shape
-        _, weights, indices = self.router(hidden_states)
-        gates = torch.zeros(batch * length, self.experts, dtype=weights.dtype, device=weights.device)
-        gates = gates.scatter(1, indices, weights).reshape(batch, length, self.experts, 1)
+        _, weights, indices = self.router(hidden_states)  # fp32 weights
+        gates = torch.zeros(batch * length, self.experts, dtype=torch.float32, device=weights.device)
+        gates = gates.scatter(1, indices, weights.float()).reshape(batch, length, self.experts, 1)
         q, k, v = self._project(hidden_states)
         cos, sin = position_embeddings
         q, k = self._rope(q, k, cos, sin)
@@ -261,9 +262,12 @@ class MoekitAttentionExperts(nn.Module):
             **kwargs,
         )
         out = self._group_queries(out, inverse=True).reshape(batch, length, self.experts, -1)
-        mixed = torch.einsum("bten,ehn->bth", out * gates.to(out.dtype), self.o_proj.weight)
+        # each expert's output projection in the model's dtype (as the dense model's), then the weighted sum in
+        # fp32, rounded once: identical experts give the dense output to the last bit in bf16 too
+        per_expert = torch.einsum("bten,ehn->bteh", out, self.o_proj.weight)
         if self.o_proj.bias is not None:
-            mixed = mixed + gates.squeeze(-1).to(out.dtype) @ self.o_proj.bias
+            per_expert = per_expert + self.o_proj.bias
+        mixed = (per_expert.float() * gates).sum(dim=2).to(out.dtype)
         return mixed, attn_weights
 
     def _update_cache(
