@@ -35,7 +35,30 @@ def write_plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
                 f"domains_layer{layer['layer']:02d}.png",
             )
         )
-    paths = [figures.heatmap_file(matrix, rows, names, title, out_dir / name) for matrix, rows, title, name in drawn]
+    attention = routing.get("attention")
+    if attention:  # mix --attention-experts: where each domain's tokens put their largest attention-expert weight
+        drawn.append(
+            (
+                [attention["domain_matrix_mean"][d] for d in domains],
+                domains,
+                "domain x attention expert (top weight, mean over layers)",
+                "attention_domains_mean.png",
+            )
+        )
+        drawn.append(
+            (
+                [layer["gate_fraction"] for layer in attention["layers"]],
+                [f"layer {layer['layer']}" for layer in attention["layers"]],
+                "attention-expert gate mass per layer",
+                "attention_gate_mass.png",
+            )
+        )
+    paths = [
+        figures.heatmap_file(
+            matrix, rows, expert_labels(attention) if "attention" in name else names, title, out_dir / name
+        )
+        for matrix, rows, title, name in drawn
+    ]
     paths.append(write_page(out_dir / "report.html", _page(report, paths)))
     return paths
 

@@ -199,9 +199,13 @@ def test_router_only_tune_trains_both_routers_and_reports_the_attention_router(b
 
 
 def test_inspect_eval_generate_and_compute(bam_run, tmp_path):
-    result = cli("inspect", bam_run, *_data(tmp_path), "--seq-len", "32", "--json", tmp_path / "inspect.json")
+    plots = tmp_path / "plots"
+    result = cli(
+        "inspect", bam_run, *_data(tmp_path), "--seq-len", "32", "--json", tmp_path / "inspect.json", "--plot", plots
+    )
     assert result.exit_code == 0, result.output
     assert "Attention experts" in result.output
+    assert (plots / "attention_domains_mean.png").is_file() and (plots / "attention_gate_mass.png").is_file()
     attention = json.loads((tmp_path / "inspect.json").read_text())["routing"]["attention"]
     assert attention["soft"] and attention["expert_names"] == ["code", "math", "seed"]
     assert len(attention["layers"]) == 2 and set(attention["domain_matrix_mean"]) == {"code", "math"}
