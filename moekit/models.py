@@ -52,16 +52,44 @@ def load_tokenizer(model_dir: Path) -> Any:
         ) from exc
 
 
-def check_context_length(model_dir: Path, seq_len: int, option: str = "--seq-len") -> None:
-    """Refuse blocks longer than the model's context (``max_position_embeddings``): positions past it were
-    never trained, and the numbers would say little about the model."""
+def context_length(model_dir: Path) -> int | None:
+    """The model's context (``max_position_embeddings``), or None when config.json does not say (or is unreadable:
+    that is reported where the model is loaded)."""
     import json
 
     try:
         limit = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8")).get("max_position_embeddings")
     except (OSError, ValueError):
-        return  # unreadable configs are reported where the model is loaded
-    if isinstance(limit, int) and limit > 0 and seq_len > limit:
+        return None
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
+def fit_context_length(model_dirs: list[Path], settings: Any, option: str = "--seq-len") -> None:
+    """Fit ``settings.seq_len`` (a config with that field) to the shortest context of ``model_dirs``.
+
+    A default that is longer becomes the context, said once on stderr; a value the user gave
+    (in ``settings.model_fields_set``) that is longer is refused, as :func:`check_context_length` does.
+    """
+    from moekit.progress import notice
+
+    limits = [(limit, path) for path in model_dirs if (limit := context_length(path)) is not None]
+    if not limits or settings.seq_len <= min(limits)[0]:
+        return
+    limit, path = min(limits)
+    if "seq_len" in settings.model_fields_set:
+        check_context_length(path, settings.seq_len, option)
+    notice(
+        f"{option} defaults to {settings.seq_len}, longer than the context of {path} ({limit} positions): "
+        f"using {option} {limit}."
+    )
+    settings.seq_len = limit
+
+
+def check_context_length(model_dir: Path, seq_len: int, option: str = "--seq-len") -> None:
+    """Refuse blocks longer than the model's context (``max_position_embeddings``): positions past it were
+    never trained, and the numbers would say little about the model."""
+    limit = context_length(model_dir)
+    if limit is not None and seq_len > limit:
         raise InvalidOptionError(
             f"{option} {seq_len} is longer than the context of {model_dir} ({limit} positions, "
             "max_position_embeddings).",

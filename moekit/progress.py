@@ -100,6 +100,11 @@ def parse_plain_line(line: str) -> dict[str, str] | None:
     return fields
 
 
+def notice(text: str) -> None:
+    """Say one thing the user should know about a choice made for them (on stderr, so output stays clean)."""
+    print(f"note: {text}", file=sys.stderr, flush=True)
+
+
 def _on_terminal() -> bool:
     return sys.stderr.isatty()
 

@@ -175,8 +175,12 @@ def given_options(values: dict[str, Any], command: Callable[..., Any]) -> list[s
 
 def fields_of(config: type[BaseModel], options: dict[str, Any]) -> dict[str, Any]:
     """The entries of ``options`` (a command's parameters, ``locals()``) named like fields of ``config``: the
-    options that go into the config as they were given."""
-    return {name: value for name, value in options.items() if name in config.model_fields}
+    options that go into the config as they were given (``seq_len`` only when given: its default is fitted to the
+    model's context)."""
+    fields = {name: value for name, value in options.items() if name in config.model_fields}
+    if fields.get("seq_len", 0) is None:
+        del fields["seq_len"]
+    return fields
 
 
 def only_given(**values: Any) -> dict[str, Any]:
@@ -202,7 +206,12 @@ TEXT_FIELD_OPTION = typer.Option(
     DEFAULT_TEXT_FIELD, "--text-field", help="Text field of .jsonl/.json/.parquet records."
 )
 MAX_TOKENS_OPTION = typer.Option(default_of(InspectConfig, "max_tokens"), "--max-tokens", help="Tokens per domain.")
-SEQ_LEN_OPTION = typer.Option(default_of(InspectConfig, "seq_len"), "--seq-len", help="Tokens per block.")
+SEQ_LEN_OPTION = typer.Option(
+    None,
+    "--seq-len",
+    help=f"Tokens per block (default {default_of(InspectConfig, 'seq_len')}, or the model's context when that is "
+    "shorter).",
+)
 BATCH_SIZE_OPTION = typer.Option(
     default_of(InspectConfig, "batch_size"), "--batch-size", help="Blocks per forward pass."
 )

@@ -31,7 +31,7 @@ def eval_command(
         help="DOMAIN=PATH held-out data; repeat (default with a run directory: its branches' held-out splits).",
     ),
     max_tokens: int = MAX_TOKENS_OPTION,
-    seq_len: int = SEQ_LEN_OPTION,
+    seq_len: Optional[int] = SEQ_LEN_OPTION,
     batch_size: int = BATCH_SIZE_OPTION,
     text_field: str = TEXT_FIELD_OPTION,
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),

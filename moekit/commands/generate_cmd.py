@@ -143,12 +143,15 @@ def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> Optional
 
 
 def _show(console: Any, generator: Any, prompt: str, routing: bool) -> None:
-    """Stream one generation to the terminal, then its timing and (with --routing) its tokens coloured by expert."""
+    """Stream one generation to the terminal, then its timing (on stderr: redirected output holds only the text) and
+    (with --routing) its tokens coloured by expert."""
+    from rich.console import Console
+
     from moekit.report.tables import render_generation_routing
 
     generation = generator.generate(prompt, lambda piece: console.print(piece, end="", markup=False, soft_wrap=True))
     console.print()
-    console.print(
+    Console(stderr=True).print(
         f"[dim]{len(generation.tokens)} tokens in {generation.seconds:.2f} s"
         + (" with SCMoE" if generator.cfg.scmoe else "")
         + "[/]"

@@ -24,7 +24,7 @@ def inspect_command(
         [], "--data", help="DOMAIN=PATH data to route; repeat. Without it: static statistics only."
     ),
     max_tokens: int = MAX_TOKENS_OPTION,
-    seq_len: int = SEQ_LEN_OPTION,
+    seq_len: Optional[int] = SEQ_LEN_OPTION,
     batch_size: int = BATCH_SIZE_OPTION,
     text_field: str = TEXT_FIELD_OPTION,
     json_path: Optional[Path] = typer.Option(

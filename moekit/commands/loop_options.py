@@ -26,7 +26,15 @@ LOOP_OPTIONS: dict[str, tuple[Any, Any]] = {
         Optional[int],
         typer.Option(None, "--max-tokens", help="Tokens to train on (instead of --max-steps)."),
     ),
-    "seq_len": (int, typer.Option(_default("seq_len"), "--seq-len", help="Tokens per packed block.")),
+    "seq_len": (
+        Optional[int],
+        typer.Option(
+            None,
+            "--seq-len",
+            help=f"Tokens per packed block (default {_default('seq_len')}, or the model's context when that is "
+            "shorter).",
+        ),
+    ),
     "batch_size": (
         int,
         typer.Option(_default("batch_size"), "--batch-size", help="Blocks per micro-batch per process."),
@@ -123,6 +131,8 @@ def with_loop_options(command: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         values = {name: kwargs.pop(name) for name in LOOP_OPTIONS}
+        if values["seq_len"] is None:  # not given: the default, fitted to the model's context by the step
+            del values["seq_len"]
         return command(*args, loop=LoopSettings(**values), **kwargs)
 
     wrapper.__signature__ = signature.replace(parameters=[*own, *added])  # type: ignore[attr-defined]

@@ -4,18 +4,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from moekit.commands.common import given_options, only_given, parse_key_values, refuse_unused, said
+from moekit.commands.common import only_given, parse_key_values, refuse_unused, said
 from moekit.config import MixConfig, UpcycleSettings, default_of
 
 if TYPE_CHECKING:
     from rich.console import Console
 
     from moekit.steps.mix import MixResult
-    from moekit.steps.mix.grow import GrowResult
 
 _ZEROS_REFUSAL = (
     "--router zeros is refused: with an all-zero router every logit ties, top-k then sends every "
@@ -163,7 +162,10 @@ def mix_command(
     ),
     top_k: int = typer.Option(default_of(MixConfig, "top_k"), "--top-k", min=1, help="Experts per token."),
     router: str = typer.Option(
-        default_of(MixConfig, "router"), "--router", help="Router init: random (small std) | centroid (data-aware)."
+        default_of(MixConfig, "router"),
+        "--router",
+        help="Router init: random (small std) | centroid (data-aware). With --add-expert, the new row: centroid "
+        "(default: fitted on --router-data) | mean (the mean of the existing rows; no data needed).",
     ),
     router_data: list[str] = typer.Option(
         [], "--router-data", help="DOMAIN=PATH calibration text for --router centroid; repeat."
@@ -244,24 +246,15 @@ def mix_command(
     """
     from rich.console import Console
 
+    from moekit.commands.mix_grow import grow_from_options
     from moekit.errors import InvalidOptionError
     from moekit.steps.mix import mix
     from moekit.steps.mix.inputs import mix_sources
 
     options = locals()
     calibration = only_given(router_tokens=router_tokens, router_block_size=router_seq_len)
-    if add_expert is not None or into is not None:
-        _refuse_mixing_options({name: options[name] for name in _MIXING}, add_expert)
-        _grow(
-            run_dir,
-            add_expert,
-            into,
-            out,
-            parse_key_values(router_data, "--router-data"),
-            calibration,
-            shard_size,
-            force,
-        )
+    if add_expert is not None or into is not None or router == "mean":
+        grow_from_options(options, calibration, [name for name in _MIXING if name != "router"], mix_command)
         return
     if router == "zeros":
         raise InvalidOptionError(_ZEROS_REFUSAL, "Use --router random (small std) or --router centroid.")
@@ -294,75 +287,6 @@ def mix_command(
     _report(Console(), mix(cfg, show_progress=True))
 
 
-def _grow(
-    run_dir: Optional[Path],
-    add_expert: Optional[str],
-    into: Optional[Path],
-    out: Optional[Path],
-    router_data: dict[str, str],
-    calibration: dict[str, int],
-    shard_size: str,
-    force: bool,
-) -> None:
-    """``mix --add-expert``: the inputs from NAME[=DIR], --into and --out (RUN_DIR's where given), then grow the MoE."""
-    from rich.console import Console
-
-    from moekit.config import GrowConfig
-    from moekit.steps.mix.grow import add_expert as grow
-    from moekit.steps.mix.grow_inputs import grow_sources
-
-    assert add_expert is not None
-    name, branch_dir, into, out = grow_sources(run_dir, add_expert, into, out)
-    cfg = GrowConfig(
-        into=into,
-        name=name,
-        branch=branch_dir,
-        out=out,
-        run_dir=run_dir,
-        shard_size=shard_size,
-        force=force,
-        router_data=router_data,
-        **calibration,
-    )
-    _report_grow(Console(), grow(cfg, show_progress=True), name, run_dir)
-
-
-def _refuse_mixing_options(values: dict[str, Any], add_expert: str | None) -> None:
-    """With --add-expert the MoE keeps its experts, top-k, dtype and averaged tensors: refuse options that would
-    change them."""
-    from moekit.errors import InvalidOptionError
-
-    given = given_options(values, mix_command)
-    if given:
-        raise InvalidOptionError(
-            f"{', '.join(given)} do(es) not apply with --add-expert: the MoE keeps its experts, top-k, dtype "
-            "and averaged tensors.",
-            f"Remove {', '.join(given)}.",
-        )
-    if add_expert is None:
-        raise InvalidOptionError(
-            "--into only applies with --add-expert.", "Add --add-expert NAME[=DIR], or remove --into."
-        )
-
-
-def _report_grow(console: Console, result: GrowResult, name: str, run_dir: Optional[Path]) -> None:
-    console.print(
-        f"[green]Wrote[/] {result.moe_type} MoE with {len(result.experts)} routed experts "
-        f"({', '.join(result.experts)}) to {result.out}"
-    )
-    console.print(
-        f"New router rows: {result.router_stats['init_new_domain_top_k']:.0%} of {name} tokens and "
-        f"{result.router_stats['init_old_domains_top_k']:.0%} of the other domains' tokens have expert '{name}' "
-        "in their top-k."
-    )
-    for note in result.notes:
-        console.print(f"[yellow]Note:[/] {note}")
-    console.print(
-        "Every old tensor is kept byte for byte. Tune the router next, e.g. moekit tune "
-        f"{result.out} --train router{'' if run_dir else ' --data ' + name + '=PATH --out DIR'}."
-    )
-
-
 def _seed_role(seed_as: Optional[str], seed_expert: Optional[bool]) -> str:
     """--seed-as, or its old spelling --seed-expert/--no-seed-expert; refuse a contradiction."""
     from moekit.errors import InvalidOptionError
@@ -386,6 +310,8 @@ def _report(console: Console, result: MixResult) -> None:
     if shares:
         listing = ", ".join(f"{d} {v:.0%}" for d, v in shares.items())
         console.print(f"Initial routing, share of each domain's tokens whose top-1 is its own expert: {listing}")
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {note}")
     from moekit.modeling import MODEL_TYPE
 
     remote = ", trust_remote_code=True (moekit's own family)" if result.moe_type == MODEL_TYPE else ""

@@ -128,3 +128,13 @@ class GrowConfig(_ShardedOutput, _Calibration):
     router_data: dict[str, str] = Field(
         default_factory=dict, description="domain -> data path: the new domain's, and at least one existing domain's"
     )
+    router: Literal["calibrated", "mean"] = Field(
+        "calibrated",
+        description="the new router row: fitted on calibration data, or the mean of the existing rows (no data)",
+    )
+
+    @model_validator(mode="after")
+    def _data_for_the_row(self) -> GrowConfig:
+        if self.router == "mean" and self.router_data:
+            raise ValueError("router_data is only used with the calibrated row (router mean needs no data)")
+        return self

@@ -14,7 +14,7 @@ from moekit.manifest import RunManifest
 from moekit.provenance import expert_names
 from moekit.report import figures
 from moekit.report.html import PALETTE, esc, figure, page, table, write_page
-from moekit.report.tables import expert_labels
+from moekit.report.tables import expert_labels, format_flops
 
 
 @dataclass
@@ -33,24 +33,33 @@ class RunReport:
     missing: list[str] = field(default_factory=list)  # what the run lacks, with the command that makes it
 
 
+def _human(key: str, value: Any) -> str:
+    """One value for people: FLOPs with an SI prefix, other floats to 4 significant digits, large integers grouped,
+    dicts and long lists summarised."""
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, float) and "flops" in key:
+        return format_flops(value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int):
+        return f"{value:,}" if abs(value) >= 10_000 else str(value)
+    if isinstance(value, dict):
+        shown = ", ".join(f"{k}: {_human(str(k), v)}" for k, v in list(value.items())[:4])
+        return "{" + shown + (", ..." if len(value) > 4 else "") + "}"
+    if isinstance(value, list):
+        shown = ", ".join(_human(key, v) for v in value[:4])
+        return f"[{shown}" + (f", ... ({len(value)})]" if len(value) > 4 else "]")
+    return str(value)
+
+
 def _short(values: dict[str, Any], limit: int = 8) -> str:
-    """A stage's params or outputs as ``key=value`` pairs (nested values summarised)."""
-    parts = []
-    for key, value in values.items():
-        if value in (None, [], {}, ""):
-            continue
-        if isinstance(value, dict):
-            value = (
-                "{"
-                + ", ".join(f"{k}: {v}" for k, v in list(value.items())[:4])
-                + (", ..." if len(value) > 4 else "")
-                + "}"
-            )
-        elif isinstance(value, list) and len(value) > 4:
-            value = f"[{', '.join(map(str, value[:4]))}, ... ({len(value)})]"
-        parts.append(f"{key}={value}")
-    shown = parts[:limit]
-    return esc("; ".join(shown) + (f"; ... ({len(parts) - limit} more)" if len(parts) > limit else ""))
+    """A stage's params or outputs, one ``key: value`` per line (numbers rounded, nested values summarised)."""
+    parts = [f"{key}: {_human(key, value)}" for key, value in values.items() if value not in (None, [], {}, "")]
+    shown = [esc(part) for part in parts[:limit]]
+    if len(parts) > limit:
+        shown.append(f"... ({len(parts) - limit} more)")
+    return "<br>".join(shown)
 
 
 def _stages(report: RunReport) -> str:

@@ -27,7 +27,7 @@ from moekit.io.loading import load_causal_lm
 from moekit.io.outputs import guard_output, write_file
 from moekit.io.source import resolve_model_dir
 from moekit.manifest import MANIFEST_NAME, load_manifest
-from moekit.models import check_context_length, check_model_dir, check_token_ids
+from moekit.models import check_model_dir, check_token_ids, fit_context_length
 from moekit.progress import progress_bar
 from moekit.steps.baselines import DENSE_DIR, UPCYCLED_DIR, run_compute
 from moekit.train.evaluation import block_losses, perplexity
@@ -113,7 +113,7 @@ def evaluate_models(cfg: EvalConfig, show_progress: bool = True) -> dict[str, An
         )
     for label, directory in models.items():  # every model checked before the first one is evaluated
         check_model_dir(directory, f"Model '{label}',")
-        check_context_length(directory, cfg.seq_len)
+    fit_context_length(list(models.values()), cfg)  # one block length for every model: comparable numbers
     guard_eval_outputs(cfg, models)
     blocks_by_tokenizer: dict[str, dict[str, torch.Tensor]] = {}
     results: dict[str, dict[str, dict[str, float]]] = {}

@@ -18,7 +18,7 @@ from moekit.io.checkpoint import Checkpoint
 from moekit.io.loading import load_causal_lm
 from moekit.io.outputs import atomic_output_dir, guard_output, write_file
 from moekit.io.source import resolve_model_dir
-from moekit.models import check_context_length, check_token_ids
+from moekit.models import check_token_ids, fit_context_length
 from moekit.progress import progress_bar
 from moekit.provenance import expert_names
 
@@ -60,7 +60,7 @@ def inspect_routing(
             "inspect.",
             "Run `moekit inspect MODEL` without --data for its static statistics, or inspect an MoE.",
         )
-    check_context_length(model_dir, cfg.seq_len)
+    fit_context_length([model_dir], cfg)
     tokenizer = load_tokenizer(model_dir)
     blocks = {
         d: evaluation_blocks(tokenizer, specs, cfg.seq_len, cfg.max_tokens, cfg.text_field)

@@ -28,7 +28,7 @@ from moekit.io.config_json import dtype_name
 from moekit.io.loading import load_causal_lm
 from moekit.io.locks import exclusive
 from moekit.manifest import RunManifest, StageRecord, load_manifest, updating_manifest
-from moekit.models import check_context_length, check_model_dir
+from moekit.models import check_model_dir, fit_context_length
 from moekit.train.compute import training_flops
 from moekit.train.engine import Engine
 from moekit.train.loop import LoopJob, is_main_process, make_loop_engine, run_loop
@@ -169,6 +169,7 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> list[BranchTrainResul
     _check_known(manifest, cfg)
     register_data(manifest, cfg)
     names = _selected_branches(manifest, cfg)
+    fit_context_length([manifest.branch_dir(cfg.run_dir, name) for name in names], cfg.loop)
     if cfg.resume:
         names = [
             n
@@ -179,7 +180,6 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> list[BranchTrainResul
             return []
     for name in names:
         check_model_dir(manifest.branch_dir(cfg.run_dir, name), f"Branch '{name}' directory")
-        check_context_length(manifest.branch_dir(cfg.run_dir, name), cfg.loop.seq_len)
     with contextlib.ExitStack() as held:
         if is_main_process():  # one job per branch: a second train of a branch that is training is refused
             for name in names:

@@ -72,6 +72,7 @@ class MixResult:
     moe_type: str
     num_tensors: int
     router_stats: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what the user should know about the MoE built
 
 
 def _split_tensor_names(inputs: MixInputs) -> tuple[dict[str, str], dict[int, list[str]]]:
@@ -261,6 +262,12 @@ def mix(cfg: MixConfig, show_progress: bool = False) -> MixResult:
         _write_metadata(tmp, cfg, inputs, block, config_json, code, centroid, attn)
     stats = centroid.summary() if centroid else {}
     result = MixResult(Path(cfg.out), expert_names(inputs, block), inputs.adapter.moe_type, len(plan), stats)
+    if block.top_k >= block.experts:
+        result.notes.append(
+            f"Top-{block.top_k} of {block.experts} routed experts: every token takes every expert, so the routers only "
+            "weigh them, and balancing (tune --balance, above all bias) has nothing to balance. For sparse routing, "
+            f"mix with --top-k {max(1, block.experts - 1)} or less, or with more branches."
+        )
     if cfg.run_dir is not None:
         _record_stage(cfg.run_dir, cfg, result)
     return result

@@ -168,21 +168,38 @@ def calibration_blocks(cfg: GrowConfig, tokenizer: Any) -> dict[str, Any]:
     if cfg.name not in specs:
         raise InvalidOptionError(
             f"The new expert's router row needs calibration data of its domain '{cfg.name}'.",
-            f"Pass --router-data {cfg.name}=PATH (or train the branch in the run directory, whose data is then used).",
+            f"Pass --router-data {cfg.name}=PATH (or train the branch in the run directory, whose data is then used), "
+            "or start the row without data: --router mean (the mean of the existing rows).",
         )
     if len(specs) < 2:
         raise InvalidOptionError(
             "The new router row is placed against the existing experts, which needs data of at least one "
             "existing domain too.",
-            "Add --router-data NAME=PATH for a domain the MoE already serves.",
+            "Add --router-data NAME=PATH for a domain the MoE already serves, or start the row without data: --router "
+            "mean.",
         )
     return {d: evaluation_blocks(tokenizer, s, cfg.router_block_size, cfg.router_tokens) for d, s in specs.items()}
+
+
+def _mean_rows(inputs: GrowInputs) -> Any:
+    """The new row of every MoE layer as the mean of its existing rows (fp32): an "average" expert whose logit is
+    the mean of the others' for every token, until tune teaches the router when to choose it."""
+    from moekit.steps.mix.grow_router import AddedRows
+
+    names = {layer: name for name, (layer, kind) in inputs.by_expert.items() if kind == "router"}
+    rows = []
+    for layer in inputs.layers:
+        info = inputs.moe.tensors[names[layer]]
+        rows.append(to_float32(inputs.moe.array_rows(names[layer], 0, info.shape[0]), info.dtype).mean(axis=0))
+    return AddedRows(np.stack(rows).astype(np.float32), init="mean")
 
 
 def _router_rows(cfg: GrowConfig, inputs: GrowInputs) -> Any:
     from moekit.models import load_tokenizer
     from moekit.steps.mix.grow_router import added_router_rows
 
+    if cfg.router == "mean":
+        return _mean_rows(inputs)
     blocks = calibration_blocks(cfg, load_tokenizer(inputs.moe.path))
     biases = None
     if inputs.adapter.selection_bias is not None:
@@ -285,23 +302,27 @@ def _write_metadata(tmp: Path, cfg: GrowConfig, inputs: GrowInputs, names: list[
         "dtype": dtype_name(inputs.moe.dtype_code()),
         "top_k": int(inputs.moe.config.get(inputs.adapter.top_k_key) or 1),
         "router": {
-            "init": "centroid against the existing rows (new row only)",
             "top_k": found.get("router", {}).get("top_k"),
             "scoring": inputs.adapter.scoring,
             **router,
+            "init": "centroid against the existing rows (new row only)"
+            if cfg.router == "calibrated"
+            else "the mean of the existing rows (new row only)",
         },
     }
     write_provenance(tmp, record, inputs.record)
     write_model_card(tmp, record, inputs.adapter, Path(cfg.out).name)
+    if cfg.router == "calibrated":
+        row = (
+            "the centroid method against the existing rows: at the start "
+            f"{router['init_new_domain_top_k']:.0%} of {cfg.name} tokens and {router['init_old_domains_top_k']:.0%} "
+            f"of the other domains' tokens have it in their top-{record['top_k']}"
+        )
+    else:
+        row = "the mean of each layer's existing rows, without calibration data"
     with open(tmp / "README.md", "a", encoding="utf-8") as card:
         card.write(
             f"\n## Grown\n\nExpert {inputs.experts} (`{cfg.name}`) was added by `moekit mix --add-expert` to "
-            f"`{cfg.into}`: every "
-            "tensor of that MoE is kept byte for byte; routers gained one row (the centroid method against the "
-            "existing rows: "
-            f"at the start {router['init_new_domain_top_k']:.0%} of {cfg.name} tokens and "
-            f"{router['init_old_domains_top_k']:.0%} "
-            f"of the other domains' tokens have it in their top-{record['top_k']}). Tune the router (`moekit "
-            "tune --train router`) "
-            "before judging it.\n"
+            f"`{cfg.into}`: every tensor of that MoE is kept byte for byte; routers gained one row ({row}). Tune "
+            "the router (`moekit tune --train router`) before judging it.\n"
         )

@@ -48,10 +48,14 @@ class AddedRows:
     # per layer: share of new-domain tokens with the new expert in their top-k
     new_top_k: list[float] = field(default_factory=list)
     old_top_k: list[float] = field(default_factory=list)  # per layer: share of existing-domain tokens with it
+    init: str = "calibrated"  # or "mean": the mean of the existing rows, no calibration data
 
     def summary(self) -> dict[str, Any]:
         """Averages and per-layer figures for the provenance record."""
+        if not self.new_top_k:
+            return {"init": self.init}
         return {
+            "init": self.init,
             "init_new_domain_top_k": round(float(np.mean(self.new_top_k)), 4),
             "init_old_domains_top_k": round(float(np.mean(self.old_top_k)), 4),
             "init_new_domain_top_k_per_layer": [round(v, 4) for v in self.new_top_k],

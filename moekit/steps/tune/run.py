@@ -30,7 +30,7 @@ from moekit.io.loading import load_causal_lm
 from moekit.io.locks import exclusive
 from moekit.io.outputs import guard_output
 from moekit.manifest import StageRecord, load_manifest, updating_manifest
-from moekit.models import check_context_length, check_model_dir
+from moekit.models import check_model_dir, fit_context_length
 from moekit.routing.attention_stats import AttentionRoutingStats
 from moekit.routing.control import RoutingController, RoutingSettings, find_attention_routers, is_training_only
 from moekit.routing.objective import BalancedObjective, BalanceSettings, all_reduce_sum
@@ -62,7 +62,7 @@ def tune(cfg: TuneConfig, show_progress: bool = True) -> TuneResult:
     check_model_dir(
         cfg.model, "The MoE to tune,", "Mix the branches first (moekit mix RUN_DIR), or pass the MoE's directory."
     )
-    check_context_length(cfg.model, cfg.loop.seq_len)
+    fit_context_length([cfg.model], cfg.loop)
     guard_output(cfg.out, "model", cfg.force, tune_inputs(cfg), cfg.run_dir)
     with contextlib.ExitStack() as held:
         if is_main_process():  # one job per output: a second tune into the same output is refused
