@@ -151,7 +151,7 @@ def _show(console: Any, generator: Any, prompt: str, routing: bool) -> None:
 
     generation = generator.generate(prompt, lambda piece: console.print(piece, end="", markup=False, soft_wrap=True))
     console.print()
-    Console(stderr=True).print(
+    Console(stderr=True, highlight=False).print(
         f"[dim]{len(generation.tokens)} tokens in {generation.seconds:.2f} s"
         + (" with SCMoE" if generator.cfg.scmoe else "")
         + "[/]"

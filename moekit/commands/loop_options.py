@@ -113,7 +113,11 @@ LOOP_OPTIONS: dict[str, tuple[Any, Any]] = {
     "report_to": (
         list[str],
         typer.Option(
-            _default("report_to"), "--report-to", help="Also log to: tensorboard (metrics.jsonl is always written)."
+            _default("report_to"),
+            "--report-to",
+            help="Also log to: tensorboard, trackio, wandb, mlflow (repeat, or comma-separated; metrics.jsonl is "
+            "always written). Offline: WANDB_MODE=offline, TRACKIO_DIR, MLFLOW_TRACKING_URI (default "
+            "WORK_DIR/mlruns).",
         ),
     ),
 }

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -43,16 +43,32 @@ class LoopSettings(_Strict):
     save_every: int = Field(500, ge=0, description="steps between checkpoints (0: none)")
     keep_checkpoints: int = Field(2, ge=1)
     seed: int = 0
-    report_to: list[Literal["tensorboard"]] = Field(default_factory=list)
+    report_to: list[Literal["tensorboard", "trackio", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="trackers besides metrics.jsonl (a comma-separated list is split)"
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list):
+            return [part.strip() for item in value for part in str(item).split(",") if part.strip()]
+        return value
 
     @field_validator("report_to")
     @classmethod
-    def _tensorboard_installed(cls, value: list[str]) -> list[str]:
+    def _trackers_installed(cls, value: list[str]) -> list[str]:
         import importlib.util
 
-        if "tensorboard" in value and importlib.util.find_spec("tensorboard") is None:
-            raise ValueError("report_to tensorboard needs the tensorboard package: pip install 'moekit[tensorboard]'")
-        return value
+        packages = {"tensorboard": "tensorboard", "trackio": "trackio", "wandb": "wandb", "mlflow": "mlflow"}
+        missing = [t for t in dict.fromkeys(value) if importlib.util.find_spec(packages[t]) is None]
+        if missing:
+            raise ValueError(
+                f"report_to {', '.join(missing)} needs the package(s) {', '.join(missing)}: "
+                f"pip install 'moekit[{'tensorboard' if missing == ['tensorboard'] else 'trackers'}]'"
+            )
+        return list(dict.fromkeys(value))
 
     @model_validator(mode="after")
     def _one_budget(self) -> LoopSettings:

@@ -241,7 +241,9 @@ def run_loop(job: LoopJob, engine: Engine) -> LoopResult:
     start_step, tokens = resume_point(
         checkpoint_dir, job.resume, engine, run.model, run.optimizer, run.fingerprint, run.steps, run.tokens_per_step
     )
-    logger = MetricsLogger(job.work_dir, engine.is_main_process, settings.report_to, start_step)
+    options = {"stage": job.description, "loop": settings.model_dump(mode="json"), **job.fingerprint_extra}
+    name = f"{job.description}: {job.work_dir}"
+    logger = MetricsLogger(job.work_dir, engine.is_main_process, settings.report_to, start_step, name, options)
     row: dict[str, Any] = {}
     run.model.train()
     with training_progress(

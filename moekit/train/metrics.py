@@ -1,4 +1,4 @@
-"""The loop's metrics: one ``metrics.jsonl`` row per step and per evaluation (and TensorBoard when asked), main
+"""The loop's metrics: one ``metrics.jsonl`` row per step and per evaluation (and the trackers asked for), main
 process only."""
 
 from __future__ import annotations
@@ -7,22 +7,33 @@ import json
 from pathlib import Path
 from typing import Any
 
+from moekit.train.trackers import Trackers
+
 
 class MetricsLogger:
-    """Append metrics rows to ``metrics.jsonl`` (and TensorBoard when asked), main process only."""
+    """Append metrics rows to ``metrics.jsonl`` (and send them to the trackers asked for), main process only.
 
-    def __init__(self, work_dir: Path, enabled: bool, report_to: list[str], resume_step: int) -> None:
+    ``name`` and ``options``: the run's name and the stage's options, given to the trackers once.
+    """
+
+    def __init__(
+        self,
+        work_dir: Path,
+        enabled: bool,
+        report_to: list[str],
+        resume_step: int,
+        name: str = "",
+        options: dict[str, Any] | None = None,
+    ) -> None:
         self.path = work_dir / "metrics.jsonl"
         self.enabled = enabled
-        self.tensorboard = None
+        self.trackers: Trackers | None = None
         if not enabled:
             return
         work_dir.mkdir(parents=True, exist_ok=True)
         self._truncate_after(resume_step)
-        if "tensorboard" in report_to:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tensorboard = SummaryWriter(str(work_dir / "tensorboard"))
+        if report_to:
+            self.trackers = Trackers(report_to, work_dir, name or str(work_dir), options or {})
 
     def _truncate_after(self, step: int) -> None:
         """Drop rows a killed run logged past its last checkpoint, so the file matches one clean run."""
@@ -41,12 +52,10 @@ class MetricsLogger:
             return
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
-        if self.tensorboard is not None:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.tensorboard.add_scalar(key, value, row["step"])
+        if self.trackers is not None:
+            self.trackers.log(row)
 
     def close(self) -> None:
-        """Flush TensorBoard."""
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+        """Close the trackers (flushing what they hold)."""
+        if self.trackers is not None:
+            self.trackers.finish()

@@ -53,14 +53,6 @@ def trainable_predicate(
 def selection_bias(model: torch.nn.Module, controller: RoutingController, cfg: TuneConfig) -> SelectionBias:
     """The routers' selection biases for ``--balance bias``; a clear refusal for models without them, and for models
     whose routers choose every expert (the bias would change no selection)."""
-    if controller.top_k >= controller.num_experts:
-        raise InvalidOptionError(
-            f"--balance bias cannot balance this MoE: it routes every token to top-{controller.top_k} of "
-            f"{controller.num_experts} experts, i.e. to all of them, so a selection bias changes no selection and "
-            "stays exactly 0.",
-            f"Mix with --top-k {max(1, controller.num_experts - 1)} or less (or more branches) for sparse routing, "
-            "or tune with --balance switch.",
-        )
     biases = find_selection_biases(controller.routers)
     if biases is None:
         raise UnsupportedArchitectureError(
@@ -70,6 +62,14 @@ def selection_bias(model: torch.nn.Module, controller: RoutingController, cfg: T
             "bias would be lost on export and the saved model would route differently from the tuned one.",
             f"Mix with {_bias_target_list()}, or use --balance switch (optionally with --balance-scope global) "
             "or --balance btx.",
+        )
+    if controller.top_k >= controller.num_experts:
+        raise InvalidOptionError(
+            f"--balance bias cannot balance this MoE: it routes every token to top-{controller.top_k} of "
+            f"{controller.num_experts} experts, i.e. to all of them, so a selection bias changes no selection and "
+            "stays exactly 0.",
+            f"Mix with --top-k {max(1, controller.num_experts - 1)} or less (or more branches) for sparse routing, "
+            "or tune with --balance switch.",
         )
     return SelectionBias(biases, cfg.bias_rate, cfg.bias_rule)
 
