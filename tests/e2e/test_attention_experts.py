@@ -245,6 +245,15 @@ def test_bad_inputs_are_refused_before_anything_is_written(make_seed, bam_run, t
     cases.append(
         (["mix", llama_run.run_dir, "--attention-experts", "--attention-top-k", "4", "--out", tmp_path / "o7"], "top-k")
     )
+    other_heads = make_seed("llama", num_attention_heads=2, num_key_value_heads=1, head_dim=16)  # other attention
+    seed = make_seed("llama")
+    cases.append(
+        (
+            ["mix", "--expert", f"a={llama_run.branches['code']}", "--expert", f"b={other_heads}", "--seed-model",
+             seed, "--attention-experts", "--out", tmp_path / "o8"],
+            "differs from the seed",
+        )
+    )  # fmt: skip
     for args, words in cases:
         result = cli(*args)
         assert result.exit_code == 2, (args, result.output)
