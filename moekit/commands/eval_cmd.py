@@ -46,8 +46,22 @@ def eval_command(
     max_new_tokens: int = typer.Option(
         default_of(EvalConfig, "max_new_tokens"), "--max-new-tokens", help="Tokens generated per problem of --task."
     ),
+    tasks: list[str] = typer.Option(
+        [],
+        "--tasks",
+        help="lm-evaluation-harness tasks (names or groups; repeat or comma-separate), run on each model as moekit "
+        "loads it. Needs the harness extra.",
+    ),
+    tasks_dir: Optional[Path] = typer.Option(
+        None, "--tasks-dir", help="A folder of lm-eval task YAMLs (local files: no hub needed)."
+    ),
+    task_limit: Optional[int] = typer.Option(
+        None, "--task-limit", min=1, help="lm-eval: at most this many documents per task."
+    ),
     scmoe: bool = typer.Option(
-        False, "--scmoe", help="With --task: also score each MoE with SCMoE decoding (see moekit generate)."
+        False,
+        "--scmoe",
+        help="With --task or --tasks: also score each MoE with SCMoE decoding (see moekit generate).",
     ),
     scmoe_beta: float = typer.Option(default_of(EvalConfig, "scmoe_beta"), "--scmoe-beta", help="SCMoE strength."),
     scmoe_alpha: float = typer.Option(
@@ -66,13 +80,14 @@ def eval_command(
       moekit eval run                                   (seed, branches, mixed, tuned on the branches' held-out data)
       moekit eval seed run/tuned --data code=code-test.jsonl --data math=math-test.jsonl --json eval.json
       moekit eval run --task arithmetic --scmoe            (exact-match accuracy, greedy and SCMoE)
+      moekit eval seed run/tuned --tasks my_task --tasks-dir tasks/ --scmoe   (lm-evaluation-harness)
     """
     from rich.console import Console
 
     from moekit.errors import InvalidOptionError
     from moekit.progress import quiet_transformers
-    from moekit.report.tables import render_eval_table, render_task_table
-    from moekit.steps.evaluate import evaluate_models, record_eval
+    from moekit.report.tables import render_eval_table, render_harness_table, render_task_table
+    from moekit.steps.evaluate import evaluate_with_harness, record_eval
     from moekit.steps.evaluate_task import evaluate_task
     from moekit.tasks import TASKS
 
@@ -80,9 +95,10 @@ def eval_command(
 
     if task is not None and task not in TASKS:
         raise InvalidOptionError(f"Unknown --task '{task}'.", f"Tasks: {', '.join(TASKS)}.")
-    if scmoe and task is None:
+    if scmoe and task is None and not tasks:
         raise InvalidOptionError(
-            "--scmoe scores a generation task; held-out loss has no decoding.", "Add --task arithmetic."
+            "--scmoe scores a generation task; held-out loss has no decoding.",
+            "Add --task arithmetic, or lm-eval tasks with --tasks.",
         )
     specs = {d: [p] for d, p in parse_key_values(data, "--data").items()}
     cfg = EvalConfig(**{**fields_of(EvalConfig, locals()), "data": specs})
@@ -91,8 +107,11 @@ def eval_command(
         report = evaluate_task(cfg)
         render_task_table(console, report)
     else:
-        report = evaluate_models(cfg)
-        render_eval_table(console, report)
+        report = evaluate_with_harness(cfg)
+        if "results" in report:
+            render_eval_table(console, report)
+        if "harness" in report:
+            render_harness_table(console, report["harness"])
     written, recorded_in = record_eval(cfg, report)
     if written is not None:
         console.print(f"wrote {written}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -81,6 +81,24 @@ class EvalConfig(_DataPass, _Scmoe):
     )
     problems: int = Field(200, ge=1, description="problems of the task")
     max_new_tokens: int = Field(8, ge=1, description="tokens generated per problem")
+    tasks: list[str] = Field(default_factory=list, description="lm-evaluation-harness tasks (or groups)")
+    tasks_dir: Path | None = Field(None, description="a folder of lm-eval task YAMLs (lm-eval's include_path)")
+    task_limit: int | None = Field(None, ge=1, description="lm-eval: at most this many documents per task")
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [part.strip() for item in value for part in str(item).split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _one_kind_of_task(self) -> EvalConfig:
+        if self.task is not None and self.tasks:
+            raise ValueError("task (built-in arithmetic) and tasks (lm-eval) are separate evaluations; give one")
+        if not self.tasks and (self.tasks_dir is not None or self.task_limit is not None):
+            raise ValueError("tasks_dir and task_limit apply to lm-eval tasks: add --tasks NAMES")
+        return self
 
 
 class GenerateConfig(_Scmoe):

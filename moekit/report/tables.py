@@ -237,6 +237,33 @@ def render_eval_table(console: Any, report: dict[str, Any]) -> None:
         )
 
 
+def render_harness_table(console: Any, harness: dict[str, Any]) -> None:
+    """lm-evaluation-harness scores: a row per model (and SCMoE variant), a column per task metric (value +- stderr)."""
+    from rich.table import Table
+
+    columns = []
+    for scores in harness["results"].values():
+        for task, result in scores.items():
+            for metric in result["metrics"]:
+                if (task, metric) not in columns:
+                    columns.append((task, metric))
+    table = Table(title="lm-evaluation-harness (value +- stderr; n = documents)")
+    table.add_column("model", justify="left")
+    for task, metric in columns:
+        table.add_column(f"{task}\n{metric}", justify="right")
+    for label, scores in harness["results"].items():
+        cells = []
+        for task, metric in columns:
+            found = scores.get(task, {}).get("metrics", {}).get(metric)
+            if found is None:
+                cells.append("-")
+                continue
+            stderr = f" +- {found['stderr']:.3f}" if found["stderr"] is not None else ""
+            cells.append(f"{found['value']:.3f}{stderr} (n {scores[task]['n']})")
+        table.add_row(label, *cells)
+    console.print(table)
+
+
 def render_run_outcome(console: Any, outcome: Any) -> None:
     """What a recipe run did, its eval table and a routing summary."""
     console.print("stages: " + ", ".join(f"{stage} {what.split(' ')[0]}" for stage, what in outcome.stages.items()))

@@ -149,6 +149,26 @@ def evaluate_models(cfg: EvalConfig, show_progress: bool = True) -> dict[str, An
     return report
 
 
+def evaluate_with_harness(cfg: EvalConfig, show_progress: bool = True) -> dict[str, Any]:
+    """Held-out losses (when there is data: ``--data`` or a run directory) and lm-eval's scores under ``harness``
+    (with ``--tasks``)."""
+    report: dict[str, Any] = {}
+    has_data = bool(cfg.data) or any(Path(m).is_dir() and is_run_dir(Path(m)) for m in cfg.models)
+    if cfg.tasks:
+        from moekit.steps.evaluate_harness import check_harness, run_harness
+
+        check_harness(cfg)  # before the first model is loaded
+    if has_data or not cfg.tasks:
+        report = evaluate_models(cfg, show_progress)
+    if cfg.tasks:
+        models = expand_models(cfg.models)
+        for label, directory in models.items():
+            check_model_dir(directory, f"Model '{label}',")
+        guard_eval_outputs(cfg, models)
+        report["harness"] = run_harness(models, cfg)
+    return report
+
+
 def record_eval(cfg: EvalConfig, report: dict[str, Any]) -> tuple[Path | None, Path | None]:
     """Write ``report`` to ``--json`` (atomically), and a run's own table to RUN_DIR/eval.json, where
     ``moekit report`` finds it; return (the --json file, RUN_DIR/eval.json), None for what was not written.
