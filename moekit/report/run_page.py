@@ -127,8 +127,28 @@ def _evaluation(report: RunReport) -> str:
         "domain's recorded "
         "held-out split; &#9733; marks the best model per column. Tokens and FLOPs: training spent beyond the "
         "seed's pretraining.</p>"
-        f'{scores_table}<img alt="held-out loss by model and domain" src="{figures.eval_bars(evaluation)}"/></section>'
+        f'{scores_table}<img alt="held-out loss by model and domain" src="{figures.eval_bars(evaluation)}"/>'
+        f"{_harness(evaluation.get('harness'))}</section>"
     )
+
+
+def _harness(harness: dict[str, Any] | None) -> str:
+    """lm-evaluation-harness scores (``moekit eval RUN_DIR --tasks ...``): a row per model, a column per metric."""
+    if not harness:
+        return ""
+    columns: list[tuple[str, str]] = []
+    for scores in harness["results"].values():
+        columns += [(t, m) for t, r in scores.items() for m in r["metrics"] if (t, m) not in columns]
+    rows = []
+    for model, scores in harness["results"].items():
+        row = [esc(model)]
+        for task, metric in columns:
+            found = scores.get(task, {}).get("metrics", {}).get(metric)
+            stderr = f" &plusmn; {found['stderr']:.3f}" if found and found["stderr"] is not None else ""
+            row.append(f"{found['value']:.3f}{stderr}" if found else "&ndash;")
+        rows.append(row)
+    header = ["model", *(f"{esc(t)}<br>{esc(m)}" for t, m in columns)]
+    return "<h3>lm-evaluation-harness</h3>" + table(header, rows)
 
 
 def _legend(names: list[str]) -> str:

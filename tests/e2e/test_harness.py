@@ -130,3 +130,12 @@ def test_tasks_refusals(models, tmp_path):
     assert both.exit_code == 2
     stray = runner.invoke(build_app(), ["eval", str(models["seed"]), "--tasks-dir", str(tmp_path)])
     assert stray.exit_code == 2 and "add --tasks" in " ".join(stray.output.split()).lower()
+
+
+def test_the_run_page_shows_harness_scores():
+    from moekit.report.run_page import _harness
+
+    harness = {"results": {"tuned": {"gsm8k": {"metrics": {"exact_match": {"value": 0.25, "stderr": 0.0123}}, "n": 8}}}}
+    html = _harness(harness)
+    assert "lm-evaluation-harness" in html and "gsm8k<br>exact_match" in html and "0.250 &plusmn; 0.012" in html
+    assert _harness(None) == ""
