@@ -29,7 +29,12 @@ def demo_command(
     from rich.console import Console
 
     from moekit.progress import quiet_transformers
-    from moekit.report.tables import render_generation_routing, render_run_outcome, render_task_table
+    from moekit.report.tables import (
+        render_generation_routing,
+        render_harness_table,
+        render_run_outcome,
+        render_task_table,
+    )
     from moekit.steps.demo import run_demo
 
     quiet_transformers()
@@ -41,5 +46,9 @@ def demo_command(
         render_generation_routing(console, generation, None)
     if result.arithmetic is not None:
         render_task_table(console, result.arithmetic)
+    if result.harness is not None:
+        render_harness_table(console, result.harness)
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {note}")
     # soft_wrap: a path must stay copyable
     console.print(f"[green]Report:[/] {result.report} (open it in a browser)", soft_wrap=True)

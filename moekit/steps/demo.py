@@ -4,7 +4,8 @@ and the report.
 The recipe (``moekit/recipes/demo.yaml``, or ``demo-tiny.yaml`` for tests) pretrains a small seed
 here, branches, trains, mixes, tunes and builds the baselines; this step adds what a user wants
 to see at the end: the tuned MoE's continuation of a prompt per domain (coloured by expert when
-rendered), the arithmetic accuracy of seed, tuned and tuned+SCMoE, and the run's HTML report.
+rendered), the arithmetic accuracy of seed, tuned and tuned+SCMoE (moekit's own task, and the demo's
+lm-evaluation-harness tasks when lm-eval is installed), and the run's HTML report.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ class DemoResult:
     outcome: RunOutcome
     generations: list[tuple[str, str, Any]] = field(default_factory=list)  # (domain, prompt, Generation)
     arithmetic: dict[str, Any] | None = None  # eval --task arithmetic's report for the seed and the tuned MoE
+    harness: dict[str, Any] | None = None  # lm-eval on the demo's own tasks (seed, tuned, tuned + SCMoE)
+    notes: list[str] = field(default_factory=list)
     report: Path | None = None
 
 
@@ -58,6 +61,7 @@ def run_demo(out: Path | None, tiny: bool, force: bool, overrides: list[str], lo
     run_dir = workdir / "run"
     if (run_dir / "tuned" / "config.json").is_file():
         result.generations, result.arithmetic = _samples(run_dir, problems=40 if tiny else 200)
+        result.harness = _harness(run_dir, problems=20 if tiny else 200, notes=result.notes)
     result.report = write_demo_report(run_dir)
     return result
 
@@ -93,6 +97,32 @@ def _samples(run_dir: Path, problems: int) -> tuple[list[tuple[str, str, Any]], 
         show_progress=False,
     )
     return generations, report
+
+
+def _harness(run_dir: Path, problems: int, notes: list[str]) -> dict[str, Any] | None:
+    """lm-evaluation-harness on the demo's own local tasks (``RUN_DIR/tasks``) for the seed, the tuned MoE and the
+    tuned MoE with SCMoE; recorded in RUN_DIR/eval.json (the report shows it). None, with a note, without lm-eval."""
+    import importlib.util
+    import json
+
+    from moekit.harness_tasks import write_arithmetic_tasks
+    from moekit.io.outputs import write_file
+    from moekit.steps.evaluate_harness import run_harness
+
+    if importlib.util.find_spec("lm_eval") is None:
+        notes.append("lm-evaluation-harness is not installed: pip install 'moekit[harness]' adds the demo's lm-eval "
+                     "tasks (and moekit eval --tasks).")  # fmt: skip
+        return None
+    tasks = write_arithmetic_tasks(run_dir / "tasks", problems)
+    seed, tuned = Path(load_manifest(run_dir).seed.path), run_dir / "tuned"
+    cfg = EvalConfig(models=[str(seed), str(tuned)], tasks=tasks, tasks_dir=run_dir / "tasks", scmoe=True)
+    harness = run_harness({"seed": seed, "tuned": tuned}, cfg)
+    recorded = run_dir / "eval.json"
+    if recorded.is_file():
+        report = json.loads(recorded.read_text(encoding="utf-8"))
+        report["harness"] = harness
+        write_file(recorded, json.dumps(report, indent=1), "eval report", force=True)
+    return harness
 
 
 def write_demo_report(run_dir: Path) -> Path:

@@ -64,6 +64,9 @@ def test_tiny_demo_through_the_console_script(tmp_path):
         assert f"{domain} prompt" in shown
     assert "top expert per generated token" in shown
     assert "exact-match" in shown and "SCMoE" in shown
+    harness = json.loads((run / "eval.json").read_text())["harness"]["results"]  # lm-eval on the demo's own tasks
+    assert set(harness) == {"seed", "tuned", "tuned (SCMoE)"}
+    assert harness["tuned"]["moekit_arithmetic_choice"]["n"] == 20 and "lm-evaluation-harness" in shown
     check_report(run / "report.html", shown, tmp_path)
     second = subprocess.run(
         [MOEKIT, "demo", "--tiny", "--out", str(tmp_path / "demo")],

@@ -36,6 +36,7 @@ LAYERS: list[tuple[str, int]] = [
     ("moekit.routing", 2),
     ("moekit.data", 2),
     ("moekit.tasks", 2),
+    ("moekit.harness_tasks", 2),
     ("moekit.builtin_data", 2),
     ("moekit.tiny", 2),
     ("moekit.progress", 2),
