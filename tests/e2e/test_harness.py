@@ -1,5 +1,5 @@
-"""``moekit eval --tasks``: lm-evaluation-harness on the models as moekit loads them, offline, on local task files;
-the same numbers as the ``lm_eval`` command on the saved directories."""
+"""``moekit eval --tasks``: lm-evaluation-harness on the models as moekit loads them, offline, on local task files
+(the demo's own tasks); the same numbers as the ``lm_eval`` command on the saved directories."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from moekit.cli import build_app
 from moekit.config import MixConfig
+from moekit.harness_tasks import CHOICE_TASK, GENERATE_TASK, write_arithmetic_tasks
 from moekit.steps.branch import branch
 from moekit.steps.mix import mix
 from moekit.tiny import perturb_model
@@ -21,55 +22,6 @@ from moekit.tiny import perturb_model
 pytest.importorskip("lm_eval")
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def write_tasks(folder: Path) -> Path:
-    """Two local tasks: arithmetic answers (generate_until, exact match) and a two-way multiple choice."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "arith.jsonl", "w") as handle:
-        for a in range(12):
-            handle.write(json.dumps({"question": f"{a} + {a + 1} =", "answer": str(2 * a + 1)}) + "\n")
-    with open(folder / "mc.jsonl", "w") as handle:
-        for a in range(12):
-            choices = [f" {a} {a + 1} {a + 2}", f" {a} dict return {a}"]
-            handle.write(json.dumps({"context": f"count: {a}", "choices": choices, "label": 0}) + "\n")
-    (folder / "arith.yaml").write_text(
-        f"""task: moekit_test_arith
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {folder / "arith.jsonl"}
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{question}}}}"
-doc_to_target: "{{{{answer}}}}"
-generation_kwargs:
-  until: ["\\n"]
-  do_sample: false
-  max_gen_toks: 6
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-"""
-    )
-    (folder / "mc.yaml").write_text(
-        f"""task: moekit_test_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {folder / "mc.jsonl"}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-"""
-    )
-    return folder
 
 
 @pytest.fixture()
@@ -85,7 +37,7 @@ def models(make_seed, tmp_path) -> dict[str, Path]:
 def _lm_eval_cli(model: Path, tasks: Path, out: Path) -> dict:
     command = [
         sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={model},dtype=float32",
-        "--tasks", "moekit_test_arith,moekit_test_mc", "--include_path", str(tasks), "--device", "cpu",
+        "--tasks", f"{GENERATE_TASK},{CHOICE_TASK}", "--include_path", str(tasks), "--device", "cpu",
         "--batch_size", "8", "--output_path", str(out),
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, **OFFLINE})
@@ -97,12 +49,13 @@ def _lm_eval_cli(model: Path, tasks: Path, out: Path) -> dict:
 def test_eval_tasks_match_the_lm_eval_command(models, tmp_path, monkeypatch):
     for key, value in OFFLINE.items():
         monkeypatch.setenv(key, value)
-    tasks = write_tasks(tmp_path / "tasks")
+    tasks = tmp_path / "tasks"
+    write_arithmetic_tasks(tasks, 12)  # the demo's own tasks: generate-until with a regex filter, multiple choice
     report_path = tmp_path / "eval.json"
     result = CliRunner().invoke(
         build_app(),
         [
-            "eval", str(models["seed"]), str(models["moe"]), "--tasks", "moekit_test_arith,moekit_test_mc",
+            "eval", str(models["seed"]), str(models["moe"]), "--tasks", f"{GENERATE_TASK},{CHOICE_TASK}",
             "--tasks-dir", str(tasks), "--scmoe", "--json", str(report_path),
         ],
     )  # fmt: skip
@@ -114,12 +67,16 @@ def test_eval_tasks_match_the_lm_eval_command(models, tmp_path, monkeypatch):
     for label, directory in labels.items():
         reference = _lm_eval_cli(directory, tasks, tmp_path / f"cli-{label}")
         ours = harness[label]
-        assert ours["moekit_test_mc"]["n"] == 12 and ours["moekit_test_arith"]["n"] == 12
-        for task, metric in (("moekit_test_arith", "exact_match"), ("moekit_test_mc", "acc"), ("moekit_test_mc",
-                                                                                              "acc_norm")):  # fmt: skip
-            got = ours[task]["metrics"][metric]
-            assert got["value"] == pytest.approx(reference[task][f"{metric},none"]), (label, task, metric)
-            assert got["stderr"] == pytest.approx(reference[task][f"{metric}_stderr,none"]), (label, task, metric)
+        assert ours[CHOICE_TASK]["n"] == 12 and ours[GENERATE_TASK]["n"] == 12
+        checked = (
+            (GENERATE_TASK, "exact_match (first-number)", "exact_match", "first-number"),
+            (CHOICE_TASK, "acc", "acc", "none"),
+            (CHOICE_TASK, "acc_norm", "acc_norm", "none"),
+        )
+        for task, ours_name, name, kept in checked:
+            got = ours[task]["metrics"][ours_name]
+            assert got["value"] == pytest.approx(reference[task][f"{name},{kept}"]), (label, task, name)
+            assert got["stderr"] == pytest.approx(reference[task][f"{name}_stderr,{kept}"]), (label, task, name)
 
 
 def test_tasks_refusals(models, tmp_path):
