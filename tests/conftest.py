@@ -65,6 +65,22 @@ def make_seed(model_cache: Path):
     return _make
 
 
+@pytest.fixture()
+def seed_and_moe(make_seed, tmp_path) -> dict[str, Path]:
+    """A tiny llama seed and a 3-expert Mixtral of two perturbed branches of it (code, math, seed)."""
+    from moekit.config import MixConfig
+    from moekit.steps.branch import branch
+    from moekit.steps.mix import mix
+    from moekit.tiny import perturb_model
+
+    seed = make_seed("llama")
+    run = branch(str(seed), tmp_path / "run", ["code", "math"])
+    for i, path in enumerate(run.branches.values()):
+        perturb_model(path, seed=i + 1, scale=0.05)
+    moe = mix(MixConfig(out=tmp_path / "mixed", seed=str(seed), experts=list(run.branches.items()))).out
+    return {"seed": seed, "moe": moe}
+
+
 def load(model_dir: Path):
     """Load a causal LM and return (model, loading info)."""
     from transformers import AutoModelForCausalLM

@@ -3,37 +3,21 @@ is in tests/real/test_harness_cli.py)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from typer.testing import CliRunner
 
 from moekit.cli import build_app
-from moekit.config import MixConfig
-from moekit.steps.branch import branch
-from moekit.steps.mix import mix
-from moekit.tiny import perturb_model
 
 pytest.importorskip("lm_eval")
 
 
-@pytest.fixture()
-def models(make_seed, tmp_path) -> dict[str, Path]:
-    seed = make_seed("llama")
-    run = branch(str(seed), tmp_path / "run", ["code", "math"])
-    for i, path in enumerate(run.branches.values()):
-        perturb_model(path, seed=i + 1, scale=0.05)
-    moe = mix(MixConfig(out=tmp_path / "mixed", seed=str(seed), experts=list(run.branches.items()))).out
-    return {"seed": seed, "moe": moe}
-
-
-def test_tasks_refusals(models, tmp_path):
+def test_tasks_refusals(seed_and_moe, tmp_path):
     runner = CliRunner()
-    unknown = runner.invoke(build_app(), ["eval", str(models["seed"]), "--tasks", "no_such_task_here"])
+    unknown = runner.invoke(build_app(), ["eval", str(seed_and_moe["seed"]), "--tasks", "no_such_task_here"])
     assert unknown.exit_code == 2 and "knows no task no_such_task_here" in " ".join(unknown.output.split())
-    both = runner.invoke(build_app(), ["eval", str(models["seed"]), "--tasks", "x", "--task", "arithmetic"])
+    both = runner.invoke(build_app(), ["eval", str(seed_and_moe["seed"]), "--tasks", "x", "--task", "arithmetic"])
     assert both.exit_code == 2
-    stray = runner.invoke(build_app(), ["eval", str(models["seed"]), "--tasks-dir", str(tmp_path)])
+    stray = runner.invoke(build_app(), ["eval", str(seed_and_moe["seed"]), "--tasks-dir", str(tmp_path)])
     assert stray.exit_code == 2 and "add --tasks" in " ".join(stray.output.split()).lower()
 
 

@@ -14,26 +14,11 @@ import pytest
 from typer.testing import CliRunner
 
 from moekit.cli import build_app
-from moekit.config import MixConfig
 from moekit.harness_tasks import CHOICE_TASK, GENERATE_TASK, write_arithmetic_tasks
-from moekit.steps.branch import branch
-from moekit.steps.mix import mix
-from moekit.tiny import perturb_model
 
 pytest.importorskip("lm_eval")
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-@pytest.fixture()
-def models(make_seed, tmp_path) -> dict[str, Path]:
-    """A tiny seed and a 3-expert MoE of two perturbed branches of it."""
-    seed = make_seed("llama")
-    run = branch(str(seed), tmp_path / "run", ["code", "math"])
-    for i, path in enumerate(run.branches.values()):
-        perturb_model(path, seed=i + 1, scale=0.05)
-    moe = mix(MixConfig(out=tmp_path / "mixed", seed=str(seed), experts=list(run.branches.items()))).out
-    return {"seed": seed, "moe": moe}
 
 
 def _lm_eval_cli(model: Path, tasks: Path, out: Path) -> dict:
@@ -48,7 +33,7 @@ def _lm_eval_cli(model: Path, tasks: Path, out: Path) -> dict:
     return json.loads(found.read_text())["results"]
 
 
-def test_eval_tasks_match_the_lm_eval_command(models, tmp_path, monkeypatch):
+def test_eval_tasks_match_the_lm_eval_command(seed_and_moe, tmp_path, monkeypatch):
     for key, value in OFFLINE.items():
         monkeypatch.setenv(key, value)
     tasks = tmp_path / "tasks"
@@ -57,15 +42,16 @@ def test_eval_tasks_match_the_lm_eval_command(models, tmp_path, monkeypatch):
     result = CliRunner().invoke(
         build_app(),
         [
-            "eval", str(models["seed"]), str(models["moe"]), "--tasks", f"{GENERATE_TASK},{CHOICE_TASK}",
+            "eval", str(seed_and_moe["seed"]), str(seed_and_moe["moe"]), "--tasks", f"{GENERATE_TASK},{CHOICE_TASK}",
             "--tasks-dir", str(tasks), "--scmoe", "--json", str(report_path),
         ],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "lm-evaluation-harness" in result.output
     harness = json.loads(report_path.read_text())["harness"]["results"]
-    labels = {models["seed"].name: models["seed"], models["moe"].name: models["moe"]}  # labels: directory names
-    assert set(harness) == {*labels, f"{models['moe'].name} (SCMoE)"}  # SCMoE for the MoE only
+    # eval labels models by their directory names
+    labels = {seed_and_moe["seed"].name: seed_and_moe["seed"], seed_and_moe["moe"].name: seed_and_moe["moe"]}
+    assert set(harness) == {*labels, f"{seed_and_moe['moe'].name} (SCMoE)"}  # SCMoE for the MoE only
     for label, directory in labels.items():
         reference = _lm_eval_cli(directory, tasks, tmp_path / f"cli-{label}")
         ours = harness[label]
