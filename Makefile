@@ -25,7 +25,7 @@ test: install
 test-all: install
 	$(PY) -m pytest -q -m ""
 
-# The real-model and reader tiers (SmolLM2-135M, transformers 4.57, llama.cpp's converter); CI runs them.
+# The real-model and reader tiers (SmolLM2-135M, transformers 4.57, llama.cpp's converter, vLLM); CI runs them.
 test-real: install
 	MOEKIT_REAL_TESTS=1 $(PY) -m tests.assets
 	MOEKIT_REAL_TESTS=1 $(PY) -m pytest -q tests/real

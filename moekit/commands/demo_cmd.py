@@ -52,3 +52,8 @@ def demo_command(
         console.print(f"[yellow]note:[/] {note}")
     # soft_wrap: a path must stay copyable
     console.print(f"[green]Report:[/] {result.report} (open it in a browser)", soft_wrap=True)
+    tuned = result.workdir / "run" / "tuned"
+    if (tuned / "config.json").is_file():
+        console.print(f"[green]Use the MoE:[/] moekit generate {tuned} --prompt TEXT --routing", soft_wrap=True)
+        if not (tuned / "modeling_moekit_moe.py").is_file():  # moekit's own family is for transformers only
+            console.print(f"  or serve it: vllm serve {tuned}", soft_wrap=True)

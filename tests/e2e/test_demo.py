@@ -86,6 +86,8 @@ SECTIONS = ["stages", "curves", "evaluation", "routing", "tokens", "generations"
 def check_report(page: Path, shown: str, work: Path) -> None:
     """The demo's HTML report: every section with its content, and (with chromium) every image rendered."""
     assert f"Report: {page}" in shown  # on one line, whatever the terminal width
+    tuned = page.parent / "tuned"
+    assert f"moekit generate {tuned} --prompt" in shown and f"vllm serve {tuned}" in shown  # how to use the MoE
     text = page.read_text(encoding="utf-8")
     for section in SECTIONS:
         assert f'<section id="{section}">' in text, section

@@ -148,7 +148,10 @@ def _readers(adapter: ArchAdapter) -> str:
             "(`modeling_moekit_moe.py`), so transformers 4.57 and 5 load it with `trust_remote_code=True`\n"
             "(moekit's commands load it without). vLLM and llama.cpp cannot read it."
         )
-    return "Weights use the per-expert tensor names that transformers, vLLM and llama.cpp's converter read."
+    return (
+        "Weights use the per-expert tensor names that transformers, vLLM and llama.cpp's converter read.\n"
+        "Serve it with vLLM: `vllm serve <this directory>` (an OpenAI-compatible server)."
+    )
 
 
 def _attention_words(record: dict[str, Any]) -> str:
