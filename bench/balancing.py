@@ -10,11 +10,16 @@ branches and the same centroid router:
   Switch aux loss, loss-free bias balancing (DeepSeek-V3's sign rule), and bias plus a small
   sequence-wise aux loss;
 * the seed as a routed expert versus as the always-on shared expert (``--seed-as shared``,
-  3 routed experts top-2 plus the shared one), both tuned with the Switch aux loss.
+  3 routed experts top-2 plus the shared one), both tuned with the Switch aux loss;
+* the routing variants on the same routed MoE: S-BASE (``--routing sbase``, no loss), the
+  Switch aux loss with router jitter (``--router-jitter 0.01``), and group-limited routing
+  (``mix --groups 2 --topk-groups 1``: the 4 experts as 2 groups of 2, one group per token) with
+  loss-free bias balancing.
 
 Each row reports the held-out loss per domain after tuning (on the recorded held-out split of
 each domain) and the held-out MaxVio of the final evaluation (max over experts of
-load / mean load - 1, mean over layers; 0 is perfect balance), from the tune result itself.
+load / mean load - 1, mean over layers; 0 is perfect balance), from the tune result itself, and
+the mean wall time of a tune step (the whole tune call over its steps, evaluations included).
 
     .venv/bin/python bench/balancing.py [--work DIR] [--tune-steps 80] [--bias-rate 0.01]
 """
@@ -55,8 +60,8 @@ def build_branches(work: Path, args: argparse.Namespace) -> tuple[Path, Path, di
     return runner.run_dir, runner.seed_dir(), runner.data
 
 
-def mix_variant(run_dir: Path, seed: Path, data: dict[str, list[str]], seed_as: str, out: Path) -> Path:
-    """A GLM-4.5-layout MoE from the trained branches, with the centroid router."""
+def mix_variant(run_dir: Path, seed: Path, data: dict[str, list[str]], seed_as: str, out: Path, **options: int) -> Path:
+    """A GLM-4.5-layout MoE from the trained branches, with the centroid router (``options``: e.g. groups)."""
     from moekit.config import MixConfig
     from moekit.steps.mix import mix
 
@@ -71,6 +76,7 @@ def mix_variant(run_dir: Path, seed: Path, data: dict[str, list[str]], seed_as: 
         router_data={d: specs[0] for d, specs in data.items()},
         router_tokens=4096,
         force=True,
+        **options,
     )
     return mix(cfg, show_progress=False).out
 
@@ -101,6 +107,7 @@ def tune_variant(moe: Path, data: dict[str, list[str]], out: Path, args: argpars
         "maxvio_max": heldout.get("maxvio_max"),
         "dead": heldout.get("dead_experts"),
         "seconds": time.perf_counter() - started,
+        "step_seconds": (time.perf_counter() - started) / args.tune_steps,
     }
 
 
@@ -121,6 +128,7 @@ def main() -> None:
         run_dir, seed, data = build_branches(work, args)
         routed = mix_variant(run_dir, seed, data, "routed", work / "moe-routed")
         shared = mix_variant(run_dir, seed, data, "shared", work / "moe-shared")
+        grouped = mix_variant(run_dir, seed, data, "routed", work / "moe-grouped", groups=2, topk_groups=1)
         rows = {
             "no balancing": tune_variant(routed, data, work / "t-none", args, balance="none"),
             "aux loss (switch, 0.01)": tune_variant(
@@ -135,6 +143,15 @@ def main() -> None:
             "seed as shared expert, aux loss": tune_variant(
                 shared, data, work / "t-shared", args, balance="switch", aux_coef=0.01
             ),
+            "S-BASE (sinkhorn-balanced top-k, no loss)": tune_variant(
+                routed, data, work / "t-sbase", args, routing="sbase"
+            ),
+            "aux loss + router jitter 0.01": tune_variant(
+                routed, data, work / "t-jitter", args, balance="switch", aux_coef=0.01, router_jitter=0.01
+            ),
+            f"2 groups, 1 per token, bias (u={args.bias_rate:g})": tune_variant(
+                grouped, data, work / "t-groups", args, balance="bias", bias_rate=args.bias_rate
+            ),
         }
     print(
         f"\n{args.tune_steps} tune steps x {args.batch_size} x {args.seq_len} tokens each, glm4_moe target, "
@@ -143,13 +160,19 @@ def main() -> None:
     print(
         "| variant | "
         + " | ".join(f"held-out loss {d}" for d in DOMAINS)
-        + " | held-out MaxVio (mean / max layer) | dead experts |"
+        + " | held-out MaxVio (mean / max layer) | dead experts | s / step |"
     )
-    print("|---|" + "---|" * (len(DOMAINS) + 2))
+    print("|---|" + "---|" * (len(DOMAINS) + 3))
     for name, row in rows.items():
         losses = " | ".join(f"{row['eval'][d]:.3f}" if row["eval"][d] is not None else "n/a" for d in DOMAINS)
-        print(f"| {name} | {losses} | {row['maxvio']:.3f} / {row['maxvio_max']:.3f} | {row['dead']} |")
-    print("(rows 1-4: seed as a routed expert, 4 experts top-2; row 5: 3 routed experts top-2 plus the seed always on)")
+        print(
+            f"| {name} | {losses} | {row['maxvio']:.3f} / {row['maxvio_max']:.3f} | {row['dead']} | "
+            f"{row['step_seconds']:.3f} |"
+        )
+    print(
+        "(rows 1-4 and 6-8: seed as a routed expert, 4 experts top-2; row 5: 3 routed experts top-2 plus the seed "
+        "always on; row 8: the 4 experts as 2 groups of 2, top-2 within one group)"
+    )
 
 
 if __name__ == "__main__":

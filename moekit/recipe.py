@@ -91,13 +91,15 @@ class MixStage(_Strict):
     attention_experts: bool = Field(False, description="BAM: attention experts too (moekit's own model family)")
     attention_kv: Literal["shared", "expert"] = "shared"
     attention_top_k: int = Field(0, ge=0, description="0: soft routing over all attention experts")
+    groups: int | None = Field(None, ge=1, description="group-limited routing: expert groups (e.g. glm4_moe)")
+    topk_groups: int | None = Field(None, ge=1, description="group-limited routing: groups per token")
 
     def fingerprint(self) -> dict[str, Any]:
-        """The options as fingerprinted; the attention-expert keys only when on, so runs of older recipes keep their
-        fingerprints."""
+        """The options as fingerprinted; the attention-expert and group keys only when on, so runs of older recipes
+        keep their fingerprints."""
+        exclude = set() if self.attention_experts else {"attention_experts", "attention_kv", "attention_top_k"}
         return self.model_dump(
-            mode="json",
-            exclude=set() if self.attention_experts else {"attention_experts", "attention_kv", "attention_top_k"},
+            mode="json", exclude=exclude | ({"groups", "topk_groups"} if self.groups is None else set())
         )
 
     @model_validator(mode="before")
@@ -141,11 +143,17 @@ class TuneStage(_Strict):
     balance_scope: Literal["micro", "global"] = "micro"
     bias_rate: float = Field(1e-3, gt=0, le=1)
     bias_rule: Literal["sign", "proportional"] = "sign"
-    routing: Literal["topk", "switch", "soft", "noisy", "expert_choice", "hash", "sample_top1"] = "topk"
+    routing: Literal["topk", "switch", "soft", "noisy", "expert_choice", "hash", "sample_top1", "sbase"] = "topk"
+    router_jitter: float | None = Field(None, gt=0, lt=1)
     capacity_factor: float | None = Field(None, gt=0)
     temperature: tuple[float, float] = (1.0, 0.5)
     mixture: dict[str, float] = Field(default_factory=dict)
     loop: LoopSettings
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The options as fingerprinted; keys added later only when set, so runs of older recipes keep their
+        fingerprints."""
+        return self.model_dump(mode="json", exclude={"router_jitter"} if self.router_jitter is None else set())
 
     @model_validator(mode="after")
     def _scope(self) -> TuneStage:

@@ -133,6 +133,8 @@ class ArchAdapter:
             in-memory layout, which some checkpoints are saved in (see ``moekit.arch.layouts``).
         embed_name: the input embedding tensor (calibration starts from it).
         embedding_multiplier_key: config key of a factor the model applies to its embeddings.
+        expert_group_keys: config keys (groups, groups kept per token) of group-limited routing
+            (DeepSeek-V3's rule; GLM-4.5's ``n_group``/``topk_group``); None if the target has none.
         notes: one line for the model card and ``moekit mix --help``-style listings.
         ships_modeling: the target is moekit's own family: its modeling code goes into every output
             (``auto_map``), and readers load it with ``trust_remote_code=True``.
@@ -165,8 +167,17 @@ class ArchAdapter:
     memory_router: str = "gate.weight"
     embed_name: str = "model.embed_tokens.weight"
     embedding_multiplier_key: str | None = None
+    expert_group_keys: tuple[str, str] | None = None
     notes: str = ""
     ships_modeling: bool = False
+
+    def expert_groups(self, config: Any) -> tuple[int, int] | None:
+        """(groups, groups kept per token) of a config (dict or object) with group-limited routing; None without."""
+        if self.expert_group_keys is None:
+            return None
+        read = config.get if isinstance(config, dict) else (lambda key, default: getattr(config, key, default))
+        groups, kept = (int(read(key, 1) or 1) for key in self.expert_group_keys)
+        return (groups, kept) if groups > 1 else None
 
     # ----- names -------------------------------------------------------------------------
     def dense_ffn_name(self, layer: int, projection: str) -> str:

@@ -12,9 +12,11 @@ Values the "equal experts = dense" invariant needs, each a trap if left at the l
 (docs/reference.md §5, checked against transformers 5.24): ``partial_rotary_factor`` 1.0 (the
 default 0.5 rotates half of each head), ``first_k_dense_replace`` 0 and
 ``num_nextn_predict_layers`` 0 (every layer an MoE, no multi-token-prediction layer),
-``norm_topk_prob`` true, one expert group. Qwen2's q/k/v biases map to ``attention_bias`` (o_proj
-never has one in Glm4Moe), Qwen3's q/k norms to ``use_qk_norm``. vLLM's Glm4Moe needs an
-explicit ``lm_head``, so a tied seed's head is written out (same logits, untied).
+``norm_topk_prob`` true, one expert group unless ``mix --groups G --topk-groups M`` asks for
+group-limited routing (DeepSeek-V3's rule, which Glm4Moe's router implements). Qwen2's q/k/v
+biases map to ``attention_bias`` (o_proj never has one in Glm4Moe), Qwen3's q/k norms to
+``use_qk_norm``. vLLM's Glm4Moe needs an explicit ``lm_head``, so a tied seed's head is written
+out (same logits, untied).
 """
 
 from moekit.arch import register
@@ -42,11 +44,12 @@ def _glm4_moe(dense_type: str, **family: object) -> ArchAdapter:
         routed_scale_key="routed_scaling_factor",
         fp32_router=True,
         untied_head=True,
+        expert_group_keys=("n_group", "topk_group"),
         notes="Sigmoid router with a selection bias (e_score_correction_bias, learned by tune --balance bias); "
         "partial_rotary_factor 1.0, every layer an MoE, norm_topk_prob true.",
     )
     fixed = {
-        "n_group": 1,
+        "n_group": 1,  # one group: plain top-k (mix --groups sets both)
         "topk_group": 1,
         "first_k_dense_replace": 0,
         "num_nextn_predict_layers": 0,

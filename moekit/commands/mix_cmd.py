@@ -34,6 +34,8 @@ _SHAPING = (
     "attention_experts",
     "attention_kv",
     "attention_top_k",
+    "groups",
+    "topk_groups",
 )
 _AS_GIVEN = (*_SHAPING, "shard_size", "force", "run_dir")
 # Every option that shapes a new mix; refused with --add-expert.
@@ -131,6 +133,16 @@ def mix_command(
         max=64,
         help="Fine-grained experts: cut each expert FFN into this many experts of 1/split the width (top-k "
         "scales with it).",
+    ),
+    groups: Optional[int] = typer.Option(
+        None,
+        "--groups",
+        min=1,
+        help="Group-limited routing (DeepSeek-V3's rule; targets with groups, e.g. glm4_moe): the routed experts "
+        "form G equal groups of at least 2; a token takes its top-k from the --topk-groups best groups.",
+    ),
+    topk_groups: Optional[int] = typer.Option(
+        None, "--topk-groups", min=1, help="With --groups: how many groups each token may take experts from."
     ),
     average: str = typer.Option(
         default_of(MixConfig, "average"),

@@ -14,8 +14,6 @@ from moekit.config import DEFAULT_AUX_COEF, DEFAULT_CAPACITY_FACTOR, DEFAULT_Z_C
 # Options that go into TuneConfig as they are given.
 _AS_GIVEN = (
     "train",
-    "balance",
-    "aux_coef",
     "balance_scope",
     "routing",
     "capacity_factor",
@@ -87,11 +85,11 @@ def tune_command(
         "(BTX's frozen-experts ablation: all but the routed experts) | new-expert+router (after mix "
         "--add-expert: the routers and the added expert only).",
     ),
-    balance: str = typer.Option(
-        default_of(TuneConfig, "balance"),
+    balance: Optional[str] = typer.Option(
+        None,
         "--balance",
-        help="switch (Switch/HF aux loss) | btx (mean gate values) | bias (loss-free, DeepSeek-V3: learns the "
-        "selection bias of glm4_moe/ernie4_5_moe-style targets) | none.",
+        help="switch (Switch/HF aux loss; the default, none with --routing sbase) | btx (mean gate values) | bias "
+        "(loss-free, DeepSeek-V3: learns the selection bias of glm4_moe/ernie4_5_moe-style targets) | none.",
     ),
     aux_coef: Optional[float] = typer.Option(
         None,
@@ -124,7 +122,14 @@ def tune_command(
         "--routing",
         help="Training-time routing (ablations; the saved model routes by its own rule): topk (the model's own) "
         "| switch (top-1, capacity) | soft (all experts) | noisy (Shazeer's noisy top-k) | expert_choice | hash "
-        "(token-id hash) | sample_top1 (BTX's Gumbel top-1).",
+        "(token-id hash) | sample_top1 (BTX's Gumbel top-1) | sbase (Sinkhorn-balanced top-k, S-BASE; no "
+        "balancing loss).",
+    ),
+    router_jitter: Optional[float] = typer.Option(
+        None,
+        "--router-jitter",
+        help="Multiply each router's input (only the router's) by U(1-EPS, 1+EPS) while training (Switch's "
+        "jitter, e.g. 0.01); nothing at inference. 0 < EPS < 1.",
     ),
     capacity_factor: Optional[float] = typer.Option(
         None,
@@ -169,6 +174,9 @@ def tune_command(
     _refuse_unused_options(routing, balance, z_loss, capacity_factor, temperature, bias_rate, bias_rule, z_coef)
     inputs = tune_sources(model, parse_key_values(data, "--data"), parse_key_values(val_data, "--val-data"), out)
     given = only_given(
+        balance=balance,
+        aux_coef=aux_coef,
+        router_jitter=router_jitter,
         bias_rate=bias_rate,
         bias_rule=bias_rule,
         temperature=None if temperature is None else _parse_temperature(temperature),
@@ -188,7 +196,7 @@ def tune_command(
 
 def _refuse_unused_options(
     routing: str,
-    balance: str,
+    balance: Optional[str],
     z_loss: bool,
     capacity_factor: Optional[float],
     temperature: Optional[str],
@@ -208,7 +216,7 @@ def _refuse_unused_options(
         raise InvalidOptionError(
             "--temperature only applies with --routing sample_top1.", "Remove it or add --routing sample_top1."
         )
-    if balance != "bias" and (bias_rate is not None or bias_rule is not None):
+    if (balance or default_of(TuneConfig, "balance")) != "bias" and (bias_rate is not None or bias_rule is not None):
         raise InvalidOptionError(
             "--bias-rate and --bias-rule only apply with --balance bias.", "Remove them or add --balance bias."
         )

@@ -68,6 +68,11 @@ class MixConfig(_ShardedOutput, _Calibration):
         0, ge=0, description="attention experts per token: 0 = soft routing over all of them (BAM's best), k = top-k"
     )
 
+    groups: int | None = Field(
+        None, ge=1, description="group-limited routing: the experts form this many groups (targets with groups)"
+    )
+    topk_groups: int | None = Field(None, ge=1, description="group-limited routing: groups each token may use")
+
     @property
     def effective_target(self) -> str | None:
         """The MoE target: the chosen one; moekit_moe for attention experts; else None (the family's default)."""
@@ -85,6 +90,10 @@ class MixConfig(_ShardedOutput, _Calibration):
             problems.append(
                 f"attention experts exist only in moekit's own family (target moekit_moe), not {self.target}"
             )
+        if (self.groups is None) != (self.topk_groups is None):
+            problems.append("group-limited routing needs both groups and topk_groups (e.g. --groups 4 --topk-groups 2)")
+        elif self.groups is not None and self.topk_groups is not None and self.topk_groups > self.groups:
+            problems.append(f"topk_groups {self.topk_groups} is more than the {self.groups} groups")
         if self.upcycle is not None and self.seed_as == "shared":
             problems.append("seed_as shared needs branches (with upcycling every expert is already the seed's FFN)")
         if self.router != "centroid" and self.router_data:

@@ -122,7 +122,10 @@ class TuneConfig(_Strict):
     bias_rule: Literal["sign", "proportional"] = Field(
         "sign", description="balance=bias: u*sign(mean-c) (DeepSeek-V3) or u*(mean-c)/mean"
     )
-    routing: Literal["topk", "switch", "soft", "noisy", "expert_choice", "hash", "sample_top1"] = "topk"
+    routing: Literal["topk", "switch", "soft", "noisy", "expert_choice", "hash", "sample_top1", "sbase"] = "topk"
+    router_jitter: float | None = Field(
+        None, gt=0, lt=1, description="multiply the routers' input by U(1-eps, 1+eps) while training (Switch)"
+    )
     capacity_factor: float | None = Field(
         None,
         gt=0,
@@ -160,6 +163,8 @@ class TuneConfig(_Strict):
                 "balance_scope global changes the assignment counts of the switch loss; it has no effect with balance="
                 + self.balance
             )
+        if self.routing == "sbase":
+            self._without_balancing_loss()
         if self.aux_coef is None:
             self.aux_coef = 0.0 if self.balance == "bias" else DEFAULT_AUX_COEF
         if self.capacity_factor is None:
@@ -180,3 +185,14 @@ class TuneConfig(_Strict):
         if unused_val:
             raise ValueError(f"val_data names {unused_val} without data for them; give --data for those domains too")
         return self
+
+    def _without_balancing_loss(self) -> None:
+        """routing sbase balances by assignment: refuse a balancing loss asked for with it, else turn it off."""
+        asked_loss = "balance" in self.model_fields_set and self.balance != "none"
+        if asked_loss or ("aux_coef" in self.model_fields_set and (self.aux_coef or 0) > 0):
+            raise ValueError(
+                "routing sbase balances the experts by its Sinkhorn assignment; a balancing loss on top would fight "
+                "it (and a selection bias would not be used). Leave out balance and aux_coef (S-BASE turns the "
+                "loss off), or use balance none"
+            )
+        self.balance, self.aux_coef = "none", 0.0

@@ -21,6 +21,7 @@ import torch
 from moekit.routing import balance
 from moekit.routing.bias import find_selection_biases
 from moekit.routing.control import RoutingController, find_attention_routers
+from moekit.routing.modes import group_limited_top_k
 from moekit.routing.modes import scores as router_scores
 
 
@@ -46,6 +47,7 @@ class RoutingTally:
     shared_tokens: torch.Tensor | None = None  # [L]
     soft: bool = False  # soft routing (every expert runs): load counts each token at its largest-weight expert
     attention: RoutingTally | None = None  # the attention experts' routing (mix --attention-experts)
+    groups: tuple[int, int] | None = None  # group-limited routing (groups, groups per token), as the model's config
 
     def __post_init__(self) -> None:
         self.coselection = torch.zeros(self.layers, self.experts, self.experts)
@@ -57,9 +59,13 @@ class RoutingTally:
         self.shared_tokens = torch.zeros(self.layers)
 
     def _changed_by_bias(self, logits: torch.Tensor, indices: torch.Tensor, layer: int) -> float:
-        """Tokens whose chosen experts differ from top-k of the unbiased scores."""
+        """Tokens whose chosen experts differ from the unbiased choice (top-k, within the best groups if grouped)."""
         assert self.biases is not None
-        unbiased = router_scores(logits, self.scoring).topk(indices.shape[1], dim=-1).indices
+        unbiased_scores, top_k = router_scores(logits, self.scoring), indices.shape[1]
+        if self.groups is not None:
+            unbiased = group_limited_top_k(unbiased_scores, top_k, *self.groups)
+        else:
+            unbiased = unbiased_scores.topk(top_k, dim=-1).indices
         return float((unbiased.sort(dim=-1).values != indices.sort(dim=-1).values).any(dim=-1).sum())
 
     def add_shared(self, layer: int, shared: torch.Tensor, routed: torch.Tensor) -> None:
@@ -125,15 +131,17 @@ def collect_routing(
         raise InvalidOptionError(
             f"--tokens-layer {sample_layer} is out of range.", f"The model has MoE layers 0..{layers - 1}."
         )
-    from moekit.arch import router_scoring
+    from moekit.arch import adapter_for_moe, router_scoring
 
     biases = find_selection_biases(controller.routers)
+    adapter = adapter_for_moe(str(getattr(model.config, "model_type", "")))
     tally = RoutingTally(
         layers,
         controller.num_experts,
         biases=[t.detach().reshape(-1) for _, t in biases] if biases else None,
         scoring=router_scoring(str(getattr(model.config, "model_type", ""))),
         decoder_layers=[_decoder_layer(name, index) for index, (name, _) in enumerate(controller.routers)],
+        groups=adapter.expert_groups(model.config) if adapter is not None else None,
     )
     device = next(model.parameters()).device
     model.eval()

@@ -87,6 +87,7 @@ class RoutingSettings:
     capacity_factor: float = 1.5  # switch: capacity = tokens / E x this; expert_choice: x top_k
     scoring: str = "softmax"  # the family's score function (moekit.arch.router_scoring)
     temperature: tuple[float, float] = (1.0, 0.5)  # sample_top1: start and end temperature, linear over training
+    jitter: float = 0.0  # multiply each router's input by U(1 - jitter, 1 + jitter) while training (0: off)
 
 
 class RoutingController:
@@ -118,6 +119,24 @@ class RoutingController:
                     noise = torch.zeros_like(router.weight, dtype=torch.float32)
                     router.register_parameter(NOISE_PARAMETER, torch.nn.Parameter(noise))
                 router.forward = self._replacement(layer, router)  # instance attribute shadows the class method
+            if self.settings.jitter > 0:
+                self._handles.append(router.register_forward_pre_hook(self._jitter_hook, with_kwargs=True))
+
+    def _jitter_hook(self, router: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """Switch's router jitter: the router's input times U(1 - eps, 1 + eps), in training only.
+
+        Only the router sees the noise (a pre-hook of the router module): the experts get the
+        unperturbed hidden states, unlike transformers' Mixtral ``router_jitter_noise``, which
+        also multiplies the experts' input.
+        """
+        if not router.training:
+            return None
+        eps = self.settings.jitter
+        if args:
+            hidden = args[0]
+            return (hidden * torch.empty_like(hidden).uniform_(1.0 - eps, 1.0 + eps), *args[1:]), kwargs
+        hidden = kwargs["hidden_states"]
+        return args, {**kwargs, "hidden_states": hidden * torch.empty_like(hidden).uniform_(1.0 - eps, 1.0 + eps)}
 
     def _recording_hook(self, layer: int) -> Any:
         def hook(_module: torch.nn.Module, _inputs: Any, output: tuple[torch.Tensor, ...]) -> None:
@@ -143,6 +162,8 @@ class RoutingController:
             return modes.noisy_top_k(logits, noise_logits, self.top_k, settings.scoring, scale)
         if self.mode == "expert_choice":
             return modes.expert_choice(logits, settings.scoring, self.top_k, settings.capacity_factor, scale)
+        if self.mode == "sbase":
+            return modes.sbase(logits, settings.scoring, self.top_k, scale)
         if self.mode == "hash":
             if self.token_ids is None or self.token_ids.numel() != logits.shape[0]:
                 raise RuntimeError("hash routing needs the token ids of the batch (set controller.token_ids)")

@@ -21,8 +21,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-RoutingMode = Literal["topk", "switch", "soft", "noisy", "expert_choice", "hash", "sample_top1"]
-ABLATION_MODES = ("switch", "soft", "noisy", "expert_choice", "hash", "sample_top1")
+RoutingMode = Literal["topk", "switch", "soft", "noisy", "expert_choice", "hash", "sample_top1", "sbase"]
+ABLATION_MODES = ("switch", "soft", "noisy", "expert_choice", "hash", "sample_top1", "sbase")
 KNUTH_MULTIPLIER = 2654435761  # multiplicative hash (Knuth): spreads consecutive token ids over experts
 
 
@@ -146,3 +146,81 @@ def sample_top1(logits: torch.Tensor, temperature: float, scale: float) -> Route
     picked = soft_choice.gather(1, indices)
     weights = (picked - picked.detach() + 1.0) * scale
     return Routed(weights, indices, None, {"temperature": float(temperature)})
+
+
+SINKHORN_ITERATIONS = 10  # S-BASE: Sinkhorn iterations, the temperature annealed from 1 to SINKHORN_FINAL_TEMPERATURE
+SINKHORN_FINAL_TEMPERATURE = 0.05
+BALANCE_CORRECTIONS = 20  # S-BASE: count-correction steps on the Sinkhorn offsets
+
+
+def sinkhorn_offsets(logits: torch.Tensor, top_k: int, iterations: int = SINKHORN_ITERATIONS) -> torch.Tensor:
+    """Per-expert offsets [E] (logit units) that balance top-k of ``logits + offsets`` over the batch.
+
+    Entropic optimal transport in the log domain (Sinkhorn): find token duals a [N] and expert
+    duals b [E] such that exp((logits + a + b) / t) has row sums k and column sums N k / E.
+    The temperature t is annealed geometrically from 1 to 0.05 ("epsilon scaling"), so the plan
+    approaches the linear assignment of BASE layers while every step stays well conditioned.
+    The expert duals are the offsets: a token's balanced scores are its logits plus them.
+    """
+    tokens, experts = logits.shape
+    token_dual = torch.zeros(tokens, device=logits.device)
+    expert_dual = torch.zeros(experts, device=logits.device)
+    column, row = math.log(tokens * top_k / experts), math.log(top_k)
+    for temperature in torch.logspace(0.0, math.log10(SINKHORN_FINAL_TEMPERATURE), iterations).tolist():
+        expert_dual = temperature * (column - torch.logsumexp((logits + token_dual[:, None]) / temperature, dim=0))
+        token_dual = temperature * (row - torch.logsumexp((logits + expert_dual[None, :]) / temperature, dim=1))
+    return expert_dual
+
+
+def corrected_offsets(logits: torch.Tensor, offsets: torch.Tensor, top_k: int, steps: int) -> torch.Tensor:
+    """Move ``offsets`` until top-k of ``logits + offsets`` gives each expert N k / E tokens (approximately).
+
+    Sinkhorn balances the transport plan, but the plan of top-k > 1 lets a token put more than one
+    unit on one expert, which top-k cannot; under a skewed router that leaves up to ~10% imbalance
+    (E = 16, k = 2). Each step lowers the offset of an over-full expert and raises an under-full
+    one's, in proportion to its relative excess, with a decaying step of the logits' spread.
+    """
+    target = logits.shape[0] * top_k / logits.shape[1]
+    spread = float(logits.std()) or 1.0
+    for step in range(steps):
+        counts = torch.bincount((logits + offsets).topk(top_k, dim=-1).indices.reshape(-1), minlength=logits.shape[1])
+        offsets = offsets - 0.5 * spread * (counts.float() - target) / target / math.sqrt(1 + step)
+    return offsets
+
+
+def sbase(logits: torch.Tensor, scoring: str, top_k: int, scale: float) -> Routed:
+    """S-BASE (Clark et al. 2022): Sinkhorn-balanced top-k assignment while training.
+
+    Experts are chosen by top-k of the balanced scores (logits + per-expert offsets from a few
+    Sinkhorn iterations, then count corrections); gate values are the family's renormalised
+    scores of the raw logits at those experts, so the router learns from them. The selection
+    carries no gradient (as in BASE layers) and needs no balancing loss. At inference the model
+    routes by its own top-k.
+    """
+    detached = logits.detach().float()
+    offsets = corrected_offsets(detached, sinkhorn_offsets(detached, top_k), top_k, BALANCE_CORRECTIONS)
+    indices = (detached + offsets).topk(top_k, dim=-1).indices
+    counts = torch.bincount(indices.reshape(-1), minlength=logits.shape[1]).float()
+    target = logits.shape[0] * top_k / logits.shape[1]
+    return Routed(
+        renormalised(scores(logits, scoring), indices, scale),
+        indices,
+        None,
+        {"sbase_imbalance": float((counts / target - 1).abs().max())},
+    )
+
+
+def group_limited_top_k(scores_for_choice: torch.Tensor, top_k: int, groups: int, top_groups: int) -> torch.Tensor:
+    """Group-limited top-k (DeepSeek-V3, GLM-4.5): expert indices [N, k] chosen within the best groups.
+
+    The E experts form ``groups`` consecutive groups; a group's score is the sum of its two best
+    ``scores_for_choice`` (scores + selection bias); the ``top_groups`` best groups stay, every
+    other expert is masked to -inf (not 0: biased scores may be negative), then top-k.
+    """
+    tokens, experts = scores_for_choice.shape
+    grouped = scores_for_choice.view(tokens, groups, experts // groups)
+    group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+    keep = torch.zeros_like(group_scores, dtype=torch.bool)
+    keep.scatter_(1, group_scores.topk(top_groups, dim=-1).indices, True)
+    masked = grouped.masked_fill(~keep[:, :, None], float("-inf")).view(tokens, experts)
+    return masked.topk(top_k, dim=-1).indices

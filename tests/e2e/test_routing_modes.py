@@ -42,6 +42,7 @@ MODES = {
     "hash": ([], "all-but-experts", {"dropped_tokens"}),
     "sample_top1": (["--temperature", "2.0:0.5"], "router", {"temperature"}),
     "switch": (["--capacity-factor", "1.0"], "router", {"capacity_use", "dropped_tokens"}),
+    "sbase": ([], "router", {"sbase_imbalance"}),
 }
 
 
@@ -64,6 +65,8 @@ def test_ablation_mode_trains_reports_and_saves_a_plain_model(mixed, tmp_path, m
         assert steps[0]["temperature"] > steps[-1]["temperature"] >= 0.5  # the schedule anneals
     if mode == "hash":
         assert steps[-1]["dropped_tokens"] == 0
+    if mode == "sbase":  # 4 x 32 tokens, top-2 of 3 experts: balanced to the token; no balancing loss
+        assert all(r["sbase_imbalance"] < 0.03 for r in steps) and not any(k.startswith("aux_loss") for k in steps[-1])
     assert set(Checkpoint(out).tensors) == set(
         Checkpoint(mixed).tensors
     )  # no training-only parameter (noise weights) saved
@@ -76,3 +79,32 @@ def test_ablation_mode_trains_reports_and_saves_a_plain_model(mixed, tmp_path, m
     assert (
         json.loads((out / "config.json").read_text())["num_experts_per_tok"] == 2
     )  # the export keeps the configured routing
+
+
+def test_router_jitter_trains_and_saves_the_same_tensors(mixed, tmp_path):
+    out = tmp_path / "jitter"
+    data = ["--data", f"code={mixed.parent / 'code.txt'}"]
+    result = cli("tune", mixed, *data, "--router-jitter", "0.01", "--max-steps", "2", "--out", out, *LOOP)
+    assert result.exit_code == 0, result.output
+    assert set(Checkpoint(out).tensors) == set(Checkpoint(mixed).tensors)
+    assert yaml.safe_load((out / "moekit.yaml").read_text())["tune"]["router_jitter"] == 0.01
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--routing", "sbase", "--balance", "switch"], "balances the experts by its Sinkhorn assignment"),
+        (["--routing", "sbase", "--aux-coef", "0.01"], "balances the experts by its Sinkhorn assignment"),
+        (["--routing", "sbase", "--balance", "bias"], "balances the experts by its Sinkhorn assignment"),
+        (["--router-jitter", "0"], "router_jitter"),
+        (["--router-jitter", "1"], "router_jitter"),
+        (["--router-jitter", "-0.1"], "router_jitter"),
+    ],
+)
+def test_bad_sbase_and_jitter_options_are_refused_and_write_nothing(mixed, tmp_path, options, message):
+    out = tmp_path / "refused"
+    data = ["--data", f"code={mixed.parent / 'code.txt'}", "--max-steps", "2"]
+    result = cli("tune", mixed, *data, *options, "--out", out, *LOOP)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert not out.exists()

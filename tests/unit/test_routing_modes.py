@@ -76,3 +76,50 @@ def test_sample_top1_samples_the_router_softmax():
     torch.testing.assert_close(
         picks, expected, atol=0.04, rtol=0
     )  # Gumbel-max samples softmax(logits); the temperature shapes only the gradient
+
+
+@pytest.mark.parametrize("experts, top_k", [(4, 1), (4, 2), (8, 2), (16, 2), (64, 6)])
+def test_sbase_balances_a_skewed_router_within_one_percent(experts, top_k):
+    generator = torch.Generator().manual_seed(experts)
+    tokens = 4096
+    logits = torch.randn(tokens, experts, generator=generator) + torch.linspace(3, 0, experts)  # expert 0 favoured
+    plain = torch.bincount(logits.topk(top_k, dim=-1).indices.reshape(-1), minlength=experts).float()
+    target = tokens * top_k / experts
+    assert (plain / target - 1).abs().max() > 0.5  # the router alone is far from balanced
+    routed = modes.sbase(logits, "softmax", top_k, 1.0)
+    counts = torch.bincount(routed.indices.reshape(-1), minlength=experts).float()
+    assert (counts / target - 1).abs().max() <= 0.01
+    assert routed.stats["sbase_imbalance"] == pytest.approx(float((counts / target - 1).abs().max()))
+    # gates: the raw softmax scores at the chosen experts, renormalised (not the balanced scores)
+    expected = logits.softmax(dim=-1).gather(1, routed.indices)
+    torch.testing.assert_close(routed.weights, expected / expected.sum(dim=-1, keepdim=True))
+
+
+def test_sbase_selection_carries_no_gradient_but_the_gates_do():
+    logits = (torch.randn(256, 4) + torch.tensor([2.0, 0, 0, 0])).requires_grad_()
+    routed = modes.sbase(logits, "softmax", 2, 1.0)
+    (routed.weights * torch.randn_like(routed.weights)).sum().backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("experts, groups, kept, top_k", [(8, 4, 2, 2), (8, 2, 1, 2), (16, 4, 2, 4), (6, 3, 1, 2)])
+def test_group_limited_top_k_equals_transformers_glm4_moe(experts, groups, kept, top_k):
+    from transformers import Glm4MoeConfig
+    from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeTopkRouter
+
+    config = Glm4MoeConfig(
+        hidden_size=16, n_routed_experts=experts, num_experts_per_tok=top_k, n_group=groups, topk_group=kept
+    )
+    router = Glm4MoeTopkRouter(config)
+    generator = torch.Generator().manual_seed(experts * 100 + groups)
+    with torch.no_grad():
+        router.weight.normal_(0, 1.0, generator=generator)
+        # negative biases included: a group masked to 0 instead of -inf would wrongly win against them
+        router.e_score_correction_bias.copy_(torch.randn(experts, generator=generator) - 1.0)
+    hidden = torch.randn(512, 16, generator=generator)
+    logits, _, theirs = router(hidden)
+    biased = logits.sigmoid() + router.e_score_correction_bias
+    ours = modes.group_limited_top_k(biased, top_k, groups, kept)
+    assert torch.equal(ours.sort(dim=-1).values, theirs.sort(dim=-1).values)
+    plain = biased.topk(top_k, dim=-1).indices  # the groups change some tokens' experts: the rule is exercised
+    assert not torch.equal(plain.sort(dim=-1).values, theirs.sort(dim=-1).values)

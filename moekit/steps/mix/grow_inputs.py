@@ -223,6 +223,13 @@ def open_grow_inputs(cfg: GrowConfig) -> GrowInputs:
             "which moekit does not build yet.",
             "Mix the new branch in from the start: moekit mix with all the branches and --attention-experts.",
         )
+    groups = adapter.expert_groups(moe.config)
+    if groups is not None:
+        raise InvalidOptionError(
+            f"{cfg.into} routes within {groups[0]} expert groups (mix --groups): one more expert would break the "
+            "equal groups.",
+            "Mix the new branch in from the start, with a --groups that divides the new expert count.",
+        )
     record, found = _read_provenance(Path(cfg.into))
     if int(found.get("split") or 1) != 1:
         raise InvalidOptionError(

@@ -50,9 +50,12 @@ def _moe_config(seed_dir: Path, adapter: ArchAdapter, plan: BlockPlan, dtype: An
     dense = with_rope_parameters(load_config_json(seed_dir))
 
     def kwargs_for(config: dict[str, Any]) -> dict[str, Any]:
-        return adapter.moe_config_kwargs(
+        kwargs = adapter.moe_config_kwargs(
             config, plan.experts, plan.top_k, plan.expert_size, plan.shared_size, plan.config_scale
         )
+        if plan.groups is not None and adapter.expert_group_keys is not None:
+            kwargs.update(zip(adapter.expert_group_keys, plan.groups, strict=True))
+        return kwargs
 
     if not exact and _json_is_complete(dense, adapter):
         data = {

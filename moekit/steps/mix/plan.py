@@ -44,6 +44,7 @@ class BlockPlan:
         config_scale: the value of the target's routed-scale config key (1.0 where it has none).
         down_scale: factor on every routed expert's down projection (``--expert-scale`` included).
         shared_down_scale: factor on the shared expert's down projection (0: it adds nothing).
+        groups: (groups, groups kept per token) of group-limited routing; None: plain top-k.
     """
 
     sources: int
@@ -56,6 +57,7 @@ class BlockPlan:
     config_scale: float
     down_scale: float
     shared_down_scale: float
+    groups: tuple[int, int] | None = None
 
     def source_of(self, expert: int) -> tuple[int, int]:
         """(source FFN, chunk) of routed expert ``expert``."""
@@ -79,18 +81,55 @@ def plan_block(cfg: MixConfig, adapter: ArchAdapter, sources: int, intermediate:
     if seed_shared:
         assert adapter.shared is not None
         shared_down = 0.5 / adapter.shared.gate_value  # Qwen2-MoE's zero gate already halves: sigmoid(0) = 0.5
+    experts, top_k = sources * cfg.split, cfg.top_k * cfg.split
     return BlockPlan(
         sources=sources,
         split=cfg.split,
-        experts=sources * cfg.split,
-        top_k=cfg.top_k * cfg.split,
+        experts=experts,
+        top_k=top_k,
         expert_size=intermediate // cfg.split,
         shared_size=intermediate if has_shared else None,
         seed_shared=seed_shared,
         config_scale=config_scale,
         down_scale=weight_scale * cfg.expert_scale,
         shared_down_scale=shared_down,
+        groups=_expert_groups(cfg, adapter, experts, top_k),
     )
+
+
+def _expert_groups(cfg: MixConfig, adapter: ArchAdapter, experts: int, top_k: int) -> tuple[int, int] | None:
+    """``--groups G --topk-groups M``, checked against the target and the expert count."""
+    if cfg.groups is None or cfg.topk_groups is None:
+        return None
+    if adapter.expert_group_keys is None:
+        from moekit.arch import supported_targets
+
+        with_groups = sorted({t for targets in supported_targets().values() for t in targets if _has_groups(t)})
+        raise InvalidOptionError(
+            f"{adapter.moe_type} has no group-limited routing: --groups does not apply to it.",
+            f"Mix with --target {' or '.join(with_groups)} for expert groups, or leave out --groups/--topk-groups.",
+        )
+    groups, kept = cfg.groups, cfg.topk_groups
+    if experts % groups or experts // groups < 2:
+        divisors = [g for g in range(1, experts // 2 + 1) if experts % g == 0]
+        raise InvalidOptionError(
+            f"--groups {groups} cannot split {experts} routed experts into equal groups of at least 2 "
+            "(a group's score is the sum of its two best experts).",
+            f"Use --groups {' or '.join(map(str, divisors))} for {experts} experts.",
+        )
+    if top_k > kept * (experts // groups):
+        raise InvalidOptionError(
+            f"Top-{top_k} cannot be chosen from {kept} group(s) of {experts // groups} experts.",
+            f"Raise --topk-groups to at least {-(-top_k // (experts // groups))} or lower --top-k.",
+        )
+    return (groups, kept)
+
+
+def _has_groups(target: str) -> bool:
+    from moekit.arch import adapter_for_moe
+
+    adapter = adapter_for_moe(target)
+    return adapter is not None and adapter.expert_group_keys is not None
 
 
 def _divisor_hint(value: int) -> str:

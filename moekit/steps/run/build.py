@@ -184,7 +184,7 @@ class BuildStages(RunBase):
         spec = self.recipe.tune
         if spec is None:
             return
-        fingerprint = stage_hash(self.fingerprints["mix"], spec.model_dump(mode="json"), self._data_print(self.data))
+        fingerprint = stage_hash(self.fingerprints["mix"], spec.fingerprint(), self._data_print(self.data))
         cfg = TuneConfig(
             model=self.run_dir / "mixed",
             out=self.run_dir / "tuned",
@@ -193,11 +193,11 @@ class BuildStages(RunBase):
             val_data=self.val_data,
             mixture=spec.mixture,
             train=spec.train,
-            balance=spec.balance,
-            aux_coef=spec.aux_coef,
+            **{key: getattr(spec, key) for key in ("balance", "aux_coef") if key in spec.model_fields_set},
             z_coef=spec.z_coef,
             balance_scope=spec.balance_scope,
             routing=spec.routing,
+            router_jitter=spec.router_jitter,
             capacity_factor=spec.capacity_factor,
             bias_rate=spec.bias_rate,
             bias_rule=spec.bias_rule,

@@ -57,7 +57,7 @@ class JudgeStages(RunBase):
             self.fingerprints.get("tune"),
             self.fingerprints.get("train"),
             options.fingerprint(),
-            spec.model_dump(mode="json"),
+            spec.fingerprint(),
         )
         init = self.run_dir / ".upcycle-init"
 

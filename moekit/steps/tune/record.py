@@ -50,6 +50,7 @@ def provenance_writer(model_dir: Path, cfg: TuneConfig, result_row: dict[str, An
                 **({"bias_rate": cfg.bias_rate, "bias_rule": cfg.bias_rule} if cfg.balance == "bias" else {}),
             },
             "routing": cfg.routing,
+            **({"router_jitter": cfg.router_jitter} if cfg.router_jitter else {}),
             "inference_routing": inference_routing(cfg.model),
             "loop": cfg.loop.model_dump(mode="json"),
             "final": result_row,
@@ -67,8 +68,10 @@ def provenance_writer(model_dir: Path, cfg: TuneConfig, result_row: dict[str, An
             balancing = f"loss-free balancing (selection bias, {cfg.bias_rule} rule, rate {cfg.bias_rate}" + (
                 f", sequence-wise aux loss {cfg.aux_coef})" if cfg.aux_coef else ")"
             )
-        extras = (f", router z-loss {cfg.z_coef}" if cfg.z_coef else "") + (
-            f", {cfg.routing} routing while training" if cfg.routing != "topk" else ""
+        extras = (
+            (f", router z-loss {cfg.z_coef}" if cfg.z_coef else "")
+            + (f", {cfg.routing} routing while training" if cfg.routing != "topk" else "")
+            + (f", router jitter {cfg.router_jitter}" if cfg.router_jitter else "")
         )
         card += (
             f"\n## Tuned\n\nFine-tuned by `moekit tune` ({cfg.train} parameters, {budget}) on "

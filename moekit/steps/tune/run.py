@@ -82,7 +82,8 @@ def _tune(cfg: TuneConfig, engine: Engine, show_progress: bool) -> TuneResult:
     scoring = router_scoring(str(model.config.model_type))
     assert cfg.capacity_factor is not None and cfg.aux_coef is not None  # filled in by TuneConfig
     controller = RoutingController(
-        model, settings=RoutingSettings(cfg.routing, cfg.capacity_factor, scoring, cfg.temperature)
+        model,
+        settings=RoutingSettings(cfg.routing, cfg.capacity_factor, scoring, cfg.temperature, cfg.router_jitter or 0.0),
     )
     bias = selection_bias(model, controller, cfg) if cfg.balance == "bias" else None
     domains = _tune_data(cfg, engine)
@@ -159,6 +160,8 @@ def _loop_job(
         },
     )
     options["mixture"] = {d: ratios[d] / sum(ratios.values()) for d in sorted(ratios)}  # as shares, however written
+    if cfg.router_jitter:  # only when on: checkpoints of runs without it keep their recorded options
+        options["router_jitter"] = cfg.router_jitter
     frozen = set(objective.bias.names) if objective.bias is not None else set()
     new_expert, no_decay = None, (lambda name: False)
     if cfg.train == "new-expert+router":
