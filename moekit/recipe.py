@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from moekit.config import LoopSettings
+from moekit.config import HyperMoESettings, LoopSettings
 from moekit.errors import MoekitError
 from moekit.launch_spec import STAGE_KINDS, LauncherSpec
 
@@ -136,9 +136,10 @@ class MixStage(_Strict):
 class TuneStage(_Strict):
     """Options of ``tune`` (see ``moekit tune --help``)."""
 
-    train: Literal["all", "router", "router+attn", "all-but-experts", "new-expert+router"] = "all"
+    train: Literal["all", "router", "router+attn", "all-but-experts", "new-expert+router", "hypermoe"] = "all"
     balance: Literal["switch", "btx", "bias", "none"] = "switch"
     aux_coef: float | None = Field(None, ge=0, description="default 0.01; 0 with balance bias")
+    hypermoe: HyperMoESettings | None = Field(None, description="add HyperMoE before tuning (mix.target moekit_moe)")
     z_coef: float = Field(0.0, ge=0)
     balance_scope: Literal["micro", "global"] = "micro"
     bias_rate: float = Field(1e-3, gt=0, le=1)
@@ -153,7 +154,8 @@ class TuneStage(_Strict):
     def fingerprint(self) -> dict[str, Any]:
         """The options as fingerprinted; keys added later only when set, so runs of older recipes keep their
         fingerprints."""
-        return self.model_dump(mode="json", exclude={"router_jitter"} if self.router_jitter is None else set())
+        later = {"router_jitter", "hypermoe"}
+        return self.model_dump(mode="json", exclude={key for key in later if getattr(self, key) is None})
 
     @model_validator(mode="after")
     def _scope(self) -> TuneStage:
@@ -204,6 +206,12 @@ class Recipe(_Strict):
         if mixture and set(mixture) != set(self.domains):
             raise ValueError(
                 f"tune.mixture must give a share for every domain ({sorted(self.domains)}), got {sorted(mixture)}"
+            )
+        own_family = self.mix.target == "moekit_moe" or (self.mix.target is None and self.mix.attention_experts)
+        if self.tune is not None and self.tune.hypermoe is not None and not own_family:
+            raise ValueError(
+                "tune.hypermoe needs an MoE of moekit's own family: set mix.target: moekit_moe (or "
+                "mix.attention_experts: true)"
             )
         experts = self.mix.upcycle_experts or len(self.domains) + int(self.mix.seed_as == "routed")
         if self.mix.top_k > experts:

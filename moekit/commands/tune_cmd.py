@@ -13,7 +13,6 @@ from moekit.config import DEFAULT_AUX_COEF, DEFAULT_CAPACITY_FACTOR, DEFAULT_Z_C
 
 # Options that go into TuneConfig as they are given.
 _AS_GIVEN = (
-    "train",
     "balance_scope",
     "routing",
     "capacity_factor",
@@ -78,12 +77,28 @@ def tune_command(
     out: Optional[Path] = typer.Option(
         None, "--out", "-o", help="Output directory (default with a run directory: RUN_DIR/tuned)."
     ),
-    train: str = typer.Option(
-        default_of(TuneConfig, "train"),
+    train: Optional[str] = typer.Option(
+        None,
         "--train",
-        help="What learns: all (BTX) | router | router+attn (routers and attention only) | all-but-experts "
-        "(BTX's frozen-experts ablation: all but the routed experts) | new-expert+router (after mix "
-        "--add-expert: the routers and the added expert only).",
+        help="What learns: all (BTX; the default) | router | router+attn (routers and attention only) | "
+        "all-but-experts (BTX's frozen-experts ablation: all but the routed experts) | new-expert+router (after "
+        "mix --add-expert: the routers and the added expert only) | hypermoe (the routers and HyperMoE's modules; "
+        "the default with --hypermoe).",
+    ),
+    hypermoe: bool = typer.Option(
+        False,
+        "--hypermoe",
+        help="HyperMoE (Zhao et al. 2024): add a hypernetwork that turns the experts a token did not select into "
+        "an adapter added to the MoE output (moekit_moe models: mix --target moekit_moe). Starts as the MoE exactly.",
+    ),
+    hypermoe_embed_dim: Optional[int] = typer.Option(
+        None, "--hypermoe-embed-dim", min=1, help="--hypermoe: expert embedding width (default 128)."
+    ),
+    hypermoe_adapter_dim: Optional[int] = typer.Option(
+        None, "--hypermoe-adapter-dim", min=1, help="--hypermoe: the generated adapter's bottleneck (default 64)."
+    ),
+    hypermoe_hyper_dim: Optional[int] = typer.Option(
+        None, "--hypermoe-hyper-dim", min=1, help="--hypermoe: the shared hypernetwork's hidden width (default 128)."
     ),
     balance: Optional[str] = typer.Option(
         None,
@@ -173,7 +188,14 @@ def tune_command(
 
     _refuse_unused_options(routing, balance, z_loss, capacity_factor, temperature, bias_rate, bias_rule, z_coef)
     inputs = tune_sources(model, parse_key_values(data, "--data"), parse_key_values(val_data, "--val-data"), out)
+    sizes = only_given(embed_dim=hypermoe_embed_dim, adapter_dim=hypermoe_adapter_dim, hyper_dim=hypermoe_hyper_dim)
+    if sizes and not hypermoe:
+        from moekit.errors import InvalidOptionError
+
+        raise InvalidOptionError("--hypermoe-* sizes only apply with --hypermoe.", "Add --hypermoe or remove them.")
     given = only_given(
+        train=train,
+        hypermoe=sizes if hypermoe else None,
         balance=balance,
         aux_coef=aux_coef,
         router_jitter=router_jitter,

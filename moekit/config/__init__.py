@@ -15,7 +15,7 @@ from moekit.config.base import (
 )
 from moekit.config.mix import GrowConfig, MixConfig, UpcycleSettings
 from moekit.config.reading import EvalConfig, GenerateConfig, InspectConfig
-from moekit.config.training import LoopSettings, TrainConfig, TuneConfig
+from moekit.config.training import HyperMoESettings, LoopSettings, TrainConfig, TuneConfig
 
 __all__ = [
     "DEFAULT_AUX_COEF",
@@ -27,6 +27,7 @@ __all__ = [
     "EvalConfig",
     "GenerateConfig",
     "GrowConfig",
+    "HyperMoESettings",
     "InspectConfig",
     "LoopSettings",
     "MixConfig",

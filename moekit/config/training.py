@@ -100,6 +100,14 @@ class TrainConfig(_Strict):
     loop: LoopSettings
 
 
+class HyperMoESettings(_Strict):
+    """HyperMoE's sizes (Zhao et al. 2024; the authors' defaults)."""
+
+    embed_dim: int = Field(128, ge=1, le=4096, description="width of the expert embeddings and selection MLP")
+    adapter_dim: int = Field(64, ge=1, le=4096, description="bottleneck width of the generated adapter")
+    hyper_dim: int = Field(128, ge=1, le=4096, description="hidden width of the shared hypernetwork")
+
+
 class TuneConfig(_Strict):
     """What ``tune`` needs: the mixed MoE, domain data and mixture, what trains, how to balance."""
 
@@ -111,10 +119,13 @@ class TuneConfig(_Strict):
     mixture: dict[str, float] = Field(
         default_factory=dict, description="domain -> share of the tune data (default equal)"
     )
-    train: Literal["all", "router", "router+attn", "all-but-experts", "new-expert+router"] = "all"
+    train: Literal["all", "router", "router+attn", "all-but-experts", "new-expert+router", "hypermoe"] = "all"
     balance: Literal["switch", "btx", "bias", "none"] = "switch"
     aux_coef: float | None = Field(
         None, ge=0, description="balancing loss coefficient (default 0.01; 0 with balance=bias)"
+    )
+    hypermoe: HyperMoESettings | None = Field(
+        None, description="add HyperMoE's hypernetwork before tuning (moekit_moe models; default train: hypermoe)"
     )
     z_coef: float = Field(0.0, ge=0, description="router z-loss coefficient (1e-3 when enabled)")
     balance_scope: Literal["micro", "global"] = "micro"
@@ -165,6 +176,8 @@ class TuneConfig(_Strict):
             )
         if self.routing == "sbase":
             self._without_balancing_loss()
+        if self.hypermoe is not None:
+            self._hypermoe_training()
         if self.aux_coef is None:
             self.aux_coef = 0.0 if self.balance == "bias" else DEFAULT_AUX_COEF
         if self.capacity_factor is None:
@@ -185,6 +198,21 @@ class TuneConfig(_Strict):
         if unused_val:
             raise ValueError(f"val_data names {unused_val} without data for them; give --data for those domains too")
         return self
+
+    def _hypermoe_training(self) -> None:
+        """With hypermoe: train defaults to hypermoe (routers and HyperMoE's modules; experts frozen)."""
+        if "train" not in self.model_fields_set:
+            self.train = "hypermoe"
+        elif self.train not in ("hypermoe", "all"):
+            raise ValueError(
+                f"hypermoe trains its hypernetwork, expert embeddings and routers (train hypermoe, the default) or "
+                f"everything (train all); train {self.train} would leave them untrained or frozen"
+            )
+        if self.loop.shard == "fsdp":
+            raise ValueError(
+                "hypermoe is not supported with shard fsdp: its hypernetwork is shared by every layer, outside the "
+                "per-layer FSDP units. Use shard none (data parallel) with hypermoe"
+            )
 
     def _without_balancing_loss(self) -> None:
         """routing sbase balances by assignment: refuse a balancing loss asked for with it, else turn it off."""

@@ -28,6 +28,7 @@ MOEKIT_KEYS = (
     "attention_experts",
     "attention_kv",
     "attention_top_k",
+    "hypermoe",
 )
 _NOT_COPIED = ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path")
 
@@ -44,6 +45,7 @@ class MoekitMoeConfig(PretrainedConfig):
         attention_kv: ``shared`` (one key/value projection, per-expert query and output) or
             ``expert`` (every projection per expert).
         attention_top_k: 0 for soft routing over every attention expert, else top-k.
+        hypermoe: HyperMoE's sizes (``embed_dim``, ``adapter_dim``, ``hyper_dim``), or None without it.
 
     The model's forward adds no load-balancing loss (``moekit tune`` adds its own); the routers'
     outputs can be read with forward hooks on ``MoekitRouter`` and ``MoekitAttentionRouter``.
@@ -61,6 +63,7 @@ class MoekitMoeConfig(PretrainedConfig):
         attention_experts: int = 0,
         attention_kv: str = "shared",
         attention_top_k: int = 0,
+        hypermoe: dict[str, int] | None = None,
         **kwargs: Any,
     ) -> None:
         if base_model_type not in CONFIG_MAPPING:
@@ -86,6 +89,7 @@ class MoekitMoeConfig(PretrainedConfig):
         self.attention_experts = int(attention_experts)
         self.attention_kv = attention_kv
         self.attention_top_k = int(attention_top_k)
+        self.hypermoe = dict(hypermoe) if hypermoe else None
         super().__init__(**values)
         for key, value in values.items():  # keys the base class sets aside (transformers 5: use_cache)
             if not hasattr(self, key):

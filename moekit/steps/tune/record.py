@@ -33,7 +33,13 @@ def inference_routing(model_dir: Path) -> str:
     )
 
 
-def provenance_writer(model_dir: Path, cfg: TuneConfig, result_row: dict[str, Any], heldout: dict[str, Any]) -> Any:
+def provenance_writer(
+    model_dir: Path,
+    cfg: TuneConfig,
+    result_row: dict[str, Any],
+    heldout: dict[str, Any],
+    hypermoe: dict[str, Any] | None = None,
+) -> Any:
     def add(tmp: Path) -> None:
         record = {
             "stage": "tune",
@@ -51,6 +57,7 @@ def provenance_writer(model_dir: Path, cfg: TuneConfig, result_row: dict[str, An
             },
             "routing": cfg.routing,
             **({"router_jitter": cfg.router_jitter} if cfg.router_jitter else {}),
+            **({"hypermoe": hypermoe} if hypermoe else {}),
             "inference_routing": inference_routing(cfg.model),
             "loop": cfg.loop.model_dump(mode="json"),
             "final": result_row,
@@ -73,6 +80,13 @@ def provenance_writer(model_dir: Path, cfg: TuneConfig, result_row: dict[str, An
             + (f", {cfg.routing} routing while training" if cfg.routing != "topk" else "")
             + (f", router jitter {cfg.router_jitter}" if cfg.router_jitter else "")
         )
+        if hypermoe:
+            extras += (
+                f". HyperMoE (Zhao et al. 2024): expert embeddings of width {hypermoe['embed_dim']}, a shared "
+                f"hypernetwork of width {hypermoe['hyper_dim']} generating a {hypermoe['adapter_dim']}-wide adapter "
+                f"per set of selected experts ({hypermoe['parameters']:,} parameters); load with "
+                "trust_remote_code=True"
+            )
         card += (
             f"\n## Tuned\n\nFine-tuned by `moekit tune` ({cfg.train} parameters, {budget}) on "
             f"{', '.join(cfg.data)} with {balancing}{extras}. Details: `moekit.yaml`.\n"

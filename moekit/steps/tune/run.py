@@ -34,6 +34,7 @@ from moekit.models import check_model_dir, fit_context_length
 from moekit.routing.attention_stats import AttentionRoutingStats
 from moekit.routing.control import RoutingController, RoutingSettings, find_attention_routers, is_training_only
 from moekit.routing.objective import BalancedObjective, BalanceSettings, all_reduce_sum
+from moekit.steps.tune.hypermoe import add_hypermoe, check_hypermoe_training, has_hypermoe, hypermoe_record
 from moekit.steps.tune.inputs import check_routing_mode, lock_path, tune_inputs, work_dir_for
 from moekit.steps.tune.record import heldout_summary, provenance_writer
 from moekit.steps.tune.trainable import selection_bias, trainable_predicate
@@ -79,6 +80,9 @@ def _tune(cfg: TuneConfig, engine: Engine, show_progress: bool) -> TuneResult:
     save_dtype = resolve_save_dtype(cfg.loop.save_dtype, cfg.model)  # also validates the directory
     check_routing_mode(cfg)
     model = load_causal_lm(cfg.model, torch.float32)
+    if cfg.hypermoe is not None:
+        add_hypermoe(model, cfg)  # before the loop: a resumed run loads its checkpoint into these modules
+    check_hypermoe_training(model, cfg)
     scoring = router_scoring(str(model.config.model_type))
     assert cfg.capacity_factor is not None and cfg.aux_coef is not None  # filled in by TuneConfig
     controller = RoutingController(
@@ -162,6 +166,8 @@ def _loop_job(
     options["mixture"] = {d: ratios[d] / sum(ratios.values()) for d in sorted(ratios)}  # as shares, however written
     if cfg.router_jitter:  # only when on: checkpoints of runs without it keep their recorded options
         options["router_jitter"] = cfg.router_jitter
+    if cfg.hypermoe is not None:
+        options["hypermoe"] = cfg.hypermoe.model_dump()
     frozen = set(objective.bias.names) if objective.bias is not None else set()
     new_expert, no_decay = None, (lambda name: False)
     if cfg.train == "new-expert+router":
@@ -207,10 +213,13 @@ def _save(
     state = {
         k: v for k, v in result.state_dict.items() if not is_training_only(k)
     }  # noisy top-k's W_noise is not part of the model
-    provenance = provenance_writer(cfg.model, cfg, result.last_row, routing)
-    saved = write_trained_model(
-        cfg.out, cfg.model, model, state, save_dtype, [work_dir / "metrics.jsonl"], cfg.force, provenance
-    )
+    provenance = provenance_writer(cfg.model, cfg, result.last_row, routing, hypermoe_record(model))
+    extra = [work_dir / "metrics.jsonl"]
+    if has_hypermoe(model):  # this moekit's modeling code, which has HyperMoE (the input's copy may predate it)
+        from moekit.modeling import modeling_files
+
+        extra += modeling_files()
+    saved = write_trained_model(cfg.out, cfg.model, model, state, save_dtype, extra, cfg.force, provenance)
     shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)
     if cfg.run_dir is not None:
         with updating_manifest(cfg.run_dir) as manifest:

@@ -11,6 +11,7 @@ from moekit.config import TuneConfig
 from moekit.errors import InvalidOptionError, UnsupportedArchitectureError
 from moekit.routing.bias import SelectionBias, find_selection_biases
 from moekit.routing.control import RoutingController
+from moekit.steps.tune.hypermoe import is_hypermoe_parameter
 
 
 def is_routed_expert(name: str) -> bool:
@@ -31,7 +32,8 @@ def trainable_predicate(
     ``all`` (BTX); ``router``; ``router+attn`` (routers and attention only: embeddings, norms,
     LM head, experts and any shared expert stay frozen); ``all-but-experts`` (BTX's "frozen
     experts" ablation: everything but the routed experts learns); ``new-expert+router`` (the
-    routers and the expert ``mix --add-expert`` added, by ``new_expert``). Noisy top-k's noise
+    routers and the expert ``mix --add-expert`` added, by ``new_expert``); ``hypermoe`` (the routers and
+    HyperMoE's modules, experts frozen). Noisy top-k's noise
     weights belong to the routers, and so do attention experts' routers (``mix --attention-experts``).
     """
     router_prefixes = tuple(f"{name}." for name, _ in [*controller.routers, *attention_routers])
@@ -45,6 +47,8 @@ def trainable_predicate(
         cfg.train == "new-expert+router"
     ):  # the routers and the expert mix --add-expert added (moekit.steps.tune.new_expert)
         chosen = lambda name: name.startswith(router_prefixes) or new_expert(name)  # noqa: E731
+    elif cfg.train == "hypermoe":  # HyperMoE's hypernetwork, expert embeddings and selection MLPs, and the routers
+        chosen = lambda name: name.startswith(router_prefixes) or is_hypermoe_parameter(name)  # noqa: E731
     else:
         chosen = lambda name: name.startswith(router_prefixes) or ".self_attn." in name  # noqa: E731
     return lambda name: name not in frozen and chosen(name)
