@@ -111,14 +111,20 @@ def tune_variant(moe: Path, data: dict[str, list[str]], out: Path, args: argpars
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser(description: str) -> argparse.ArgumentParser:
+    """The options of the shared setup: working directory, block shape and the seed / branch / tune budgets."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--work", type=Path, default=None, help="working directory (default: a temporary one)")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--pretrain-steps", type=int, default=150)
     parser.add_argument("--train-steps", type=int, default=50)
     parser.add_argument("--tune-steps", type=int, default=80)
+    return parser
+
+
+def main() -> None:
+    parser = build_parser(__doc__.split("\n\n")[0])
     parser.add_argument(
         "--bias-rate", type=float, default=0.01, help="u of the sign rule (larger than DeepSeek-V3's 1e-3: few steps)"
     )

@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from attention_experts import generate  # noqa: E402
-from balancing import DOMAINS, build_branches  # noqa: E402
+from balancing import DOMAINS, build_branches, build_parser  # noqa: E402
 
 MEMORY_STEP = """
 import resource, sys, torch
@@ -56,7 +56,8 @@ if mode == "per-token":  # the reference implementation: one generated adapter p
     mm.MoekitSparseMoeBlock._hyper_output = per_token
 ids = torch.randint(0, model.config.vocab_size, (1, 1024), generator=torch.Generator().manual_seed(0))
 model(ids, labels=ids).loss.backward()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+hyper = sum(p.numel() for n, p in model.named_parameters() if n.startswith("hypernet.") or ".mlp.hyper." in n)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, hyper)
 """
 
 
@@ -81,24 +82,30 @@ def memory_part(work: Path) -> None:
     for i, path in enumerate(run.branches.values()):
         perturb_model(path, seed=i + 1, scale=0.05)
     moe = mix(MixConfig(out=work / "mem-moe", seed=str(seed), experts=list(run.branches.items()), target="moekit_moe"))
-    peaks = {}
+    peaks, hyper_parameters = {}, 0
     for mode in ("plain", "per-set", "per-token"):
         done = subprocess.run(
             [sys.executable, "-c", MEMORY_STEP, str(moe.out), mode], capture_output=True, text=True, check=True
         )
-        peaks[mode] = float(done.stdout.split()[0])
+        peaks[mode], hyper_parameters = (
+            float(done.stdout.split()[0]),
+            max(hyper_parameters, int(done.stdout.split()[1])),
+        )
+    own = hyper_parameters * 4 * 2 / 2**20  # HyperMoE's fp32 parameters and their gradients
     hidden, adapter, sets, layers, tokens = 1024, 64, 6, 2, 1024
     per_set_weights = layers * sets * (2 * hidden * adapter + adapter + hidden) * 4 / 2**20
     per_token_weights = layers * tokens * (2 * hidden * adapter + adapter + hidden) * 4 / 2**20
     print("\n## Memory of a tune step (1024 tokens, hidden 1024, 2 layers, 4 experts top-2, peak RSS)\n")
-    print("| mode | peak RSS MB | growth over plain MB | generated adapter weights MB |")
-    print("|---|---|---|---|")
-    print(f"| plain MoE | {peaks['plain']:.0f} | | |")
+    print(f"HyperMoE's own parameters: {hyper_parameters:,} ({own:.0f} MB with their fp32 gradients)\n")
+    print("| mode | peak RSS MB | growth over plain MB | growth beyond HyperMoE's parameters + gradients MB | "
+          "generated adapter weights MB |")  # fmt: skip
+    print("|---|---|---|---|---|")
+    print(f"| plain MoE | {peaks['plain']:.0f} | | | |")
     grown = {mode: peaks[mode] - peaks["plain"] for mode in peaks}
     print(f"| HyperMoE, one adapter per distinct set (moekit) | {peaks['per-set']:.0f} | {grown['per-set']:.0f} | "
-          f"{per_set_weights:.1f} (at most C(4,2) = 6 sets a layer) |")  # fmt: skip
+          f"{grown['per-set'] - own:.0f} | {per_set_weights:.1f} (at most C(4,2) = 6 sets a layer) |")  # fmt: skip
     print(f"| HyperMoE, one adapter per token (reference) | {peaks['per-token']:.0f} | {grown['per-token']:.0f} | "
-          f"{per_token_weights:.0f} |")  # fmt: skip
+          f"{grown['per-token'] - own:.0f} | {per_token_weights:.0f} |")  # fmt: skip
 
 
 def tune_once(moe: Path, data: dict, out: Path, args: argparse.Namespace, steps: int, seed: int, **options) -> dict:
@@ -199,13 +206,7 @@ def _numel(shape: list[int]) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work", type=Path, default=None, help="working directory (default: a temporary one)")
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--pretrain-steps", type=int, default=150)
-    parser.add_argument("--train-steps", type=int, default=50)
-    parser.add_argument("--tune-steps", type=int, default=80)
+    parser = build_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip", action="append", default=[], choices=["memory", "quality"], help="skip a part")
     args = parser.parse_args()
