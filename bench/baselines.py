@@ -54,6 +54,8 @@ VARIANTS: dict[str, list[str]] = {
     # Branch-Attend-Mix: the branches' attention become attention experts (soft routing) instead of being averaged
     "bam-shared": ["mix.attention_experts=true", "mix.attention_kv=shared"],
     "bam-expert": ["mix.attention_experts=true", "mix.attention_kv=expert"],
+    # HyperMoE: moekit's own family, then a tune of the routers and HyperMoE's modules (experts frozen)
+    "hypermoe": ["mix.target=moekit_moe", "tune.hypermoe={}", "tune.train=hypermoe"],
 }
 VARIANT_STAGES = "stages=[branch, train, mix, tune, eval]"
 
