@@ -12,8 +12,9 @@ Three parts, in one run:
    pretrained here and three trained branches (as bench/balancing.py), mixed into a moekit_moe
    MoE with the centroid router. Tuned with the experts frozen: plain router tuning (``--train
    router``) for N steps, HyperMoE (routers + its modules) for N steps, and plain router tuning
-   for as many steps as fit in HyperMoE's wall time. 3 repeats (data-order seeds); held-out loss
-   per domain, mean and spread.
+   for as many steps as fit in HyperMoE's wall time; and, for scale, BTX's own tune (``--train
+   all``: every parameter) for N steps. 3 repeats (data-order seeds); held-out loss per domain,
+   mean and spread.
 3. **Parameters and ``moekit generate`` tokens/s** of the HyperMoE model against the plain one
    (whole command, interleaved, median of 5).
 
@@ -149,14 +150,20 @@ def quality_part(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
         ),
         show_progress=False,
     ).out
-    rows: dict[str, list[dict]] = {"plain (router), N steps": [], "HyperMoE, N steps": [], "plain, HyperMoE's time": []}
+    rows: dict[str, list[dict]] = {
+        "plain (router), N steps": [],
+        "HyperMoE, N steps": [],
+        "plain (router), HyperMoE's time": [],
+        "plain (all: BTX's tune), N steps": [],
+    }
     for repeat in range(args.repeats):
         plain = tune_once(moe, data, work / f"plain-{repeat}", args, args.tune_steps, repeat, train="router")
         hyper = tune_once(moe, data, work / f"hyper-{repeat}", args, args.tune_steps, repeat, hypermoe={})
         matched = max(1, round(args.tune_steps * hyper["seconds"] / plain["seconds"]))
         timed = tune_once(moe, data, work / f"timed-{repeat}", args, matched, repeat, train="router")
         timed["steps"] = matched
-        for name, row in zip(rows, (plain, hyper, timed), strict=True):
+        everything = tune_once(moe, data, work / f"all-{repeat}", args, args.tune_steps, repeat, train="all")
+        for name, row in zip(rows, (plain, hyper, timed, everything), strict=True):
             rows[name].append(row)
     print(f"\n## Quality: {args.tune_steps} tune steps x {args.batch_size} x {args.seq_len} tokens, experts frozen, "
           f"{args.repeats} repeats (mean, min-max)\n")  # fmt: skip
