@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Literal
@@ -147,17 +148,28 @@ def copy_tokenizer_and_generation_files(src_dir: Path, dst_dir: Path) -> list[st
 
 def copy_remote_code(src_dir: Path, dst_dir: Path) -> list[str]:
     """Copy the Python files that ``auto_map`` in ``src_dir``'s config.json names (``module.Class`` entries, for
-    ``trust_remote_code=True``) that ``dst_dir`` lacks; return their names."""
+    ``trust_remote_code=True``), and the files they import relatively (``from .x import``, as transformers loads
+    them), that ``dst_dir`` lacks; return their names."""
     config_path = Path(src_dir) / "config.json"
     if not config_path.is_file():
         return []
     auto_map = json.loads(config_path.read_text(encoding="utf-8")).get("auto_map") or {}
     references = [v for value in auto_map.values() for v in (value if isinstance(value, list) else [value]) if v]
-    modules = {ref.split("--")[-1].rsplit(".", 1)[0] for ref in references if isinstance(ref, str)}
+    pending = sorted({ref.split("--")[-1].rsplit(".", 1)[0] for ref in references if isinstance(ref, str)})
+    seen: set[str] = set()
     copied = []
-    for module in sorted(modules):
+    while pending:
+        module = pending.pop()
         source, target = Path(src_dir) / f"{module}.py", Path(dst_dir) / f"{module}.py"
-        if source.is_file() and not target.exists():
+        if module in seen or not source.is_file():
+            continue
+        seen.add(module)
+        pending += _RELATIVE_IMPORT.findall(source.read_text(encoding="utf-8"))
+        if not target.exists():
             shutil.copy2(source, target)
             copied.append(target.name)
-    return copied
+    return sorted(copied)
+
+
+# ``from .module import ...`` / ``import .module`` at the start of a line (transformers' rule for remote code)
+_RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import", re.MULTILINE)

@@ -33,7 +33,7 @@ _AUTO_MODELS = "transformers.models.auto.modeling_auto"  # the module that defin
 
 def modeling_files() -> list[Path]:
     """The files a moekit_moe output carries so that transformers can load it on its own."""
-    return [_HERE / "configuration_moekit_moe.py", _HERE / "modeling_moekit_moe.py"]
+    return [_HERE / "configuration_moekit_moe.py", _HERE / "layers_moekit_moe.py", _HERE / "modeling_moekit_moe.py"]
 
 
 def register() -> None:

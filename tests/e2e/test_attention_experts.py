@@ -184,7 +184,7 @@ def test_router_only_tune_trains_both_routers_and_reports_the_attention_router(b
     changed = {n for n in before.tensors if not torch.equal(before.get(n), after.get(n))}
     assert changed and all(n.endswith(("mlp.gate.weight", "self_attn.router.weight")) for n in changed), changed
     assert any(n.endswith("self_attn.router.weight") for n in changed)
-    assert (tuned / "modeling_moekit_moe.py").is_file()
+    assert all((tuned / name).is_file() for name in ("modeling_moekit_moe.py", "layers_moekit_moe.py"))  # its import
     rows = [json.loads(line) for line in (tuned / "metrics.jsonl").read_text().splitlines()]
     trained = [r for r in rows if "attn_maxvio" in r]
     assert len(trained) == 3 and all(r["attn_router_entropy"] > 0 for r in trained)
