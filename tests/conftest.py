@@ -118,3 +118,18 @@ def assert_added_expert_is_the_branch(grown_dir: Path, branch_dir: Path) -> None
             got = {"gate_proj": gate_up[:rows], "up_proj": gate_up[rows:], "down_proj": down}
         for projection, expected in dense.items():
             assert torch.equal(got[projection], expected.to(got[projection].dtype)), (layer, projection)
+
+
+def crash_tune_at(monkeypatch, step: int) -> None:
+    """Make the next ``tune`` raise KeyboardInterrupt at the end of ``step`` (a crash mid-run); undo with
+    ``monkeypatch.undo()`` or by patching again."""
+    import moekit.steps.tune.run as tune_step
+
+    real = getattr(tune_step.run_loop, "_real", tune_step.run_loop)
+
+    def crashing(job, engine):
+        job.on_step_end = lambda done, row: (_ for _ in ()).throw(KeyboardInterrupt) if done == step else None
+        return real(job, engine)
+
+    crashing._real = real  # type: ignore[attr-defined]
+    monkeypatch.setattr(tune_step, "run_loop", crashing)

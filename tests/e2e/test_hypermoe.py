@@ -21,6 +21,7 @@ from moekit.io.checkpoint import Checkpoint
 from moekit.steps.branch import branch
 from moekit.steps.mix import mix
 from moekit.tiny import domain_corpus, perturb_model
+from tests.conftest import crash_tune_at
 
 LOOP = ["--seq-len", "32", "--batch-size", "2", "--lr", "3e-3", "--eval-every", "0", "--eval-blocks", "2"]
 SIZES = ["--hypermoe-embed-dim", "16", "--hypermoe-adapter-dim", "8", "--hypermoe-hyper-dim", "16"]
@@ -134,20 +135,12 @@ def test_bad_hypermoe_options_are_refused_and_write_nothing(mixed, tmp_path, mod
 
 
 def test_hypermoe_resume_equals_an_uninterrupted_run(mixed, tmp_path, monkeypatch):
-    import moekit.steps.tune.run as tune_step
-
     args = ["tune", mixed["own"], "--data", f"code={mixed['data']}", "--hypermoe", *SIZES, "--max-steps", "4",
             "--save-every", "2", *LOOP]  # fmt: skip
     assert cli(*args, "--out", tmp_path / "straight").exit_code == 0
-    real = tune_step.run_loop
-
-    def crashing(job, engine):
-        job.on_step_end = lambda step, row: (_ for _ in ()).throw(KeyboardInterrupt) if step == 3 else None
-        return real(job, engine)
-
-    monkeypatch.setattr(tune_step, "run_loop", crashing)
+    crash_tune_at(monkeypatch, 3)
     assert cli(*args, "--out", tmp_path / "resumed").exit_code == 130
-    monkeypatch.setattr(tune_step, "run_loop", real)
+    monkeypatch.undo()
     result = cli(*args, "--out", tmp_path / "resumed", "--resume")
     assert result.exit_code == 0 and "resumed at step 2" in result.output, result.output
     straight, resumed = Checkpoint(tmp_path / "straight"), Checkpoint(tmp_path / "resumed")

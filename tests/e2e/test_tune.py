@@ -22,7 +22,7 @@ from moekit.steps.mix import mix
 from moekit.tiny import domain_corpus, perturb_model
 from moekit.train.loop import LoopJob, make_loop_engine, run_loop
 from moekit.train.schedule import BlockSchedule
-from tests.conftest import assert_clean_load, load
+from tests.conftest import assert_clean_load, crash_tune_at, load
 
 LOOP = ["--seq-len", "32", "--batch-size", "4", "--lr", "3e-3", "--eval-every", "0", "--eval-blocks", "2"]
 
@@ -172,12 +172,7 @@ def test_tune_resume_after_a_crash(mixed, tmp_path, monkeypatch):
     import moekit.steps.tune.run as tune_step
 
     real = tune_step.run_loop
-
-    def crashing(job, engine):
-        job.on_step_end = lambda step, row: (_ for _ in ()).throw(KeyboardInterrupt) if step == 5 else None
-        return real(job, engine)
-
-    monkeypatch.setattr(tune_step, "run_loop", crashing)
+    crash_tune_at(monkeypatch, 5)
     assert cli(*args, "--out", tmp_path / "resumed").exit_code == 130
     assert not (tmp_path / "resumed").exists()
     ran = []
