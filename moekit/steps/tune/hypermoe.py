@@ -24,7 +24,7 @@ def add_hypermoe(model: torch.nn.Module, cfg: TuneConfig) -> None:
     settings = cfg.hypermoe
     assert settings is not None
     model_type = str(getattr(model.config, "model_type", ""))
-    if model_type != "moekit_moe":
+    if not callable(getattr(model, "enable_hypermoe", None)):  # only moekit's own model classes can grow HyperMoE
         raise InvalidOptionError(
             f"--hypermoe needs a model of moekit's own family (moekit_moe); {cfg.model} is {model_type}. No "
             "standard architecture has HyperMoE's hypernetwork, so the tuned model must ship its modeling code.",
